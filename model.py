@@ -1,0 +1,994 @@
+"""BAGEL, hand-written: Qwen2 Mixture-of-Transformers LLM + SigLIP NaViT + FLUX VAE.
+
+Module and parameter names are exactly those of the released `ema.safetensors` / `ae.safetensors`
+(ByteDance-Seed/BAGEL-7B-MoT), so checkpoints load strictly with no key surgery. Section numbers
+(§) refer to ../shared/spec/bagel.md. This file holds modules, configs, checkpoint reading and the
+inference helpers; no optimizer, no distributed code, no logging.
+"""
+import json
+import math
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+import packing
+
+# -------------------------------------------------------------------------------------------------
+# configs
+
+@dataclass
+class LLMConfig:
+    """Qwen2.5 fields read from `llm_config.json` (defaults: BAGEL-7B-MoT, §2.1)."""
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    vocab_size: int = 152064
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ViTConfig:
+    """SigLIP fields read from `vit_config.json`. `num_hidden_layers` is the number of layers BUILT:
+    the official json says 27 and BAGEL drops the last one (§4.1), so the reader subtracts one."""
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 980
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class AEConfig:
+    """FLUX autoencoder; optional `ae_config.json` uses these keys (defaults: the FLUX.1 ae, §5.1)."""
+    resolution: int = 256  # unused by the forward (BFL uses it only for attn_resolutions)
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611  # FLUX latent scaling, applied after the posterior sample
+    shift_factor: float = 0.1159
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class BagelConfig:
+    """The BAGEL fields (optional `bagel_config.json`; defaults: released 7B-MoT values, §1.1)."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    vae: AEConfig = field(default_factory=AEConfig)
+    latent_patch_size: int = 2
+    max_latent_size: int = 64  # 64 for the released weights (1024 px); the class default upstream is 32
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
+    interpolate_pos: bool = False
+    timestep_shift: float = 1.0  # training shift; inference passes its own (3.0)
+    visual_und: bool = True
+    visual_gen: bool = True
+
+    @property
+    def latent_channels(self) -> int:  # 64 = 2*2 patch of 16 channels
+        return self.latent_patch_size ** 2 * self.vae.z_channels
+
+
+def _pick(cls, d: dict, **overrides):
+    """Build dataclass `cls` from the known keys of `d` (HF configs carry many we do not use)."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+    kw.update(overrides)
+    return cls(**kw)
+
+
+# -------------------------------------------------------------------------------------------------
+# shared building blocks
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype BEFORE the weight (§2.4)."""
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Frozen 2D sin-cos table [grid*grid, dim] (§1.3): row r*grid+c = [S(c), S(r)], the COLUMN half
+    first (MAE's meshgrid(w, h) quirk), each half sin block then cos block. float64 then float32."""
+    def s(pos, d):
+        w = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        out = np.outer(pos, w)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    r, c = np.divmod(np.arange(grid * grid), grid)
+    return torch.from_numpy(np.concatenate([s(c, dim // 2), s(r, dim // 2)], axis=1)).float()
+
+
+class PositionEmbedding(nn.Module):
+    """2D sin-cos table; a persistent buffer so it is saved under `<name>.pos_embed` like upstream,
+    yet never trained or sharded. Recomputed at load time (§10.1 pops it too)."""
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.grid, self.dim = grid, dim
+        self.register_buffer("pos_embed", sincos_2d(grid, dim))
+
+    def forward(self, ids):
+        return self.pos_embed[ids]
+
+
+class TimestepEmbedder(nn.Module):
+    """DiT timestep embedding: 256 frequencies -> MLP. Note the order COS then SIN (§6.3), the
+    opposite of the position tables, and t in [0, 1] (not x1000)."""
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # t: [n] float
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class MLPconnector(nn.Module):
+    """ViT -> LLM projection: fc1 -> gelu(tanh) -> fc2."""
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# -------------------------------------------------------------------------------------------------
+# attention over a packed sequence
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype):
+    """HF default RoPE, NeoX rotate-half layout; computed in fp32, cast to the hidden dtype (§2.4)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=pos.device).float() / head_dim)
+    freqs = pos.float()[:, None] * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [N, head_dim]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # broadcast over heads
+
+
+@dataclass
+class AttnPlan:
+    """How to attend over one pack; built once per forward (not per layer) by `plan_attention`.
+
+    sdpa: one SDPA call per split. Queries of split s see the non-noise tokens of earlier splits of
+    their sample plus their own split (causally if `causal`): exactly the §3.2 predicate, with no mask
+    tensor at all except the lazy lower-right causal bias. flex: one BlockMask over the padded pack.
+    """
+    kind: str
+    jobs: list = field(default_factory=list)  # sdpa: (q_start, q_end, keys: slice | LongTensor, causal)
+    block_mask: object = None                 # flex
+    padded_len: int = 0                       # flex
+
+
+def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
+                   device) -> AttnPlan:
+    if kind == "flex":
+        bm = packing.flex_block_mask(sample_lens, split_lens, attn_modes, device)
+        return AttnPlan("flex", block_mask=bm, padded_len=bm.seq_lengths[0])
+    if kind != "sdpa":
+        raise ValueError(f"attn must be 'sdpa' or 'flex', got {kind!r}")
+    packing.token_layout(sample_lens, split_lens, attn_modes)  # validates the three lists
+    jobs, pos, split_iter = [], 0, iter(zip(split_lens, attn_modes))
+    for n in sample_lens:
+        start, end, noisy = pos, pos + n, []  # noisy: (a, b) spans of earlier noise splits
+        while pos < end:
+            ln, mode = next(split_iter)
+            if noisy:  # keys = earlier non-noise tokens + own split, gathered
+                keep = torch.ones(pos + ln - start, dtype=torch.bool)
+                for a, b in noisy:
+                    keep[a - start:b - start] = False
+                keys = (torch.nonzero(keep).squeeze(1) + start).to(device)
+            else:
+                keys = slice(start, pos + ln)
+            jobs.append((pos, pos + ln, keys, mode == "causal"))
+            if mode == "noise":
+                noisy.append((pos, pos + ln))
+            pos += ln
+    return AttnPlan("sdpa", jobs=jobs)
+
+
+def packed_attention(plan: AttnPlan, q, k, v):
+    """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D] under the pack's mask."""
+    if plan.kind == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+        n, pad = q.shape[0], plan.padded_len - q.shape[0]
+        qh, kh, vh = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for x in (q, k, v))
+        fn = _compiled_flex() if q.is_cuda else flex_attention
+        return fn(qh, kh, vh, block_mask=plan.block_mask, enable_gqa=True)[0].transpose(0, 1)[:n]
+    out = torch.empty_like(q)
+    for qs, qe, keys, causal in plan.jobs:
+        qh = q[qs:qe].transpose(0, 1)[None]
+        kh, vh = k[keys].transpose(0, 1)[None], v[keys].transpose(0, 1)[None]
+        lq, lk = qe - qs, kh.shape[2]
+        mask = causal_lower_right(lq, lk) if causal and lq > 1 else None  # see all keys, own split causally
+        out[qs:qe] = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
+_FLEX = None
+def _compiled_flex():
+    # FlexAttention is only fast compiled; compile once per process, lazily (CPU never gets here)
+    global _FLEX  # noqa: PLW0603  (a cache, not state: the compiled function is pure)
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention)
+    return _FLEX
+
+
+# -------------------------------------------------------------------------------------------------
+# language model: Qwen2 with Mixture-of-Transformers layers (§2)
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(x, und, gen, f_und, f_gen):
+    """Apply expert f_und to rows `und` and f_gen to rows `gen` of x ([N, ...]). Both experts always
+    run, on empty index sets too, so every rank touches every parameter (FSDP reduce-scatter)."""
+    yu, yg = f_und(x[und]), f_gen(x[gen])
+    out = yu.new_empty(x.shape[:1] + yu.shape[1:])
+    out[und], out[gen] = yu, yg
+    return out
+
+
+class MoTAttention(nn.Module):
+    """One attention over all tokens, two parameter sets: und (text, ViT) and `_moe_gen` (VAE)."""
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        h, d, nq, nkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        self.nq, self.nkv, self.d = nq, nkv, d
+        for sfx in ("", "_moe_gen"):
+            setattr(self, "q_proj" + sfx, nn.Linear(h, nq * d))
+            setattr(self, "k_proj" + sfx, nn.Linear(h, nkv * d))
+            setattr(self, "v_proj" + sfx, nn.Linear(h, nkv * d))
+            setattr(self, "o_proj" + sfx, nn.Linear(nq * d, h, bias=False))
+            setattr(self, "q_norm" + sfx, RMSNorm(d, c.rms_norm_eps))  # QK-norm per head, new in BAGEL
+            setattr(self, "k_norm" + sfx, RMSNorm(d, c.rms_norm_eps))
+
+    def forward(self, x, cos, sin, und, gen, attend):
+        n = x.shape[0]
+        # projections and QK-norm per expert, THEN RoPE on everything (§2.5 steps 2-4)
+        q = route(x, und, gen, lambda t: self.q_norm(self.q_proj(t).view(-1, self.nq, self.d)),
+                  lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)))
+        k = route(x, und, gen, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
+                  lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)))
+        v = route(x, und, gen, self.v_proj, self.v_proj_moe_gen).view(n, self.nkv, self.d)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        a = attend(q, k, v).reshape(n, self.nq * self.d)
+        return route(a, und, gen, self.o_proj, self.o_proj_moe_gen)
+
+
+class Qwen2MoTDecoderLayer(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.self_attn = MoTAttention(c)
+        self.mlp, self.mlp_moe_gen = MLP(c.hidden_size, c.intermediate_size), MLP(c.hidden_size, c.intermediate_size)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps))
+            setattr(self, name + "_moe_gen", RMSNorm(c.hidden_size, c.rms_norm_eps))
+
+    def forward(self, x, cos, sin, und, gen, attend):
+        h = route(x, und, gen, self.input_layernorm, self.input_layernorm_moe_gen)
+        x = x + self.self_attn(h, cos, sin, und, gen, attend)
+        mlp_und = lambda t: self.mlp(self.post_attention_layernorm(t))
+        mlp_gen = lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t))
+        return x + route(x, und, gen, mlp_und, mlp_gen)
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm, self.norm_moe_gen = RMSNorm(c.hidden_size, c.rms_norm_eps), RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, pos, und, gen, attend):
+        """x [N, hidden]; pos [N] RoPE ids; attend(layer_index, q, k, v) -> attention output.
+        Returns the final hidden state, normed per expert (`norm` / `norm_moe_gen`)."""
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, und, gen, partial(attend, i))
+        return route(x, und, gen, self.norm, self.norm_moe_gen)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.model = Qwen2Model(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)  # untied in BAGEL
+
+
+# -------------------------------------------------------------------------------------------------
+# vision encoder: SigLIP NaViT (§4)
+
+class SiglipAttention(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.heads = c.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c.hidden_size, c.hidden_size) for _ in range(4))
+
+    def forward(self, x, seqlens: list[int]):
+        n, d = x.shape
+        q, k, v = (p(x).view(n, self.heads, d // self.heads).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # bidirectional within each image, never across images of a pack
+        seqlens = seqlens or [n]  # an empty pack still runs (k, v get zero gradients, see `route`)
+        out = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in
+                         zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))], dim=1)
+        return self.out_proj(out.transpose(0, 1).reshape(n, d))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c.hidden_size, c.intermediate_size), nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = SiglipAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = SiglipMLP(c)
+
+    def forward(self, x, seqlens: list[int]):
+        x = x + self.self_attn(self.layer_norm1(x), seqlens)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        # stored as a Linear [hidden, 3*p*p] with (py, px, c) input order, not a conv (§4.2, §14.11)
+        self.patch_embedding = nn.Linear(3 * c.patch_size ** 2, c.hidden_size)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2, c.hidden_size)
+
+    def forward(self, pixels, pos_ids):
+        return self.patch_embedding(pixels) + self.position_embedding(pos_ids)
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers))
+
+
+class SiglipVisionTransformer(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(c)
+        self.encoder = SiglipEncoder(c)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixels, pos_ids, seqlens: list[int]):
+        """pixels [n_patches, 3*p*p] in [-1, 1]; pos_ids [n_patches] = r*side + c; seqlens per image."""
+        x = self.embeddings(pixels, pos_ids)
+        for layer in self.encoder.layers:
+            x = layer(x, seqlens)
+        return self.post_layernorm(x)
+
+
+class SiglipVisionModel(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.vision_model = SiglipVisionTransformer(c)
+
+
+# -------------------------------------------------------------------------------------------------
+# FLUX autoencoder (§5): frozen, outside the trained model, BFL key names
+
+GN_GROUPS, GN_EPS = 32, 1e-6  # every GroupNorm in the ae (so channel counts are multiples of 32)
+
+
+def group_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GN_GROUPS, c, eps=GN_EPS)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:  # the checkpoint only has nin_shortcut where the width changes
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h*w positions; q/k/v/proj_out are 1x1 convs in the checkpoint."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        q, k, v = (p(h).flatten(2).transpose(1, 2).unsqueeze(1) for p in (self.q, self.k, self.v))  # [b, 1, hw, c]
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, hh, ww)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad (right/bottom only), as in BFL/LDM
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def mid_block(c: int) -> nn.Module:
+    mid = nn.Module()  # plain container: only its attribute names matter (`mid.block_1`, ...)
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    return mid
+
+
+def run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return mid.block_2(mid.attn_1(mid.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = cfg.ch
+        for i, cout in enumerate(widths):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks))
+            if i != len(widths) - 1:  # no downsample after the last level: total stride 2**(levels-1) = 8
+                level.downsample = Downsample(cout)
+            self.down.append(level)
+            cin = cout
+        self.mid = mid_block(cin)
+        self.norm_out = group_norm(cin)
+        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        cin = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = mid_block(cin)
+        # `up.{i}` is indexed like `down.{i}` (i=0 is the full-resolution level) but runs in reverse
+        levels = []
+        for i in reversed(range(len(widths))):
+            level = nn.Module()
+            cout = widths[i]
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks + 1))
+            if i != 0:
+                level.upsample = Upsample(cout)
+            levels.insert(0, level)
+            cin = cout
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(cin)
+        self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, z_channels, H/8, W/8]."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        z = mean
+        if sample:  # the reference samples the posterior, for targets and conditioning images alike (spec §14.9)
+            if generator is None:
+                raise ValueError("AutoEncoder.encode(sample=True) needs a torch.Generator (on x's device), "
+                                 "or pass sample=False for the posterior mean")
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps  # no logvar clamp, unlike diffusers (BFL has none)
+        return self.config.scale_factor * (z - self.config.shift_factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> image in about [-1, 1] (not clamped: callers map to [0, 1] and clamp)."""
+        return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu") -> "AutoEncoder":
+        """Strictly load the frozen VAE: `ae.safetensors` (+ optional `ae_config.json`; absent: FLUX's)
+        of the official layout, or the `vae_model.*` tensors and `vae_config` of the HF layout."""
+        ae_file = os.path.join(path, "ae.safetensors")
+        if os.path.exists(ae_file):
+            cfg_file = os.path.join(path, "ae_config.json")
+            cfg = _pick(AEConfig, _json(cfg_file)) if os.path.exists(cfg_file) else AEConfig()
+            index = {k: (ae_file, k) for k in safetensors_keys(ae_file)}
+        else:
+            cfg, index = read_config(path).vae, checkpoint_index(path)[1]
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_weights(model, index, path, dtype, device)
+        return model.eval().requires_grad_(False)  # the VAE is always frozen (§5.1)
+
+
+# -------------------------------------------------------------------------------------------------
+# BAGEL
+
+def patchify_latent(z: torch.Tensor, h: int, w: int, p: int = 2) -> torch.Tensor:
+    """[C, >=p*h, >=p*w] latent -> [h*w, p*p*C] tokens, row-major, features in (py, px, c) order (§5.4)."""
+    c = z.shape[0]
+    z = z[:, :p * h, :p * w].reshape(c, h, p, w, p)
+    return torch.einsum("chpwq->hwpqc", z).reshape(h * w, p * p * c)
+
+
+def unpatchify_latent(x: torch.Tensor, h: int, w: int, p: int = 2) -> torch.Tensor:
+    """Inverse of `patchify_latent`: [h*w, p*p*C] -> [C, p*h, p*w]."""
+    c = x.shape[1] // (p * p)
+    return torch.einsum("hwpqc->chpwq", x.reshape(h, w, p, p, c)).reshape(c, p * h, p * w)
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Time shift s*t / (1 + (s-1)*t): s > 1 spends more steps at high noise (§6.1, §12.3)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class Bagel(nn.Module):
+    def __init__(self, config: BagelConfig):
+        super().__init__()
+        self.config = c = config
+        self.attn: Literal["sdpa", "flex"] | None = None  # None: flex on CUDA, sdpa elsewhere
+        d = c.llm.hidden_size
+        self.language_model = Qwen2ForCausalLM(c.llm)
+        if c.visual_und:
+            self.vit_model = SiglipVisionModel(c.vit)
+            self.connector = MLPconnector(c.vit.hidden_size, d)
+            self.vit_pos_embed = PositionEmbedding(c.vit_max_num_patch_per_side, d)
+        if c.visual_gen:
+            self.time_embedder = TimestepEmbedder(d)
+            self.vae2llm = nn.Linear(c.latent_channels, d)
+            self.llm2vae = nn.Linear(d, c.latent_channels)
+            self.latent_pos_embed = PositionEmbedding(c.max_latent_size, d)
+
+    def init_weights(self):
+        """Fresh-model init: PyTorch defaults, plus the upstream quirk that `llm2vae` starts at zero
+        (§1.2) so a new generation head predicts v = 0. Loading a checkpoint overwrites all of it."""
+        if self.config.visual_gen:
+            nn.init.zeros_(self.llm2vae.weight)
+            nn.init.zeros_(self.llm2vae.bias)
+
+    def forward(self, sequence_length: int, packed_text_ids, packed_text_indexes, sample_lens,
+                packed_position_ids, split_lens, attn_modes, ce_loss_indexes=None, packed_label_ids=None,
+                packed_vit_tokens=None, packed_vit_token_indexes=None, packed_vit_position_ids=None,
+                vit_token_seqlens=None, padded_latent=None, patchified_vae_latent_shapes=None,
+                packed_latent_position_ids=None, packed_vae_token_indexes=None, packed_timesteps=None,
+                mse_loss_indexes=None, packed_noise=None, generator: torch.Generator | None = None,
+                **unused) -> dict[str, torch.Tensor]:
+        """Packed training forward (upstream batch keys, §8). Returns unreduced losses
+        {"ce": [n_ce], "mse": [n_mse, 64]} so the trainer can normalise by global token counts.
+
+        Every branch runs on every call, on empty inputs when the pack lacks a modality, so all
+        parameters get a (zero) gradient on every rank. Randomness is an input: `packed_noise`, or
+        noise drawn from `generator` (required then): never the global RNG."""
+        c, emb = self.config, self.language_model.model.embed_tokens
+        dev, dtype, n = emb.weight.device, emb.weight.dtype, int(sequence_length)
+        long = lambda x: (torch.empty(0, dtype=torch.long) if x is None else torch.as_tensor(x)).to(dev, torch.long)
+        text_idx, vit_idx, vae_idx = long(packed_text_indexes), long(packed_vit_token_indexes), long(packed_vae_token_indexes)
+        ce_idx, mse_idx = long(ce_loss_indexes), long(mse_loss_indexes)
+
+        seq = torch.zeros(n, c.llm.hidden_size, device=dev, dtype=dtype)
+        seq[text_idx] = emb(long(packed_text_ids))
+        if c.visual_und:
+            vit = self.vit_model.vision_model
+            pix = (torch.zeros(0, vit.embeddings.patch_embedding.in_features) if packed_vit_tokens is None
+                   else packed_vit_tokens).to(dev, dtype)
+            vpos = long(packed_vit_position_ids)
+            seqlens = [] if vit_token_seqlens is None else [int(s) for s in vit_token_seqlens]
+            x = vit(pix, vpos, seqlens)
+            seq[vit_idx] = (self.connector(x) + self.vit_pos_embed(vpos).to(dtype)).to(dtype)
+        elif vit_idx.numel():  # LMMS Engine bug D2: silently attending to zero vectors
+            raise ValueError("the pack has ViT tokens but the model was built with visual_und=False")
+
+        mse_target = None
+        if c.visual_gen:
+            shapes = [] if patchified_vae_latent_shapes is None else [tuple(map(int, s)) for s in patchified_vae_latent_shapes]
+            x0 = (torch.cat([patchify_latent(z, h, w, c.latent_patch_size) for z, (h, w) in zip(padded_latent, shapes)])
+                  if shapes else torch.zeros(0, c.latent_channels)).to(dev, torch.float32)
+            t = torch.sigmoid(torch.as_tensor([] if packed_timesteps is None else packed_timesteps).to(dev, torch.float32))
+            t = shift_timesteps(t, c.timestep_shift)  # clean latents: sigmoid(-inf) = 0 exactly
+            if packed_noise is None:
+                if generator is None and x0.numel():
+                    raise ValueError("pass packed_noise or a torch.Generator: the model never uses the global RNG")
+                packed_noise = torch.randn(x0.shape, generator=generator, device=dev) if x0.numel() else torch.zeros_like(x0)
+            eps = packed_noise.to(dev, torch.float32)
+            xt = (1 - t[:, None]) * x0 + t[:, None] * eps  # rectified flow: t=1 noise, t=0 data (§6.2)
+            seq[vae_idx] = (self.vae2llm(xt.to(dtype)) + self.time_embedder(t).to(dtype)
+                            + self.latent_pos_embed(long(packed_latent_position_ids)).to(dtype)).to(dtype)
+            mse_target = (eps - x0)[t > 0]  # velocity; ordered like mse_loss_indexes (§14.24)
+        elif vae_idx.numel():
+            raise ValueError("the pack has VAE tokens but the model was built with visual_gen=False")
+
+        attn = self.attn or ("flex" if dev.type == "cuda" else "sdpa")
+        if attn == "flex" and dev.type == "cpu" and torch.is_grad_enabled():
+            raise ValueError("attn='flex' has no backward on CPU (torch 2.13): train with attn='sdpa' there")
+        plan = plan_attention(attn, [int(s) for s in sample_lens], [int(s) for s in split_lens], list(attn_modes), dev)
+        und = torch.cat([text_idx, vit_idx])
+        h = self.language_model.model(seq, long(packed_position_ids), und, vae_idx,
+                                      lambda i, q, k, v: packed_attention(plan, q, k, v))
+
+        logits = self.language_model.lm_head(h[ce_idx]).float()
+        ce = F.cross_entropy(logits, long(packed_label_ids), reduction="none")
+        out = {"ce": ce}
+        if c.visual_gen:
+            if mse_target.shape[0] != mse_idx.numel():
+                raise ValueError(f"{mse_idx.numel()} mse_loss_indexes but {mse_target.shape[0]} noisy latent tokens")
+            out["mse"] = (self.llm2vae(h[mse_idx]).float() - mse_target) ** 2
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrides) -> "Bagel":
+        """Load a checkpoint directory, official or HF layout (see `read_config`), strictly.
+        `overrides` replace BAGEL fields (e.g. visual_und=False); keys of switched-off parts are skipped."""
+        config = read_config(path, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, checkpoint_index(path)[0], path, dtype, device)
+        return model
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoint layouts
+#
+# official (ByteDance-Seed/BAGEL-7B-MoT): llm_config.json, vit_config.json, ema.safetensors (or
+#   model.safetensors), ae.safetensors, tokenizer files; our optional bagel_config.json, ae_config.json.
+# hf (lmms-lab/BAGEL-7B-MoT-ver.LE): config.json {llm_config, vit_config, vae_config, BAGEL fields},
+#   model.safetensors or sharded model-*.safetensors + model.safetensors.index.json; the VAE inside,
+#   under `vae_model.`. We could not read that repo, so we are tolerant: a leading `model.` is
+#   stripped, the ViT depth is taken from the weights, a conv-layout patch embedding is converted.
+
+TOP_LEVEL = ("language_model", "vit_model", "connector", "vit_pos_embed", "latent_pos_embed",
+             "time_embedder", "vae2llm", "llm2vae")
+POS_TABLES = ("vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed")  # recomputed, never loaded
+
+
+def _json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def layout(path: str) -> Literal["official", "hf"]:
+    if os.path.exists(os.path.join(path, "llm_config.json")):
+        return "official"
+    cfg = os.path.join(path, "config.json")
+    if os.path.exists(cfg):
+        try:
+            if "llm_config" in _json(cfg):
+                return "hf"
+        except ValueError:
+            pass  # the official repo's config.json is a 39-byte placeholder that is not valid JSON
+    raise FileNotFoundError(f"{path}: not a BAGEL checkpoint: expected llm_config.json (official layout) "
+                            "or a config.json with an 'llm_config' entry (HF layout)")
+
+
+def read_config(path: str, **overrides) -> BagelConfig:
+    """BagelConfig of a checkpoint directory; `overrides` set BAGEL fields (visual_und, ...)."""
+    if layout(path) == "official":
+        llm = _json(os.path.join(path, "llm_config.json"))
+        vit = _json(os.path.join(path, "vit_config.json"))
+        vit_layers = vit["num_hidden_layers"] - 1  # BAGEL drops SigLIP's last layer (§4.1, §14.10)
+        extra = os.path.join(path, "bagel_config.json")
+        bagel = _json(extra) if os.path.exists(extra) else {}
+        ae_file = os.path.join(path, "ae_config.json")
+        ae = _json(ae_file) if os.path.exists(ae_file) else {}
+    else:
+        bagel = _json(os.path.join(path, "config.json"))
+        llm, vit, ae = bagel["llm_config"], bagel["vit_config"], bagel.get("vae_config") or {}
+        # the saved depth may be SigLIP's 27 or the truncated 26: trust the weights
+        n = {int(k.split(".")[4]) for k in checkpoint_index(path)[0] if k.startswith("vit_model.vision_model.encoder.layers.")}
+        vit_layers = max(n) + 1 if n else vit["num_hidden_layers"]
+    cfg = _pick(BagelConfig, {k: v for k, v in bagel.items() if k not in ("llm", "vit", "vae")},
+                llm=_pick(LLMConfig, llm), vit=_pick(ViTConfig, vit, num_hidden_layers=vit_layers),
+                vae=_pick(AEConfig, ae))
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown BAGEL config field {k!r}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+def config_files(config: BagelConfig) -> dict[str, dict]:
+    """The JSON files of the official layout (+ our two optional ones) that `read_config` reads back."""
+    vit = {**vars(config.vit), "num_hidden_layers": config.vit.num_hidden_layers + 1,
+           "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
+    llm = {**vars(config.llm), "model_type": "qwen2", "hidden_act": "silu", "tie_word_embeddings": False}
+    bagel = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("llm", "vit", "vae")}
+    ae = {**vars(config.vae), "ch_mult": list(config.vae.ch_mult)}
+    return {"llm_config.json": llm, "vit_config.json": vit, "bagel_config.json": bagel, "ae_config.json": ae}
+
+
+def safetensors_keys(file: str) -> list[str]:
+    from safetensors import safe_open
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: missing")
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def checkpoint_index(path: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """Map our key -> (file, key in file), for the BAGEL model and for the VAE. Reads only headers."""
+    keys = safetensors_keys
+    bagel, ae = {}, {}
+    if layout(path) == "official":
+        name = "ema.safetensors" if os.path.exists(os.path.join(path, "ema.safetensors")) else "model.safetensors"
+        bagel = {k: (os.path.join(path, name), k) for k in keys(os.path.join(path, name))}
+        ae_file = os.path.join(path, "ae.safetensors")
+        ae = {k: (ae_file, k) for k in keys(ae_file)}
+        return bagel, ae
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(_json(index)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    for name in files:
+        for k in keys(os.path.join(path, name)):
+            ours = k[len("model."):] if k.startswith("model.") and k.split(".")[1] in TOP_LEVEL + ("vae_model",) else k
+            if ours.startswith("vae_model."):
+                ae[ours[len("vae_model."):]] = (os.path.join(path, name), k)
+            else:
+                bagel[ours] = (os.path.join(path, name), k)
+    return bagel, ae
+
+
+def load_weights(model: nn.Module, index: dict[str, tuple[str, str]], path: str, dtype, device):
+    """Strict, streaming load into a model built on the meta device. Names and shapes are checked from
+    the headers first; then each tensor is read, cast and assigned once, so peak memory is the model
+    in `dtype` plus one tensor, never a second copy."""
+    from safetensors import safe_open
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in POS_TABLES}
+    # parts switched off (visual_und/visual_gen False) are skipped on purpose, not "unexpected"
+    off = tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p))
+    index = {k: v for k, v in index.items() if k not in POS_TABLES and not k.startswith(off)}
+    files = sorted({os.path.basename(f) for f, _ in index.values()})
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, "pt", device="cpu")) for f in {f for f, _ in index.values()}}
+
+        def shape(k):
+            s = tuple(handles[index[k][0]].get_slice(index[k][1]).get_shape())
+            conv = k.endswith("patch_embedding.weight") and len(s) == 4  # conv layout -> linear (py, px, c)
+            return (s[0], s[1] * s[2] * s[3]) if conv else s
+        missing, unexpected = sorted(set(want) - set(index)), sorted(set(index) - set(want))
+        wrong = [f"{k}: file {shape(k)} vs model {want[k]}" for k in sorted(set(want) & set(index)) if shape(k) != want[k]]
+        if missing or unexpected or wrong:
+            parts = [f"{name} ({len(ks)}): {ks[:10]}" for name, ks in
+                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks]
+            raise ValueError(f"{path} ({', '.join(files)}): checkpoint does not match the model config: " + "; ".join(parts))
+        sd = {}
+        for k in want:
+            t = handles[index[k][0]].get_tensor(index[k][1])
+            if t.dim() == 4 and k.endswith("patch_embedding.weight"):
+                t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+            sd[k] = t.to(device=device, dtype=dtype)
+    for name, mod in model.named_modules():  # recompute the sin-cos tables (they are buffers)
+        if isinstance(mod, PositionEmbedding):
+            sd[name + ".pos_embed"] = sincos_2d(mod.grid, mod.dim).to(device)
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# inference (§12): a KV-cached context, text decoding, flow sampling with text CFG
+
+class Context:
+    """A conversation prefix held as a KV cache (keys/values after QK-norm and RoPE, per layer).
+
+    `tokens` maps the names bos, eos, vision_start, vision_end to ids (looked up in the tokenizer by
+    the caller: <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>)."""
+
+    def __init__(self, model: Bagel, tokens: dict[str, int]):
+        self.model, self.tokens = model, tokens
+        self.kv: list = [None] * model.config.llm.num_hidden_layers
+        self.rope = 0  # next RoPE id (§12.1)
+        self.dev = model.language_model.lm_head.weight.device
+
+    def run(self, seq, pos, gen_rows, causal: bool, update: bool = True):
+        """Run block `seq` [n, hidden] after the cache; it sees all of the cache and itself (causally
+        or fully). `gen_rows`: rows routed to the generation expert. Returns normed hidden [n, hidden]."""
+        new = []
+
+        def attend(i, q, k, v):
+            if self.kv[i] is not None:
+                k, v = torch.cat([self.kv[i][0], k]), torch.cat([self.kv[i][1], v])
+            new.append((k, v))
+            mask = causal_lower_right(q.shape[0], k.shape[0]) if causal and q.shape[0] > 1 else None
+            qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+
+        gen = torch.as_tensor(gen_rows, dtype=torch.long, device=self.dev)
+        und = torch.tensor([i for i in range(seq.shape[0]) if i not in set(gen_rows)], dtype=torch.long, device=self.dev)
+        h = self.model.language_model.model(seq, pos, und, gen, attend)
+        if update:
+            self.kv = new
+        return h
+
+    def _embed(self, ids):
+        return self.model.language_model.model.embed_tokens(torch.tensor(ids, device=self.dev))
+
+    @torch.no_grad()
+    def add_text(self, ids: list[int]):
+        """`<|im_start|> text <|im_end|>`, causal, consecutive RoPE ids."""
+        ids = [self.tokens["bos"]] + list(ids) + [self.tokens["eos"]]
+        self.run(self._embed(ids), torch.arange(self.rope, self.rope + len(ids), device=self.dev), [], causal=True)
+        self.rope += len(ids)
+
+    @torch.no_grad()
+    def add_vit_image(self, patches: torch.Tensor, pos_ids: torch.Tensor):
+        """An understanding image: patchified pixels [n, 3*p*p] and their ids r*side+c (see data.py)."""
+        m, t = self.model, self.tokens
+        dtype = m.connector.fc1.weight.dtype
+        x = m.vit_model.vision_model(patches.to(self.dev, dtype), pos_ids.to(self.dev), [patches.shape[0]])
+        x = m.connector(x) + m.vit_pos_embed(pos_ids.to(self.dev)).to(dtype)
+        seq = torch.cat([self._embed([t["vision_start"]]), x, self._embed([t["vision_end"]])])
+        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), [], causal=False)
+        self.rope += 1  # one RoPE id per image, markers included (§14.1)
+
+    def _latent_block(self, x, t, h: int, w: int):
+        """[vision_start, h*w latent tokens, vision_end] embedded at time t (§6.2)."""
+        m, tok = self.model, self.tokens
+        dtype = m.vae2llm.weight.dtype
+        ids = (torch.arange(h, device=self.dev)[:, None] * m.config.max_latent_size + torch.arange(w, device=self.dev)).flatten()
+        tt = torch.full((h * w,), float(t), device=self.dev)
+        lat = m.vae2llm(x.to(dtype)) + m.time_embedder(tt).to(dtype) + m.latent_pos_embed(ids).to(dtype)
+        return torch.cat([self._embed([tok["vision_start"]]), lat, self._embed([tok["vision_end"]])])
+
+    @torch.no_grad()
+    def add_vae_image(self, latent: torch.Tensor):
+        """A clean conditioning image (editing): VAE latent [z, H/8, W/8], gen expert, t = 0 (§14.4)."""
+        p = self.model.config.latent_patch_size
+        h, w = latent.shape[1] // p, latent.shape[2] // p
+        seq = self._latent_block(patchify_latent(latent.to(self.dev), h, w, p), 0.0, h, w)
+        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), list(range(1, h * w + 1)), causal=False)
+        self.rope += 1
+
+
+@torch.no_grad()
+def generate_text(ctx: Context, max_new_tokens: int = 64, temperature: float = 0.0,
+                  generator: torch.Generator | None = None) -> list[int]:
+    """Decode after `ctx` (§12.2): start with <|im_start|>, greedy when temperature is 0, stop at
+    <|im_end|>. The answer is appended to the context, so a conversation can go on."""
+    m, tok, out = ctx.model, ctx.tokens, []
+    cur = tok["bos"]
+    for _ in range(max_new_tokens):
+        h = ctx.run(ctx._embed([cur]), torch.tensor([ctx.rope], device=ctx.dev), [], causal=True)
+        logits = m.language_model.lm_head(h[-1]).float()
+        ctx.rope += 1
+        if temperature > 0:
+            if generator is None:
+                raise ValueError("temperature > 0 needs a torch.Generator (reproducible sampling)")
+            cur = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
+        else:
+            cur = int(logits.argmax())
+        if cur == tok["eos"]:
+            break
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def generate_image(ctx: Context, cfg_ctx: Context | None, height: int, width: int, steps: int = 50,
+                   timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
+                   cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0, *,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Rectified-flow sampling from t=1 (noise) to 0 (§12.3) -> VAE latent [z, height/8, width/8].
+
+    `cfg_ctx` is the same conversation without the prompt text (for T2I: an empty Context); text CFG
+    with global renorm applies when cfg_text_scale > 1 and t is inside cfg_interval."""
+    m = ctx.model
+    c, ds = m.config, m.config.latent_patch_size * m.config.vae.downsample
+    if height % ds or width % ds or max(height, width) // ds > c.max_latent_size:
+        raise ValueError(f"image size {height}x{width}: must be multiples of {ds} and at most "
+                         f"{c.max_latent_size * ds} px per side (max_latent_size={c.max_latent_size})")
+    h, w = height // ds, width // ds
+    x = torch.randn(h * w, c.latent_channels, generator=generator, device=generator.device).to(ctx.dev)
+    ts = shift_timesteps(torch.linspace(1, 0, steps), timestep_shift)
+    gen_rows = list(range(1, h * w + 1))
+
+    def velocity(cx, t):
+        pos_c = torch.full((h * w + 2,), cx.rope, device=ctx.dev)  # the image takes the next RoPE id
+        hid = cx.run(cx._latent_block(x, t, h, w), pos_c, gen_rows, causal=False, update=False)
+        return m.llm2vae(hid[1:-1]).float()
+
+    for i in range(steps - 1):
+        t, dt = float(ts[i]), float(ts[i] - ts[i + 1])
+        v = velocity(ctx, t)
+        if cfg_ctx is not None and cfg_text_scale > 1.0 and cfg_interval[0] < t <= cfg_interval[1]:
+            v_c, v_u = v, velocity(cfg_ctx, t)
+            v = v_u + cfg_text_scale * (v_c - v_u)
+            v = v * (v_c.norm() / (v.norm() + 1e-8)).clamp(min=cfg_renorm_min, max=1.0)  # "global" renorm
+        x = x - v * dt  # v = eps - x0 points towards noise; step towards data
+    return unpatchify_latent(x, h, w, c.latent_patch_size)
+
+
+@torch.no_grad()
+def latent_to_pil(ae: AutoEncoder, latent: torch.Tensor):
+    """Decode one latent [z, H/8, W/8] to a PIL image."""
+    from PIL import Image
+    img = (ae.decode(latent[None].to(next(ae.parameters()).dtype)) * 0.5 + 0.5).clamp(0, 1)[0]
+    return Image.fromarray((img.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8))

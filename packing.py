@@ -1,0 +1,375 @@
+"""Sequence packing for BAGEL: first-fit packs and the packed batch of ../DESIGN.md.
+
+The attention-mask predicate of spec §3.2 lives here, once; model.py (sdpa and flex paths) and
+nsa.py both call it, so the three attention backends cannot disagree about who sees whom.
+"""
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+# split modes, as small ints so the mask predicate is pure tensor algebra (works inside flex's mask_mod)
+CAUSAL, FULL, NOISE = 0, 1, 2
+MODE_IDS = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
+
+
+def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
+                 device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (sample id, split id, split mode) for a pack; each [N] long. Split ids are global."""
+    if sum(sample_lens) != sum(split_lens):
+        raise ValueError(f"sample_lens sum to {sum(sample_lens)} but split_lens to {sum(split_lens)}")
+    if len(split_lens) != len(attn_modes):
+        raise ValueError(f"{len(split_lens)} split_lens but {len(attn_modes)} attn_modes")
+    bad = sorted(set(attn_modes) - set(MODE_IDS))
+    if bad:
+        raise ValueError(f"unknown attn_modes {bad}; expected one of {list(MODE_IDS)}")
+    sample = torch.repeat_interleave(torch.arange(len(sample_lens)), torch.tensor(sample_lens))
+    split = torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(split_lens))
+    modes = torch.tensor([MODE_IDS[m] for m in attn_modes], dtype=torch.long)
+    # a split must not straddle two samples: check that each split's first and last token agree
+    ends = torch.tensor(split_lens).cumsum(0)
+    if len(ends) and not torch.equal(sample[ends - torch.tensor(split_lens)], sample[ends - 1]):
+        raise ValueError("a split crosses a sample boundary: split_lens must subdivide sample_lens")
+    return sample.to(device), split.to(device), modes[split].to(device)
+
+
+def allowed(q: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, split: torch.Tensor,
+            mode: torch.Tensor) -> torch.Tensor:
+    """True where query position q may attend to key position k (spec §3.2), elementwise.
+
+    q, k: broadcastable index tensors into the per-token layout of `token_layout`.
+      same sample, and
+      (k not later than q, or same split whose mode is full/noise), and
+      (k is not in a noise split, unless it is q's own split).
+    """
+    same_split = split[q] == split[k]
+    return ((sample[q] == sample[k])
+            & ((q >= k) | (same_split & (mode[q] != CAUSAL)))
+            & ((mode[k] != NOISE) | same_split))
+
+
+def sample_masks(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
+                 device=None) -> list[torch.Tensor]:
+    """Dense boolean mask per sample ([L_i, L_i] each, True = may attend); never one over the pack."""
+    sample, split, mode = token_layout(sample_lens, split_lens, attn_modes, device)
+    masks, start = [], 0
+    for n in sample_lens:
+        idx = torch.arange(start, start + n, device=sample.device)
+        masks.append(allowed(idx[:, None], idx[None, :], sample, split, mode))
+        start += n
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------
+# One sample → tokens. A sample is a "sequence plan" as in upstream `pack_sequence` (spec §7.2): a list
+# of items, each a dict
+#   {"type": "text", "ids": [int], "loss": 0|1, "enable_cfg": 0|1,
+#    "special_token_loss": 0|1, "special_token_label": int|None, "desc": str}
+#   {"type": "vit_image" | "vae_image", "image": float [3, H, W] in [-1, 1], "loss", "enable_cfg", ...}
+# data.py builds these from chat records; the golden tests build them from the golden JSON.
+
+@dataclass
+class SpecialTokens:
+    """Ids of the four tokens BAGEL wraps things in; looked up by name in the tokenizer (data.py)."""
+    bos: int  # <|im_start|>, opens every text item
+    eos: int  # <|im_end|>, closes every text item
+    vision_start: int  # <|vision_start|>, opens every image (ViT or VAE)
+    vision_end: int  # <|vision_end|>, closes it
+
+
+@dataclass
+class Geometry:
+    """Model-side constants the data must agree with (defaults: released BAGEL-7B-MoT)."""
+    vit_patch: int = 14  # SigLIP patch size
+    vit_side: int = 70  # vit_max_num_patch_per_side: ViT position id = r * vit_side + c
+    latent_down: int = 16  # VAE /8 times the 2x2 latent patch: one latent token per 16x16 pixels
+    max_latent: int = 64  # max_latent_size: latent position id = r * max_latent + c
+
+
+@dataclass
+class Layout:
+    """One sample as tokens. Positions are local (0..n-1); `collate` shifts them into the pack."""
+    n: int = 0
+    text_ids: list = field(default_factory=list)  # vocabulary tokens (text, BOS/EOS, image markers)
+    text_idx: list = field(default_factory=list)
+    rope: list = field(default_factory=list)  # [n] RoPE ids, restart at 0 per sample
+    split_lens: list = field(default_factory=list)
+    attn_modes: list = field(default_factory=list)
+    split_desc: list = field(default_factory=list)  # human text per split (for --inspect)
+    vit_tokens: list = field(default_factory=list)  # per ViT image: float [n_patches, 3*p*p]
+    vit_idx: list = field(default_factory=list)
+    vit_pos: list = field(default_factory=list)
+    vae_images: list = field(default_factory=list)  # per VAE image: float [3, H, W]
+    vae_noisy: list = field(default_factory=list)  # per VAE image: True for a generation target
+    vae_idx: list = field(default_factory=list)
+    vae_pos: list = field(default_factory=list)
+    mse_idx: list = field(default_factory=list)
+    ce_idx: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+
+
+def patchify(image: torch.Tensor, p: int) -> torch.Tensor:
+    """[3, H, W] → [H/p * W/p, p*p*3], patches row-major, features in (py, px, c) order (spec §9),
+    which is the order of the linear patch embedding in the checkpoint."""
+    c, h, w = image.shape
+    x = image.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0)
+    return x.reshape((h // p) * (w // p), p * p * c)
+
+
+def grid_ids(h: int, w: int, side: int) -> list[int]:
+    """Flattened 2-D position ids r * side + c of an h x w grid ("extrapolate", interpolate_pos=False)."""
+    return [r * side + c for r in range(h) for c in range(w)]
+
+
+def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometry(),
+                  dropout: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                  rng: random.Random | None = None) -> Layout:
+    """Lay out one sequence plan exactly as upstream `PackedDataset.pack_sequence` (spec §7.2, §6.5).
+
+    dropout = (text, vit, vae) CFG dropout probabilities, applied only to items with enable_cfg=1
+    (the conditions of generation and editing, never VQA inputs: LMMS Engine bug D4). A dropped text
+    does not advance the RoPE id; a dropped image does (by 1), as upstream.
+    """
+    out, rope = Layout(), 0
+    rng = rng or random.Random(0)
+
+    def add_split(n, mode, desc):
+        out.split_lens.append(n)
+        out.attn_modes.append(mode)
+        out.split_desc.append(desc)
+
+    def add_text(ids, pos):
+        out.text_ids += ids
+        out.text_idx += [out.n + i for i in pos]
+
+    def add_image(item, kind):
+        # <|vision_start|> + image tokens + <|vision_end|>, all on one RoPE id (spec §14.1)
+        c, h, w = item["image"].shape
+        stride = geo.vit_patch if kind == "vit" else geo.latent_down
+        gh, gw = h // stride, w // stride
+        if h % stride or w % stride:
+            raise ValueError(f"{item.get('desc', kind)}: image {h}x{w} is not a multiple of {stride}")
+        k = gh * gw
+        add_text([tok.vision_start, tok.vision_end], [0, k + 1])
+        tokens = list(range(out.n + 1, out.n + 1 + k))
+        if kind == "vit":
+            side = geo.vit_side
+            out.vit_tokens.append(patchify(item["image"], geo.vit_patch))
+            out.vit_idx += tokens
+            out.vit_pos += grid_ids(gh, gw, side)
+        else:
+            side = geo.max_latent
+            out.vae_images.append(item["image"])
+            out.vae_noisy.append(bool(item["loss"]))
+            out.vae_idx += tokens
+            out.vae_pos += grid_ids(gh, gw, side)
+            if item["loss"]:
+                out.mse_idx += tokens
+        if gh > side or gw > side:
+            raise ValueError(f"{item.get('desc', kind)}: {gh}x{gw} {kind} tokens exceed the "
+                             f"{side}x{side} position table of the model")
+        if item.get("special_token_loss"):  # upstream: <|vision_end|> predicts the given label
+            out.ce_idx.append(out.n + k + 1)
+            out.labels.append(item["special_token_label"])
+            out.weights.append(1.0)
+        out.rope += [rope] * (k + 2)
+        out.n += k + 2
+        return k + 2
+
+    p_text, p_vit, p_vae = dropout
+    for item in items:
+        t, cfg = item["type"], item.get("enable_cfg", 0)
+        desc = item.get("desc", t)
+        if t == "text":
+            if cfg and rng.random() < p_text:
+                continue  # dropped text: nothing, and the RoPE id does not move
+            ids = list(item["ids"])
+            n = len(ids) + 2
+            add_text([tok.bos] + ids + [tok.eos], range(n))
+            if item["loss"]:
+                # next-token labels inside the item: BOS..last id predict ids..EOS (spec §7.2);
+                # weight 1/sqrt(len) per item, used only with CE re-weighting (spec §6.4)
+                out.ce_idx += list(range(out.n, out.n + n - 1))
+                out.labels += ids + [tok.eos]
+                out.weights += [1.0 / math.sqrt(n - 1)] * (n - 1)
+            if item.get("special_token_loss"):  # the item's own <|im_end|> predicts e.g. <|vision_start|>
+                out.ce_idx.append(out.n + n - 1)
+                out.labels.append(item["special_token_label"])
+                out.weights.append(1.0)
+            out.rope += list(range(rope, rope + n))
+            rope += n
+            out.n += n
+            add_split(n, "causal", desc)
+        elif t == "vit_image":
+            if cfg and rng.random() < p_vit:
+                rope += 1  # a dropped image still takes its RoPE id
+                continue
+            add_split(add_image(item, "vit"), "full", desc)
+            rope += 1
+        elif t == "vae_image":
+            if item["loss"]:
+                # noisy target: its own "noise" split, which nobody else may see; the RoPE id is not
+                # advanced, so a clean copy that follows (edit chains) sits on the same id
+                add_split(add_image(item, "vae"), "noise", desc)
+            else:
+                if cfg and rng.random() < p_vae:
+                    rope += 1
+                    continue
+                add_split(add_image(item, "vae"), "full", desc)
+                rope += 1
+        else:
+            raise ValueError(f"unknown sequence-plan item type {t!r}")
+    return out
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The generator for the random draws of one pack: a function of (seed, rank, step) only, so
+    resumed runs draw the same and no code touches the global RNG (LMMS Engine bug C1)."""
+    g = torch.Generator()
+    g.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63)
+    return g
+
+
+def _long(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.long)  # empty lists give empty Long tensors, never float (bug D3)
+
+
+def collate(layouts: list[Layout], generator: torch.Generator | None = None,
+            timesteps: torch.Tensor | None = None, geo: Geometry = Geometry()) -> dict:
+    """Concatenate sample layouts into the packed batch of spec §8 (upstream key names).
+
+    One raw timestep per noisy VAE image (standard normal, spec §6.1) is drawn from `generator` in
+    pack order, unless `timesteps` gives them. Clean VAE images get -inf (sigmoid → t = 0).
+    """
+    n_noisy = sum(sum(l.vae_noisy) for l in layouts)
+    if timesteps is None:
+        timesteps = torch.randn(n_noisy, generator=generator)
+    if len(timesteps) != n_noisy:
+        raise ValueError(f"{len(timesteps)} timesteps given for {n_noisy} noisy images")
+    b = {k: [] for k in ("text_ids", "text_idx", "rope", "split_lens", "attn_modes", "vit_idx",
+                         "vit_pos", "vae_idx", "vae_pos", "mse_idx", "ce_idx", "labels", "weights",
+                         "t", "vit_tokens", "vit_lens", "vae_images", "vae_shapes")}
+    off, ti = 0, 0
+    for l in layouts:
+        for k in ("text_idx", "vit_idx", "vae_idx", "mse_idx", "ce_idx"):
+            b[k] += [i + off for i in getattr(l, k)]
+        for k in ("text_ids", "rope", "split_lens", "attn_modes", "vit_pos", "vae_pos", "labels",
+                  "weights", "vit_tokens", "vae_images"):
+            b[k] += getattr(l, k)
+        b["vit_lens"] += [len(v) for v in l.vit_tokens]
+        for img, noisy in zip(l.vae_images, l.vae_noisy):
+            h, w = img.shape[1] // geo.latent_down, img.shape[2] // geo.latent_down
+            b["vae_shapes"].append((h, w))
+            b["t"] += [float(timesteps[ti]) if noisy else float("-inf")] * (h * w)
+            ti += noisy
+        off += l.n
+    # VAE inputs are encoded as one zero-padded batch (spec §5.4); an empty pack still has a valid
+    # spatial size so that the encoder runs on a [0, 3, s, s] batch without special cases
+    imgs = b["vae_images"]
+    hmax = max([i.shape[1] for i in imgs], default=geo.latent_down)
+    wmax = max([i.shape[2] for i in imgs], default=geo.latent_down)
+    padded = torch.zeros(len(imgs), 3, hmax, wmax)
+    for i, img in enumerate(imgs):
+        padded[i, :, :img.shape[1], :img.shape[2]] = img
+    dim = 3 * geo.vit_patch ** 2
+    return dict(
+        sequence_length=off,
+        sample_lens=[l.n for l in layouts],
+        packed_text_ids=_long(b["text_ids"]),
+        packed_text_indexes=_long(b["text_idx"]),
+        packed_position_ids=_long(b["rope"]),
+        split_lens=b["split_lens"],
+        attn_modes=b["attn_modes"],
+        packed_vit_tokens=torch.cat(b["vit_tokens"]) if b["vit_tokens"] else torch.zeros(0, dim),
+        packed_vit_token_indexes=_long(b["vit_idx"]),
+        packed_vit_position_ids=_long(b["vit_pos"]),
+        vit_token_seqlens=_long(b["vit_lens"]),
+        padded_images=padded,
+        patchified_vae_latent_shapes=b["vae_shapes"],
+        packed_latent_position_ids=_long(b["vae_pos"]),
+        packed_vae_token_indexes=_long(b["vae_idx"]),
+        packed_timesteps=torch.tensor(b["t"], dtype=torch.float32),
+        mse_loss_indexes=_long(b["mse_idx"]),
+        packed_label_ids=_long(b["labels"]),
+        ce_loss_indexes=_long(b["ce_idx"]),
+        ce_loss_weights=torch.tensor(b["weights"], dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# First-fit packing. Upstream packs next-fit with an overflow buffer and silently drops samples that
+# do not fit (spec §14.22); LMMS Engine is next-fit (bug F3). We keep a few packs open and put each
+# sample into the first one with room, which fills packs to ~98% on mixed lengths.
+
+class FirstFitPacker:
+    """Online first-fit over at most `max_open` open packs of `budget` tokens each.
+
+    `add` returns the packs completed by adding one sample (0 or 1): a pack is emitted when it is at
+    least `min_fill` full, or, when a new pack has to be opened and too many are open, the fullest.
+    Items are opaque; `size(item)` gives their token count.
+    """
+
+    def __init__(self, budget: int, max_open: int = 8, min_fill: float = 0.99, size=lambda s: s.n):
+        self.budget, self.max_open, self.min_fill, self.size = budget, max_open, min_fill, size
+        self.open: list[list] = []  # the open packs, oldest first
+        self.used: list[int] = []
+
+    def add(self, item) -> list[list]:
+        n = self.size(item)
+        if n > self.budget:
+            raise ValueError(f"sample of {n} tokens is longer than the packing budget {self.budget}")
+        for i, used in enumerate(self.used):
+            if used + n <= self.budget:
+                self.open[i].append(item)
+                self.used[i] += n
+                return [self._pop(i)] if self.used[i] >= self.min_fill * self.budget else []
+        self.open.append([item])
+        self.used.append(n)
+        if len(self.open) > self.max_open:
+            return [self._pop(max(range(len(self.used)), key=self.used.__getitem__))]
+        return []
+
+    def flush(self) -> list[list]:
+        """Emit every open pack (end of a finite stream)."""
+        packs = list(self.open)
+        self.open, self.used = [], []
+        return packs
+
+    def _pop(self, i: int) -> list:
+        self.used.pop(i)
+        return self.open.pop(i)
+
+
+def flex_block_mask(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], device=None,
+                    block: int = 128):
+    """FlexAttention BlockMask of the §3.2 predicate over the pack, padded to a multiple of `block`
+    (the pad is its own causal sample). Built one query-block row at a time over the samples that row
+    touches, so memory is block x (longest sample), never N x N, and no compile is needed."""
+    from torch.nn.attention.flex_attention import BlockMask
+    n = sum(sample_lens)
+    pad = -n % block
+    extra = [pad] if pad else []
+    sample, split, mode = token_layout(sample_lens + extra, split_lens + extra, attn_modes + ["causal"] * len(extra), device)
+    total, nb = n + pad, (n + pad) // block
+    bounds = torch.tensor([0] + sample_lens + extra).cumsum(0).tolist()
+    idx = torch.arange(total, device=sample.device)
+    part_n, full_n = torch.zeros(nb, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
+    part_i, full_i = torch.zeros(nb, nb, dtype=torch.int32), torch.zeros(nb, nb, dtype=torch.int32)
+    s_of = sample.tolist()
+    for i in range(nb):
+        q = idx[i * block:(i + 1) * block]
+        lo = bounds[s_of[i * block]] // block  # first key block of the first sample in this row
+        hi = -(-bounds[s_of[(i + 1) * block - 1] + 1] // block)  # past the last key block of the last one
+        a = allowed(q[:, None], idx[None, lo * block:hi * block], sample, split, mode).view(block, hi - lo, block)
+        any_, all_ = a.any(2).any(0).cpu(), a.all(2).all(0).cpu()
+        blocks = torch.arange(lo, hi, dtype=torch.int32)
+        part, full = blocks[any_ & ~all_], blocks[all_]
+        part_n[i], full_n[i] = len(part), len(full)
+        part_i[i, :len(part)], full_i[i, :len(full)] = part, full
+    mask_mod = lambda b, h, q, k: allowed(q, k, sample, split, mode)
+    dev = sample.device
+    return BlockMask.from_kv_blocks(part_n[None, None].to(dev), part_i[None, None].to(dev), full_n[None, None].to(dev),
+                                    full_i[None, None].to(dev), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(total, total))

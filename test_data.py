@@ -1,0 +1,617 @@
+"""Tests for data.py and packing.py (CPU, tiny shapes, seconds). Golden files: testdata/golden/."""
+import base64
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import data
+import packing
+
+GOLDEN = Path(__file__).parent / "testdata" / "golden"
+TOK_DIR = GOLDEN / "tokenizer"
+CASES = sorted(p.stem for p in GOLDEN.glob("case*.json"))
+GOLDEN_GEO = packing.Geometry(vit_patch=14, vit_side=8, latent_down=16, max_latent=8)
+
+
+def load_case(name):
+    return json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.load_tokenizer(str(TOK_DIR))
+
+
+@pytest.fixture(scope="module")
+def specials(tok):
+    return data.special_tokens(tok)
+
+
+def golden_items(sample):
+    items = []
+    for it in sample["items"]:
+        item = {k: it[k] for k in ("type", "loss", "enable_cfg", "special_token_loss", "special_token_label")}
+        if it["type"] == "text":
+            item["ids"] = it["text_ids"]
+        else:
+            item["image"] = torch.zeros(3, it["height"], it["width"])
+        items.append(item)
+    return items
+
+
+def check_expected(batch, case):
+    """Every list of `expected` exactly, and the mask row by row."""
+    exp = case["expected"]
+    for k, v in exp.items():
+        if k == "packed_vit_tokens_shape":
+            assert list(batch["packed_vit_tokens"].shape) == v, k
+        elif k == "padded_images_shape":
+            assert list(batch["padded_images"].shape) == v, k
+        elif k == "packed_timesteps":
+            assert batch[k].dtype == torch.float32
+            assert batch[k].tolist() == [float(x) for x in v], k
+        elif k == "ce_loss_weights":
+            assert torch.equal(batch[k], torch.tensor(v, dtype=torch.float32)), k
+        elif k == "patchified_vae_latent_shapes":
+            assert [list(s) for s in batch[k]] == v, k
+        elif torch.is_tensor(batch[k]):
+            assert batch[k].dtype == torch.long, k  # index tensors are Long even when empty
+            assert batch[k].tolist() == v, k
+        else:
+            assert batch[k] == v, k
+    masks = packing.sample_masks(batch["sample_lens"], batch["split_lens"], batch["attn_modes"])
+    n = batch["sequence_length"]
+    full = torch.zeros(n, n, dtype=torch.bool)
+    start = 0
+    for m in masks:
+        full[start:start + len(m), start:start + len(m)] = m
+        start += len(m)
+    for q, row in enumerate(case["attention_mask"]):
+        assert "".join("1" if x else "0" for x in full[q].tolist()) == row, f"mask row {q}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_from_plans(name, tok, specials):
+    """The golden sequence plans, laid out and collated, give the original code's outputs."""
+    case = load_case(name)
+    assert specials == packing.SpecialTokens(**{k: case["settings"]["special_token_ids"][v] for k, v in
+                                                dict(bos="bos_token_id", eos="eos_token_id",
+                                                     vision_start="start_of_image",
+                                                     vision_end="end_of_image").items()})
+    for s in case["samples"]:
+        for it in s["items"]:
+            if it["type"] == "text":
+                assert data.encode(tok, it["text"]) == it["text_ids"]
+    layouts = [packing.layout_sample(golden_items(s), specials, GOLDEN_GEO) for s in case["samples"]]
+    t = torch.tensor(case["fixed_t_raw_in_draw_order"], dtype=torch.float32)
+    check_expected(packing.collate(layouts, timesteps=t, geo=GOLDEN_GEO), case)
+
+
+def test_tokenizer_from_vocab_and_merges(tmp_path, tok):
+    """Without tokenizer.json, vocab.json + merges.txt + tokenizer_config.json give the same ids."""
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((TOK_DIR / f).read_bytes())
+    slow = data.load_tokenizer(str(tmp_path))
+    assert data.special_tokens(slow) == data.special_tokens(tok)
+    for name in CASES:
+        for s in load_case(name)["samples"]:
+            for it in s["items"]:
+                if it["type"] == "text":
+                    assert data.encode(slow, it["text"]) == it["text_ids"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat records → the same layouts. Image sizes are chosen so that the resize rule (with small
+# min/max sizes) yields the golden sizes: a 28x56 (HxW) source gives VAE 32x64 and ViT 28x56.
+
+SIZES = {"a": (42, 28), "b": (14, 56), "c": (28, 28), "t2i": (32, 48), "src": (28, 56),
+         "tgt": (32, 64), "e1": (28, 28), "e2": (28, 28), "e3": (28, 28)}  # name: (H, W)
+
+
+def png_bytes(name, mode="RGB"):
+    h, w = SIZES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def chat(ref):
+    """Chat records for golden cases 1-5; ref(name) gives the image part for an image name."""
+    def t(s):
+        return {"type": "text", "text": s}
+    return [
+        {"messages": [{"role": "user", "content": [ref("a"), ref("b"), t("Which one shows a dog?")]},
+                      {"role": "assistant", "content": [t("The second one.")]}]},
+        {"messages": [{"role": "user", "content": [ref("c"), t("What is this?")]},
+                      {"role": "assistant", "content": "A boat."},
+                      {"role": "user", "content": "Is it day?"},
+                      {"role": "assistant", "content": [t("No, night.")]}]},
+        {"messages": [{"role": "user", "content": [t("two yellow birds fly")]},
+                      {"role": "assistant", "content": [ref("t2i")]}]},
+        {"messages": [{"role": "user", "content": [ref("src"), t("turn the car into a horse")]},
+                      {"role": "assistant", "content": [ref("tgt")]}]},
+        {"messages": [{"role": "user", "content": [ref("e1"), t("add a sun")]},
+                      {"role": "assistant", "content": [ref("e2")]},
+                      {"role": "user", "content": [t("make it snow")]},
+                      {"role": "assistant", "content": [ref("e3")]}]},
+    ]
+
+
+def small_cfg(**kw):
+    base = dict(model=str(TOK_DIR), packing_length=160, vit_min_size=14, vit_max_size=112,
+                vae_min_size=16, vae_max_size=128, vit_max_num_patch_per_side=8, max_latent_size=8,
+                text_cond_dropout=0.0, vit_cond_dropout=0.0, vae_cond_dropout=0.0, num_workers=0,
+                epochs=1)
+    base.update(kw)
+    return data.DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    for name in SIZES:
+        (d / f"{name}.png").write_bytes(png_bytes(name))
+    return d
+
+
+@pytest.mark.parametrize("index,name", [(0, "case1_two_images"), (1, "case2_multi_turn"), (2, "case3_t2i"),
+                                        (3, "case4_edit"), (4, "case5_edit_chain")])
+def test_golden_from_chat(index, name, tok, specials, image_dir):
+    """understanding, multi-turn, T2I, edit and edit chain from chat messages give the golden plans."""
+    cfg = small_cfg()
+    rec = chat(lambda n: {"type": "image_url", "image_url": {"url": f"{n}.png"}})[index]
+    items = data.record_to_items(rec, "x.jsonl: row 0", str(image_dir), cfg, tok, __import__("random").Random(0))
+    case = load_case(name)
+    want = case["samples"][0]["items"]
+    assert [(i["type"], i["loss"], i["enable_cfg"]) for i in items] == \
+           [(i["type"], i["loss"], i["enable_cfg"]) for i in want]
+    assert [tuple(i["image"].shape[1:]) for i in items if "image" in i] == \
+           [(i["height"], i["width"]) for i in want if i["type"] != "text"]
+    lay = packing.layout_sample(items, specials, cfg.geometry())
+    t = torch.tensor(case["fixed_t_raw_in_draw_order"], dtype=torch.float32)
+    check_expected(packing.collate([lay], timesteps=t, geo=cfg.geometry()), case)
+
+
+def test_golden_pack_from_chat(tok, specials, image_dir):
+    cfg = small_cfg()
+    recs = chat(lambda n: {"type": "image_url", "image_url": {"url": str(image_dir / f"{n}.png")}})
+    lays = [packing.layout_sample(data.record_to_items(recs[i], "r", "", cfg, tok, None), specials,
+                                  cfg.geometry()) for i in (0, 2, 3)]
+    case = load_case("case6_pack")
+    check_expected(packing.collate(lays, timesteps=torch.tensor(case["fixed_t_raw_in_draw_order"]),
+                                   geo=cfg.geometry()), case)
+
+
+# --------------------------------------------------------------------------------------------------
+# Containers and image sources: every way of storing the same five records gives identical packs.
+
+def image_ref(style, img_dir):
+    def ref(n):
+        b = png_bytes(n)
+        if style == "relpath":
+            return {"type": "image_url", "image_url": {"url": f"images/{n}.png"}}
+        if style == "abspath":
+            return {"type": "image_url", "image_url": {"url": str(img_dir / f"{n}.png")}}
+        if style == "datauri":
+            return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b).decode()}}
+        if style == "bytes":
+            return {"type": "image", "image": b}
+        if style == "struct":
+            return {"type": "image", "image": {"bytes": b, "path": None}}
+        if style == "images_col":
+            return {"type": "image", "_bytes": b}
+        raise ValueError(style)
+    return ref
+
+
+def records(style, img_dir, native=False):
+    recs = chat(image_ref(style, img_dir))
+    for r in recs:
+        for m in r["messages"]:
+            if native and isinstance(m["content"], str):  # parquet columns need one type per field
+                m["content"] = [{"type": "text", "text": m["content"]}]
+        if style == "images_col":  # HF convention: bare {"type": "image"} parts + an `images` column
+            r["images"] = [{"bytes": p.pop("_bytes"), "path": None} for m in r["messages"]
+                           if isinstance(m["content"], list) for p in m["content"] if "_bytes" in p]
+    return recs
+
+
+def write(container, recs, d):
+    """Write records to a data file in d; returns the --data value."""
+    if container in ("json", "jsonl", "yaml", "dir"):
+        p = d / "data.jsonl"
+        p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+        if container == "json":
+            p = d / "data.json"
+            p.write_text(json.dumps(recs))
+        if container == "yaml":
+            (d / "mix.yaml").write_text(yaml.safe_dump(
+                {"datasets": [{"path": "data.jsonl", "weight": 2.0, "data_folder": "."}]}))
+            return str(d / "mix.yaml")
+        return str(d) if container == "dir" else str(p)
+    if container == "parquet_str":  # messages as a JSON string column (common in parquet)
+        table = pa.Table.from_pylist([{"messages": json.dumps(r["messages"])} for r in recs])
+    else:
+        table = pa.Table.from_pylist(recs)
+    if container.startswith("parquet"):
+        pq.write_table(table, d / "data.parquet")
+        return str(d / "data.parquet")
+    p = d / "data.arrow"
+    with pa.OSFile(str(p), "wb") as f:
+        new = pa.ipc.new_file if container == "arrow_file" else pa.ipc.new_stream
+        with new(f, table.schema) as w:
+            w.write_table(table)
+    return str(p)
+
+
+def all_packs(cfg, rank=0, world_size=1):
+    return list(data.PackedDataset(cfg, rank, world_size).stream())
+
+
+def same_batch(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+COMBOS = [("jsonl", "relpath"), ("json", "abspath"), ("jsonl", "datauri"), ("yaml", "relpath"),
+          ("dir", "relpath"), ("parquet_str", "relpath"), ("parquet", "bytes"), ("parquet", "struct"),
+          ("parquet", "images_col"), ("arrow_file", "struct"), ("arrow_stream", "bytes"),
+          ("arrow_stream", "images_col")]
+
+
+@pytest.fixture(scope="module")
+def reference_packs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    (d / "images").mkdir()
+    for n in SIZES:
+        (d / "images" / f"{n}.png").write_bytes(png_bytes(n))
+    return all_packs(small_cfg(data=(write("jsonl", records("relpath", d), d),)))
+
+
+@pytest.mark.parametrize("container,style", COMBOS)
+def test_containers_and_sources_identical(container, style, tmp_path, reference_packs):
+    (tmp_path / "images").mkdir()
+    for n in SIZES:
+        (tmp_path / "images" / f"{n}.png").write_bytes(png_bytes(n))
+    native = container in ("parquet", "arrow_file", "arrow_stream")
+    path = write(container, records(style, tmp_path / "images", native), tmp_path)
+    packs = all_packs(small_cfg(data=(path,)))
+    assert len(packs) == len(reference_packs) >= 2
+    assert sum(len(p) for p, _, _ in packs) == 5
+    for (_, a, _), (_, b, _) in zip(packs, reference_packs):
+        same_batch(a, b)
+
+
+def test_upstream_t2i_row(tmp_path, tok, specials):
+    """Upstream T2I parquet rows (image bytes + captions JSON) read as user text → assistant image."""
+    pq.write_table(pa.Table.from_pylist([{"image": png_bytes("t2i"),
+                                          "captions": json.dumps({"caption": "two yellow birds fly"})}]),
+                   tmp_path / "t2i.parquet")
+    (pack, batch, _), = all_packs(small_cfg(data=(str(tmp_path / "t2i.parquet"),)))
+    case = load_case("case3_t2i")
+    for k in ("packed_text_ids", "packed_position_ids", "mse_loss_indexes", "packed_latent_position_ids"):
+        assert batch[k].tolist() == case["expected"][k]
+    assert batch["attn_modes"] == case["expected"]["attn_modes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+def test_transparency_composited_on_white():
+    rgba = Image.new("RGBA", (4, 2), (255, 0, 0, 0))  # fully transparent red → white
+    rgba.putpixel((0, 0), (255, 0, 0, 255))  # one opaque red pixel stays red
+    assert data.to_rgb(rgba).getpixel((1, 1)) == (255, 255, 255)
+    assert data.to_rgb(rgba).getpixel((0, 0)) == (255, 0, 0)
+    la = Image.new("LA", (2, 2), (0, 0))
+    assert data.to_rgb(la).getpixel((0, 0)) == (255, 255, 255)
+    p = Image.new("P", (2, 2), 0)
+    p.info["transparency"] = 0
+    assert data.to_rgb(p).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_resize_rule():
+    # long edge clamped to max, sides multiples of the stride (spec §9)
+    assert data.resize_shape(4000, 3000, 1024, 512, 16, data.VAE_MAX_PIXELS) == (1024, 768)
+    # short edge pushed up to min (upscaling small images)
+    assert data.resize_shape(100, 50, 980, 378, 14, data.VIT_MAX_PIXELS) == (756, 378)
+    # already fine: untouched
+    assert data.resize_shape(512, 512, 1024, 512, 16, data.VAE_MAX_PIXELS) == (512, 512)
+    # pixel cap divided by the number of images, applied as the area ratio (upstream quirk)
+    w, h = data.resize_shape(980, 980, 980, 14, 14, 2_007_040, img_num=4)
+    assert (w, h) == (518, 518)  # 980 * (501760 / 960400) = 512 → rounded to 37 * 14
+    for size in [(1, 1), (3000, 20), (20, 3000), (777, 555)]:
+        w, h = data.resize_shape(*size, 1024, 512, 16, data.VAE_MAX_PIXELS)
+        assert w % 16 == 0 and h % 16 == 0 and max(w, h) <= 1024
+
+
+def test_pixels_and_patchify_order():
+    img = Image.fromarray(np.arange(28 * 42 * 3, dtype=np.uint8).reshape(28, 42, 3) % 251)
+    x = data.to_tensor(img)
+    assert x.shape == (3, 28, 42) and x.min() >= -1 and x.max() <= 1
+    assert torch.allclose(x[:, 0, 0], torch.tensor(np.asarray(img)[0, 0] / 127.5 - 1, dtype=torch.float32))
+    p = packing.patchify(x, 14)
+    assert p.shape == (2 * 3, 14 * 14 * 3)
+    # patch 4 = row 1, column 1; feature (py, px, c) = x[c, 14 + py, 14 + px]
+    py, px, c = 3, 5, 2
+    assert p[4, (py * 14 + px) * 3 + c] == x[c, 14 + py, 14 + px]
+
+
+def test_image_size_checks():
+    with pytest.raises(ValueError, match="set vit_max_size to 980 or less"):
+        data.DataConfig(data=("x",), vit_max_size=1024).check()
+    with pytest.raises(ValueError, match="set vae_max_size to 128 or less"):
+        data.DataConfig(data=("x",), max_latent_size=8).check()
+    cfg = small_cfg(vit_max_size=224)  # not check()ed: 16 patches per side, the table has 8
+    with pytest.raises(data.BadSample, match=r"f.png: .*vit_max_num_patch_per_side=8") as e:
+        data.transform(Image.new("RGB", (600, 60)), "vit", cfg, 1, "f.png")
+    assert e.value.reason == "image_too_large"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: an error naming file, row and field; with skip_bad, a count per reason.
+
+def T(s):
+    return {"type": "text", "text": s}
+
+
+def good():
+    return {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+BAD = [
+    ("unknown_part_type", {"messages": [{"role": "user", "content": [{"type": "img"}]},
+                                        {"role": "assistant", "content": "x"}]},
+     r"row 1: messages\[0\].content\[0\]: unknown part type 'img'"),
+    ("missing_image", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "nope.png"}}, T("q")]}, {"role": "assistant", "content": "a"}]},
+     r"row 1: messages\[0\].content\[0\]: image file not found: .*nope.png"),
+    ("undecodable_image", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]},
+        {"role": "assistant", "content": "a"}]}, r"row 1: messages\[0\].content\[0\]: cannot decode image"),
+    ("http_url", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}, {"role": "assistant", "content": "a"}]},
+     r"row 1: messages\[0\].content\[0\]: https://x.org/a.png: .*no network"),
+    ("empty_conversation", {"messages": []}, r"row 1: messages: no text and no image"),
+    ("no_loss_token", {"messages": [{"role": "user", "content": "hi"}]}, r"row 1: messages: no assistant"),
+    ("too_long", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]},
+     r"row 1: sample has \d+ tokens, more than packing_length=160"),
+    ("malformed_json", {"messages": "[{\"role\": "}, r"row 1: messages: malformed JSON"),
+    ("wrong_type", {"messages": 5}, r"row 1: messages: expected a list"),
+    ("wrong_type", {"messages": [{"role": "robot", "content": "x"}]}, r"row 1: messages\[0\].role: 'robot'"),
+    ("wrong_type", {"text": "no messages"}, r"row 1: no 'messages' field"),
+    ("needs_visual_und", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "images/a.png"}}]}, {"role": "assistant", "content": "a"}]},
+     r"row 1: an input image needs the ViT, but visual_und is off"),
+]
+
+
+@pytest.mark.parametrize("reason,rec,msg", BAD, ids=[f"{b[0]}{i}" for i, b in enumerate(BAD)])
+def test_bad_input(reason, rec, msg, tmp_path):
+    SIZES_DIR(tmp_path)
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [good(), rec, good()]) + "\n")
+    with pytest.raises(data.BadSample, match=f"bad.jsonl: {msg}") as e:
+        all_packs(small_cfg(data=(str(p),), seed=3, visual_und=reason != "needs_visual_und"))
+    assert e.value.reason == reason
+    packs = all_packs(small_cfg(data=(str(p),), seed=3, skip_bad=True, visual_und=reason != "needs_visual_und"))
+    assert sum(len(p) for p, _, _ in packs) == 2
+    assert packs[-1][2]["skips"] == {reason: 1}
+
+
+def test_bad_json_line_and_column_type(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(good()) + "\n{not json\n")
+    with pytest.raises(data.BadSample, match=r"bad.jsonl: row 1: malformed JSON"):
+        all_packs(small_cfg(data=(str(p),)))
+    q = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"messages": [1, 2]}), q)
+    with pytest.raises(data.BadSample, match=r"bad.parquet: row \d: messages: expected a list .* got int"):
+        all_packs(small_cfg(data=(str(q),)))
+    packs = all_packs(small_cfg(data=(str(q), str(p)), skip_bad=True))
+    assert packs[-1][2]["skips"] == {"wrong_type": 2, "malformed_json": 1}
+
+
+def test_skip_counts_reach_the_log(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [good(), {"messages": []}, good()]) + "\n")
+    loader = data.PackLoader(small_cfg(data=(str(p),), skip_bad=True))
+    assert len(list(loader)) == 1
+    assert "skipped: empty_conversation 1" in loader.log_line()
+    assert loader.stats()["samples"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+
+def test_first_fit_beats_next_fit_and_respects_budget():
+    rng = np.random.default_rng(0)
+    # skewed: many short samples, a few long ones
+    sizes = [int(x) for x in np.where(rng.random(3000) < 0.8, rng.integers(50, 400, 3000),
+                                      rng.integers(1500, 3500, 3000))]
+    fills = {}
+    for name, max_open in (("first", 8), ("next", 1)):
+        p = packing.FirstFitPacker(4096, max_open, size=lambda s: s)
+        packs = [q for s in sizes for q in p.add(s)] + p.flush()
+        assert all(sum(q) <= 4096 for q in packs)
+        assert sorted(s for q in packs for s in q) == sorted(sizes)  # nothing dropped
+        fills[name] = sum(sizes) / (len(packs) * 4096)
+    assert fills["first"] > fills["next"] + 0.03 and fills["first"] > 0.97
+    with pytest.raises(ValueError, match="longer than the packing budget"):
+        packing.FirstFitPacker(100, size=lambda s: s).add(101)
+
+
+def test_cfg_dropout_scope_and_rope(tok, specials):
+    """Dropout only hits enable_cfg items; a dropped text keeps the RoPE id, a dropped image moves it."""
+    img = torch.zeros(3, 16, 16)
+    items = [dict(type="vae_image", image=img, loss=0, enable_cfg=1),
+             dict(type="text", ids=[5, 6], loss=0, enable_cfg=1),
+             dict(type="text", ids=[7], loss=0, enable_cfg=0),
+             dict(type="vae_image", image=img, loss=1, enable_cfg=0)]
+    all_drop = packing.layout_sample(items, specials, GOLDEN_GEO, (1.0, 1.0, 1.0))
+    # clean VAE dropped (rope 0 used up), conditioning text dropped (no rope), plain text at rope 1
+    assert all_drop.attn_modes == ["causal", "noise"]
+    assert all_drop.rope == [1, 2, 3] + [4] * 3
+    vqa = [dict(type="vit_image", image=torch.zeros(3, 14, 14), loss=0, enable_cfg=0),
+           dict(type="text", ids=[5], loss=1, enable_cfg=0)]
+    assert packing.layout_sample(vqa, specials, GOLDEN_GEO, (1.0, 1.0, 1.0)).attn_modes == ["full", "causal"]
+
+
+def test_record_enable_cfg_scope(tok, image_dir):
+    """VQA inputs are never CFG conditions; inputs of generation/edit samples are (bug D4)."""
+    cfg = small_cfg()
+    recs = chat(lambda n: {"type": "image_url", "image_url": {"url": f"{n}.png"}})
+    vqa = data.record_to_items(recs[0], "r", str(image_dir), cfg, tok, None)
+    edit = data.record_to_items(recs[3], "r", str(image_dir), cfg, tok, None)
+    assert [i["enable_cfg"] for i in vqa] == [0, 0, 0, 0]
+    assert [(i["type"], i["enable_cfg"]) for i in edit] == [("vae_image", 1), ("vit_image", 1), ("text", 1),
+                                                           ("vae_image", 0)]
+
+
+def test_timesteps_from_step_generator_not_global_rng(specials):
+    lay = packing.layout_sample([dict(type="vae_image", image=torch.zeros(3, 16, 32), loss=1)], specials, GOLDEN_GEO)
+    torch.manual_seed(0)
+    a = packing.collate([lay, lay], packing.step_generator(1, 0, 5), geo=GOLDEN_GEO)["packed_timesteps"]
+    torch.manual_seed(1)
+    b = packing.collate([lay, lay], packing.step_generator(1, 0, 5), geo=GOLDEN_GEO)["packed_timesteps"]
+    c = packing.collate([lay, lay], packing.step_generator(1, 1, 5), geo=GOLDEN_GEO)["packed_timesteps"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a[0] == a[1] and a[1] != a[2]  # one draw per image, repeated over its tokens
+
+
+def test_empty_modalities_are_long(specials):
+    lay = packing.layout_sample([dict(type="text", ids=[5], loss=1)], specials, GOLDEN_GEO)
+    b = packing.collate([lay], geo=GOLDEN_GEO)
+    for k in ("packed_vit_token_indexes", "packed_vae_token_indexes", "mse_loss_indexes", "vit_token_seqlens",
+              "packed_latent_position_ids", "packed_vit_position_ids"):
+        assert b[k].dtype == torch.long and b[k].numel() == 0, k
+    assert b["packed_vit_tokens"].shape == (0, 588) and b["padded_images"].shape[0] == 0
+    assert b["packed_timesteps"].dtype == torch.float32 and b["patchified_vae_latent_shapes"] == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed and resumable iteration (text-only records: fast)
+
+def text_data(tmp_path, n=40, name="t.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                    {"role": "assistant", "content": f"answer {i} " * (1 + i % 7)}]})
+                           for i in range(n)) + "\n")
+    return str(p)
+
+
+def test_ranks_and_workers_are_disjoint_and_cover_the_epoch(tmp_path):
+    path = text_data(tmp_path)
+    pq.write_table(pa.Table.from_pylist([{"messages": json.dumps(good()["messages"])}] * 30),
+                   tmp_path / "p.parquet", row_group_size=7)  # several row groups
+    cfg = small_cfg(data=(path, str(tmp_path / "p.parquet")), packing_length=128)
+    seen = []
+    for rank in range(2):
+        ds = data.PackedDataset(cfg, rank, 2)
+        for w in range(2):
+            seen += [s.where for pack, _, _ in ds.stream(w, 2) for s in pack]
+    assert len(seen) == len(set(seen)) == 70
+
+
+def test_epochs_reshuffle(tmp_path):
+    cfg = small_cfg(data=(text_data(tmp_path),), packing_length=128, epochs=2)
+    ds = data.PackedDataset(cfg)
+    st = ds.stream()
+    keys = iter(st.next_key, None)  # the sample stream before packing
+    rows = [ds.sources[0].locate(pos) for _, pos in keys]
+    assert len(rows) == 80 and st.next_key() is None
+    first, second = rows[:40], rows[40:]
+    assert len(set(first)) == 40 and sorted(first) == sorted(second) and first != second
+    seen = [s.where for pack, _, _ in ds.stream() for s in pack]
+    assert len(seen) == 80 and len(set(seen)) == 40
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_next_packs(tmp_path, workers):
+    cfg = small_cfg(data=(text_data(tmp_path, 30, "a.jsonl") + ":3", text_data(tmp_path, 20, "b.jsonl")),
+                    packing_length=128, epochs=None, num_workers=workers)
+    loader = data.PackLoader(cfg)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]  # odd count: resume starts with the other worker
+    state = loader.state_dict()
+    want = [next(it) for _ in range(6)]
+    assert any(b["sample_lens"] != want[0]["sample_lens"] for b in want)
+    fresh = data.PackLoader(cfg)
+    fresh.load_state_dict(json.loads(json.dumps(state)))  # the state survives JSON (checkpoint-safe)
+    it2 = iter(fresh)
+    got = [next(it2) for _ in range(6)]
+    for a, b in zip(got, want):
+        same_batch(a, b)
+    assert fresh.stats()["packs"] == 11 and head
+    other = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, epochs=None, num_workers=workers + 1))
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(state)
+
+
+def test_workers_interleave_in_step_order(tmp_path):
+    """num_workers=2 yields the packs of the two worker shards alternately, as stream() makes them."""
+    cfg = small_cfg(data=(text_data(tmp_path),), packing_length=128, epochs=None, num_workers=2)
+    it = iter(data.PackLoader(cfg))
+    got = [next(it) for _ in range(6)]
+    ds = data.PackedDataset(cfg)
+    s0, s1 = iter(ds.stream(0, 2)), iter(ds.stream(1, 2))
+    want = [next(s)[1] for _ in range(3) for s in (s0, s1)]
+    for a, b in zip(got, want):
+        same_batch(a, b)
+
+
+def test_inspect_cli(tmp_path):
+    import subprocess
+    import sys
+    path = write("jsonl", records("abspath", SIZES_DIR(tmp_path)), tmp_path)
+    out = subprocess.run([sys.executable, "data.py", "--data", path, "--model", str(TOK_DIR), "--inspect", "1",
+                          "--vit-min-size", "14", "--vit-max-size", "112", "--vae-min-size", "16",
+                          "--vae-max-size", "128", "--vit-max-num-patch-per-side", "8", "--max-latent-size", "8",
+                          "--packing-length", "160"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert out.returncode == 0, out.stderr
+    assert "pack 0:" in out.stdout and "noise" in out.stdout and "MSE" in out.stdout and "rope" in out.stdout
+    bad = subprocess.run([sys.executable, "data.py", "--data", str(tmp_path / "none.jsonl"), "--model",
+                          str(TOK_DIR)], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def SIZES_DIR(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir(exist_ok=True)
+    for n in SIZES:
+        (d / f"{n}.png").write_bytes(png_bytes(n))
+    return d
+
+
+def test_mixture_weights(tmp_path):
+    a, b = text_data(tmp_path, 20, "a.jsonl"), text_data(tmp_path, 20, "b.jsonl")
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({"datasets": [{"path": "a.jsonl", "weight": 3},
+                                                                    {"path": "b.jsonl", "weight": 1}]}))
+    for spec in [(a + ":3", b), (str(tmp_path / "mix.yaml"),)]:
+        st = data.PackedDataset(small_cfg(data=spec, epochs=None)).stream()
+        picks = [st.next_key()[0] for _ in range(2000)]
+        assert 0.72 < picks.count(0) / 2000 < 0.78
+
+
+def test_source_errors(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "m.yaml").write_text("datasets: nope\n")
+    (tmp_path / "empty").mkdir()
+    for path, msg in [(tmp_path / "none.jsonl", "no such file"), (tmp_path / "x.csv", "unknown data file type"),
+                      (tmp_path / "m.yaml", "expected `datasets:"), (tmp_path / "empty", "holds no data files")]:
+        with pytest.raises(ValueError, match=msg):
+            data.find_sources([str(path)])
