@@ -1,0 +1,164 @@
+"""Benchmark the packed BAGEL forward/backward on a synthetic mixed pack (understanding + T2I + edit).
+
+    python bench.py                                   # CPU: 4 layers, width 512, 8k tokens, sdpa + flex table
+    python bench.py --layers 28 --width 3584 --heads 28 --kv-heads 4 --ffn 18944 --device cuda --dtype bf16
+    python bench.py --tokens 32768 --only fwdbwd --attn flex --device cuda
+
+Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
+peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
+"""
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+
+import packing
+from model import AEConfig, Bagel, BagelConfig, LLMConfig, ViTConfig
+
+# dense bf16 peak TFLOP/s by device name (the MFU denominator)
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 125, "4090": 165}
+
+
+@dataclass
+class Args:
+    layers: int = 4
+    """LLM decoder layers (BAGEL-7B: 28)"""
+    width: int = 512
+    """LLM hidden size (BAGEL-7B: 3584)"""
+    heads: int = 8
+    kv_heads: int = 2
+    ffn: int = 1536
+    vocab: int = 152064
+    """the real vocabulary: lm_head cost on CE tokens is part of the picture"""
+    vit_layers: int = 2
+    vit_width: int = 384
+    tokens: int = 8192
+    """pack size (the packing budget)"""
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    attn: tuple[str, ...] = ("sdpa", "flex")
+    only: Literal["fwd", "fwdbwd", "all"] = "all"
+    """fwd: no-grad forward; fwdbwd: forward + backward (not for flex on CPU: no backward there)"""
+    repeats: int = 3
+    seed: int = 0
+    child: str = ""
+    """internal: run one measurement (attn,mode) and print JSON"""
+
+
+def build(a: Args) -> Bagel:
+    c = BagelConfig(llm=LLMConfig(a.width, a.ffn, a.layers, a.heads, a.kv_heads, a.vocab),
+                    vit=ViTConfig(a.vit_width, 4 * a.vit_width, a.vit_layers, a.vit_width // 64),
+                    vae=AEConfig())
+    torch.manual_seed(a.seed)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    with torch.device(a.device):
+        model = Bagel(c).to(dtype)
+    return model
+
+
+def mixed_pack(a: Args) -> dict:
+    """~a.tokens tokens of understanding (224px ViT + Q + A), T2I (caption + 512px target) and edit
+    (512px clean VAE + 224px ViT + instruction + 512px target) samples, in random order."""
+    rng = random.Random(a.seed)
+    tok = packing.SpecialTokens(151644, 151645, 151652, 151653)
+    img = lambda s: torch.zeros(3, s, s)
+    text = lambda n, loss, cfg=0: {"type": "text", "ids": [rng.randrange(1000, 100000) for _ in range(n)], "loss": loss, "enable_cfg": cfg}
+    kinds = {
+        "und": lambda: [{"type": "vit_image", "image": img(224), "loss": 0}, text(40, 0), text(rng.randrange(30, 200), 1)],
+        "t2i": lambda: [text(rng.randrange(20, 80), 0, 1), {"type": "vae_image", "image": img(512), "loss": 1}],
+        "edit": lambda: [{"type": "vae_image", "image": img(512), "loss": 0, "enable_cfg": 1},
+                         {"type": "vit_image", "image": img(224), "loss": 0, "enable_cfg": 1},
+                         text(30, 0, 1), {"type": "vae_image", "image": img(512), "loss": 1}],
+    }
+    layouts, n = [], 0
+    while True:
+        lay = packing.layout_sample(kinds[rng.choice(list(kinds))](), tok)
+        if n + lay.n > a.tokens:
+            break
+        layouts.append(lay)
+        n += lay.n
+    batch = packing.collate(layouts, generator=torch.Generator().manual_seed(a.seed))
+    imgs = batch.pop("padded_images")
+    g = torch.Generator().manual_seed(a.seed)
+    batch["padded_latent"] = torch.randn(imgs.shape[0], 16, imgs.shape[2] // 8, imgs.shape[3] // 8, generator=g)
+    batch["packed_noise"] = torch.randn(len(batch["packed_vae_token_indexes"]), 64, generator=g)
+    return {k: (v.to(a.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def flops_per_step(model: Bagel, batch: dict, backward: bool) -> float:
+    """6*N (fwd+bwd) or 2*N per token for the LLM's ACTIVE parameters (one expert per token), plus
+    attention 4*d*sum(len^2)/2-ish per layer (causal half counted as full: an upper bound)."""
+    c = model.config.llm
+    per_layer_expert = sum(p.numel() for n, p in model.language_model.model.layers[0].named_parameters() if "moe_gen" not in n)
+    active = c.num_hidden_layers * per_layer_expert  # embeddings are lookups; lm_head runs on CE tokens only
+    n = batch["sequence_length"]
+    mult = 3 if backward else 1
+    dense = 2 * active * n + 2 * c.hidden_size * c.vocab_size * len(batch["ce_loss_indexes"])
+    attn = 4 * c.num_hidden_layers * c.hidden_size * sum(s * s for s in batch["sample_lens"])
+    return mult * (dense + attn)
+
+
+def child(a: Args):
+    attn, mode = a.child.split(",")
+    model = build(a)
+    model.attn = attn
+    batch = mixed_pack(a)
+    cuda = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.repeats + 1):  # the first run warms up (and compiles flex on CUDA)
+        model.zero_grad(set_to_none=True)
+        sync()
+        t = time.perf_counter()
+        with torch.set_grad_enabled(mode == "fwdbwd"):
+            out = model(**batch)
+            if mode == "fwdbwd":
+                (out["ce"].mean() + out["mse"].mean()).backward()
+        sync()
+        times.append(time.perf_counter() - t)
+    dt = sorted(times[1:])[len(times[1:]) // 2]
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    res = {"attn": attn, "mode": mode, "tokens": batch["sequence_length"], "samples": len(batch["sample_lens"]),
+           "seconds": dt, "tok_s": batch["sequence_length"] / dt, "peak_gb": peak / 2**30}
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        res["mfu"] = flops_per_step(model, batch, mode == "fwdbwd") / dt / (peak_tf * 1e12) if peak_tf else None
+        res["gpu"] = name
+    print(json.dumps(res))
+
+
+def main():
+    a = tyro.cli(Args)
+    if a.child:
+        return child(a)
+    modes = ["fwd", "fwdbwd"] if a.only == "all" else [a.only]
+    print(f"BAGEL bench: {a.layers} layers, width {a.width}, {a.tokens} token pack, {a.device} {a.dtype}")
+    for attn in a.attn:
+        for mode in modes:
+            if attn == "flex" and mode == "fwdbwd" and not a.device.startswith("cuda"):
+                continue  # torch 2.13: no FlexAttention backward on CPU
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"{attn},{mode}"]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if out.returncode:
+                print(f"{attn:5s} {mode:7s} failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            mfu = f" | mfu {r['mfu']:.1%}" if r.get("mfu") else ""
+            print(f"{attn:5s} {mode:7s} | {r['tokens']} tok, {r['samples']} samples | {r['seconds'] * 1e3:8.1f} ms | "
+                  f"{r['tok_s']:10,.0f} tok/s | peak {r['peak_gb']:.2f} GiB{mfu}")
+
+
+if __name__ == "__main__":
+    main()
