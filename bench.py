@@ -22,10 +22,7 @@ import tyro
 
 import packing
 from model import AEConfig, Bagel, BagelConfig, LLMConfig, ViTConfig
-
-# dense bf16 peak TFLOP/s by device name (the MFU denominator)
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 125, "4090": 165}
-
+from train import peak_flops, step_flops
 
 @dataclass
 class Args:
@@ -93,19 +90,6 @@ def mixed_pack(a: Args) -> dict:
     return {k: (v.to(a.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def flops_per_step(model: Bagel, batch: dict, backward: bool) -> float:
-    """6*N (fwd+bwd) or 2*N per token for the LLM's ACTIVE parameters (one expert per token), plus
-    attention 4*d*sum(len^2)/2-ish per layer (causal half counted as full: an upper bound)."""
-    c = model.config.llm
-    per_layer_expert = sum(p.numel() for n, p in model.language_model.model.layers[0].named_parameters() if "moe_gen" not in n)
-    active = c.num_hidden_layers * per_layer_expert  # embeddings are lookups; lm_head runs on CE tokens only
-    n = batch["sequence_length"]
-    mult = 3 if backward else 1
-    dense = 2 * active * n + 2 * c.hidden_size * c.vocab_size * len(batch["ce_loss_indexes"])
-    attn = 4 * c.num_hidden_layers * c.hidden_size * sum(s * s for s in batch["sample_lens"])
-    return mult * (dense + attn)
-
-
 def child(a: Args):
     attn, mode = a.child.split(",")
     model = build(a)
@@ -132,10 +116,11 @@ def child(a: Args):
     res = {"attn": attn, "mode": mode, "tokens": batch["sequence_length"], "samples": len(batch["sample_lens"]),
            "seconds": dt, "tok_s": batch["sequence_length"] / dt, "peak_gb": peak / 2**30}
     if cuda:
-        name = torch.cuda.get_device_name()
-        peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        res["mfu"] = flops_per_step(model, batch, mode == "fwdbwd") / dt / (peak_tf * 1e12) if peak_tf else None
-        res["gpu"] = name
+        # the trainer's FLOP count (training = 3x forward) and peak-FLOPs table
+        flops = step_flops(model.config, [batch]) / (1 if mode == "fwdbwd" else 3)
+        peak_fl = peak_flops(torch.device(a.device))
+        res["mfu"] = flops / dt / peak_fl if peak_fl else None
+        res["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(res))
 
 

@@ -23,12 +23,13 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import tyro
 import yaml
 from PIL import Image
 
@@ -44,7 +45,8 @@ VIT_MAX_PIXELS = 2_007_040  # upstream example.yaml for VLM SFT (spec §9)
 
 @dataclass
 class DataConfig:
-    data: tuple[str, ...] = ()
+    # `--data x.parquet` even when nested as train.py's Args.data (not `--data.data`)
+    data: Annotated[tuple[str, ...], tyro.conf.arg(name="data", prefix_name=False)] = ()
     """data files, directories or .yaml mixtures; `path:weight` sets a mixture weight (default 1)"""
     model: str = ""
     """checkpoint directory holding the Qwen2.5 tokenizer (tokenizer.json or vocab.json + merges.txt)"""

@@ -19,7 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+import nsa
 import packing
+from nsa import NSAConfig
 
 # -------------------------------------------------------------------------------------------------
 # configs
@@ -86,6 +88,7 @@ class BagelConfig:
     timestep_shift: float = 1.0  # training shift; inference passes its own (3.0)
     visual_und: bool = True
     visual_gen: bool = True
+    nsa: NSAConfig | None = None  # Native Sparse Attention parameters per LLM layer (nsa.py); None: dense
 
     @property
     def latent_channels(self) -> int:  # 64 = 2*2 patch of 16 channels
@@ -192,6 +195,7 @@ class AttnPlan:
     jobs: list = field(default_factory=list)  # sdpa: (q_start, q_end, keys: slice | LongTensor, causal)
     block_mask: object = None                 # flex
     padded_len: int = 0                       # flex
+    nsa: object = None                        # nsa: nsa.Layout
 
 
 def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
@@ -199,8 +203,10 @@ def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], att
     if kind == "flex":
         bm = packing.flex_block_mask(sample_lens, split_lens, attn_modes, device)
         return AttnPlan("flex", block_mask=bm, padded_len=bm.seq_lengths[0])
+    if kind == "nsa":
+        return AttnPlan("nsa", nsa=nsa.plan(sample_lens, split_lens, attn_modes, device))
     if kind != "sdpa":
-        raise ValueError(f"attn must be 'sdpa' or 'flex', got {kind!r}")
+        raise ValueError(f"attn must be 'sdpa', 'flex' or 'nsa', got {kind!r}")
     packing.token_layout(sample_lens, split_lens, attn_modes)  # validates the three lists
     jobs, pos, split_iter = [], 0, iter(zip(split_lens, attn_modes))
     for n in sample_lens:
@@ -221,8 +227,11 @@ def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], att
     return AttnPlan("sdpa", jobs=jobs)
 
 
-def packed_attention(plan: AttnPlan, q, k, v):
-    """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D] under the pack's mask."""
+def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = None):
+    """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D] under the pack's mask. `extra`: what a layer with
+    NSA parameters passes (gates, pre-RoPE keys, RoPE table); only the nsa plan uses it."""
+    if plan.kind == "nsa":
+        return nsa.attention(plan.nsa, q, k, v, extra)
     if plan.kind == "flex":
         n, pad = q.shape[0], plan.padded_len - q.shape[0]
         qh, kh, vh = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for x in (q, k, v))
@@ -284,6 +293,7 @@ class MoTAttention(nn.Module):
             setattr(self, "o_proj" + sfx, nn.Linear(nq * d, h, bias=False))
             setattr(self, "q_norm" + sfx, RMSNorm(d, c.rms_norm_eps))  # QK-norm per head, new in BAGEL
             setattr(self, "k_norm" + sfx, RMSNorm(d, c.rms_norm_eps))
+        self.nsa: nsa.NSA | None = None  # set by Bagel when config.nsa is set
 
     def forward(self, x, cos, sin, und, gen, attend):
         n = x.shape[0]
@@ -293,8 +303,12 @@ class MoTAttention(nn.Module):
         k = route(x, und, gen, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
                   lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)))
         v = route(x, und, gen, self.v_proj, self.v_proj_moe_gen).view(n, self.nkv, self.d)
+        extra = None
+        if self.nsa is not None:  # NSA also needs per-expert gates and the keys before RoPE (nsa.py)
+            g = route(x, und, gen, self.nsa.g_proj, self.nsa.g_proj_moe_gen).view(n, self.nq, 3).sigmoid()
+            extra = nsa.NSAInputs(self.nsa, g, k, cos, sin)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        a = attend(q, k, v).reshape(n, self.nq * self.d)
+        a = (attend(q, k, v) if extra is None else attend(q, k, v, extra)).reshape(n, self.nq * self.d)
         return route(a, und, gen, self.o_proj, self.o_proj_moe_gen)
 
 
@@ -588,10 +602,9 @@ class AutoEncoder(nn.Module):
 # BAGEL
 
 def patchify_latent(z: torch.Tensor, h: int, w: int, p: int = 2) -> torch.Tensor:
-    """[C, >=p*h, >=p*w] latent -> [h*w, p*p*C] tokens, row-major, features in (py, px, c) order (§5.4)."""
-    c = z.shape[0]
-    z = z[:, :p * h, :p * w].reshape(c, h, p, w, p)
-    return torch.einsum("chpwq->hwpqc", z).reshape(h * w, p * p * c)
+    """[C, >=p*h, >=p*w] latent -> [h*w, p*p*C] tokens, row-major, features in (py, px, c) order (§5.4);
+    the crop drops latent rows/columns that came from the pack's zero padding (§14.20)."""
+    return packing.patchify(z[:, :p * h, :p * w], p)
 
 
 def unpatchify_latent(x: torch.Tensor, h: int, w: int, p: int = 2) -> torch.Tensor:
@@ -609,9 +622,12 @@ class Bagel(nn.Module):
     def __init__(self, config: BagelConfig):
         super().__init__()
         self.config = c = config
-        self.attn: Literal["sdpa", "flex"] | None = None  # None: flex on CUDA, sdpa elsewhere
+        self.attn: Literal["sdpa", "flex", "nsa"] | None = None  # None: nsa if config.nsa, else flex on CUDA, sdpa elsewhere
         d = c.llm.hidden_size
         self.language_model = Qwen2ForCausalLM(c.llm)
+        if c.nsa is not None:  # `language_model.model.layers.{i}.self_attn.nsa.*`
+            for layer in self.language_model.model.layers:
+                layer.self_attn.nsa = nsa.NSA(c.nsa, d, c.llm.num_attention_heads, c.llm.num_key_value_heads, c.llm.head_dim)
         if c.visual_und:
             self.vit_model = SiglipVisionModel(c.vit)
             self.connector = MLPconnector(c.vit.hidden_size, d)
@@ -680,13 +696,15 @@ class Bagel(nn.Module):
         elif vae_idx.numel():
             raise ValueError("the pack has VAE tokens but the model was built with visual_gen=False")
 
-        attn = self.attn or ("flex" if dev.type == "cuda" else "sdpa")
+        attn = self.attn or ("nsa" if c.nsa else "flex" if dev.type == "cuda" else "sdpa")
+        if attn == "nsa" and c.nsa is None:
+            raise ValueError("attn='nsa' needs NSA parameters: build the model with BagelConfig(nsa=NSAConfig(...))")
         if attn == "flex" and dev.type == "cpu" and torch.is_grad_enabled():
             raise ValueError("attn='flex' has no backward on CPU (torch 2.13): train with attn='sdpa' there")
         plan = plan_attention(attn, [int(s) for s in sample_lens], [int(s) for s in split_lens], list(attn_modes), dev)
         und = torch.cat([text_idx, vit_idx])
         h = self.language_model.model(seq, long(packed_position_ids), und, vae_idx,
-                                      lambda i, q, k, v: packed_attention(plan, q, k, v))
+                                      lambda i, q, k, v, *extra: packed_attention(plan, q, k, v, *extra))
 
         logits = self.language_model.lm_head(h[ce_idx]).float()
         ce = F.cross_entropy(logits, long(packed_label_ids), reduction="none")
@@ -761,9 +779,9 @@ def read_config(path: str, **overrides) -> BagelConfig:
         # the saved depth may be SigLIP's 27 or the truncated 26: trust the weights
         n = {int(k.split(".")[4]) for k in checkpoint_index(path)[0] if k.startswith("vit_model.vision_model.encoder.layers.")}
         vit_layers = max(n) + 1 if n else vit["num_hidden_layers"]
-    cfg = _pick(BagelConfig, {k: v for k, v in bagel.items() if k not in ("llm", "vit", "vae")},
+    cfg = _pick(BagelConfig, {k: v for k, v in bagel.items() if k not in ("llm", "vit", "vae", "nsa")},
                 llm=_pick(LLMConfig, llm), vit=_pick(ViTConfig, vit, num_hidden_layers=vit_layers),
-                vae=_pick(AEConfig, ae))
+                vae=_pick(AEConfig, ae), nsa=_pick(NSAConfig, bagel["nsa"]) if bagel.get("nsa") else None)
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown BAGEL config field {k!r}")
@@ -776,7 +794,8 @@ def config_files(config: BagelConfig) -> dict[str, dict]:
     vit = {**vars(config.vit), "num_hidden_layers": config.vit.num_hidden_layers + 1,
            "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
     llm = {**vars(config.llm), "model_type": "qwen2", "hidden_act": "silu", "tie_word_embeddings": False}
-    bagel = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("llm", "vit", "vae")}
+    bagel = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("llm", "vit", "vae", "nsa")}
+    bagel["nsa"] = config.nsa and vars(config.nsa)  # null, or the NSAConfig fields
     ae = {**vars(config.vae), "ch_mult": list(config.vae.ch_mult)}
     return {"llm_config.json": llm, "vit_config.json": vit, "bagel_config.json": bagel, "ae_config.json": ae}
 
@@ -822,7 +841,10 @@ def load_weights(model: nn.Module, index: dict[str, tuple[str, str]], path: str,
     the headers first; then each tensor is read, cast and assigned once, so peak memory is the model
     in `dtype` plus one tensor, never a second copy."""
     from safetensors import safe_open
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in POS_TABLES}
+    # NSA added to a dense checkpoint (fine-tuning BAGEL with attn="nsa"): its parameters start fresh
+    fresh_nsa = not any(".self_attn.nsa." in k for k in index)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if k not in POS_TABLES and not (fresh_nsa and ".self_attn.nsa." in k)}
     # parts switched off (visual_und/visual_gen False) are skipped on purpose, not "unexpected"
     off = tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p))
     index = {k: v for k, v in index.items() if k not in POS_TABLES and not k.startswith(off)}
@@ -849,6 +871,9 @@ def load_weights(model: nn.Module, index: dict[str, tuple[str, str]], path: str,
     for name, mod in model.named_modules():  # recompute the sin-cos tables (they are buffers)
         if isinstance(mod, PositionEmbedding):
             sd[name + ".pos_embed"] = sincos_2d(mod.grid, mod.dim).to(device)
+        elif fresh_nsa and isinstance(mod, nsa.NSA):
+            mod.to_empty(device=device).reset_parameters()
+            sd.update({f"{name}.{k}": v.to(dtype) for k, v in mod.state_dict().items()})
     model.load_state_dict(sd, strict=True, assign=True)
 
 
@@ -865,17 +890,23 @@ class Context:
         self.model, self.tokens = model, tokens
         self.kv: list = [None] * model.config.llm.num_hidden_layers
         self.rope = 0  # next RoPE id (§12.1)
+        self.splits: list[tuple[int, str]] = []  # (length, "causal" | "full") of the cached blocks (NSA's mask)
         self.dev = model.language_model.lm_head.weight.device
 
     def run(self, seq, pos, gen_rows, causal: bool, update: bool = True):
         """Run block `seq` [n, hidden] after the cache; it sees all of the cache and itself (causally
         or fully). `gen_rows`: rows routed to the generation expert. Returns normed hidden [n, hidden]."""
         new = []
+        splits = self.splits + [(seq.shape[0], "causal" if causal else "full")]
 
-        def attend(i, q, k, v):
+        def attend(i, q, k, v, extra=None):
+            cur = (k, v) if extra is None else (k, v, extra.k_raw, extra.cos, extra.sin)  # NSA caches 3 more
             if self.kv[i] is not None:
-                k, v = torch.cat([self.kv[i][0], k]), torch.cat([self.kv[i][1], v])
-            new.append((k, v))
+                cur = tuple(torch.cat([a, b]) for a, b in zip(self.kv[i], cur))
+            new.append(cur)
+            k, v = cur[:2]
+            if extra is not None:  # the training NSA over the whole context, this block's queries
+                return nsa.attend_context(q, cur, extra, splits)
             mask = causal_lower_right(q.shape[0], k.shape[0]) if causal and q.shape[0] > 1 else None
             qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
             return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
@@ -884,7 +915,7 @@ class Context:
         und = torch.tensor([i for i in range(seq.shape[0]) if i not in set(gen_rows)], dtype=torch.long, device=self.dev)
         h = self.model.language_model.model(seq, pos, und, gen, attend)
         if update:
-            self.kv = new
+            self.kv, self.splits = new, splits
         return h
 
     def _embed(self, ids):

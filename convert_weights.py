@@ -1,0 +1,516 @@
+"""Convert BAGEL checkpoints: official layout <-> HF layout, and training checkpoints -> either.
+
+    python convert_weights.py BAGEL-7B-MoT out/bagel-hf --to hf            # official -> hf (sharded)
+    python convert_weights.py BAGEL-7B-MoT-ver.LE out/bagel                  # hf -> official
+    python convert_weights.py out/run/step-0001000 out/export --check       # training checkpoint (DCP) -> official
+
+Layouts: ../shared/spec/bagel.md §11 (official: ByteDance-Seed/BAGEL-7B-MoT) and
+../shared/spec/lmms_engine.md §4 (hf: lmms-lab/BAGEL-7B-MoT-ver.LE, which we could not read; the
+assumptions are the ones model.py's reader makes, see `hf_config`).
+
+Everything streams, one tensor at a time, so a 14B checkpoint converts on a 24 GiB machine:
+- safetensors are read with plain file reads at the offsets of their header (safetensors' own reader
+  mmaps the file, and every page touched stays in the process's RSS: a 29 GB file becomes 29 GB RSS);
+- training checkpoints are read key by key with DCP's reader into preallocated tensors;
+- outputs are written by `write_safetensors`, which writes the header first (shapes and dtypes are
+  known from the sources' headers) and then each tensor's bytes as it arrives.
+Peak memory is about twice the largest tensor. Output goes to DST.tmp-PID, renamed to DST only once
+complete (and checked, with --check), so a failed conversion never leaves a DST that looks finished.
+
+The full key set is always written: from a training checkpoint, whatever the run did not save (frozen
+or switched-off parts) comes from its base checkpoint. Parameters the official model lacks (e.g. NSA's
+`...self_attn.nsa.*`) are exported under their own names; --plain drops them.
+"""
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Callable, Literal
+
+import torch
+import torch.distributed.checkpoint as dcp
+import tyro
+from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
+
+from model import (POS_TABLES, AutoEncoder, Bagel, PositionEmbedding, _json, checkpoint_index, config_files,
+                   layout, load_weights, read_config, sincos_2d)
+
+
+@dataclass
+class Args:
+    src: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="SRC")]]
+    """checkpoint to read: official layout, HF layout, or a training checkpoint output_dir/step-N/ (DCP)"""
+    dst: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="DST")]]
+    """directory to create (written as DST.tmp-PID, renamed to DST when complete)"""
+    to: Literal["official", "hf"] = "official"
+    """output layout: official (json configs, ema.safetensors, ae.safetensors) or hf (config.json, model-*.safetensors shards + index, VAE under vae_model.)"""
+    weights: Literal["ema", "model"] = "ema"
+    """ema: ema.safetensors (what upstream's inferencer reads), from a training checkpoint's EMA, or its model if it kept none; model: its raw model, as model.safetensors"""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """dtype of the BAGEL tensors written (the release is bf16); the VAE keeps its stored dtype"""
+    shard_size: str = "5GB"
+    """largest shard of the hf layout (GB = 1e9 bytes, GiB = 2**30); a bigger tensor gets a shard of its own"""
+    base: str | None = None
+    """base checkpoint of a training run (default: "model" in its args.json): configs, tokenizer, ae.safetensors, and every tensor the run did not save (e.g. the ViT of a visual_und=False run)"""
+    plain: bool = False
+    """drop parameters the official model does not have (e.g. NSA's .nsa. weights): a plain official export"""
+    check: bool = False
+    """before DST is renamed into place, load it strictly with model.py (meta device: names, shapes) and compare every tensor, read back by safetensors, with its source bit for bit"""
+    overwrite: bool = False
+    """replace DST if it exists"""
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+OUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CHUNK = 1 << 28  # read in 256 MiB pieces: one read() call returns at most ~2 GiB on Linux
+CONFIG_FILES = ("config.json", "llm_config.json", "vit_config.json", "bagel_config.json", "ae_config.json")
+WEIGHT_FILES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".distcp")
+HF_BOOKKEEPING = ("model_type", "architectures", "torch_dtype", "dtype", "transformers_version")
+# wrappers that leak into parameter names when a state dict is taken without get_model_state_dict
+WRAPPERS = re.compile(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
+
+
+# -------------------------------------------------------------------------------------------------
+# reading: every tensor is a Source, read only when it is written
+
+@dataclass
+class Source:
+    """Where one tensor lives; `read()` loads it (only then)."""
+    where: str  # file or DCP directory, for error messages
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+def safetensors_header(file: str) -> tuple[dict, int]:
+    """The header {name: {dtype, shape, data_offsets}} and where the data starts, checked against the
+    file size (a truncated download is the usual way a safetensors file goes bad)."""
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: missing")
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise ValueError(f"{file}: truncated or not a safetensors file ({size:,} bytes, header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{file}: not a safetensors file: unreadable header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{file}: truncated: its header describes {8 + n + end:,} bytes, the file has {size:,}")
+    return header, 8 + n
+
+
+def read_bytes(file: str, start: int, end: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One tensor from a byte range, with plain reads into its own storage (no mmap, no copy)."""
+    t = torch.empty(shape, dtype=dtype)
+    buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+    with open(file, "rb") as f:
+        f.seek(start)
+        got = 0
+        while got < end - start:
+            k = f.readinto(buf[got:got + CHUNK])
+            if not k:
+                raise ValueError(f"{file}: truncated at byte {start + got:,} (wanted up to {end:,})")
+            got += k
+    return t
+
+
+def linear_patch_embedding(read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    t = read()  # conv layout [out, c, p, p] -> BAGEL's linear layout [out, p*p*c] in (py, px, c) order (§4.2)
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+
+
+def safetensors_sources(index: dict[str, tuple[str, str]]) -> dict[str, Source]:
+    """Sources for model.checkpoint_index's map (our key -> (file, key in file)); reads headers only."""
+    headers, out = {}, {}
+    for key, (file, name) in index.items():
+        if file not in headers:
+            headers[file] = safetensors_header(file)
+        header, data = headers[file]
+        e = header[name]
+        if e["dtype"] not in DTYPES:
+            raise ValueError(f"{file}: {name}: unsupported dtype {e['dtype']}")
+        shape, dtype, (b, end) = tuple(e["shape"]), DTYPES[e["dtype"]], e["data_offsets"]
+        if end - b != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{file}: {name}: header says {shape} {e['dtype']} but {end - b:,} bytes")
+        read = partial(read_bytes, file, data + b, data + end, shape, dtype)
+        if key.endswith("patch_embedding.weight") and len(shape) == 4:  # the HF layout may keep the conv
+            read, shape = partial(linear_patch_embedding, read), (shape[0], math.prod(shape[1:]))
+        out[key] = Source(file, shape, dtype, read)
+    return out
+
+
+class DCPReader(FileSystemReader):
+    """DCP's file reader, reading `.metadata` once: load() asks for it on every call, and unpickling it
+    is most of the time of loading one tensor (40 ms of 41 ms for a 3 GB checkpoint)."""
+    def __init__(self, ckpt: str):
+        super().__init__(ckpt)
+        self.ckpt = ckpt
+        try:
+            self.cached_metadata = super().read_metadata()
+        except Exception as e:
+            raise ValueError(f"{ckpt}/.metadata: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+
+    def read_metadata(self, *args, **kwargs):
+        return self.cached_metadata
+
+
+def read_dcp(reader: DCPReader, path: tuple[str, ...], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of a DCP checkpoint, loaded into a preallocated tensor (DCP reads only its byte ranges)."""
+    t = torch.empty(shape, dtype=dtype)
+    sd = t
+    for p in reversed(path):  # ("model", "a.b") -> {"model": {"a.b": t}}, as it was saved
+        sd = {p: sd}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            dcp.load(sd, storage_reader=reader)
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{reader.ckpt}: reading {'.'.join(path)} failed, the checkpoint is damaged: {last}") from None
+    return t
+
+
+def dcp_sources(ckpt: str, weights: str) -> dict[str, Source]:
+    """Sources for the "ema" (or "model") entry of a training checkpoint written with DCP. The EMA falls
+    back to the model for any key it lacks; other entries (optimizer, data state, ...) are ignored."""
+    reader = DCPReader(ckpt)
+    meta = reader.cached_metadata
+    states = {}
+    for fqn, m in meta.state_dict_metadata.items():
+        path = (meta.planner_data or {}).get(fqn) or tuple(fqn.split(".", 1))
+        if path[0] in ("model", "ema") and isinstance(m, TensorStorageMetadata):
+            key = WRAPPERS.sub("", ".".join(path[1:]))
+            shape, dtype = tuple(m.size), m.properties.dtype
+            states.setdefault(path[0], {})[key] = Source(ckpt, shape, dtype, partial(read_dcp, reader, path, shape, dtype))
+    for index, info in meta.storage_data.items():  # catch a cut-short copy before writing anything
+        file = os.path.join(ckpt, info.relative_path)
+        if index.fqn.split(".", 1)[0] in ("model", "ema") and (
+                not os.path.exists(file) or os.path.getsize(file) < info.offset + info.length):
+            raise ValueError(f"{file}: missing or truncated: {index.fqn} needs bytes up to {info.offset + info.length:,}")
+    if "model" not in states and "ema" not in states:
+        raise ValueError(f"{ckpt}: training checkpoint without a 'model' or 'ema' entry")
+    if weights == "ema" and "ema" in states:
+        return {**states.get("model", {}), **states["ema"]}
+    if weights == "ema":
+        print(f"{ckpt}: no EMA in this checkpoint: exporting the trained model as ema.safetensors")
+    return states["model"]
+
+
+def find_base(ckpt: str, base: str | None) -> str:
+    """The base checkpoint a run started from: --base, else "model" in the run's args.json."""
+    if base is None:
+        args_file = os.path.join(ckpt, "args.json")
+        if not os.path.exists(args_file):
+            raise FileNotFoundError(f"{args_file}: missing, so the base checkpoint is unknown: pass --base")
+        base = _json(args_file).get("model")
+        if not isinstance(base, str):
+            raise ValueError(f"{args_file}: no 'model' path to the base checkpoint: pass --base")
+        if not base:
+            raise ValueError(f"{args_file}: the run started from the demo model, not a checkpoint: pass --base")
+        where = f"{args_file} names base checkpoint {base!r}"
+    else:
+        where = f"--base {base!r}"
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"{where}, which does not exist: pass --base")
+    return base
+
+
+def plan(config, sources: dict[str, Source], plain: bool) -> tuple[dict[str, Source], list[str]]:
+    """Every tensor of the model `config` describes, in module order, with its source, then the extra
+    parameters (keys the official model lacks, e.g. NSA's) unless `plain`. Checks names and shapes."""
+    with torch.device("meta"):
+        model = Bagel(config)
+    tables = {name + ".pos_embed": m for name, m in model.named_modules() if isinstance(m, PositionEmbedding)}
+    out, missing, wrong = {}, [], []
+    for k, v in model.state_dict().items():
+        s, shape = sources.get(k), tuple(v.shape)
+        if k in tables and (s is None or s.shape != shape):
+            # model.py recomputes the sin-cos tables, upstream's loader reads them: write them at the config's size
+            m = tables[k]
+            s = Source("sin-cos table", shape, torch.float32, partial(sincos_2d, m.grid, m.dim))
+        if s is None:
+            missing.append(k)
+        elif s.shape != shape:
+            wrong.append(f"{k}: {s.where} has {list(s.shape)}, the config wants {list(shape)}")
+        else:
+            out[k] = s
+    if missing or wrong:
+        files = sorted({s.where for s in sources.values()})
+        parts = [f"{name} ({len(ks)}): {ks[:10]}" for name, ks in (("missing", missing), ("wrong shape", wrong)) if ks]
+        raise ValueError(f"{', '.join(files)}: tensors do not match the model config: " + "; ".join(parts))
+    extras = [k for k in sources if k not in out and k not in POS_TABLES]
+    if not plain:
+        out.update((k, sources[k]) for k in extras)
+    return out, extras
+
+
+# -------------------------------------------------------------------------------------------------
+# writing
+
+def out_dtype(s: Source, dtype: torch.dtype) -> torch.dtype:
+    return dtype if s.dtype.is_floating_point else s.dtype  # integer buffers keep theirs
+
+
+def write_safetensors(file: str, items: list[tuple[str, Source, torch.dtype]]) -> int:
+    """Stream tensors into one safetensors file, holding one tensor at a time. The format: an 8-byte
+    little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} (offsets relative
+    to the data, back to back), padded with spaces to a multiple of 8, then the raw row-major bytes. Since
+    the sources' headers give every shape and dtype, the header is written first and the data streamed."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, s, dtype in items:
+        n = math.prod(s.shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(s.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for name, s, dtype in items:
+            t = s.read()
+            if tuple(t.shape) != s.shape:
+                raise ValueError(f"{s.where}: {name}: read a tensor of {list(t.shape)}, its header said {list(s.shape)}")
+            f.write(t.to(dtype).contiguous().view(-1).view(torch.uint8).numpy())
+            del t
+    return 8 + len(h) + offset
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def raw_configs(path: str) -> tuple[dict, dict, dict, dict]:
+    """The llm, vit, BAGEL and VAE configs as stored: raw dicts keep the fields model.py does not model."""
+    if layout(path) == "official":
+        def read(name):
+            file = os.path.join(path, name)
+            return _json(file) if os.path.exists(file) else {}
+        return read("llm_config.json"), read("vit_config.json"), read("bagel_config.json"), read("ae_config.json")
+    cfg = _json(os.path.join(path, "config.json"))
+    top = {k: v for k, v in cfg.items() if k not in ("llm_config", "vit_config", "vae_config") + HF_BOOKKEEPING}
+    return cfg["llm_config"], cfg["vit_config"], top, cfg.get("vae_config") or {}
+
+
+def official_configs(path: str, config) -> dict[str, dict]:
+    """llm_config.json and vit_config.json as upstream reads them (stored fields kept, ours fill the gaps),
+    plus our bagel_config.json and ae_config.json (model.py's values win; unknown stored fields are kept)."""
+    llm, vit, bagel, ae = raw_configs(path)
+    ours = config_files(config)
+    return {"llm_config.json": {**ours["llm_config.json"], **llm},
+            # upstream builds num_hidden_layers - 1 SigLIP layers (§4.1): store one more than we built
+            "vit_config.json": {**ours["vit_config.json"], **vit, "num_hidden_layers": config.vit.num_hidden_layers + 1},
+            "bagel_config.json": {**bagel, **ours["bagel_config.json"]},
+            "ae_config.json": {**ae, **ours["ae_config.json"]}}
+
+
+def hf_config(path: str, config, dtype: torch.dtype) -> dict:
+    """config.json of the HF layout, as we assume LMMS Engine's BagelConfig.to_dict writes it
+    (lmms_engine.md §4; not verified against the files): the BAGEL fields at the top, llm_config
+    (Qwen2 + qk_norm, layer_module), vit_config (SigLIP + rope) and vae_config nested."""
+    llm, vit, bagel, ae = raw_configs(path)
+    ours = config_files(config)
+    return {**bagel, **ours["bagel_config.json"], "model_type": "bagel", "architectures": ["Bagel"],
+            "torch_dtype": {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype],
+            # upstream sets these in code before building the model, so a saved config carries them
+            "llm_config": {**ours["llm_config.json"], **llm, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
+                           "tie_word_embeddings": False},
+            # the built depth: a save_pretrained model's config already had SigLIP's last layer dropped
+            "vit_config": {**ours["vit_config.json"], **vit, "num_hidden_layers": config.vit.num_hidden_layers,
+                           "rope": False},
+            "vae_config": {**ae, **ours["ae_config.json"], "downsample": config.vae.downsample}}
+
+
+def copy_other_files(src: str, dst: str) -> list[str]:
+    """Tokenizer files, README, generation config, ...: every top-level file that is not weights or a
+    layout config (those are written fresh for the target layout)."""
+    copied = []
+    for name in sorted(os.listdir(src)):
+        file = os.path.join(src, name)
+        if os.path.isfile(file) and not name.startswith(".") and name not in CONFIG_FILES \
+                and not name.endswith(WEIGHT_FILES):
+            shutil.copy2(file, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def write_shards(path: str, items: list[tuple[str, Source, torch.dtype]], shard_size: int, t0: float):
+    """HF-style sharding: fill model-0000i-of-0000n.safetensors in order up to `shard_size` bytes each,
+    plus model.safetensors.index.json (total_size and the key -> shard map)."""
+    shards, used = [[]], 0
+    for item in items:
+        n = math.prod(item[1].shape) * item[2].itemsize
+        if shards[-1] and used + n > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(item)
+        used += n
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        size = write_safetensors(os.path.join(path, name), shard)
+        weight_map.update((k, name) for k, _, _ in shard)
+        total += sum(math.prod(s.shape) * dt.itemsize for _, s, dt in shard)
+        print(f"wrote {name}: {len(shard)} tensors, {gb(size)} ({time.time() - t0:.0f}s)")
+    write_json(os.path.join(path, "model.safetensors.index.json"),
+               {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_json(file: str, obj: dict):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+# -------------------------------------------------------------------------------------------------
+# checking
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact equality (NaNs included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def check(path: str, weights: dict[str, Source], ae: dict[str, Source], dtype: torch.dtype):
+    """Load `path` strictly with model.py on the meta device (every name and shape, no memory), then
+    read every tensor back with safetensors' own reader and compare it with its source, bit for bit.
+    Extra parameters that model.py does not build are compared by value only."""
+    from safetensors import safe_open
+    config = read_config(path)
+    with torch.device("meta"):
+        model = Bagel(config)
+    bagel_index, ae_index = checkpoint_index(path)
+    known = set(model.state_dict())
+    load_weights(model, {k: v for k, v in bagel_index.items() if k in known}, path, dtype, "meta")
+    AutoEncoder.from_pretrained(path, device="meta")
+    expected = {k: (s, out_dtype(s, dtype)) for k, s in weights.items()}
+    for found, want, what in ((bagel_index, expected, "model"), (ae_index, {k: (s, s.dtype) for k, s in ae.items()}, "VAE")):
+        if set(found) != set(want):
+            raise ValueError(f"{path}: --check: {what} keys differ from the source: missing "
+                             f"{sorted(set(want) - set(found))[:10]}, unexpected {sorted(set(found) - set(want))[:10]}")
+        by_file = {}
+        for k, (file, name) in found.items():
+            by_file.setdefault(file, []).append((k, name))
+        for file, keys in by_file.items():  # one file open at a time: its mapped pages are released after
+            with safe_open(file, "pt") as f:
+                for k, name in keys:
+                    s, dt = want[k]
+                    if not same(f.get_tensor(name), s.read().to(dt)):
+                        raise ValueError(f"{file}: --check: {name} differs from its source {s.where}")
+    extra = sorted(set(bagel_index) - known)
+    note = f" ({len(extra)} extra parameters model.py does not build compared by value)" if extra else ""
+    print(f"check: {len(bagel_index) + len(ae_index)} tensors load strictly and equal their sources{note}")
+
+
+# -------------------------------------------------------------------------------------------------
+
+def convert(args: Args) -> str:
+    """Convert args.src into a new directory args.dst; returns args.dst."""
+    t0 = time.time()
+    src, dst = os.path.abspath(args.src), os.path.abspath(args.dst)
+    dtype, shard_size = OUT_DTYPES[args.dtype], parse_size(args.shard_size)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: no such checkpoint directory")
+    if os.path.exists(dst) and not args.overwrite:
+        raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
+    names = os.listdir(src)
+    is_dcp = ".metadata" in names
+    if any(n.endswith(".distcp") for n in names) and not {".metadata", "meta.json"} <= set(names):
+        # DCP writes .metadata after the shards, fsdp.py writes meta.json after DCP (and deletes it first)
+        raise ValueError(f"{src}: training checkpoint without .metadata or meta.json: its save did not finish")
+    steps = sorted(n for n in names if n.startswith("step-"))
+    if not is_dcp and steps and "llm_config.json" not in names and "config.json" not in names:
+        raise ValueError(f"{src}: a training output directory: convert one of its checkpoints, e.g. {steps[-1]}")
+    base = os.path.abspath(find_base(src, args.base)) if is_dcp else src
+    if dst in (src, base):
+        raise ValueError(f"{dst}: is the checkpoint being read: pick another destination")
+    kind = layout(base)
+    config = read_config(base)
+    bagel_index, ae_index = checkpoint_index(base)
+    sources, ae = safetensors_sources(bagel_index), safetensors_sources(ae_index)
+    if is_dcp:
+        trained = dcp_sources(src, args.weights)
+        step = f" (step {_json(os.path.join(src, 'meta.json')).get('step')})"
+        sources.update(trained)
+    weights, extras = plan(config, sources, args.plain)
+    if is_dcp:
+        from_base = [k for k in weights if k not in trained]
+        print(f"{src}{step}: {len(weights) - len(from_base)} tensors from the training checkpoint, "
+              f"{len(from_base)} from base {base} ({kind} layout)")
+    else:
+        print(f"{src}: {kind} layout, {len(weights)} tensors")
+    if extras:
+        print(f"{len(extras)} parameters the official model does not have (e.g. {extras[0]}): "
+              + ("dropped (--plain)" if args.plain else "exported under their own names (--plain drops them)"))
+    n_params = sum(math.prod(s.shape) for s in weights.values())
+
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        copied = copy_other_files(base, tmp)
+        if not {"tokenizer.json", "vocab.json"} & set(copied):
+            print(f"warning: {base} has no tokenizer files (tokenizer.json or vocab.json): none copied")
+        items = [(k, s, out_dtype(s, dtype)) for k, s in weights.items()]
+        if args.to == "official":
+            for name, cfg in official_configs(base, config).items():
+                write_json(os.path.join(tmp, name), cfg)
+            name = "ema.safetensors" if args.weights == "ema" else "model.safetensors"
+            size = write_safetensors(os.path.join(tmp, name), items)
+            print(f"wrote {name}: {len(items)} tensors, {n_params / 1e6:,.1f}M parameters, {gb(size)} ({time.time() - t0:.0f}s)")
+            if kind == "official":  # the frozen VAE: a byte copy
+                shutil.copyfile(os.path.join(base, "ae.safetensors"), os.path.join(tmp, "ae.safetensors"))
+            else:
+                write_safetensors(os.path.join(tmp, "ae.safetensors"), [(k, s, s.dtype) for k, s in ae.items()])
+        else:
+            write_json(os.path.join(tmp, "config.json"), hf_config(base, config, dtype))
+            items += [("vae_model." + k, s, s.dtype) for k, s in ae.items()]  # LMMS Engine keeps the VAE inside
+            write_shards(tmp, items, shard_size, t0)
+        if args.check:
+            check(tmp, weights, ae, dtype)
+        if os.path.exists(dst):  # --overwrite
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"done: {dst} ({args.to} layout, {args.dtype}) in {time.time() - t0:.0f}s")
+    return dst
+
+
+def main():
+    args = tyro.cli(Args)
+    try:
+        convert(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: the message says where and what
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

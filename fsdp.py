@@ -1,0 +1,281 @@
+"""FSDP2 for BAGEL: process group and mesh, sharding, rank-0 loading, sharded EMA, DCP checkpoints.
+
+The order follows torchtitan: activation checkpointing per block -> optional compile per block ->
+`fully_shard` per block -> `fully_shard` of the root. Master weights are fp32 shards; compute runs
+in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS Engine bug P1: bf16 masters with
+AdamW, spec/lmms_engine.md §8). Nothing here reads the environment at import time.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
+
+from model import POS_TABLES, TOP_LEVEL, Bagel, PositionEmbedding, checkpoint_index, sincos_2d
+
+STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors names
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int  # ranks per node (torchrun's LOCAL_WORLD_SIZE)
+    device: torch.device
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 30) -> Dist:
+    """Start the process group: torchrun's env vars when present, else one process. gloo on CPU,
+    nccl on CUDA (plus gloo for CPU tensors). A single process still gets a group (an in-memory
+    store), so FSDP, DCP and every collective below run the same code at any world size."""
+    env = os.environ
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
+    dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+    timeout = timedelta(minutes=timeout_min)
+    if "RANK" in env:
+        dist.init_process_group(backend, timeout=timeout, device_id=dev if cuda else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return Dist(rank, world, local_rank, local_world, dev)
+
+
+def mesh_shape(world_size: int, shard_size: int) -> tuple[int, int]:
+    """(replicas, shards) of the HSDP mesh. shard_size 0 means the whole world (plain FSDP)."""
+    shard = shard_size or world_size
+    if shard < 1 or shard > world_size or world_size % shard:
+        raise ValueError(f"shard_size={shard_size} does not divide the world size {world_size}: use a "
+                         f"divisor of it, e.g. the ranks per node (HSDP: shard within a node, replicate "
+                         f"across nodes), or 0 to shard over all ranks")
+    return world_size // shard, shard
+
+
+def make_mesh(d: Dist, shard_size: int) -> DeviceMesh:
+    """1-D mesh when sharding over all ranks, else 2-D ("replicate", "shard") for HSDP. The default
+    (shard_size=-1 from train.py) is the ranks of one node, upstream's HYBRID_SHARD over (nodes, 8)."""
+    if shard_size < 0:
+        shard_size = d.local_world_size
+    rep, shard = mesh_shape(d.world_size, shard_size)
+    if rep == 1:
+        return init_device_mesh(d.device.type, (shard,), mesh_dim_names=("shard",))
+    return init_device_mesh(d.device.type, (rep, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def fqn(name: str) -> str:
+    """Official key of a parameter name (drops the activation-checkpoint and compile wrappers)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def shard_model(model: Bagel, mesh: DeviceMesh, param_dtype: torch.dtype | None, ac: bool = True,
+                compile: bool = False, offload: bool = False, reshard_after_forward: bool = True) -> Bagel:
+    """fully_shard every LLM decoder layer and ViT layer, then lm_head, then the root, in place.
+
+    The root unit holds the embedding, connector, time embedder, vae2llm/llm2vae and final norms. All
+    of them run on every forward (on empty inputs when a pack lacks a modality, see Bagel.forward), so
+    every rank reduce-scatters every unit each step and mixed-modality packs cannot hang (bug D1).
+    The VAE is not here at all: it is frozen and runs outside, under no_grad (bugs P3, F4)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    stacks = [model.language_model.model.layers]
+    if model.config.visual_und:
+        stacks.append(model.vit_model.vision_model.encoder.layers)
+    for layers in stacks:
+        for i, layer in enumerate(layers):
+            if ac:  # preserve_rng_state=False: the layers draw no random numbers
+                layer = checkpoint_wrapper(layer, preserve_rng_state=False)
+            if compile:
+                layer.compile()
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+            layers[i] = layer
+    # lm_head (vocab x hidden, the largest matrix) gets its own unit so it is not held through the
+    # whole step; it runs last in forward, so resharding it would only gather it again at once
+    fully_shard(model.language_model.lm_head, reshard_after_forward=False, **kw)
+    # the root must not cast its inputs: noise, latents and timesteps stay fp32 as upstream (§14.21)
+    fully_shard(model, **{**kw, "mp_policy": MixedPrecisionPolicy(param_dtype, torch.float32,
+                                                                  cast_forward_inputs=False)})
+    return model
+
+
+def reset_pos_tables(model: nn.Module, device):
+    """The two sin-cos tables are buffers, not loaded: recompute them (upstream pops them too)."""
+    for mod in model.modules():
+        if isinstance(mod, PositionEmbedding):
+            mod.pos_embed = sincos_2d(mod.grid, mod.dim).to(device)
+
+
+@torch.no_grad()
+def load_pretrained(model: nn.Module, path: str, d: Dist):
+    """Strictly load a BAGEL checkpoint (official or HF layout) into the sharded model.
+
+    Only rank 0 reads files. Each tensor is read, broadcast once in its stored dtype and every rank
+    keeps its shard (cast into the fp32 master), so peak host memory is a rank's shard plus one
+    tensor: LMMS Engine (bug F6) and upstream (B2 #1) materialise the whole model on every rank."""
+    params = {fqn(n): p for n, p in model.named_parameters()}
+    plan = [None]
+    handles = ExitStack()
+    if d.rank == 0:
+        index = checkpoint_index(path)[0]
+        off = tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p))  # visual_und/gen switched off
+        index = {k: v for k, v in index.items() if k not in POS_TABLES and not k.startswith(off)}
+        from safetensors import safe_open
+        files = {f: handles.enter_context(safe_open(f, "pt", device="cpu")) for f, _ in index.values()}
+        meta = {k: files[f].get_slice(key) for k, (f, key) in index.items()}
+
+        def shape(k):  # a conv-layout patch embedding [o, c, p, p] is stored linear [o, p*p*c]
+            s = tuple(meta[k].get_shape())
+            return (s[0], s[1] * s[2] * s[3]) if len(s) == 4 and k.endswith("patch_embedding.weight") else s
+        missing, unexpected = sorted(set(params) - set(index)), sorted(set(index) - set(params))
+        wrong = [f"{k}: file {shape(k)} vs model {tuple(params[k].shape)}"
+                 for k in sorted(set(params) & set(index)) if shape(k) != tuple(params[k].shape)]
+        error = "; ".join(f"{name} ({len(ks)}): {ks[:10]}" for name, ks in
+                          (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks)
+        plan = [(f"{path}: checkpoint does not match the model config: {error}" if error else None,
+                 {k: ST_DTYPES.get(meta[k].get_dtype(), torch.float32) for k in params if k in meta})]
+    dist.broadcast_object_list(plan, src=0)
+    error, dtypes = plan[0]
+    if error:
+        handles.close()
+        raise ValueError(error)
+    with handles:
+        for k, p in params.items():
+            if d.rank == 0:
+                f, key = index[k]
+                t = files[f].get_tensor(key)
+                if t.dim() == 4:
+                    t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+                t = t.to(d.device, dtypes[k])
+            else:
+                t = torch.empty(p.shape, dtype=dtypes[k], device=d.device)
+            dist.broadcast(t, src=0)
+            # every rank now holds the full tensor: keep the local slice only, no more communication
+            shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+            del t, shard
+    reset_pos_tables(model, d.device)
+
+
+# -------------------------------------------------------------------------------------------------
+# EMA: fp32 shards beside the master shards (bug P2: an EMA in bf16 does not move)
+
+def ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Sharded fp32 copies of the trainable parameters, keyed by official name. Frozen parameters
+    never change, so their EMA is the parameter itself (see `ema_state_dict`)."""
+    return {fqn(n): p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float):
+    """ema = decay * ema + (1 - decay) * param, on local shards (no communication)."""
+    params = {fqn(n): p for n, p in model.named_parameters() if p.requires_grad}
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    torch._foreach_lerp_([local(e) for e in ema.values()], [local(params[k]) for k in ema], 1 - decay)
+
+
+def ema_state_dict(ema: dict[str, torch.Tensor], model_sd: dict) -> dict:
+    """The EMA under the model's keys: every key of the model state dict, EMA where trained."""
+    return {k: ema.get(k, v) for k, v in model_sd.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# DCP checkpoints: output_dir/step-NNNNNNN/ = DCP shards + args.json + meta.json (written last)
+
+def git_rev() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def step_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"step-{step:07d}")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first: meta.json is written after every shard, so a run killed
+    while saving leaves a folder that `--resume auto` skips."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = STEP_DIR.match(name)
+        if m and os.path.exists(os.path.join(output_dir, name, "meta.json")):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
+                    trainer: dict, rank_state: dict, d: Dist, args_json: dict, meta: dict):
+    """One DCP checkpoint: "model" and "ema" (official keys, fp32 shards, no FSDP/wrapper prefixes),
+    "optim" (keyed by parameter name, so it reshards), "trainer" (step, scheduler: JSON) and one
+    "rank{r}" JSON entry per rank (data position) plus its RNG state."""
+    model_sd = get_model_state_dict(model)
+    sd = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt), "trainer": json.dumps(trainer),
+          f"rank{d.rank}": json.dumps(rank_state), f"rng{d.rank}": torch.get_rng_state()}
+    if ema is not None:
+        sd["ema"] = ema_state_dict(ema, model_sd)
+    if d.rank == 0 and os.path.exists(os.path.join(path, "meta.json")):
+        os.remove(os.path.join(path, "meta.json"))  # overwriting: incomplete until rewritten
+    dist.barrier()
+    dcp.save(sd, checkpoint_id=path)
+    if d.rank == 0:
+        with open(os.path.join(path, "args.json"), "w") as f:
+            json.dump(args_json, f, indent=1)
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump({**meta, "world_size": d.world_size, "git": git_rev(), "torch": torch.__version__}, f, indent=1)
+    dist.barrier()
+
+
+def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
+                    d: Dist) -> tuple[dict, dict | None]:
+    """Restore model, optimizer and EMA in place from a DCP checkpoint saved at any world size.
+    Returns (trainer state, this rank's state or None when it was saved by another world size)."""
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    model_sd, optim_sd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
+    with open(os.path.join(path, "meta.json")) as f:
+        same_world = json.load(f).get("world_size") == d.world_size
+    if same_world and f"rank{d.rank}" in keys:
+        sd.update({f"rank{d.rank}": "", f"rng{d.rank}": torch.get_rng_state()})
+    if ema is not None:
+        if not any(k.startswith("ema.") for k in keys):
+            raise ValueError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
+        sd["ema"] = {k: ema[k] for k in ema}  # loaded in place into the fp32 shards
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, model_sd)
+    set_optimizer_state_dict(model, opt, optim_sd)
+    if f"rng{d.rank}" in sd:
+        torch.set_rng_state(sd[f"rng{d.rank}"])
+    mine = json.loads(sd[f"rank{d.rank}"]) if f"rank{d.rank}" in sd else None
+    return json.loads(sd["trainer"]), mine
+
+
+def prune_checkpoints(output_dir: str, keep_last: int):
+    """Delete all but the newest `keep_last` complete checkpoints (rank 0 only)."""
+    if keep_last > 0:
+        for _, path in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,274 @@
+"""convert_weights.py tests: bit-exact round trips official -> hf -> official and training checkpoint (DCP)
+-> official, exported weights that give the training model's losses, clear errors that leave no
+destination behind, and a synthetic 3 GB checkpoint converted with bounded memory. CPU."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+from convert_weights import Args, Source, convert, parse_size, write_safetensors
+from model import POS_TABLES, AutoEncoder, Bagel, LLMConfig, config_files, read_config
+from test_smoke import GOLDEN, TINY, golden_batch, tiny_ae, tiny_bagel, write_official
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NSA_KEY = "language_model.model.layers.0.self_attn.nsa.gate.weight"  # an extra parameter, as NSA adds
+
+
+def base_checkpoint(path, model=None, ae=None) -> str:
+    """A tiny official-layout checkpoint with the golden tokenizer's files."""
+    write_official(path, model or tiny_bagel(), ae or tiny_ae())
+    for name in os.listdir(os.path.join(GOLDEN, "tokenizer")):
+        shutil.copy(os.path.join(GOLDEN, "tokenizer", name), path)
+    return str(path)
+
+
+def training_checkpoint(path, base: str, model: dict, ema: dict | None = None, args: bool = True) -> str:
+    """`output_dir/step-N/` as fsdp.py writes it: DCP {model, ema, optim, ...} + args.json + meta.json."""
+    state = {"model": model, "optim": {"state": {"lr": torch.tensor(1e-5)}, "param_groups": [{"lr": 1e-5}]},
+             "data": {"epoch": 0}}
+    if ema is not None:
+        state["ema"] = ema
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # single-process save
+        dcp.save(state, checkpoint_id=str(path))
+    if args:
+        with open(os.path.join(path, "args.json"), "w") as f:
+            json.dump({"model": base, "lr": 1e-5}, f)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"step": 7}, f)
+    return str(path)
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def no_leftovers(parent):
+    assert not [n for n in os.listdir(parent) if ".tmp-" in n]
+
+
+# -------------------------------------------------------------------------------------------------
+
+def test_official_hf_official_round_trip_is_bit_exact(tmp_path):
+    model, ae = tiny_bagel(), tiny_ae()
+    base = base_checkpoint(tmp_path / "base", model, ae)
+    hf = convert(Args(base, str(tmp_path / "hf"), to="hf", dtype="fp32", shard_size="600KB", check=True))
+    names = sorted(os.listdir(hf))
+    shards = [n for n in names if n.startswith("model-")]
+    assert len(shards) > 2 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    assert "llm_config.json" not in names and {"config.json", "tokenizer.json", "vocab.json", "merges.txt"} <= set(names)
+    with open(os.path.join(hf, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert index["weight_map"]["vae_model.decoder.conv_out.bias"] in shards  # the VAE inside, LMMS Engine style
+    assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in {**model.state_dict(), **ae.state_dict()}.values())
+    with open(os.path.join(hf, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["vit_config"]["num_hidden_layers"] == 2 and cfg["llm_config"]["qk_norm"] is True
+    assert read_config(hf) == TINY
+    assert_same_tensors(Bagel.from_pretrained(hf).state_dict(), model.state_dict())
+
+    back = convert(Args(hf, str(tmp_path / "back"), dtype="fp32", check=True))
+    assert read_config(back) == TINY
+    assert_same_tensors(load_file(os.path.join(back, "ema.safetensors")), load_file(os.path.join(base, "ema.safetensors")))
+    assert_same_tensors(load_file(os.path.join(back, "ae.safetensors")), load_file(os.path.join(base, "ae.safetensors")))
+    with open(os.path.join(back, "vit_config.json")) as f:
+        assert json.load(f)["num_hidden_layers"] == 3  # upstream drops the last layer again (§4.1)
+    assert "config.json" not in os.listdir(back) and "tokenizer.json" in os.listdir(back)
+
+    half = convert(Args(base, str(tmp_path / "bf16"), to="hf"))  # default: bf16 BAGEL, VAE as stored
+    loaded = Bagel.from_pretrained(half, dtype=torch.bfloat16)
+    skip = lambda sd: {k: v for k, v in sd.items() if k not in POS_TABLES}  # recomputed in fp32 at load
+    assert_same_tensors(skip(loaded.state_dict()), skip(model.to(torch.bfloat16).state_dict()))
+    assert_same_tensors(AutoEncoder.from_pretrained(half).state_dict(), ae.state_dict())
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100") == 100
+    no_leftovers(tmp_path)
+
+
+def sgd_step(model: Bagel, batch: dict, lr: float = 0.1):
+    out = model(**batch)
+    (out["ce"].mean() + out["mse"].mean()).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+def test_training_checkpoint_exports_bit_exact_and_gives_the_same_losses(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    model, batch = tiny_bagel(), golden_batch("case6_pack")
+    sgd_step(model, batch)
+    trained = {k: v for k, v in model.state_dict().items() if k not in POS_TABLES}  # tables may be absent
+    ema = {k: (v * 0.5).contiguous() for k, v in trained.items()}
+    ckpt = training_checkpoint(tmp_path / "run" / "step-0000007", base, trained, ema)
+
+    out = convert(Args(ckpt, str(tmp_path / "ema"), dtype="fp32", check=True))
+    written = load_file(os.path.join(out, "ema.safetensors"))
+    base_sd = load_file(os.path.join(base, "ema.safetensors"))
+    assert_same_tensors(written, {**ema, **{k: base_sd[k] for k in POS_TABLES}})  # full key set, tables from base
+    assert_same_tensors(load_file(os.path.join(out, "ae.safetensors")), load_file(os.path.join(base, "ae.safetensors")))
+    assert read_config(out) == TINY and "tokenizer.json" in os.listdir(out)
+
+    out = convert(Args(ckpt, str(tmp_path / "model"), weights="model", dtype="fp32", check=True))
+    assert os.listdir(out).count("ema.safetensors") == 0
+    exported = Bagel.from_pretrained(out)  # strict
+    with torch.no_grad():
+        want, got = model(**batch), exported(**batch)
+    for k in ("ce", "mse"):
+        assert torch.equal(want[k], got[k]), k
+    no_leftovers(tmp_path)
+
+
+def test_t2i_run_exports_the_vit_from_the_base(tmp_path):
+    base_model = tiny_bagel()
+    base = base_checkpoint(tmp_path / "base", base_model)
+    model = tiny_bagel(seed=1, config=dataclasses.replace(TINY, visual_und=False))  # no ViT, no EMA
+    ckpt = training_checkpoint(tmp_path / "step-0000001", base, model.state_dict(), args=False)
+    with pytest.raises(FileNotFoundError, match="args.json: missing.*--base"):
+        convert(Args(ckpt, str(tmp_path / "out")))
+    out = convert(Args(ckpt, str(tmp_path / "out"), base=base, dtype="fp32", check=True))
+    written = load_file(os.path.join(out, "ema.safetensors"))  # the model, since the run kept no EMA
+    assert sorted(written) == sorted(base_model.state_dict())
+    for k, v in written.items():
+        src = model.state_dict()[k] if k in model.state_dict() else base_model.state_dict()[k]
+        assert torch.equal(v, src), k
+    assert any(k.startswith("vit_model.") for k in written) and read_config(out).visual_und
+
+
+def test_extra_parameters_are_exported_unless_plain(tmp_path):
+    base = base_checkpoint(tmp_path / "base")
+    sd = {**tiny_bagel(seed=2).state_dict(), NSA_KEY: torch.randn(4, 64)}
+    ckpt = training_checkpoint(tmp_path / "step-0000002", base, sd)
+    out = convert(Args(ckpt, str(tmp_path / "nsa"), dtype="fp32", check=True))
+    assert torch.equal(load_file(os.path.join(out, "ema.safetensors"))[NSA_KEY], sd[NSA_KEY])
+    hf = convert(Args(out, str(tmp_path / "nsa-hf"), to="hf", dtype="fp32", check=True))  # kept through layouts
+    back = convert(Args(hf, str(tmp_path / "nsa-back"), dtype="fp32"))
+    assert_same_tensors(load_file(os.path.join(back, "ema.safetensors")), load_file(os.path.join(out, "ema.safetensors")))
+    plain = convert(Args(ckpt, str(tmp_path / "plain"), dtype="fp32", plain=True, check=True))
+    assert NSA_KEY not in load_file(os.path.join(plain, "ema.safetensors"))
+    Bagel.from_pretrained(plain)  # strict
+
+
+def test_bad_inputs_give_clear_errors_and_leave_no_destination(tmp_path):
+    model = tiny_bagel()
+    base = base_checkpoint(tmp_path / "base", model)
+    dst = str(tmp_path / "out")
+
+    def fails(exc, match, **kw):
+        with pytest.raises(exc, match=match):
+            convert(Args(kw.pop("src", base), dst, **kw))
+        assert not os.path.exists(dst)
+        no_leftovers(tmp_path)
+
+    os.makedirs(tmp_path / "empty")
+    fails(FileNotFoundError, "not a BAGEL checkpoint", src=str(tmp_path / "empty"))
+    fails(FileNotFoundError, "no such checkpoint", src=str(tmp_path / "nowhere"))
+    fails(ValueError, "shard-size", to="hf", shard_size="five")
+    # a training checkpoint whose tensor does not fit the base's config
+    sd = {**model.state_dict(), "connector.fc1.weight": torch.zeros(3, 3)}
+    ckpt = training_checkpoint(tmp_path / "bad" / "step-0000003", base, sd)
+    fails(ValueError, r"step-0000003.*wrong shape.*connector\.fc1\.weight.*\[3, 3\].*\[64, 32\]", src=ckpt)
+    fails(ValueError, "a training output directory.*step-0000003", src=str(tmp_path / "bad"))
+    os.remove(os.path.join(ckpt, "meta.json"))  # fsdp.py writes it last
+    fails(ValueError, "without .metadata or meta.json: its save did not finish", src=ckpt)
+    # DCP data cut short (found before writing), or damaged (found while writing: no output left)
+    good = training_checkpoint(tmp_path / "step-0000004", base, model.state_dict())
+    data = os.path.join(good, "__0_0.distcp")
+    with open(data, "rb") as f:
+        blob = f.read()
+    with open(data, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    fails(ValueError, r"__0_0.distcp: missing or truncated", src=good)
+    meta = dcp.FileSystemReader(good).read_metadata()
+    last = max((i for k, i in meta.storage_data.items() if k.fqn.startswith("model.")), key=lambda i: i.offset)
+    with open(data, "wb") as f:
+        f.write(blob[:last.offset] + bytes(last.length) + blob[last.offset + last.length:])
+    fails(ValueError, "step-0000004: reading .* failed, the checkpoint is damaged", src=good)
+    # a truncated shard, a missing VAE, an existing destination
+    ema = os.path.join(base, "ema.safetensors")
+    with open(ema, "r+b") as f:
+        f.truncate(os.path.getsize(ema) - 100)
+    fails(ValueError, "ema.safetensors.*(truncated|not a readable)")
+    write_official(base, model, tiny_ae())
+    os.remove(os.path.join(base, "ae.safetensors"))
+    fails(FileNotFoundError, "ae.safetensors: missing")
+    write_official(base, model, tiny_ae())
+    with pytest.raises(ValueError, match="is the checkpoint being read"):
+        convert(Args(base, base, overwrite=True))
+    os.makedirs(dst)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(Args(base, dst))
+    convert(Args(base, dst, overwrite=True))
+    assert "ema.safetensors" in os.listdir(dst)
+
+
+# -------------------------------------------------------------------------------------------------
+# memory: a synthetic 3 GB checkpoint converts with peak RSS far below its size
+
+BIG = dataclasses.replace(TINY, llm=LLMConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=22,
+                                              num_attention_heads=8, num_key_value_heads=2, vocab_size=32000))
+
+
+def peak_rss(*argv: str) -> int:
+    """Run convert_weights.py in a fresh process; return its peak RSS in bytes. VmHWM, not ru_maxrss:
+    ru_maxrss survives exec, so it would include the forked pytest process's RSS."""
+    code = ("import sys, convert_weights; sys.argv = ['convert_weights.py'] + sys.argv[1:]; convert_weights.main(); "
+            "print('maxrss_kb', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=HERE)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split("maxrss_kb")[-1]) * 1024
+
+
+def make_big_checkpoints(root: str):
+    """`root`/big: an official checkpoint of ~3 GB of random fp32 tensors, written one tensor at a time;
+    `root`/step-0000001: a training checkpoint of the same size (DCP saves from memory: ~3 GB here). Run
+    in a subprocess: glibc keeps freed heap memory, so the pytest process would stay at ~3 GB after."""
+    base = os.path.join(root, "big")
+    os.makedirs(base)
+    for name, cfg in config_files(BIG).items():
+        with open(os.path.join(base, name), "w") as f:
+            json.dump(cfg, f)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Bagel(BIG).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    rand = lambda shape: torch.rand(shape, generator=g)
+    write_safetensors(os.path.join(base, "ema.safetensors"),
+                      [(k, Source("random", s, torch.float32, lambda s=s: rand(s)), torch.float32) for k, s in shapes.items()])
+    save_file({k: v.contiguous() for k, v in tiny_ae().state_dict().items()}, os.path.join(base, "ae.safetensors"))
+    training_checkpoint(os.path.join(root, "step-0000001"), base, {k: rand(s) for k, s in shapes.items()})
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from /proc (Linux)")
+def test_big_checkpoint_converts_with_bounded_memory(tmp_path):
+    """official -> hf and training checkpoint -> official, each from ~3 GB of fp32 tensors (~1 min)."""
+    root = str(tmp_path)
+    try:
+        run = subprocess.run([sys.executable, "-c", f"import test_convert; test_convert.make_big_checkpoints({root!r})"],
+                             capture_output=True, text=True, cwd=HERE)
+        assert run.returncode == 0, run.stderr
+        size = os.path.getsize(tmp_path / "big" / "ema.safetensors")
+        assert size > 2.9e9
+
+        peak = peak_rss(str(tmp_path / "big"), str(tmp_path / "hf"), "--to", "hf", "--shard-size", "1GB")
+        print(f"\nofficial {size / 1e9:.2f} GB fp32 -> hf bf16: peak RSS {peak / 1e9:.2f} GB")
+        assert peak < 0.35 * size
+        assert len([n for n in os.listdir(tmp_path / "hf") if n.startswith("model-")]) == 2  # 1.5 GB in 1 GB shards
+        assert read_config(str(tmp_path / "hf")) == BIG
+        shutil.rmtree(tmp_path / "hf")
+
+        peak = peak_rss(str(tmp_path / "step-0000001"), str(tmp_path / "out"))
+        print(f"training checkpoint {size / 1e9:.2f} GB fp32 -> official bf16: peak RSS {peak / 1e9:.2f} GB")
+        assert peak < 0.35 * size
+        assert os.path.getsize(tmp_path / "out" / "ema.safetensors") < size / 2 + 1e6
+    finally:
+        for name in ("big", "step-0000001", "hf", "out"):
+            shutil.rmtree(tmp_path / name, ignore_errors=True)

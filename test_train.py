@@ -1,0 +1,458 @@
+"""train.py / fsdp.py tests on CPU with gloo: `python -m pytest -q test_train.py` (about a minute).
+
+The distributed test spawns 2 processes and compares FSDP2 (and HSDP) training against an
+independent single-process loop with SGD: Adam would hide a gradient scaled by the world size."""
+import io
+import json
+import os
+import random
+import shlex
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from PIL import Image
+
+import data
+import fsdp
+import packing
+import train
+from model import AutoEncoder, Bagel
+from test_smoke import tiny_ae, tiny_bagel, write_official
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
+STEPS, SAVE_AT, EMA = 3, 2, 0.5  # 3 optimizer steps; checkpoint after 2; EMA decay (large to be visible)
+TOL = 1e-5
+
+
+def _img(h: int, w: int, seed: int) -> dict:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return {"type": "image", "image": buf.getvalue()}
+
+
+RECORDS = {
+    "vqa": {"messages": [{"role": "user", "content": [_img(28, 42, 1), {"type": "text", "text": "What is this?"}]},
+                         {"role": "assistant", "content": "A boat on the sea."}]},
+    "text": {"messages": [{"role": "user", "content": "Say hello."},
+                          {"role": "assistant", "content": "Hello there, friend."}]},
+    "t2i": {"messages": [{"role": "user", "content": "two yellow birds"},
+                         {"role": "assistant", "content": [_img(32, 48, 2)]}]},
+    "edit": {"messages": [{"role": "user", "content": [_img(28, 56, 3), {"type": "text", "text": "make it red"}]},
+                          {"role": "assistant", "content": [_img(32, 64, 4)]}]},
+}
+# PACKS[rank][micro] of steps 0 and 1: rank 0 never has a VAE image, rank 1 never has a CE token (the
+# modality-hang case, bug D1). Step 2: both ranks have both losses, with other token counts per rank
+# and micro-step (per-rank or per-micro-step means, bug L1, would differ from the global mean).
+PACKS = [[["vqa", "text"], ["vqa"]],
+         [["t2i"], ["edit", "t2i"]]]
+PACKS_LAST = [[["vqa", "t2i"], ["text"]],
+              [["edit", "vqa", "text"], ["t2i"]]]
+
+
+def data_config(**kw) -> data.DataConfig:
+    base = dict(model=TOK_DIR, vit_min_size=14, vit_max_size=112, vae_min_size=16, vae_max_size=128,
+                vit_max_num_patch_per_side=8, max_latent_size=8, text_cond_dropout=0.0,
+                vit_cond_dropout=0.0, vae_cond_dropout=0.0, num_workers=0)
+    return data.DataConfig(**{**base, **kw})
+
+
+def make_batches(step: int) -> list[list[dict]]:
+    """batches[rank][micro] of a step: packed batches as PackLoader yields them (padded_images)."""
+    cfg = data_config()
+    tok = data.load_tokenizer(TOK_DIR)
+    sp = data.special_tokens(tok)
+    lay = {k: packing.layout_sample(data.record_to_items(r, k, "", cfg, tok, random.Random(0)), sp, cfg.geometry())
+           for k, r in RECORDS.items()}
+    return [[packing.collate([lay[k] for k in pack], packing.step_generator(0, r, m), geo=cfg.geometry())
+             for m, pack in enumerate(packs)] for r, packs in enumerate(PACKS_LAST if step == 2 else PACKS)]
+
+
+def parity_args(ckpt: str, accum: int, **kw) -> train.Args:
+    """SGD with momentum (linear in the gradient, and has state to reshard), clipping that bites,
+    activation checkpointing, fp32 compute so that 1e-5 is meaningful."""
+    optim = train.OptimConfig(name="sgd", lr=0.05, warmup_steps=0, grad_clip=1.0, grad_accum=accum, ema_decay=EMA)
+    ev = train.EvalConfig(prompts=("two birds",), question="What is this?", size=32, steps=2)
+    return train.Args(model=ckpt, precision="fp32", activation_checkpointing=True, optim=optim, eval=ev,
+                      data=data_config(), **kw)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """A tiny random BAGEL in the official layout, with the golden tiny tokenizer."""
+    path = str(tmp_path_factory.mktemp("tiny"))
+    write_official(path, tiny_bagel(), tiny_ae())
+    for f in os.listdir(TOK_DIR):
+        shutil.copy(os.path.join(TOK_DIR, f), path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: threads only wait on each other (15x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def world1():
+    """A one-process gloo group in this process (what `python train.py` runs with)."""
+    d = fsdp.init_distributed("cpu")
+    yield d
+    dist.destroy_process_group()
+
+
+def full_state(model, ema) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.clone() for k, v in sd.items()}, {k: v.full_tensor().clone() for k, v in ema.items()}
+
+
+def params_full(model) -> dict:
+    return {fsdp.fqn(k): v.full_tensor().clone() for k, v in model.named_parameters()}
+
+
+def run_steps(args, d, mesh, batches_of, steps, resume: str | None = None, save: str | None = None,
+              sample: bool = False):
+    model = train.build_model(args, d, mesh, load=resume is None)
+    ae = AutoEncoder.from_pretrained(args.model)
+    opt, sched = train.make_optimizer(model, args.optim, STEPS)
+    ema = fsdp.ema_init(model)
+    if resume:
+        trainer, _ = fsdp.load_checkpoint(resume, model, opt, ema, d)
+        sched.load_state_dict(trainer["sched"])
+    norms = []
+    for step in steps:
+        if save and step == SAVE_AT:
+            fsdp.save_checkpoint(save, model, opt, ema, dict(step=step, sched=sched.state_dict()), {}, d,
+                                 {"model": args.model}, {"step": step})
+        norms.append(train.train_step(model, ae, opt, batches_of(step), step, args, d)["gnorm"])
+        sched.step()
+        fsdp.ema_update(ema, model, EMA)
+    if sample:  # every rank runs the inference helpers on the sharded model
+        train.evaluate(model, ae, data.load_tokenizer(TOK_DIR), args, STEPS, d)
+    return (*full_state(model, ema), norms)
+
+
+def _worker(rank: int, port: int, ckpt: str, out: str):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    d = fsdp.init_distributed("cpu", timeout_min=2)
+    try:
+        batches = lambda step: make_batches(step)[rank]
+        args = parity_args(ckpt, accum=2, output_dir=out)
+        results = {"fsdp": run_steps(args, d, fsdp.make_mesh(d, 0), batches, range(STEPS),
+                                     save=os.path.join(out, "step-0000002"), sample=True),
+                   "hsdp": run_steps(args, d, fsdp.make_mesh(d, 1), batches, range(STEPS))}  # 2 replicas x 1 shard
+        if rank == 0:
+            torch.save(results, os.path.join(out, "results.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def reference(ckpt: str, args: train.Args) -> tuple[dict, dict, list]:
+    """Plain single-process training written from the spec (§6.4): CE and MSE are token means over
+    the whole global batch. Same keyed noise; no FSDP, no train_step."""
+    model, ae = Bagel.from_pretrained(ckpt), AutoEncoder.from_pretrained(ckpt)
+    opt = torch.optim.SGD(model.parameters(), lr=args.optim.lr, momentum=args.optim.betas[0])
+    ema = {k: v.detach().clone() for k, v in model.named_parameters()}
+    norms = []
+    for step in range(STEPS):
+        ce, mse = [], []
+        for r, packs in enumerate(make_batches(step)):
+            for m, b in enumerate(packs):
+                pack = r * len(packs) + m
+                b = dict(b)
+                with torch.no_grad():
+                    g = train.keyed_generator(args.seed, step, pack, train.POSTERIOR, "cpu")
+                    b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=g)
+                out = model(**b, generator=train.keyed_generator(args.seed, step, pack, train.NOISE, "cpu"))
+                ce.append(out["ce"])
+                mse.append(out["mse"].mean(-1))
+        (torch.cat(ce).mean() + torch.cat(mse).mean()).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.optim.grad_clip)))
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                ema[k].mul_(EMA).add_(p, alpha=1 - EMA)
+    return model.state_dict(), ema, norms
+
+
+def assert_close(got: dict, want: dict, tol: float = TOL):
+    for k, v in want.items():
+        if "pos_embed" in k:
+            continue
+        err = (got[k].float() - v.float()).abs().max().item()
+        assert err <= tol, f"{k}: max abs diff {err:.3g}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
+    """2-rank FSDP2 and HSDP == a plain 1-process loop after 3 SGD steps (grad accumulation, clipping,
+    one rank without VAE images and the other without CE tokens: no hang, run under a timeout); the
+    2-rank checkpoint of step 2 resumed on ONE rank (accumulating all 4 packs) gives the same step 3."""
+    ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-rank FSDP training did not finish in 240 s: a collective hangs")
+    want_model, want_ema, want_norms = reference(ckpt, parity_args(ckpt, 2))
+    got = torch.load(tmp_path / "results.pt")
+    assert min(want_norms) > 1.0  # clipping bites, so compare the norms too: they show a scaled gradient
+    for mode in ("fsdp", "hsdp"):
+        assert_close(got[mode][0], want_model)
+        assert_close(got[mode][1], want_ema)
+        assert got[mode][2] == pytest.approx(want_norms, rel=1e-5)
+    assert not torch.equal(got["fsdp"][0]["llm2vae.weight"], torch.zeros_like(want_model["llm2vae.weight"]))
+    saved = dcp.FileSystemReader(str(tmp_path / "step-0000002")).read_metadata().state_dict_metadata
+    official = set(Bagel.from_pretrained(ckpt).state_dict())  # no FSDP / checkpoint-wrapper prefixes
+    assert {k[6:] for k in saved if k.startswith("model.")} == official
+    assert {k[4:] for k in saved if k.startswith("ema.")} == official
+    samples = tmp_path / "samples" / "step-0000003"
+    assert (samples / "prompt-0.png").exists() and "A: " in (samples / "samples.txt").read_text()
+
+    d = fsdp.init_distributed("cpu")  # resume the 2-rank checkpoint on 1 rank
+    try:
+        model, ema, norms = run_steps(parity_args(ckpt, accum=4), d, fsdp.make_mesh(d, 0), lambda s: sum(make_batches(s), []),
+                                      range(SAVE_AT, STEPS), resume=str(tmp_path / "step-0000002"))
+    finally:
+        dist.destroy_process_group()
+    assert_close(model, got["fsdp"][0], 1e-6)
+    assert_close(ema, got["fsdp"][1], 1e-6)
+    assert norms == pytest.approx(want_norms[SAVE_AT:], rel=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):
+    """AdamW at lr 1e-6 over bf16 compute changes (nearly) every fp32 master weight (bug P1: with
+    bf16 masters ~2% move); the VAE gets no gradient and does not change (bug P3); the global RNG is
+    never used."""
+    optim = train.OptimConfig(lr=1e-6, warmup_steps=0)
+    args = train.Args(model=ckpt, precision="bf16", activation_checkpointing=False, optim=optim)
+    model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
+    ae = AutoEncoder.from_pretrained(ckpt)
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    before = params_full(model)
+    ae_before = {k: v.clone() for k, v in ae.state_dict().items()}
+    rng = torch.get_rng_state()
+    train.train_step(model, ae, opt, [_all_modalities()], 0, args, world1)
+    assert torch.equal(rng, torch.get_rng_state())
+    moved, total = 0, 0
+    for k, v in model.named_parameters():
+        assert v.dtype == torch.float32, k
+        if "embed" in k:  # rows of tokens / positions absent from the pack get no gradient
+            continue
+        diff = v.full_tensor() != before[k]
+        moved, total = moved + int(diff.sum()), total + diff.numel()
+    assert moved / total > 0.99, f"only {moved / total:.1%} of the master weights moved"
+    assert all(p.grad is None and not p.requires_grad for p in ae.parameters())
+    assert all(torch.equal(v, ae_before[k]) for k, v in ae.state_dict().items())
+
+
+def _all_modalities() -> dict:
+    """One pack with text CE, ViT images, clean and noisy VAE latents."""
+    cfg = data_config()
+    tok = data.load_tokenizer(TOK_DIR)
+    sp = data.special_tokens(tok)
+    lays = [packing.layout_sample(data.record_to_items(RECORDS[k], k, "", cfg, tok), sp, cfg.geometry())
+            for k in ("vqa", "edit", "t2i")]
+    return packing.collate(lays, packing.step_generator(0, 0, 0), geo=cfg.geometry())
+
+
+def test_freeze_und_trains_only_the_generation_expert(ckpt, world1):
+    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=False, freeze=("und",),
+                      optim=train.OptimConfig(lr=1e-3, warmup_steps=0))
+    model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
+    ae = AutoEncoder.from_pretrained(ckpt)
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    before = params_full(model)
+    table = train.param_table(model, ae)
+    assert "llm gen (moe_gen)" in table and "vae (always frozen)" in table
+    train.train_step(model, ae, opt, [_all_modalities()], 0, args, world1)
+    for k, v in model.named_parameters():
+        k = fsdp.fqn(k)
+        frozen = k.startswith("language_model.") and "moe_gen" not in k
+        assert v.requires_grad != frozen, k
+        if frozen or "moe_gen" in k:
+            assert torch.equal(v.full_tensor(), before[k]) == frozen, k
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(ckpt, world1):
+    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=False)
+    model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
+    ae = AutoEncoder.from_pretrained(ckpt)
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    before = params_full(model)
+    batch = _all_modalities()
+    batch["padded_images"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 7: gradient norm nan \(ce .*, mse nan\)"):
+        train.train_step(model, ae, opt, [batch], 7, args, world1)
+    assert all(torch.equal(v, before[k]) for k, v in params_full(model).items())
+
+
+# -------------------------------------------------------------------------------------------------
+# the demo, end to end: checkpoints, exact resume, samples, metrics
+
+DEMO = ["--log-every", "1", "--data.packing-length", "160", "--optim.schedule", "constant",
+        "--optim.warmup-steps", "2", "--optim.ema-decay", "0.9", "--ckpt.every", "2", "--ckpt.keep-last", "1",
+        "--eval.every", "4", "--eval.steps", "2", "--eval.size", "32"]
+
+
+def read_dcp(path: str, out: str) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(path, out)
+    return torch.load(out, weights_only=False)
+
+
+def test_demo_trains_resumes_bit_exactly_and_writes_the_checkpoint_contract(tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(DEMO + ["--output-dir", a, "--max-steps", "4"])
+    log = capsys.readouterr().out
+    assert "step 4/4 | ce " in log and "saved" in log and "sample @ 4" in log
+    train.main(DEMO + ["--output-dir", b, "--max-steps", "2"])
+    train.main(DEMO + ["--output-dir", b, "--max-steps", "4"])  # --ckpt.resume auto
+    assert "resumed from" in capsys.readouterr().out
+    ca = read_dcp(os.path.join(a, "step-0000004"), str(tmp_path / "a.pt"))
+    cb = read_dcp(os.path.join(b, "step-0000004"), str(tmp_path / "b.pt"))
+    assert sorted(ca) == sorted(cb)
+    for key in ("model", "ema", "optim"):
+        flat_a, flat_b = _flatten(ca[key]), _flatten(cb[key])
+        assert flat_a.keys() == flat_b.keys()
+        for k, v in flat_a.items():
+            same = torch.equal(v, flat_b[k]) if torch.is_tensor(v) else v == flat_b[k]
+            assert same, f"{key}.{k} differs after resume"
+    assert ca["trainer"] == cb["trainer"] and ca["rank0"] == cb["rank0"]
+
+    # the contract with convert_weights.py
+    assert sorted(os.listdir(a)) == ["args.json", "base", "demo_data", "loss.png", "metrics.jsonl", "samples",
+                                     "step-0000004"]  # keep_last 1 pruned step-0000002
+    step = os.path.join(a, "step-0000004")
+    args_json = json.load(open(os.path.join(step, "args.json")))
+    meta = json.load(open(os.path.join(step, "meta.json")))
+    assert args_json["model"] == os.path.abspath(os.path.join(a, "base")) and meta["step"] == 4 and meta["git"]
+    official = Bagel.from_pretrained(args_json["model"]).state_dict()
+    assert set(ca["model"]) == set(official) and set(ca["ema"]) == set(official)
+    for k, v in ca["model"].items():
+        assert v.dtype == torch.float32 and v.shape == official[k].shape and ca["ema"][k].dtype == torch.float32, k
+    assert not torch.equal(ca["ema"]["llm2vae.weight"], ca["model"]["llm2vae.weight"])
+    rows = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["ce"]) for r in rows)
+    samples = os.path.join(a, "samples", "step-0000004")
+    assert {"question.png", "prompt-0.png", "samples.txt"} <= set(os.listdir(samples))
+    assert Image.open(os.path.join(samples, "prompt-0.png")).size == (32, 32)
+
+
+def _flatten(x, prefix=""):
+    if isinstance(x, dict):
+        return {k2: v2 for k, v in x.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
+    return {prefix[:-1]: x}
+
+
+# -------------------------------------------------------------------------------------------------
+# small pieces
+
+def test_mesh_shape_from_world_size():
+    assert fsdp.mesh_shape(8, 0) == (1, 8) and fsdp.mesh_shape(16, 8) == (2, 8) and fsdp.mesh_shape(4, 1) == (4, 1)
+    for world, shard in ((12, 8), (8, 16), (8, -3)):
+        with pytest.raises(ValueError, match="does not divide the world size"):
+            fsdp.mesh_shape(world, shard)
+
+
+def test_noise_is_keyed_by_seed_step_and_pack_never_the_global_rng():
+    state = torch.get_rng_state()
+    draw = lambda *key: torch.randn(64, generator=train.keyed_generator(*key, "cpu"))
+    base = draw(0, 5, 1, train.NOISE)
+    assert torch.equal(base, draw(0, 5, 1, train.NOISE))
+    for other in ((0, 6, 1, train.NOISE), (0, 5, 3, train.NOISE), (1, 5, 1, train.NOISE), (0, 5, 1, train.POSTERIOR)):
+        assert not torch.allclose(base, draw(*other)), other
+    # rank 1's first pack (pack = 1 * grad_accum + 0) differs from rank 0's, and from the data's timesteps
+    assert not torch.allclose(draw(0, 5, 0, train.NOISE), draw(0, 5, 2, train.NOISE))
+    assert not torch.allclose(base, torch.randn(64, generator=packing.step_generator(0, 0, 5)))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_ema_math_and_frozen_keys():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)
+    ema = fsdp.ema_init(model)
+    assert set(ema) == {"0.weight", "0.bias", "1.bias"}
+    p0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    fsdp.ema_update(ema, model, 0.9)
+    for k, v in ema.items():
+        torch.testing.assert_close(v, 0.9 * p0[k] + 0.1 * (p0[k] + 1), rtol=0, atol=1e-6)
+    sd = fsdp.ema_state_dict(ema, model.state_dict())
+    assert set(sd) == set(model.state_dict()) and sd["1.weight"] is model.state_dict()["1.weight"] or \
+        torch.equal(sd["1.weight"], model.state_dict()["1.weight"])
+
+
+def test_lr_schedules():
+    model = torch.nn.Linear(2, 2)
+    o = train.OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", min_lr=0.1)
+    opt, sched = train.make_optimizer(model, o, 14)
+    lrs = []
+    for _ in range(16):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+    opt, sched = train.make_optimizer(model, train.OptimConfig(lr=1.0, warmup_steps=0), 14)
+    assert sched.get_last_lr()[0] == 1.0
+
+
+# the commands of the README's training section (also every train.py command found in README.md)
+README_COMMANDS = [
+    "python train.py",
+    "python train.py --max-steps 600 --optim.lr 2e-3",
+    "torchrun --nproc-per-node 8 train.py --model /data/BAGEL-7B-MoT --data train.parquet --output-dir out/ft",
+    "torchrun --nproc-per-node 8 train.py --model /data/BAGEL-7B-MoT --data t2i.parquet edit.jsonl:2 "
+    "--data.packing-length 10240 --optim.lr 2e-5 --optim.grad-accum 2 --optim.ema-decay 0.9999 "
+    "--max-steps 5000 --ckpt.every 500 --ckpt.keep-last 2 --eval.every 500",
+    "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 train.py "
+    "--model /data/BAGEL-7B-MoT --data mix.yaml --shard-size 8",
+    "torchrun --nproc-per-node 8 train.py --model /data/BAGEL-7B-MoT --data t2i.parquet --freeze und "
+    "--visual-und False",
+    "torchrun --nproc-per-node 8 train.py --model /data/BAGEL-7B-MoT --data vqa.jsonl --visual-gen False --freeze vit",
+    "torchrun --nproc-per-node 8 train.py --model /data/BAGEL-7B-MoT --data train.parquet --ckpt.resume out/step-0001000",
+    "python train.py --model /data/BAGEL-7B-MoT --data x.parquet --cpu-offload --no-activation-checkpointing --compile",
+]
+
+
+def readme_commands() -> list[str]:
+    path = os.path.join(HERE, "README.md")
+    text = open(path).read().replace("\\\n", " ") if os.path.exists(path) else ""
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(("python train.py", "torchrun"))]
+
+
+@pytest.mark.parametrize("cmd", sorted(set(README_COMMANDS + readme_commands())))
+def test_readme_commands_parse(cmd):
+    argv = shlex.split(cmd.split("#")[0])
+    args = train.parse_args(argv[argv.index("train.py") + 1:])
+    assert isinstance(args, train.Args)
+    if "--model" not in cmd:
+        assert args.model == "" and args.optim.lr > 1e-4  # the demo's defaults
+    else:
+        assert args.model == "/data/BAGEL-7B-MoT" and args.data.data
+    if "--freeze und" in cmd:
+        assert args.freeze == ("und",) and args.visual_und is False

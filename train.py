@@ -1,0 +1,630 @@
+"""Train BAGEL with FSDP2, from a CPU demo to many nodes.
+
+    python train.py                                     # CPU demo: tiny random BAGEL, generated shapes
+    torchrun --nproc-per-node 8 train.py --model BAGEL-7B-MoT --data x.parquet
+
+One step: packs -> VAE encode (frozen, no grad) -> forward -> CE and MSE each divided by its GLOBAL
+token count (all ranks, all accumulation micro-steps) -> backward -> clip -> non-finite check ->
+optimizer -> EMA. Checkpoints are DCP folders output_dir/step-NNNNNNN/ that resume at any world
+size. § numbers refer to ../shared/spec/bagel.md, bug ids (P1, L1, D1...) to spec/lmms_engine.md §8.
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data as data_lib
+import fsdp
+import packing
+from data import DataConfig
+from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, Context, LLMConfig, ViTConfig, config_files,
+                   generate_image, generate_text, latent_to_pil, read_config)
+
+# -------------------------------------------------------------------------------------------------
+# arguments
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """optimizer; sgd (momentum betas[0]) is for exact parity tests: Adam hides a scaled gradient"""
+    lr: float = 2e-5
+    """peak learning rate (BAGEL's fine-tuning recipe: 2e-5)"""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """after the linear warmup: stay at lr, or cosine-decay to min_lr at max_steps"""
+    warmup_steps: int = 100
+    """linear warmup from lr/warmup_steps to lr"""
+    min_lr: float = 1e-7
+    """end of the cosine schedule (upstream: 1e-7)"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (upstream BAGEL: 0.9, 0.95)"""
+    eps: float = 1e-15
+    """AdamW epsilon (upstream BAGEL: 1e-15)"""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping; the norm is logged either way)"""
+    grad_accum: int = 1
+    """micro-batches (packs) per rank per optimizer step"""
+    ema_decay: float = 0.0
+    """EMA of the weights, kept as fp32 shards (0: off; upstream pre-training used 0.9999)"""
+
+
+@dataclass
+class CkptConfig:
+    every: int = 500
+    """save a DCP checkpoint every this many steps (and always at max_steps)"""
+    keep_last: int = 3
+    """keep only the newest this many checkpoints (0: keep all)"""
+    resume: str = "auto"
+    """'auto': the newest complete checkpoint in output_dir, if any; 'none'; or a step-NNNNNNN path"""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500
+    """write samples every this many steps (0: never); also at max_steps"""
+    prompts: tuple[str, ...] = ("A photo of a red apple on a wooden table.",)
+    """text-to-image prompts"""
+    image: str = ""
+    """image for the understanding sample ('': a drawn test pattern)"""
+    question: str = "What is in this image?"
+    size: int = 512
+    """side of the generated images (pixels)"""
+    steps: int = 30
+    """flow sampling steps"""
+    cfg_scale: float = 4.0
+    """text classifier-free guidance scale"""
+
+
+@dataclass
+class Args:
+    """Fine-tune BAGEL with FSDP2. Without --model the defaults are the CPU demo's (tiny random
+    BAGEL, generated data); `--model DIR --help` shows the fine-tuning defaults."""
+    model: str = ""
+    """BAGEL checkpoint directory (official or HF layout); '' builds the tiny demo model"""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "out"
+    """checkpoints, metrics.jsonl, loss.png and samples go here"""
+    max_steps: int = 1000
+    """optimizer steps; training stops exactly here and saves"""
+    ce_weight: float = 1.0
+    """weight of the text loss (a token mean over the global batch)"""
+    mse_weight: float = 1.0
+    """weight of the flow-matching loss (a token mean over the global batch, channels averaged)"""
+    timestep_shift: float | None = None
+    """training timestep shift (None: the checkpoint's, 1.0 for the released model, §6.1)"""
+    freeze: tuple[Literal["und", "vit", "llm", "connector"], ...] = ()
+    """frozen parts: und (all but the generation expert), vit, llm, connector. The VAE is always frozen"""
+    visual_und: bool | None = None
+    """build the ViT path (None: as the checkpoint says)"""
+    visual_gen: bool | None = None
+    """build the generation path (None: as the checkpoint says)"""
+    attn: Literal["auto", "sdpa", "flex", "nsa"] = "auto"
+    """attention backend (auto: nsa if the checkpoint has NSA weights, else flex on CUDA, sdpa on CPU)"""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """compute dtype; master weights, gradients' reduction, optimizer state and EMA are always fp32"""
+    activation_checkpointing: bool = True
+    """recompute each LLM/ViT layer in backward instead of storing its activations"""
+    compile: bool = False
+    """torch.compile each LLM/ViT layer"""
+    cpu_offload: bool = False
+    """keep sharded parameters, gradients and optimizer state in host memory"""
+    reshard_after_forward: bool = True
+    """free each layer's gathered weights after forward (FULL_SHARD); False keeps them until backward"""
+    shard_size: int = -1
+    """ranks per shard group: -1 = ranks per node (HSDP across nodes), 0 = all ranks (FSDP)"""
+    seed: int = 0
+    """noise and VAE posterior samples come from generators seeded by (seed, step, rank, micro-step)"""
+    log_every: int = 10
+    """print one line and append to metrics.jsonl every this many steps"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available (nccl), else cpu (gloo)"""
+    timeout_min: float = 30
+    """collective timeout (minutes)"""
+
+
+def demo_args() -> Args:
+    """The defaults of `python train.py`: a few CPU minutes on generated shapes."""
+    return Args(output_dir="out/demo", max_steps=300, log_every=20, activation_checkpointing=False,
+                optim=OptimConfig(lr=3e-3, warmup_steps=20, schedule="cosine", min_lr=1e-4),
+                ckpt=CkptConfig(every=100, keep_last=2),
+                eval=EvalConfig(every=150, prompts=DEMO_PROMPTS, question="what shape is this ?",
+                                size=64, steps=20),
+                data=DataConfig(packing_length=384, num_workers=0, vae_max_size=64, vae_min_size=32,
+                                vit_max_size=56, vit_min_size=28))
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    import tyro
+    argv = sys.argv[1:] if argv is None else argv
+    demo = not any(a == "--model" or a.startswith("--model=") for a in argv)
+    return tyro.cli(Args, args=argv, default=demo_args() if demo else Args(),
+                    console_outputs=int(os.environ.get("RANK", 0)) == 0)
+
+
+# -------------------------------------------------------------------------------------------------
+# the demo: a tiny random BAGEL in the official layout and a generated dataset of shapes
+
+DEMO_SHAPES = ("circle", "square", "triangle")
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
+DEMO_PROMPTS = ("a red circle", "a blue square", "a yellow triangle")
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def draw_shape(shape: str, colour: str, size: int = 64, rng: random.Random | None = None):
+    """A coloured shape on white, jittered in size and position."""
+    from PIL import Image, ImageDraw
+    rng = rng or random.Random(0)
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    r = size * rng.uniform(0.25, 0.4)
+    cx, cy = (size / 2 + rng.uniform(-0.1, 0.1) * size for _ in range(2))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    draw, fill = ImageDraw.Draw(img), DEMO_COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return img
+
+
+def make_demo_data(folder: str, n_images: int = 400, seed: int = 0) -> str:
+    """Shapes and colours with captions (text-to-image) and questions (understanding) -> a jsonl."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rng, records = random.Random(seed), []
+    for i in range(n_images):
+        shape, colour = rng.choice(DEMO_SHAPES), rng.choice(list(DEMO_COLOURS))
+        name = f"images/{i:05d}.png"
+        draw_shape(shape, colour, 64, rng).save(os.path.join(folder, name))
+        img = {"type": "image_url", "image_url": {"url": name}}
+        q, a = rng.choice([("what shape is this ?", f"a {shape} ."), ("what colour is it ?", f"{colour} ."),
+                           ("describe the image .", f"a {colour} {shape} .")])
+        records += [{"messages": [{"role": "user", "content": f"a {colour} {shape}"},
+                                  {"role": "assistant", "content": [img]}]},
+                    {"messages": [{"role": "user", "content": [img, {"type": "text", "text": q}]},
+                                  {"role": "assistant", "content": a}]}]
+    path = os.path.join(folder, "train.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+def make_demo_checkpoint(path: str, seed: int = 0) -> str:
+    """A tiny random BAGEL written like a released one (configs, ema.safetensors, ae.safetensors,
+    tokenizer.json), so the demo loads, trains and converts through exactly the real code path."""
+    from safetensors.torch import save_file
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    words = sorted({w for s in DEMO_SHAPES for w in (s, "a", ".", "?")} | set(DEMO_COLOURS) |
+                   set("what shape is this colour it describe the image".split()))
+    vocab = {w: i for i, w in enumerate(["<unk>", *words, *SPECIALS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    config = BagelConfig(
+        llm=LLMConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64),
+        vit=ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=112),
+        vae=AEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16),
+        max_latent_size=8, vit_max_num_patch_per_side=8)
+    torch.manual_seed(seed)  # only here, before any training code runs: the demo's random init
+    model, ae = Bagel(config), AutoEncoder(config.vae)
+    model.init_weights()
+    os.makedirs(path, exist_ok=True)
+    for name, cfg in config_files(config).items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(cfg, f, indent=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "ema.safetensors"))
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, os.path.join(path, "ae.safetensors"))
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return path
+
+
+# -------------------------------------------------------------------------------------------------
+# model, freezing, optimizer, schedule
+
+FREEZE = {  # --freeze part -> which official keys it covers (upstream freeze_und keeps *_moe_gen)
+    "und": lambda k: k.startswith("language_model.") and "moe_gen" not in k,
+    "llm": lambda k: k.startswith("language_model."),
+    "vit": lambda k: k.startswith("vit_model."),
+    "connector": lambda k: k.startswith("connector."),
+}
+
+
+def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
+    """Meta build -> freeze -> shard -> allocate this rank's shards -> rank-0 load + broadcast."""
+    over = {k: v for k, v in (("visual_und", args.visual_und), ("visual_gen", args.visual_gen),
+                              ("timestep_shift", args.timestep_shift)) if v is not None}
+    with torch.device("meta"):
+        model = Bagel(read_config(args.model, **over))
+    model.attn = None if args.attn == "auto" else args.attn
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(FREEZE[part](name) for part in args.freeze))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    fsdp.shard_model(model, mesh, dtype, args.activation_checkpointing, args.compile, args.cpu_offload,
+                     args.reshard_after_forward)
+    model.to_empty(device="cpu" if args.cpu_offload else d.device)
+    if load:
+        fsdp.load_pretrained(model, args.model, d)
+    else:  # resuming: the checkpoint overwrites every parameter
+        fsdp.reset_pos_tables(model, d.device)
+    return model
+
+
+def param_table(model: Bagel, ae: AutoEncoder) -> str:
+    groups = {"llm und": lambda k: FREEZE["und"](k), "llm gen (moe_gen)": lambda k: "moe_gen" in k,
+              "vit": FREEZE["vit"], "connector": FREEZE["connector"],
+              "time/vae2llm/llm2vae": lambda k: k.startswith(("time_embedder", "vae2llm", "llm2vae"))}
+    rows = ["params               total    trainable"]
+    named = [(fsdp.fqn(n), p) for n, p in model.named_parameters()]
+    for g, pick in groups.items():
+        ps = [p for n, p in named if pick(n)]
+        if ps:
+            rows.append(f"{g:20s} {sum(p.numel() for p in ps) / 1e6:8.2f}M {sum(p.numel() for p in ps if p.requires_grad) / 1e6:8.2f}M")
+    rows.append(f"{'vae (always frozen)':20s} {sum(p.numel() for p in ae.parameters()) / 1e6:8.2f}M {0:8.2f}M")
+    return "\n".join(rows)
+
+
+def make_optimizer(model: Bagel, o: OptimConfig, max_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    def factor(step: int) -> float:  # multiplies lr; `step` = optimizer steps taken so far
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+        return (o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / o.lr
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# -------------------------------------------------------------------------------------------------
+# one optimizer step
+
+NOISE, POSTERIOR, SAMPLE = 1, 2, 3  # streams of keyed randomness (timesteps: packing.step_generator)
+
+
+def keyed_generator(seed: int, step: int, pack: int, stream: int, device) -> torch.Generator:
+    """A generator that is a function of (seed, step, pack, stream) only: fresh noise every step and
+    rank (LMMS Engine bug C1 reseeds 42), identical after a resume, never the global RNG. `pack` is
+    the global index of a micro-batch in its step, rank * grad_accum + micro, so one rank
+    accumulating packs 0..3 draws exactly what two ranks accumulating two each draw."""
+    s = np.random.SeedSequence([seed, step, pack, stream]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed((int(s[0]) << 31 | int(s[1])) & (2**63 - 1))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: int, args: Args,
+               d: fsdp.Dist) -> dict | None:
+    """Forward/backward over this rank's micro-batches, clip, check, optimizer step. Returns None
+    (on every rank) when some rank ran out of data; raises FloatingPointError on a non-finite norm."""
+    dev = d.device
+    # the global token counts are known before any backward: each micro-batch's loss is its share of
+    # one big-batch token mean, whatever the split over ranks and micro-steps (§6.4, bug L1)
+    counts = torch.tensor([sum(len(b["ce_loss_indexes"]) for b in batches),
+                           sum(len(b["mse_loss_indexes"]) for b in batches),
+                           int(len(batches) < args.optim.grad_accum)], dtype=torch.float64, device=dev)
+    dist.all_reduce(counts)
+    if counts[2] > 0:
+        return None
+    n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
+    sums = torch.zeros(2, device=dev)
+    for micro, b in enumerate(batches):
+        b, pack = to_device(b, dev), d.rank * args.optim.grad_accum + micro
+        with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            # frozen VAE outside the sharded model and outside autograd (bugs P3, F4); the posterior
+            # is sampled as upstream does (§14.9), from a keyed generator
+            g = keyed_generator(args.seed, step, pack, POSTERIOR, dev)
+            b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=g).float()
+        out = model(**b, generator=keyed_generator(args.seed, step, pack, NOISE, dev))
+        # both terms always enter the loss, even empty, so every parameter gets a gradient on every
+        # rank and the reduce-scatters match (bug D1)
+        ce = out["ce"].sum()
+        mse = out["mse"].mean(-1).sum() if "mse" in out else ce * 0
+        # FSDP averages gradients over ranks; the world size turns that average back into the sum
+        loss = (args.ce_weight * ce / n_ce + args.mse_weight * mse / n_mse) * d.world_size
+        loss.backward()
+        sums += torch.stack([ce.detach(), mse.detach()]).float()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, args.optim.grad_clip or float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not math.isfinite(norm):  # every rank sees the same global norm, so all stop together
+        dist.all_reduce(sums)
+        raise FloatingPointError(f"step {step}: gradient norm {norm} (ce {float(sums[0] / n_ce):.4g}, mse "
+                                 f"{float(sums[1] / n_mse):.4g}): stopped before the optimizer step; resume "
+                                 f"from the last checkpoint with a lower --optim.lr")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return dict(ce=sums[0], mse=sums[1], n_ce=n_ce, n_mse=n_mse, gnorm=norm)
+
+
+# -------------------------------------------------------------------------------------------------
+# throughput: tokens/s and MFU
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12,
+              "A800": 312e12, "B200": 2250e12, "L40S": 362e12, "A6000": 155e12}  # dense bf16
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def step_flops(c: BagelConfig, batches: list[dict]) -> float:
+    """Training FLOPs of some packs: 6 * N_active per token (one MoT expert per token, lm_head only
+    on CE tokens, ViT on its patches) + attention 12 * L * heads * head_dim * sum(len^2) per
+    sample, as upstream but with per-sample lengths (LMMS Engine counts a pack as one sequence, F7).
+    The VAE encoder is left out."""
+    l, v = c.llm, c.vit
+    hd = l.head_dim
+    layer = l.hidden_size * hd * (2 * l.num_attention_heads + 2 * l.num_key_value_heads) + 3 * l.hidden_size * l.intermediate_size
+    vit_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
+    f = 0.0
+    for b in batches:
+        f += 6 * (layer * l.num_hidden_layers * b["sequence_length"] + l.hidden_size * l.vocab_size * len(b["ce_loss_indexes"])
+                  + vit_layer * v.num_hidden_layers * len(b["packed_vit_token_indexes"]))
+        f += 12 * l.num_hidden_layers * l.num_attention_heads * hd * sum(int(s) ** 2 for s in b["sample_lens"])
+        f += 12 * v.num_hidden_layers * v.hidden_size * sum(int(s) ** 2 for s in b["vit_token_seqlens"])
+    return f
+
+
+def peak_mem_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (Linux: KiB)
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# -------------------------------------------------------------------------------------------------
+# samples and plots
+
+@torch.no_grad()
+def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.Dist):
+    """Answer a question about a fixed image and draw the fixed prompts, with model.py's inference
+    helpers. Every rank runs the same calls (the sharded layers gather their weights collectively);
+    rank 0 writes output_dir/samples/step-N/."""
+    from PIL import Image
+    from torch.distributed.fsdp import FSDPModule
+    out = os.path.join(args.output_dir, "samples", f"step-{step:07d}")
+    tokens = data_lib.special_tokens(tok)
+    tokens = dict(bos=tokens.bos, eos=tokens.eos, vision_start=tokens.vision_start, vision_end=tokens.vision_end)
+    c, lines = model.config, []
+    model.unshard()  # the root unit's weights (embedding, connector, heads) for the direct calls below
+    try:
+        if c.visual_und:
+            img = Image.open(args.eval.image).convert("RGB") if args.eval.image else draw_shape("square", "blue")
+            x = data_lib.transform(img, "vit", args.data, 1, "eval image")
+            p = args.data.vit_patch_size
+            ids = torch.tensor(packing.grid_ids(x.shape[1] // p, x.shape[2] // p, c.vit_max_num_patch_per_side))
+            ctx = Context(model, tokens)
+            ctx.add_vit_image(packing.patchify(x, p), ids)
+            ctx.add_text(data_lib.encode(tok, args.eval.question))
+            answer = tok.decode(generate_text(ctx, max_new_tokens=32))
+            lines.append(f"Q: {args.eval.question}\nA: {answer}")
+            if d.rank == 0:
+                os.makedirs(out, exist_ok=True)
+                img.save(os.path.join(out, "question.png"))
+        if c.visual_gen:
+            for i, prompt in enumerate(args.eval.prompts):
+                ctx, uncond = Context(model, tokens), Context(model, tokens)
+                ctx.add_text(data_lib.encode(tok, prompt))
+                g = keyed_generator(args.seed, step, i, SAMPLE, d.device)
+                lat = generate_image(ctx, uncond, args.eval.size, args.eval.size, args.eval.steps,
+                                     cfg_text_scale=args.eval.cfg_scale, generator=g)
+                if d.rank == 0:
+                    os.makedirs(out, exist_ok=True)
+                    latent_to_pil(ae, lat.float()).save(os.path.join(out, f"prompt-{i}.png"))
+                    lines.append(f"prompt-{i}.png: {prompt}")
+    finally:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+    if d.rank == 0:
+        with open(os.path.join(out, "samples.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return lines
+
+
+def plot_losses(metrics: str, png: str):
+    """loss.png: ce and mse against step, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(x) for x in open(metrics)] if os.path.exists(metrics) else []
+    if len(rows) < 2:
+        return
+    w, h, m = 640, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [r["step"] for r in rows]
+    x = lambda s: m + (w - 2 * m) * (s - steps[0]) / max(1, steps[-1] - steps[0])
+    for key, colour, top in (("ce", (200, 40, 40), 0), ("mse", (40, 80, 200), 1)):
+        vals = [r[key] for r in rows]
+        lo, hi = min(vals), max(vals)
+        y = lambda v: m + (h - 2 * m) * (1 - (v - lo) / max(hi - lo, 1e-12))
+        draw.line([(x(s), y(v)) for s, v in zip(steps, vals)], fill=colour, width=2)
+        draw.text((m, 8 + 14 * top), f"{key}: {vals[0]:.4g} -> {vals[-1]:.4g} (own scale)", fill=colour)
+    draw.text((m, h - m + 8), f"step {steps[0]} .. {steps[-1]}", fill="black")
+    img.save(png)
+
+
+# -------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    d = fsdp.init_distributed(args.device, args.timeout_min)
+    try:
+        train(args, d)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args: Args, d: fsdp.Dist):
+    log = functools.partial(print, flush=True) if d.rank == 0 else (lambda *a, **k: None)
+    if not args.model:  # the demo: rank 0 writes a base checkpoint and data, then it is a normal run
+        # its ops are too small to split over threads: on a busy 2-core machine, 2 threads waiting on
+        # each other made a step 15x slower than 1 thread
+        torch.set_num_threads(1)
+        if args.data.data:
+            raise ValueError("--data needs --model (the demo model only knows the demo's words)")
+        base, folder = os.path.join(args.output_dir, "base"), os.path.join(args.output_dir, "demo_data")
+        if d.rank == 0:
+            if not os.path.exists(os.path.join(base, "tokenizer.json")):  # written last
+                make_demo_checkpoint(base, args.seed)
+            if not os.path.exists(os.path.join(folder, "train.jsonl")):
+                make_demo_data(folder, seed=args.seed)
+        dist.barrier()
+        args = dataclasses.replace(args, model=os.path.abspath(base),
+                                   data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)))
+    args = dataclasses.replace(args, model=os.path.abspath(args.model))  # args.json tells convert_weights.py
+    # the data must match the model: geometry, tokenizer and switched-off parts come from its config
+    cfg = read_config(args.model, **{k: v for k, v in (("visual_und", args.visual_und),
+                                                        ("visual_gen", args.visual_gen)) if v is not None})
+    args = dataclasses.replace(args, data=dataclasses.replace(
+        args.data, model=args.data.model or args.model, vit_patch_size=cfg.vit.patch_size,
+        vit_max_num_patch_per_side=cfg.vit_max_num_patch_per_side, max_latent_size=cfg.max_latent_size,
+        latent_downsample=cfg.vae.downsample * cfg.latent_patch_size, visual_und=cfg.visual_und,
+        visual_gen=cfg.visual_gen))
+    os.makedirs(args.output_dir, exist_ok=True)
+    args_json = dataclasses.asdict(args)
+    if d.rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(args_json, f, indent=1)
+    mesh = fsdp.make_mesh(d, args.shard_size)
+    log(f"bagel-train | {d.world_size} ranks, mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))} | {d.device} | "
+        f"{args.precision} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
+
+    resume = None
+    if args.ckpt.resume == "auto":
+        found = fsdp.list_checkpoints(args.output_dir)
+        resume = found[-1][1] if found else None
+    elif args.ckpt.resume != "none":
+        if not os.path.exists(os.path.join(args.ckpt.resume, "meta.json")):
+            raise ValueError(f"--ckpt.resume {args.ckpt.resume}: not a complete checkpoint (no meta.json)")
+        resume = args.ckpt.resume
+
+    t0 = time.time()
+    model = build_model(args, d, mesh, load=resume is None)
+    ae = AutoEncoder.from_pretrained(args.model, device=d.device)  # frozen, eval, requires_grad False
+    rss = [None] * d.world_size
+    dist.all_gather_object(rss, round(peak_mem_gb(torch.device("cpu")), 2))
+    log(f"built {args.model} in {time.time() - t0:.1f}s | peak host RSS per rank (GB): {rss}")
+    log(param_table(model, ae))
+    opt, sched = make_optimizer(model, args.optim, args.max_steps)
+    ema = fsdp.ema_init(model) if args.optim.ema_decay > 0 else None
+    loader = data_lib.PackLoader(args.data, d.rank, d.world_size)
+    tok = loader.dataset.tok
+    step = 0
+    if resume:
+        trainer, mine = fsdp.load_checkpoint(resume, model, opt, ema, d)
+        step = trainer["step"]
+        sched.load_state_dict(trainer["sched"])
+        try:
+            if mine is None:
+                raise ValueError("it was saved at another world size")
+            loader.load_state_dict(mine["data"])
+        except ValueError as e:  # which rank reads which record depends on world size and workers
+            log(f"warning: data position not restored ({e}): the data stream starts over")
+        log(f"resumed from {resume} at step {step}")
+    if step >= args.max_steps:
+        log(f"already at step {step} >= max_steps {args.max_steps}: nothing to do "
+            f"(--ckpt.resume none starts over)")
+        return
+
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    bar = d.rank == 0 and sys.stdout.isatty()
+    peak = peak_flops(d.device)
+    it = iter(loader)
+    window = torch.zeros(6, dtype=torch.float64, device=d.device)  # ce, mse, n_ce, n_mse, tokens, flops
+    t_log, t_start, start = time.time(), time.time(), step
+    while step < args.max_steps:
+        batches = []
+        for _ in range(args.optim.grad_accum):
+            try:
+                batches.append(next(it))
+            except StopIteration:
+                break
+        lr = sched.get_last_lr()[0]
+        s = train_step(model, ae, opt, batches, step, args, d)
+        if s is None:
+            log(f"step {step}: the data ran out (--data.epochs); saving and stopping")
+            save(args, d, step, model, opt, sched, ema, loader, args_json, metrics)
+            return
+        sched.step()
+        if ema is not None:
+            fsdp.ema_update(ema, model, args.optim.ema_decay)
+        step += 1
+        window[:4] += torch.stack([s["ce"], s["mse"], s["n_ce"], s["n_mse"]]).double()
+        window[4] += sum(b["sequence_length"] for b in batches)
+        window[5] += step_flops(model.config, batches)
+        if step % max(1, args.log_every) == 0 or step == args.max_steps:
+            dist.all_reduce(window)  # the only sync for logging: one small vector per log step
+            ce, mse, n_ce, n_mse, tokens, flops = window.tolist()
+            n_ce, n_mse = n_ce / d.world_size, n_mse / d.world_size  # counts were already global
+            dt, stats = time.time() - t_log, loader.stats()
+            eta = (time.time() - t_start) / (step - start) * (args.max_steps - step)
+            row = dict(step=step, ce=ce / max(n_ce, 1), mse=mse / max(n_mse, 1), lr=lr, gnorm=s["gnorm"],
+                       tok_s=tokens / dt, mfu=flops / dt / (peak * d.world_size) if peak else None,
+                       mem_gb=peak_mem_gb(d.device), padding=stats["padding"], skipped=stats["skipped"],
+                       time=time.time() - t_start)
+            mfu = f"{100 * row['mfu']:.1f}%" if peak else "-"
+            skipped = sum(stats["skipped"].values())
+            log(("\r" if bar else "") + f"step {step}/{args.max_steps} | ce {row['ce']:.4f} | mse {row['mse']:.4f} | "
+                f"lr {lr:.2e} | gnorm {s['gnorm']:.3g} | {row['tok_s']:,.0f} tok/s | mfu {mfu} | "
+                f"mem {row['mem_gb']:.1f}G | pad {100 * row['padding']:.1f}% | skipped {skipped} | eta {fmt_time(eta)}")
+            if d.rank == 0:
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            window.zero_()
+            t_log = time.time()
+        elif bar:
+            done = int(30 * step / args.max_steps)
+            print(f"\rstep {step}/{args.max_steps} [{'#' * done}{'.' * (30 - done)}]", end="", flush=True)
+        if (args.ckpt.every and step % args.ckpt.every == 0) or step == args.max_steps:
+            save(args, d, step, model, opt, sched, ema, loader, args_json, metrics)
+        if args.eval.every and (step % args.eval.every == 0 or step == args.max_steps):
+            for line in evaluate(model, ae, tok, args, step, d):
+                log(f"sample @ {step}: " + line.replace("\n", " | "))
+
+
+def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics):
+    t = time.time()
+    path = fsdp.step_dir(args.output_dir, step)
+    fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
+                         dict(data=loader.state_dict()), d, args_json, dict(step=step))
+    if d.rank == 0:
+        fsdp.prune_checkpoints(args.output_dir, args.ckpt.keep_last)
+        plot_losses(metrics, os.path.join(args.output_dir, "loss.png"))
+        print(f"saved {path} in {time.time() - t:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
