@@ -3,6 +3,7 @@
     python bench.py                                   # CPU: 4 layers, width 512, 8k tokens, sdpa + flex table
     python bench.py --layers 28 --width 3584 --heads 28 --kv-heads 4 --ffn 18944 --device cuda --dtype bf16
     python bench.py --tokens 32768 --only fwdbwd --attn flex --device cuda
+    python bench.py --what data                       # packing fill and data-loader throughput
 
 Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
 peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
@@ -26,6 +27,8 @@ from train import peak_flops, step_flops
 
 @dataclass
 class Args:
+    what: Literal["model", "data"] = "model"
+    """model: the packed forward/backward; data: packing fill and data-loader throughput"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -124,10 +127,49 @@ def child(a: Args):
     print(json.dumps(res))
 
 
+def bench_data(a: Args):
+    """Packing fill on the issue's length mix (60% VQA ~600 tokens, 30% T2I 512^2 ~1.1k, 10% edit
+    ~2.5k; budget a.tokens) for first-fit vs next-fit, and PackLoader throughput on 512^2 JPEG records."""
+    import tempfile
+    from PIL import Image
+    from data import DataConfig, PackLoader
+    rng = random.Random(a.seed)
+    lengths = [int(rng.gauss(*rng.choices([(600, 150), (1100, 100), (2500, 400)], [6, 3, 1])[0])) for _ in range(20000)]
+    for name, open_packs in (("first-fit, 8 open packs", 8), ("next-fit (1 open pack)", 1)):
+        packer, packs = packing.FirstFitPacker(a.tokens, open_packs, size=lambda n: n), []
+        for n in lengths:
+            packs += packer.add(max(1, min(n, a.tokens)))
+        fill = sum(map(sum, packs)) / (len(packs) * a.tokens)
+        print(f"packing {name:24s} | fill {fill:.1%} | {len(lengths) / len(packs):.1f} samples/pack")
+    with tempfile.TemporaryDirectory() as tmp:  # 512^2 JPEGs: half T2I targets, half VQA inputs
+        records = []
+        for i in range(64):
+            Image.effect_noise((512, 512), 60).convert("RGB").save(os.path.join(tmp, f"{i}.jpg"))
+            img = {"type": "image_url", "image_url": {"url": f"{i}.jpg"}}
+            records.append([{"role": "user", "content": f"a photo of grey noise number {i}"},
+                            {"role": "assistant", "content": [img]}] if i % 2 else
+                           [{"role": "user", "content": [img, {"type": "text", "text": "what is this?"}]},
+                            {"role": "assistant", "content": "grey noise."}])
+        with open(os.path.join(tmp, "x.jsonl"), "w") as f:
+            f.writelines(json.dumps({"messages": m}) + "\n" for m in records)
+        tok_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "golden", "tokenizer")
+        cfg = DataConfig(data=(os.path.join(tmp, "x.jsonl"),), model=tok_dir, packing_length=a.tokens, num_workers=0)
+        loader, t, n = PackLoader(cfg), time.perf_counter(), 0
+        for batch in loader:
+            n += batch["sequence_length"]
+            if loader.stats()["samples"] >= 256:
+                break
+        dt, st = time.perf_counter() - t, loader.stats()
+        print(f"data loader, 1 worker, 512^2 JPEG records | {st['samples'] / dt:.0f} samples/s | {n / dt:,.0f} tokens/s "
+              f"| fill {st['fill']:.1%}")
+
+
 def main():
     a = tyro.cli(Args)
     if a.child:
         return child(a)
+    if a.what == "data":
+        return bench_data(a)
     modes = ["fwd", "fwdbwd"] if a.only == "all" else [a.only]
     print(f"BAGEL bench: {a.layers} layers, width {a.width}, {a.tokens} token pack, {a.device} {a.dtype}")
     for attn in a.attn:
