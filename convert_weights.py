@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from model import (POS_TABLES, AutoEncoder, Bagel, PositionEmbedding, _json, checkpoint_index, config_files,
                    layout, load_weights, read_config, sincos_2d)
+from nsa import NSAConfig
 
 
 @dataclass
@@ -450,6 +451,9 @@ def convert(args: Args) -> str:
         raise ValueError(f"{dst}: is the checkpoint being read: pick another destination")
     kind = layout(base)
     config = read_config(base)
+    run = _json(os.path.join(src, "args.json")) if is_dcp and os.path.exists(os.path.join(src, "args.json")) else {}
+    if run.get("attn") == "nsa" and config.nsa is None and not args.plain:
+        config.nsa = NSAConfig(**run["nsa"])  # the run added NSA to a dense base: the export's bagel_config says so
     bagel_index, ae_index = checkpoint_index(base)
     sources, ae = safetensors_sources(bagel_index), safetensors_sources(ae_index)
     if is_dcp:

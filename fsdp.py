@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,10 +23,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
-from model import POS_TABLES, TOP_LEVEL, Bagel, PositionEmbedding, checkpoint_index, sincos_2d
+from model import (TOP_LEVEL, Bagel, CheckpointReader, PositionEmbedding, checkpoint_index,
+                   fresh_tensors, sincos_2d)
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
-ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors names
 
 
 @dataclass
@@ -131,46 +130,32 @@ def load_pretrained(model: nn.Module, path: str, d: Dist):
     keeps its shard (cast into the fp32 master), so peak host memory is a rank's shard plus one
     tensor: LMMS Engine (bug F6) and upstream (B2 #1) materialise the whole model on every rank."""
     params = {fqn(n): p for n, p in model.named_parameters()}
-    plan = [None]
-    handles = ExitStack()
+    plan, reader = [None], None
     if d.rank == 0:
-        index = checkpoint_index(path)[0]
         off = tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p))  # visual_und/gen switched off
-        index = {k: v for k, v in index.items() if k not in POS_TABLES and not k.startswith(off)}
-        from safetensors import safe_open
-        files = {f: handles.enter_context(safe_open(f, "pt", device="cpu")) for f, _ in index.values()}
-        meta = {k: files[f].get_slice(key) for k, (f, key) in index.items()}
-
-        def shape(k):  # a conv-layout patch embedding [o, c, p, p] is stored linear [o, p*p*c]
-            s = tuple(meta[k].get_shape())
-            return (s[0], s[1] * s[2] * s[3]) if len(s) == 4 and k.endswith("patch_embedding.weight") else s
-        missing, unexpected = sorted(set(params) - set(index)), sorted(set(index) - set(params))
-        wrong = [f"{k}: file {shape(k)} vs model {tuple(params[k].shape)}"
-                 for k in sorted(set(params) & set(index)) if shape(k) != tuple(params[k].shape)]
-        error = "; ".join(f"{name} ({len(ks)}): {ks[:10]}" for name, ks in
-                          (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks)
-        plan = [(f"{path}: checkpoint does not match the model config: {error}" if error else None,
-                 {k: ST_DTYPES.get(meta[k].get_dtype(), torch.float32) for k in params if k in meta})]
+        reader = CheckpointReader({k: tuple(p.shape) for k, p in params.items()}, checkpoint_index(path)[0], path, off)
+        plan = [(reader.error, {k: reader.dtype(k) for k in reader.want}, reader.fresh_nsa)]
     dist.broadcast_object_list(plan, src=0)
-    error, dtypes = plan[0]
-    if error:
-        handles.close()
-        raise ValueError(error)
-    with handles:
+    error, dtypes, fresh_nsa = plan[0]
+    try:
+        if error:
+            raise ValueError(error)
+        # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
+        fresh = {k: v for k, v in fresh_tensors(model, "cpu", fresh_nsa).items() if k in params}
         for k, p in params.items():
-            if d.rank == 0:
-                f, key = index[k]
-                t = files[f].get_tensor(key)
-                if t.dim() == 4:
-                    t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
-                t = t.to(d.device, dtypes[k])
+            if k in fresh:
+                t = fresh[k].to(d.device)
             else:
-                t = torch.empty(p.shape, dtype=dtypes[k], device=d.device)
-            dist.broadcast(t, src=0)
+                t = reader.read(k).to(d.device, dtypes[k]) if d.rank == 0 else \
+                    torch.empty(p.shape, dtype=dtypes[k], device=d.device)
+                dist.broadcast(t, src=0)
             # every rank now holds the full tensor: keep the local slice only, no more communication
             shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
             p.to_local().copy_(shard.to_local())
             del t, shard
+    finally:
+        if reader is not None:
+            reader.close()
     reset_pos_tables(model, d.device)
 
 

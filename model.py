@@ -836,44 +836,76 @@ def checkpoint_index(path: str) -> tuple[dict[str, tuple[str, str]], dict[str, t
     return bagel, ae
 
 
-def load_weights(model: nn.Module, index: dict[str, tuple[str, str]], path: str, dtype, device):
-    """Strict, streaming load into a model built on the meta device. Names and shapes are checked from
-    the headers first; then each tensor is read, cast and assigned once, so peak memory is the model
-    in `dtype` plus one tensor, never a second copy."""
-    from safetensors import safe_open
-    # NSA added to a dense checkpoint (fine-tuning BAGEL with attn="nsa"): its parameters start fresh
-    fresh_nsa = not any(".self_attn.nsa." in k for k in index)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if k not in POS_TABLES and not (fresh_nsa and ".self_attn.nsa." in k)}
-    # parts switched off (visual_und/visual_gen False) are skipped on purpose, not "unexpected"
-    off = tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p))
-    index = {k: v for k, v in index.items() if k not in POS_TABLES and not k.startswith(off)}
-    files = sorted({os.path.basename(f) for f, _ in index.values()})
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, "pt", device="cpu")) for f in {f for f, _ in index.values()}}
+class CheckpointReader:
+    """Strict access to the tensors of a checkpoint index, shared by `load_weights` and
+    fsdp.load_pretrained. `want` maps our key -> shape (the model's tensors, without the sin-cos
+    tables). Names and shapes are checked from the file headers before any data is read.
 
-        def shape(k):
-            s = tuple(handles[index[k][0]].get_slice(index[k][1]).get_shape())
-            conv = k.endswith("patch_embedding.weight") and len(s) == 4  # conv layout -> linear (py, px, c)
-            return (s[0], s[1] * s[2] * s[3]) if conv else s
-        missing, unexpected = sorted(set(want) - set(index)), sorted(set(index) - set(want))
-        wrong = [f"{k}: file {shape(k)} vs model {want[k]}" for k in sorted(set(want) & set(index)) if shape(k) != want[k]]
-        if missing or unexpected or wrong:
-            parts = [f"{name} ({len(ks)}): {ks[:10]}" for name, ks in
-                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks]
-            raise ValueError(f"{path} ({', '.join(files)}): checkpoint does not match the model config: " + "; ".join(parts))
-        sd = {}
-        for k in want:
-            t = handles[index[k][0]].get_tensor(index[k][1])
-            if t.dim() == 4 and k.endswith("patch_embedding.weight"):
-                t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
-            sd[k] = t.to(device=device, dtype=dtype)
-    for name, mod in model.named_modules():  # recompute the sin-cos tables (they are buffers)
+    Skipped on purpose: keys of parts switched off (visual_und/visual_gen False), and NSA parameters
+    when the checkpoint has none (a dense model fine-tuned with attn="nsa": they start fresh)."""
+
+    def __init__(self, want: dict[str, tuple], index: dict[str, tuple[str, str]], path: str, off: tuple[str, ...] = ()):
+        from safetensors import safe_open
+        self.fresh_nsa = not any(".self_attn.nsa." in k for k in index)
+        self.want = {k: s for k, s in want.items() if not (self.fresh_nsa and ".self_attn.nsa." in k)}
+        self.index = {k: v for k, v in index.items() if k not in POS_TABLES and not k.startswith(off)}
+        self.stack = ExitStack()
+        self.files = {f: self.stack.enter_context(safe_open(f, "pt", device="cpu")) for f in {f for f, _ in self.index.values()}}
+        names = ", ".join(sorted(os.path.basename(f) for f in self.files))
+        missing, unexpected = sorted(set(self.want) - set(self.index)), sorted(set(self.index) - set(self.want))
+        wrong = [f"{k}: file {self.shape(k)} vs model {self.want[k]}" for k in sorted(set(self.want) & set(self.index))
+                 if self.shape(k) != self.want[k]]
+        parts = [f"{name} ({len(ks)}): {ks[:10]}" for name, ks in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks]
+        self.error = f"{path} ({names}): checkpoint does not match the model config: " + "; ".join(parts) if parts else None
+
+    def _slice(self, k):
+        f, raw = self.index[k]
+        return self.files[f].get_slice(raw)
+
+    def shape(self, k) -> tuple:
+        s = tuple(self._slice(k).get_shape())
+        conv = k.endswith("patch_embedding.weight") and len(s) == 4  # conv layout -> linear (py, px, c)
+        return (s[0], s[1] * s[2] * s[3]) if conv else s
+
+    def dtype(self, k) -> torch.dtype:
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(self._slice(k).get_dtype(), torch.float32)
+
+    def read(self, k) -> torch.Tensor:
+        f, raw = self.index[k]
+        t = self.files[f].get_tensor(raw)
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1) if t.dim() == 4 and k.endswith("patch_embedding.weight") else t
+
+    def close(self):
+        self.stack.close()
+
+
+def fresh_tensors(model: nn.Module, device, fresh_nsa: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint does not hold: the sin-cos tables (recomputed, like upstream) and, for NSA
+    added to a dense checkpoint, the NSA parameters' deterministic init (the same on every rank)."""
+    out = {}
+    for name, mod in model.named_modules():
         if isinstance(mod, PositionEmbedding):
-            sd[name + ".pos_embed"] = sincos_2d(mod.grid, mod.dim).to(device)
+            out[name + ".pos_embed"] = sincos_2d(mod.grid, mod.dim).to(device)
         elif fresh_nsa and isinstance(mod, nsa.NSA):
-            mod.to_empty(device=device).reset_parameters()
-            sd.update({f"{name}.{k}": v.to(dtype) for k, v in mod.state_dict().items()})
+            twin = nsa.NSA(mod.config, mod.g_proj.in_features, mod.nq, mod.nkv, mod.d)
+            out.update({f"{name}.{k}": v.to(device) for k, v in twin.state_dict().items()})
+    return out
+
+
+def load_weights(model: nn.Module, index: dict[str, tuple[str, str]], path: str, dtype, device):
+    """Strict, streaming load into a model built on the meta device: each tensor is read, cast and
+    assigned once, so peak memory is the model in `dtype` plus one tensor, never a second copy."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in POS_TABLES}
+    reader = CheckpointReader(want, index, path, tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p)))
+    try:
+        if reader.error:
+            raise ValueError(reader.error)
+        sd = {k: reader.read(k).to(device=device, dtype=dtype) for k in reader.want}
+    finally:
+        reader.close()
+    fresh = fresh_tensors(model, device, reader.fresh_nsa)
+    sd.update({k: v if k.endswith("pos_embed") else v.to(dtype) for k, v in fresh.items()})
     model.load_state_dict(sd, strict=True, assign=True)
 
 

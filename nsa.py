@@ -98,8 +98,9 @@ class NSA(nn.Module):
         so every compressed key is 0, the cmp branch outputs 0 and the top-k is a tie (spec §6);
         the library's xavier makes compressed keys random mixtures. Here pooling starts as the
         window's mean (q . mean(k) = mean of the logits, so block scores mean something at step 0),
-        the position term small, and every gate at sigmoid(GATE_BIAS): slc and swa at 0.5 each, so
-        while they cover a whole sample the layer is dense attention plus 0.12 x cmp."""
+        the position term a small deterministic code, and every gate at sigmoid(GATE_BIAS): slc and
+        swa at 0.5 each, so while they cover a whole sample the layer is dense attention + 0.12 x cmp.
+        No RNG: the same fresh tensors on every rank."""
         if self.intra_block_pe.is_meta:  # built on the meta device: load_weights calls us again
             return
         k = self.config.kernel_size
@@ -111,7 +112,12 @@ class NSA(nn.Module):
                 w.fill_(1.0 / k)
             elif w is not None:  # linear: [K*D, D] = K stacked identities / K (input index i*D + d)
                 w.copy_(torch.eye(self.d).repeat(k, 1).expand(self.nkv, -1, -1) / k)
-        self.intra_block_pe.normal_(0.0, 0.02)
+        # a small sin-cos code of the position inside the window: deterministic, so every rank of a
+        # sharded model can build the same fresh tensors (no RNG)
+        i = torch.arange(k, dtype=torch.float32)[:, None]
+        f = 1.0 / 10000 ** (torch.arange(self.d // 2, dtype=torch.float32) / max(self.d // 2, 1))
+        pe = 0.02 * torch.cat([torch.sin(i * f), torch.cos(i * f)], -1)  # [K, D]
+        self.intra_block_pe.copy_(pe.expand(self.nkv, -1, -1))
 
 
 class NSAInputs(NamedTuple):
@@ -175,8 +181,9 @@ def _probs(s, mask):
 class Masks(NamedTuple):
     """What the rows of one chunk may see in each branch (built once, no grad, by `_select`)."""
     cmp: torch.Tensor  # [C, m] compressed tokens 0..m-1 whose K tokens are all allowed (§7.3)
-    pos: torch.Tensor  # [C, Hkv, k*B] sample positions of the selected blocks' tokens
-    slc: torch.Tensor  # [C, Hkv, k*B] which of them are real and allowed
+    sel: torch.Tensor  # [C, Hkv, k] selected blocks (-1: none); their tokens are gathered again
+    block: int  # block_size
+    slc: torch.Tensor  # [C, Hkv, k*B] which tokens of the selected blocks are real and allowed
     lo: int  # window keys are sample positions lo..hi-1
     hi: int
     swa: torch.Tensor  # [C, hi-lo]
@@ -226,13 +233,12 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int):
     pos = (idx.transpose(0, 1)[..., None] * B + torch.arange(B, device=t.device)).flatten(2)  # [C, Hkv, k*B]
     real = (pos >= 0) & (pos < hi)
     slc = real & ok.gather(1, pos.clamp(0, hi - 1).flatten(1)).view_as(pos)
-    pos = pos.clamp(0, L - 1)
     # swa: the last w+1 allowed tokens; an image query also sees all of its image (as dense BAGEL)
     lo = int(torch.minimum(tl - w, torch.where(img, start, tl)).min().clamp_min(0))
     r = torch.arange(lo, hi, device=t.device)
     near = (r[None] >= tl[:, None] - w) & (r[None] <= tl[:, None])
     same = img[:, None] & (r[None] >= start[:, None]) & (r[None] < end[:, None])
-    return idx, Masks(vis, pos, slc, lo, hi, ok[:, lo:hi] & (near | same))
+    return idx, Masks(vis, idx.transpose(0, 1), B, slc, lo, hi, ok[:, lo:hi] & (near | same))
 
 
 def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
@@ -250,7 +256,8 @@ def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
         o_cmp = q1.new_zeros(q1.shape[1:])
     # slc: keys gathered per (query, KV head); a group's G query heads act as the query axis
     head = torch.arange(hkv, device=qc.device)[None, :, None]
-    o_slc = sdpa(qc.view(C, hkv, hq // hkv, d), ks[m.pos, head], vs[m.pos, head], attn_mask=m.slc[:, :, None])
+    pos = (m.sel[..., None] * m.block + torch.arange(m.block, device=qc.device)).flatten(2).clamp(0, ks.shape[0] - 1)
+    o_slc = sdpa(qc.view(C, hkv, hq // hkv, d), ks[pos, head], vs[pos, head], attn_mask=m.slc[:, :, None])
     kw, vw = (x[m.lo:m.hi].transpose(0, 1)[None] for x in (ks, vs))
     o_swa = sdpa(q1, kw, vw, attn_mask=m.swa[None, None], enable_gqa=True)[0]
     gc = gc.to(qc.dtype)

@@ -456,3 +456,24 @@ def test_readme_commands_parse(cmd):
         assert args.model == "/data/BAGEL-7B-MoT" and args.data.data
     if "--freeze und" in cmd:
         assert args.freeze == ("und",) and args.visual_und is False
+
+
+def test_nsa_on_a_dense_checkpoint_trains_and_exports(tmp_path):
+    """--attn nsa on the dense demo base: the NSA parameters start from their deterministic init on
+    every rank (fsdp.load_pretrained), train, and the DCP -> official export carries them and the
+    NSA config, so it loads strictly with model.py (and --plain drops them again)."""
+    import convert_weights
+    out = str(tmp_path / "run")
+    train.main(DEMO + ["--output-dir", out, "--max-steps", "2", "--attn", "nsa", "--nsa.block-size", "32",
+                       "--nsa.topk", "4", "--nsa.window-size", "64"])
+    step = os.path.join(out, "step-0000002")
+    ckpt = read_dcp(step, str(tmp_path / "c.pt"))
+    nsa_keys = [k for k in ckpt["model"] if ".self_attn.nsa." in k]
+    assert nsa_keys and all(torch.isfinite(ckpt["model"][k]).all() for k in nsa_keys)
+    exported = convert_weights.convert(convert_weights.Args(src=step, dst=str(tmp_path / "exp"), dtype="fp32", check=True))
+    model = Bagel.from_pretrained(exported)
+    assert model.config.nsa is not None and model.config.nsa.block_size == 32
+    for k in nsa_keys:
+        assert torch.equal(model.state_dict()[k], ckpt["ema"][k]), k
+    plain = convert_weights.convert(convert_weights.Args(src=step, dst=str(tmp_path / "plain"), plain=True, check=True))
+    assert Bagel.from_pretrained(plain).config.nsa is None

@@ -28,6 +28,7 @@ import data as data_lib
 import fsdp
 import packing
 from data import DataConfig
+from nsa import NSAConfig
 from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, Context, LLMConfig, ViTConfig, config_files,
                    generate_image, generate_text, latent_to_pil, read_config)
 
@@ -115,6 +116,8 @@ class Args:
     """build the generation path (None: as the checkpoint says)"""
     attn: Literal["auto", "sdpa", "flex", "nsa"] = "auto"
     """attention backend (auto: nsa if the checkpoint has NSA weights, else flex on CUDA, sdpa on CPU)"""
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+    """Native Sparse Attention settings, used with --attn nsa on a dense checkpoint (seed-guide names)"""
     precision: Literal["bf16", "fp32"] = "bf16"
     """compute dtype; master weights, gradients' reduction, optimizer state and EMA are always fp32"""
     activation_checkpointing: bool = True
@@ -250,6 +253,8 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     """Meta build -> freeze -> shard -> allocate this rank's shards -> rank-0 load + broadcast."""
     over = {k: v for k, v in (("visual_und", args.visual_und), ("visual_gen", args.visual_gen),
                               ("timestep_shift", args.timestep_shift)) if v is not None}
+    if args.attn == "nsa" and read_config(args.model).nsa is None:
+        over["nsa"] = args.nsa  # NSA parameters on a dense checkpoint: created fresh at load
     with torch.device("meta"):
         model = Bagel(read_config(args.model, **over))
     model.attn = None if args.attn == "auto" else args.attn
@@ -504,6 +509,8 @@ def train(args: Args, d: fsdp.Dist):
         dist.barrier()
         args = dataclasses.replace(args, model=os.path.abspath(base),
                                    data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)))
+    if args.cpu_offload and d.device.type != "cuda":
+        raise ValueError("--cpu-offload moves GPU shards to host memory: on CPU they are there already")
     args = dataclasses.replace(args, model=os.path.abspath(args.model))  # args.json tells convert_weights.py
     # the data must match the model: geometry, tokenizer and switched-off parts come from its config
     cfg = read_config(args.model, **{k: v for k, v in (("visual_und", args.visual_und),
