@@ -800,6 +800,19 @@ def config_files(config: BagelConfig) -> dict[str, dict]:
     return {"llm_config.json": llm, "vit_config.json": vit, "bagel_config.json": bagel, "ae_config.json": ae}
 
 
+def save_pretrained(path: str, model: "Bagel", ae: "AutoEncoder"):
+    """Write a checkpoint directory in the official layout (+ bagel_config.json, ae_config.json) that
+    `from_pretrained` reads: the demo's base model and the tests' tiny checkpoints. Real exports of
+    trained weights stream through convert_weights.py instead."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    for name, cfg in config_files(model.config).items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(cfg, f, indent=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "ema.safetensors"))
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, os.path.join(path, "ae.safetensors"))
+
+
 def safetensors_keys(file: str) -> list[str]:
     from safetensors import safe_open
     if not os.path.exists(file):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import packing
 from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, Context, LLMConfig, ViTConfig, generate_image,
                    generate_text, latent_to_pil, packed_attention, patchify_latent, plan_attention,
-                   read_config, config_files, sincos_2d, unpatchify_latent)
+                   read_config, config_files, save_pretrained, sincos_2d, unpatchify_latent)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "testdata", "golden")
@@ -53,12 +53,7 @@ def tiny_ae(seed: int = 0) -> AutoEncoder:
 
 def write_official(path, model: Bagel, ae: AutoEncoder):
     """A checkpoint directory in the official BAGEL-7B-MoT layout (+ our two optional config files)."""
-    os.makedirs(path, exist_ok=True)
-    for name, cfg in config_files(model.config).items():
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(cfg, f)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "ema.safetensors"))
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, os.path.join(path, "ae.safetensors"))
+    save_pretrained(str(path), model, ae)
 
 
 def golden_batch(case: str, seed: int = 0) -> dict:

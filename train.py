@@ -29,8 +29,8 @@ import fsdp
 import packing
 from data import DataConfig
 from nsa import NSAConfig
-from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, Context, LLMConfig, ViTConfig, config_files,
-                   generate_image, generate_text, latent_to_pil, read_config)
+from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, Context, LLMConfig, ViTConfig, generate_image,
+                   generate_text, latent_to_pil, read_config, save_pretrained)
 
 # -------------------------------------------------------------------------------------------------
 # arguments
@@ -210,7 +210,6 @@ def make_demo_data(folder: str, n_images: int = 400, seed: int = 0) -> str:
 def make_demo_checkpoint(path: str, seed: int = 0) -> str:
     """A tiny random BAGEL written like a released one (configs, ema.safetensors, ae.safetensors,
     tokenizer.json), so the demo loads, trains and converts through exactly the real code path."""
-    from safetensors.torch import save_file
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     words = sorted({w for s in DEMO_SHAPES for w in (s, "a", ".", "?")} | set(DEMO_COLOURS) |
                    set("what shape is this colour it describe the image".split()))
@@ -228,12 +227,7 @@ def make_demo_checkpoint(path: str, seed: int = 0) -> str:
     torch.manual_seed(seed)  # only here, before any training code runs: the demo's random init
     model, ae = Bagel(config), AutoEncoder(config.vae)
     model.init_weights()
-    os.makedirs(path, exist_ok=True)
-    for name, cfg in config_files(config).items():
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(cfg, f, indent=1)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "ema.safetensors"))
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, os.path.join(path, "ae.safetensors"))
+    save_pretrained(path, model, ae)
     tok.save(os.path.join(path, "tokenizer.json"))
     return path
 
