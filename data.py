@@ -678,8 +678,8 @@ class ShardStream:
         while True:
             key = self.next_key()
             if key is None:  # finite run (epochs set) and every source done
-                for p in self.packer.flush():
-                    yield self.emit(p)
+                while self.packer.open:  # one at a time: each state still lists the packs not yet emitted
+                    yield self.emit(self.packer.pop(0))
                 return
             try:
                 sample = self.make(key)
@@ -760,6 +760,30 @@ class PackLoader:
                                  f"exact resume needs the same value")
         self.consumed = sd["consumed"]
         self.shards = {int(k): v for k, v in copy.deepcopy(sd["shards"]).items()}
+
+    def continue_from(self, states: list[dict]):
+        """Resume from the data states of ALL ranks of a run with another world size or worker count.
+        Exact resume is impossible there (which shard reads which record changes), so each source
+        restarts at the smallest next position of the old shards, and the samples that waited in open
+        packs below it are handed out again as open packs: no record is skipped, the few between the
+        old shards' positions are read twice. Counters and timestep draws restart."""
+        if any(st["seed"] != self.cfg.seed for st in states):
+            raise ValueError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
+        n_src = len(self.dataset.sources)
+        start, waiting = [math.inf] * n_src, []
+        for rank, st in enumerate(states):
+            nw = max(st["num_workers"], 1)
+            for v in range(nw):
+                sh = st["shards"].get(str(v), st["shards"].get(v))  # JSON turns the int keys into str
+                pos = sh["pos"] if sh else [rank * nw + v] * n_src  # a shard that never emitted: its start
+                start = [min(a, b) for a, b in zip(start, pos)]
+                waiting += sh["open"] if sh else []
+        waiting = [p for p in ([k for k in pack if k[1] < start[k[0]]] for pack in waiting) if p]
+        nw = max(self.cfg.num_workers, 1)
+        n_new, first = self.dataset.world_size * nw, self.dataset.rank * nw
+        self.consumed = 0
+        self.shards = {v: dict(shard=v, draws=0, pos=[int(p) + first + v for p in start], packs=0, samples=0,
+                               tokens=0, skips={}, open=waiting[first + v::n_new]) for v in range(nw)}
 
     def stats(self) -> dict:
         """Totals over this rank's consumed packs: fill, padding, samples/pack, skips per reason."""

@@ -236,16 +236,19 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
 
 
 def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
-                    d: Dist) -> tuple[dict, dict | None]:
+                    d: Dist) -> tuple[dict, list[dict]]:
     """Restore model, optimizer and EMA in place from a DCP checkpoint saved at any world size.
-    Returns (trainer state, this rank's state or None when it was saved by another world size)."""
+    Returns (trainer state, the data states of every rank that saved it)."""
     keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     model_sd, optim_sd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
     sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
     with open(os.path.join(path, "meta.json")) as f:
-        same_world = json.load(f).get("world_size") == d.world_size
-    if same_world and f"rank{d.rank}" in keys:
-        sd.update({f"rank{d.rank}": "", f"rng{d.rank}": torch.get_rng_state()})
+        old_world = json.load(f).get("world_size")
+    if old_world == d.world_size and f"rng{d.rank}" in keys:
+        sd[f"rng{d.rank}"] = torch.get_rng_state()
+    # every old rank's data state (small JSON): exact resume uses this rank's, a run at another world
+    # size or worker count continues the stream from all of them
+    sd.update({f"rank{r}": "" for r in range(old_world or 0) if f"rank{r}" in keys})
     if ema is not None:
         if not any(k.startswith("ema.") for k in keys):
             raise ValueError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
@@ -255,8 +258,7 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     set_optimizer_state_dict(model, opt, optim_sd)
     if f"rng{d.rank}" in sd:
         torch.set_rng_state(sd[f"rng{d.rank}"])
-    mine = json.loads(sd[f"rank{d.rank}"]) if f"rank{d.rank}" in sd else None
-    return json.loads(sd["trainer"]), mine
+    return json.loads(sd["trainer"]), [json.loads(sd[f"rank{r}"]) for r in range(old_world or 0) if f"rank{r}" in sd]
 
 
 def prune_checkpoints(output_dir: str, keep_last: int):

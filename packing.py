@@ -324,11 +324,11 @@ class FirstFitPacker:
             if used + n <= self.budget:
                 self.open[i].append(item)
                 self.used[i] += n
-                return [self._pop(i)] if self.used[i] >= self.min_fill * self.budget else []
+                return [self.pop(i)] if self.used[i] >= self.min_fill * self.budget else []
         self.open.append([item])
         self.used.append(n)
         if len(self.open) > self.max_open:
-            return [self._pop(max(range(len(self.used)), key=self.used.__getitem__))]
+            return [self.pop(max(range(len(self.used)), key=self.used.__getitem__))]
         return []
 
     def flush(self) -> list[list]:
@@ -337,7 +337,7 @@ class FirstFitPacker:
         self.open, self.used = [], []
         return packs
 
-    def _pop(self, i: int) -> list:
+    def pop(self, i: int) -> list:
         self.used.pop(i)
         return self.open.pop(i)
 

@@ -527,6 +527,33 @@ def test_ranks_and_workers_are_disjoint_and_cover_the_epoch(tmp_path):
     assert len(seen) == len(set(seen)) == 70
 
 
+def test_resume_at_another_world_size_skips_no_record(tmp_path):
+    """A run saved by 2 ranks x 2 workers continues on 1 rank x 1 worker: together the packs before
+    and after cover every record of the epoch, and only a few are read twice."""
+    cfg = small_cfg(data=(text_data(tmp_path, 120, "a.jsonl"), text_data(tmp_path, 60, "b.jsonl")),
+                    packing_length=128, num_workers=2)
+    before, states = [], []
+    for rank in range(2):
+        ds, shards = data.PackedDataset(cfg, rank, 2), {}
+        for w in range(2):
+            for k, (pack, _, state) in enumerate(ds.stream(w, 2)):
+                before += [s.where for s in pack]
+                shards[w] = state
+                if k == 2 + rank + w:  # uneven progress across shards
+                    break
+        states.append(json.loads(json.dumps(dict(consumed=0, num_workers=2, world_size=2, seed=cfg.seed, shards=shards))))
+    loader = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0))
+    loader.continue_from(states)
+    loader.dataset.resume = loader.shards
+    after = [s.where for pack, _, _ in loader.dataset.stream() for s in pack]
+    assert len(set(before) | set(after)) == 180  # every record of the epoch, none skipped
+    assert len(set(before)) == len(before) and len(set(after)) == len(after)
+    print(f"re-read after resuming on another world size: {len(before) + len(after) - 180} of 180")
+    assert 0 < len(before) < 180 and len(before) + len(after) - 180 <= 24  # re-read: between the old positions
+    with pytest.raises(ValueError, match="seed"):
+        data.PackLoader(small_cfg(data=cfg.data, seed=1)).continue_from(states)
+
+
 def test_epochs_reshuffle(tmp_path):
     cfg = small_cfg(data=(text_data(tmp_path),), packing_length=128, epochs=2)
     ds = data.PackedDataset(cfg)

@@ -545,15 +545,16 @@ def train(args: Args, d: fsdp.Dist):
     tok = loader.dataset.tok
     step = 0
     if resume:
-        trainer, mine = fsdp.load_checkpoint(resume, model, opt, ema, d)
+        trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d)
         step = trainer["step"]
         sched.load_state_dict(trainer["sched"])
-        try:
-            if mine is None:
-                raise ValueError("it was saved at another world size")
-            loader.load_state_dict(mine["data"])
-        except ValueError as e:  # which rank reads which record depends on world size and workers
-            log(f"warning: data position not restored ({e}): the data stream starts over")
+        states = [r["data"] for r in ranks]
+        if len(states) == d.world_size and states[0]["num_workers"] == args.data.num_workers:
+            loader.load_state_dict(states[d.rank])  # exact: the same packs as an uninterrupted run
+        else:  # which rank reads which record depends on world size and workers
+            loader.continue_from(states)
+            log(f"data: saved by {len(states)} ranks, resumed on {d.world_size}: the stream continues from the "
+                f"first record any old rank had not used (none skipped, a few read twice)")
         log(f"resumed from {resume} at step {step}")
     if step >= args.max_steps:
         log(f"already at step {step} >= max_steps {args.max_steps}: nothing to do "
