@@ -957,7 +957,9 @@ class Context:
             return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
 
         gen = torch.as_tensor(gen_rows, dtype=torch.long, device=self.dev)
-        und = torch.tensor([i for i in range(seq.shape[0]) if i not in set(gen_rows)], dtype=torch.long, device=self.dev)
+        is_gen = torch.zeros(seq.shape[0], dtype=torch.bool, device=self.dev)
+        is_gen[gen] = True
+        und = torch.nonzero(~is_gen).squeeze(1)
         h = self.model.language_model.model(seq, pos, und, gen, attend)
         if update:
             self.kv, self.splits = new, splits
