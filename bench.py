@@ -4,6 +4,7 @@
     python bench.py --layers 28 --width 3584 --heads 28 --kv-heads 4 --ffn 18944 --device cuda --dtype bf16
     python bench.py --tokens 32768 --only fwdbwd --attn flex --device cuda
     python bench.py --what data                       # packing fill and data-loader throughput
+    python bench.py --what nsa --tokens 4096 16384    # one NSA attention vs dense sdpa, fwd+bwd
 
 Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
 peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
@@ -27,8 +28,9 @@ from train import peak_flops, step_flops
 
 @dataclass
 class Args:
-    what: Literal["model", "data"] = "model"
-    """model: the packed forward/backward; data: packing fill and data-loader throughput"""
+    what: Literal["model", "data", "nsa"] = "model"
+    """model: the packed forward/backward; data: packing fill and data-loader throughput; nsa: one
+    NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B)"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -40,8 +42,8 @@ class Args:
     """the real vocabulary: lm_head cost on CE tokens is part of the picture"""
     vit_layers: int = 2
     vit_width: int = 384
-    tokens: int = 8192
-    """pack size (the packing budget)"""
+    tokens: tuple[int, ...] = (8192,)
+    """pack size (the packing budget); several values with --what nsa"""
     device: str = "cpu"
     dtype: Literal["fp32", "bf16"] = "fp32"
     attn: tuple[str, ...] = ("sdpa", "flex")
@@ -65,7 +67,7 @@ def build(a: Args) -> Bagel:
 
 
 def mixed_pack(a: Args) -> dict:
-    """~a.tokens tokens of understanding (224px ViT + Q + A), T2I (caption + 512px target) and edit
+    """~`tokens` tokens of understanding (224px ViT + Q + A), T2I (caption + 512px target) and edit
     (512px clean VAE + 224px ViT + instruction + 512px target) samples, in random order."""
     rng = random.Random(a.seed)
     tok = packing.SpecialTokens(151644, 151645, 151652, 151653)
@@ -81,7 +83,7 @@ def mixed_pack(a: Args) -> dict:
     layouts, n = [], 0
     while True:
         lay = packing.layout_sample(kinds[rng.choice(list(kinds))](), tok)
-        if n + lay.n > a.tokens:
+        if n + lay.n > a.tokens[0]:
             break
         layouts.append(lay)
         n += lay.n
@@ -95,6 +97,8 @@ def mixed_pack(a: Args) -> dict:
 
 def child(a: Args):
     attn, mode = a.child.split(",")
+    if a.what == "nsa":
+        return print(json.dumps(measure_nsa(attn, int(mode), device=a.device)))
     model = build(a)
     model.attn = attn
     batch = mixed_pack(a)
@@ -129,17 +133,17 @@ def child(a: Args):
 
 def bench_data(a: Args):
     """Packing fill on the issue's length mix (60% VQA ~600 tokens, 30% T2I 512^2 ~1.1k, 10% edit
-    ~2.5k; budget a.tokens) for first-fit vs next-fit, and PackLoader throughput on 512^2 JPEG records."""
+    ~2.5k; budget `tokens`) for first-fit vs next-fit, and PackLoader throughput on 512^2 JPEG records."""
     import tempfile
     from PIL import Image
     from data import DataConfig, PackLoader
     rng = random.Random(a.seed)
     lengths = [int(rng.gauss(*rng.choices([(600, 150), (1100, 100), (2500, 400)], [6, 3, 1])[0])) for _ in range(20000)]
     for name, open_packs in (("first-fit, 8 open packs", 8), ("next-fit (1 open pack)", 1)):
-        packer, packs = packing.FirstFitPacker(a.tokens, open_packs, size=lambda n: n), []
+        packer, packs = packing.FirstFitPacker(a.tokens[0], open_packs, size=lambda n: n), []
         for n in lengths:
-            packs += packer.add(max(1, min(n, a.tokens)))
-        fill = sum(map(sum, packs)) / (len(packs) * a.tokens)
+            packs += packer.add(max(1, min(n, a.tokens[0])))
+        fill = sum(map(sum, packs)) / (len(packs) * a.tokens[0])
         print(f"packing {name:24s} | fill {fill:.1%} | {len(lengths) / len(packs):.1f} samples/pack")
     with tempfile.TemporaryDirectory() as tmp:  # 512^2 JPEGs: half T2I targets, half VQA inputs
         records = []
@@ -153,7 +157,7 @@ def bench_data(a: Args):
         with open(os.path.join(tmp, "x.jsonl"), "w") as f:
             f.writelines(json.dumps({"messages": m}) + "\n" for m in records)
         tok_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "golden", "tokenizer")
-        cfg = DataConfig(data=(os.path.join(tmp, "x.jsonl"),), model=tok_dir, packing_length=a.tokens, num_workers=0)
+        cfg = DataConfig(data=(os.path.join(tmp, "x.jsonl"),), model=tok_dir, packing_length=a.tokens[0], num_workers=0)
         loader, t, n = PackLoader(cfg), time.perf_counter(), 0
         for batch in loader:
             n += batch["sequence_length"]
@@ -164,14 +168,48 @@ def bench_data(a: Args):
               f"| fill {st['fill']:.1%}")
 
 
+def measure_nsa(kind: str, n: int, hq: int = 7, hkv: int = 1, d: int = 128, device: str = "cpu") -> dict:
+    """Forward + backward of one attention over a single causal sample of n tokens (fp32)."""
+    import nsa
+    from model import packed_attention, plan_attention, rope_cos_sin
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, d, generator=g).to(device).requires_grad_() for h in (hq, hkv, hkv))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    if kind == "nsa":
+        params = nsa.NSA(nsa.NSAConfig(), 64, hq, hkv, d).to(device)
+        gates = torch.rand(n, hq, 3, generator=g).to(device).requires_grad_()
+        cos, sin = rope_cos_sin(torch.arange(n, device=device), d, 1e6, torch.float32)
+        out = nsa.attention(nsa.plan([n], [n], ["causal"], device), q, k, v, nsa.NSAInputs(params, gates, k, cos, sin))
+    else:
+        out = packed_attention(plan_attention("sdpa", [n], [n], ["causal"], device), q, k, v)
+    out.square().mean().backward()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"attn": kind, "tokens": n, "seconds": time.perf_counter() - t, "peak_gb": peak / 2**30}
+
+
 def main():
     a = tyro.cli(Args)
     if a.child:
         return child(a)
     if a.what == "data":
         return bench_data(a)
+    if a.what == "nsa":
+        print(f"one attention, fwd+bwd, fp32, {a.device}, Hq=7 Hkv=1 D=128 (one KV group of BAGEL-7B), NSA defaults")
+        for n in a.tokens:
+            for attn in ("sdpa", "nsa"):  # a process each, so each peak is its own
+                out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{attn},{n}"],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    print(f"{attn:5s} {n:6d} failed: {out.stderr.strip().splitlines()[-1]}")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{attn:5s} {n:6d} tokens | {r['seconds']:8.2f} s | peak {r['peak_gb']:.2f} GiB")
+        return
     modes = ["fwd", "fwdbwd"] if a.only == "all" else [a.only]
-    print(f"BAGEL bench: {a.layers} layers, width {a.width}, {a.tokens} token pack, {a.device} {a.dtype}")
+    print(f"BAGEL bench: {a.layers} layers, width {a.width}, {a.tokens[0]} token pack, {a.device} {a.dtype}")
     for attn in a.attn:
         for mode in modes:
             if attn == "flex" and mode == "fwdbwd" and not a.device.startswith("cuda"):

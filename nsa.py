@@ -15,7 +15,7 @@ has its whole image in its window (what dense BAGEL attention gives it).
 The pure-PyTorch path runs on any device, one chunk of queries at a time and recomputed in the
 backward (checkpoint), so memory is O(tokens), never tokens x tokens. On CUDA, all-causal packs go
 to the library's Triton ops when it is importable (§7.5); everything else falls back, logging why.
-`python nsa.py` measures one layer against dense sdpa on CPU.
+`python bench.py --what nsa` measures one attention against dense sdpa.
 """
 import logging
 import math
@@ -371,54 +371,3 @@ def _library_attention(lay: Layout, q, k, v, x: NSAInputs):
     o_swa = flash(q, k, v, cu, cu, mx, mx, causal=True, window_size=(c.window_size, -1))
     g = x.gates.to(dt)  # outputs are token-major [N, H, D]: no transpose (LMMS Engine bug)
     return g[..., 0, None] * o_cmp + g[..., 1, None] * o_slc + g[..., 2, None] * o_swa
-
-
-# -------------------------------------------------------------------------------------------------
-# measurement: python nsa.py [--lengths 4096 16384 32768] [--heads 7 1] [--dim 128]
-
-def _measure(kind: str, n: int, hq: int, hkv: int, d: int) -> str:
-    """Forward + backward of one attention over a single causal sample of n tokens (fp32, CPU)."""
-    import resource
-    import time
-
-    import model
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, h, d, generator=g, requires_grad=True) for h in (hq, hkv, hkv))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    if kind == "nsa":
-        params = NSA(NSAConfig(), 64, hq, hkv, d)
-        gates = torch.rand(n, hq, 3, generator=g, requires_grad=True)
-        cos, sin = model.rope_cos_sin(torch.arange(n), d, 1e6, torch.float32)
-        out = attention(plan([n], [n], ["causal"]), q, k, v, NSAInputs(params, gates, k, cos, sin))
-    else:
-        out = model.packed_attention(model.plan_attention("sdpa", [n], [n], ["causal"], "cpu"), q, k, v)
-    out.square().mean().backward()
-    dt = time.perf_counter() - t
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20  # KiB -> GiB
-    return f"{kind} {n} {dt:.2f} {peak:.2f}"
-
-
-def bench(lengths=(4096, 16384, 32768), hq: int = 7, hkv: int = 1, d: int = 128):
-    """One process per measurement, so each peak RSS is its own."""
-    import subprocess
-    import sys
-    print(f"one attention, fwd+bwd, fp32 CPU, {torch.get_num_threads()} threads, Hq={hq} Hkv={hkv} D={d}, NSA defaults")
-    print("kind   tokens   seconds   peak GiB (RSS growth)")
-    for n in lengths:
-        for kind in ("sdpa", "nsa"):
-            r = subprocess.run([sys.executable, "-c", f"import nsa; print(nsa._measure({kind!r}, {n}, {hq}, {hkv}, {d}))"],
-                               capture_output=True, text=True)
-            line = r.stdout.strip().splitlines()[-1] if r.returncode == 0 else f"{kind} {n} failed: {r.stderr[-300:]}"
-            kind_, n_, sec, gib = (line.split() + ["", "", "", ""])[:4]
-            print(f"{kind_:6s} {n_:>7s} {sec:>9s} {gib:>10s}", flush=True)
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="CPU time and memory of one NSA attention vs dense sdpa")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
-    ap.add_argument("--heads", type=int, nargs=2, default=[7, 1], metavar=("HQ", "HKV"))
-    ap.add_argument("--dim", type=int, default=128)
-    a = ap.parse_args()
-    bench(a.lengths, *a.heads, a.dim)
