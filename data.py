@@ -21,7 +21,7 @@ import os
 import random
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -842,7 +842,7 @@ def main():
             if i >= args.inspect:
                 break
             print(describe(pack, args.packing_length, i))
-            print(f"  tensors: " + ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items()
+            print("  tensors: " + ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items()
                                              if torch.is_tensor(v)))
     except ValueError as e:  # bad data or settings: the message says where and what to do
         print(f"error: {e}", file=sys.stderr)

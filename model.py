@@ -10,7 +10,7 @@ import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
-from functools import partial
+from functools import lru_cache, partial
 from typing import Literal
 
 import numpy as np
@@ -247,14 +247,11 @@ def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = No
     return out
 
 
-_FLEX = None
+@lru_cache(maxsize=None)
 def _compiled_flex():
     # FlexAttention is only fast (and memory-light) compiled; compile once per process, lazily
-    global _FLEX  # noqa: PLW0603  (a cache, not state: the compiled function is pure)
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        _FLEX = torch.compile(flex_attention)
-    return _FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 import base64
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """model.py tests: strict loading, parity with independent implementations (transformers' Qwen3 and
 SigLIP, diffusers' VAE), mask semantics, expert routing, inference helpers. CPU, tiny shapes, seconds."""
-import dataclasses
 import json
 import os
 
