@@ -70,9 +70,9 @@ def mixed_pack(a: Args) -> dict:
     """~`tokens` tokens of understanding (224px ViT + Q + A), T2I (caption + 512px target) and edit
     (512px clean VAE + 224px ViT + instruction + 512px target) samples, in random order."""
     rng = random.Random(a.seed)
-    tok = packing.SpecialTokens(151644, 151645, 151652, 151653)
+    tok = packing.SpecialTokens(*range(a.vocab - 4, a.vocab))  # ids only matter for their count
     img = lambda s: torch.zeros(3, s, s)
-    text = lambda n, loss, cfg=0: {"type": "text", "ids": [rng.randrange(1000, 100000) for _ in range(n)], "loss": loss, "enable_cfg": cfg}
+    text = lambda n, loss, cfg=0: {"type": "text", "ids": [rng.randrange(a.vocab - 4) for _ in range(n)], "loss": loss, "enable_cfg": cfg}
     kinds = {
         "und": lambda: [{"type": "vit_image", "image": img(224), "loss": 0}, text(40, 0), text(rng.randrange(30, 200), 1)],
         "t2i": lambda: [text(rng.randrange(20, 80), 0, 1), {"type": "vae_image", "image": img(512), "loss": 1}],
