@@ -21,7 +21,7 @@ import os
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -111,6 +111,15 @@ class DataConfig:
         for p in (self.text_cond_dropout, self.vit_cond_dropout, self.vae_cond_dropout):
             if not 0 <= p <= 1:
                 raise ValueError(f"CFG dropout probabilities must be in [0, 1], got {p}")
+
+
+def match_model(cfg: DataConfig, model_config) -> DataConfig:
+    """`cfg` with the model-side fields (patch size, position-table sides, latent stride, switched-off
+    parts) taken from a model.BagelConfig, so the data can never disagree with the checkpoint."""
+    c = model_config
+    return replace(cfg, vit_patch_size=c.vit.patch_size, vit_max_num_patch_per_side=c.vit_max_num_patch_per_side,
+                   max_latent_size=c.max_latent_size, latent_downsample=c.vae.downsample * c.latent_patch_size,
+                   visual_und=c.visual_und, visual_gen=c.visual_gen)
 
 
 class BadSample(ValueError):
@@ -837,6 +846,11 @@ def main():
     import tyro
     args = tyro.cli(Args)
     try:
+        from model import read_config
+        try:  # a BAGEL checkpoint directory: its geometry wins over the flags
+            args = match_model(args, read_config(args.model))
+        except FileNotFoundError:
+            pass  # a bare tokenizer directory: the flags (default: BAGEL-7B-MoT) apply
         ds = PackedDataset(args)
         for i, (pack, batch, _) in enumerate(ds.stream()):
             if i >= args.inspect:

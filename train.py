@@ -509,11 +509,8 @@ def train(args: Args, d: fsdp.Dist):
     # the data must match the model: geometry, tokenizer and switched-off parts come from its config
     cfg = read_config(args.model, **{k: v for k, v in (("visual_und", args.visual_und),
                                                         ("visual_gen", args.visual_gen)) if v is not None})
-    args = dataclasses.replace(args, data=dataclasses.replace(
-        args.data, model=args.data.model or args.model, vit_patch_size=cfg.vit.patch_size,
-        vit_max_num_patch_per_side=cfg.vit_max_num_patch_per_side, max_latent_size=cfg.max_latent_size,
-        latent_downsample=cfg.vae.downsample * cfg.latent_patch_size, visual_und=cfg.visual_und,
-        visual_gen=cfg.visual_gen))
+    args = dataclasses.replace(args, data=data_lib.match_model(
+        dataclasses.replace(args.data, model=args.data.model or args.model), cfg))
     os.makedirs(args.output_dir, exist_ok=True)
     args_json = dataclasses.asdict(args)
     if d.rank == 0:
