@@ -677,6 +677,9 @@ class Bagel(nn.Module):
         mse_target = None
         if c.visual_gen:
             shapes = [] if patchified_vae_latent_shapes is None else [tuple(map(int, s)) for s in patchified_vae_latent_shapes]
+            if shapes and padded_latent is None:
+                raise ValueError("the pack has VAE images but no padded_latent: encode batch['padded_images'] "
+                                 "with AutoEncoder.encode first (the VAE stays outside the trained model)")
             x0 = (torch.cat([patchify_latent(z, h, w, c.latent_patch_size) for z, (h, w) in zip(padded_latent, shapes)])
                   if shapes else torch.zeros(0, c.latent_channels)).to(dev, torch.float32)
             t = torch.sigmoid(torch.as_tensor([] if packed_timesteps is None else packed_timesteps).to(dev, torch.float32))
