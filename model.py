@@ -660,6 +660,9 @@ class Bagel(nn.Module):
         long = lambda x: (torch.empty(0, dtype=torch.long) if x is None else torch.as_tensor(x)).to(dev, torch.long)
         text_idx, vit_idx, vae_idx = long(packed_text_indexes), long(packed_vit_token_indexes), long(packed_vae_token_indexes)
         ce_idx, mse_idx = long(ce_loss_indexes), long(mse_loss_indexes)
+        if sum(int(x) for x in sample_lens) != n or text_idx.numel() + vit_idx.numel() + vae_idx.numel() != n:
+            raise ValueError(f"inconsistent pack: sequence_length {n}, sum(sample_lens) {sum(int(x) for x in sample_lens)}, "
+                             f"{text_idx.numel()} text + {vit_idx.numel()} ViT + {vae_idx.numel()} VAE token indexes")
 
         seq = torch.zeros(n, c.llm.hidden_size, device=dev, dtype=dtype)
         seq[text_idx] = emb(long(packed_text_ids))

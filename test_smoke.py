@@ -488,6 +488,8 @@ def test_noise_comes_from_the_batch_or_a_generator():
     b.pop("packed_noise")
     with pytest.raises(ValueError, match="Generator"):
         model(**b)
+    with pytest.raises(ValueError, match="inconsistent pack"):
+        model(**dict(b, sequence_length=b["sequence_length"] + 1))
     with pytest.raises(ValueError, match="padded_latent"):
         model(**{k: v for k, v in b.items() if k != "padded_latent"})
     state = torch.get_rng_state()
