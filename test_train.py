@@ -316,6 +316,11 @@ DEMO = ["--log-every", "1", "--data.packing-length", "160", "--optim.schedule", 
         "--eval.every", "4", "--eval.steps", "2", "--eval.size", "32"]
 
 
+@pytest.fixture(autouse=True)
+def random_demo_vae(monkeypatch):
+    monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)  # fitting the demo VAE takes ~40 s; not what these tests test
+
+
 def read_dcp(path: str, out: str) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     dcp_to_torch_save(path, out)

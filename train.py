@@ -207,9 +207,37 @@ def make_demo_data(folder: str, n_images: int = 400, seed: int = 0) -> str:
     return path
 
 
-def make_demo_checkpoint(path: str, seed: int = 0) -> str:
+def fit_demo_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0):
+    """Teach the demo's tiny VAE to reconstruct the shapes (reparameterised sample + a light KL, so
+    the posterior samples that training draws keep the picture). The released BAGEL starts from the
+    FLUX ae; a random VAE would leave the demo's generated images as noise."""
+    from PIL import Image
+    files = sorted(os.listdir(images))
+    x_all = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(images, f)).convert("RGB"))).permute(2, 0, 1)
+                         for f in files]).float() / 127.5 - 1
+    g, opt = torch.Generator().manual_seed(seed), torch.optim.Adam(ae.parameters(), lr=2e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # convolutions, unlike the demo's tiny matmuls, use the cores
+    for _ in range(steps):
+        x = x_all[torch.randint(0, len(x_all), (8,), generator=g)]
+        mean, logvar = ae.encoder(x).chunk(2, dim=1)
+        rec = ae.decoder(mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g))
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - x).pow(2).mean() + 1e-3 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return float(loss)
+
+
+DEMO_VAE_STEPS = 300  # ~40 s on 2 CPU cores; the tests set 0
+
+
+def make_demo_checkpoint(path: str, images: str, seed: int = 0) -> str:
     """A tiny random BAGEL written like a released one (configs, ema.safetensors, ae.safetensors,
-    tokenizer.json), so the demo loads, trains and converts through exactly the real code path."""
+    tokenizer.json), so the demo loads, trains and converts through exactly the real code path. Its
+    VAE is fitted to the demo's shapes first (`fit_demo_vae`)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     words = sorted({w for s in DEMO_SHAPES for w in (s, "a", ".", "?")} | set(DEMO_COLOURS) |
                    set("what shape is this colour it describe the image".split()))
@@ -227,6 +255,10 @@ def make_demo_checkpoint(path: str, seed: int = 0) -> str:
     torch.manual_seed(seed)  # only here, before any training code runs: the demo's random init
     model, ae = Bagel(config), AutoEncoder(config.vae)
     model.init_weights()
+    if DEMO_VAE_STEPS:
+        t0 = time.time()
+        loss = fit_demo_vae(ae, images, DEMO_VAE_STEPS, seed)
+        print(f"demo VAE fitted to the shapes: {DEMO_VAE_STEPS} steps, reconstruction loss {loss:.3f}, {time.time() - t0:.0f}s")
     save_pretrained(path, model, ae)
     tok.save(os.path.join(path, "tokenizer.json"))
     return path
@@ -496,10 +528,10 @@ def train(args: Args, d: fsdp.Dist):
             raise ValueError("--data needs --model (the demo model only knows the demo's words)")
         base, folder = os.path.join(args.output_dir, "base"), os.path.join(args.output_dir, "demo_data")
         if d.rank == 0:
-            if not os.path.exists(os.path.join(base, "tokenizer.json")):  # written last
-                make_demo_checkpoint(base, args.seed)
             if not os.path.exists(os.path.join(folder, "train.jsonl")):
                 make_demo_data(folder, seed=args.seed)
+            if not os.path.exists(os.path.join(base, "tokenizer.json")):  # written last
+                make_demo_checkpoint(base, os.path.join(folder, "images"), args.seed)
         dist.barrier()
         args = dataclasses.replace(args, model=os.path.abspath(base),
                                    data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)))
