@@ -141,7 +141,8 @@ def load_pretrained(model: nn.Module, path: str, d: Dist):
         if error:
             raise ValueError(error)
         # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
-        fresh = {k: v for k, v in fresh_tensors(model, "cpu", fresh_nsa).items() if k in params}
+        new_nsa = fresh_nsa and any(".self_attn.nsa." in k for k in params)  # (sin-cos tables: reset_pos_tables)
+        fresh = {k: v for k, v in fresh_tensors(model, "cpu", True).items() if k in params} if new_nsa else {}
         for k, p in params.items():
             if k in fresh:
                 t = fresh[k].to(d.device)
