@@ -5,6 +5,7 @@
     python bench.py --tokens 32768 --only fwdbwd --attn flex --device cuda
     python bench.py --what data                       # packing fill and data-loader throughput
     python bench.py --what nsa --tokens 4096 16384    # one NSA attention vs dense sdpa, fwd+bwd
+    python bench.py --what nsa --device cuda --dtype bf16 --tokens 8192 32768 65536  # + flex, library
 
 Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
 peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
@@ -98,7 +99,8 @@ def mixed_pack(a: Args) -> dict:
 def child(a: Args):
     attn, mode = a.child.split(",")
     if a.what == "nsa":
-        return print(json.dumps(measure_nsa(attn, int(mode), device=a.device)))
+        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        return print(json.dumps(measure_nsa(attn, int(mode), dtype, a.device)))
     model = build(a)
     model.attn = attn
     batch = mixed_pack(a)
@@ -168,25 +170,34 @@ def bench_data(a: Args):
               f"| fill {st['fill']:.1%}")
 
 
-def measure_nsa(kind: str, n: int, hq: int = 7, hkv: int = 1, d: int = 128, device: str = "cpu") -> dict:
-    """Forward + backward of one attention over a single causal sample of n tokens (fp32)."""
+def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7, hkv: int = 1, d: int = 128) -> dict:
+    """Forward + backward of one attention over a single causal sample of n tokens. kind: sdpa, flex,
+    nsa (the Triton kernels on CUDA when importable, else the pure-PyTorch path) or nsa-torch (always
+    the pure-PyTorch path). On CUDA one untimed warm-up step first (compilation, autotuning)."""
     import nsa
     from model import packed_attention, plan_attention, rope_cos_sin
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, h, d, generator=g).to(device).requires_grad_() for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(n, h, d, generator=g).to(device, dtype).requires_grad_() for h in (hq, hkv, hkv))
+    cuda = device.startswith("cuda")
+    if kind.startswith("nsa"):
+        params = nsa.NSA(nsa.NSAConfig(), 64, hq, hkv, d).to(device, dtype)
+        gates = torch.rand(n, hq, 3, generator=g).to(device, dtype).requires_grad_()
+        cos, sin = rope_cos_sin(torch.arange(n, device=device), d, 1e6, dtype)
+        lay, x = nsa.plan([n], [n], ["causal"], device), nsa.NSAInputs(params, gates, k, cos, sin)
+        fn = lambda: nsa.attention(lay, q, k, v, x, library=False if kind == "nsa-torch" else None)
+    else:
+        plan = plan_attention(kind, [n], [n], ["causal"], device)
+        fn = lambda: packed_attention(plan, q, k, v)
+    if cuda:
+        fn().float().square().mean().backward()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
-    if kind == "nsa":
-        params = nsa.NSA(nsa.NSAConfig(), 64, hq, hkv, d).to(device)
-        gates = torch.rand(n, hq, 3, generator=g).to(device).requires_grad_()
-        cos, sin = rope_cos_sin(torch.arange(n, device=device), d, 1e6, torch.float32)
-        out = nsa.attention(nsa.plan([n], [n], ["causal"], device), q, k, v, nsa.NSAInputs(params, gates, k, cos, sin))
-    else:
-        out = packed_attention(plan_attention("sdpa", [n], [n], ["causal"], device), q, k, v)
-    out.square().mean().backward()
-    if device.startswith("cuda"):
+    fn().float().square().mean().backward()
+    if cuda:
         torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"attn": kind, "tokens": n, "seconds": time.perf_counter() - t, "peak_gb": peak / 2**30}
 
 
@@ -197,16 +208,18 @@ def main():
     if a.what == "data":
         return bench_data(a)
     if a.what == "nsa":
-        print(f"one attention, fwd+bwd, fp32, {a.device}, Hq=7 Hkv=1 D=128 (one KV group of BAGEL-7B), NSA defaults")
+        print(f"one attention, fwd+bwd, {a.dtype}, {a.device}, Hq=7 Hkv=1 D=128 (one KV group of BAGEL-7B), NSA defaults")
+        # nsa = the Triton kernels when they apply (CUDA, bf16, library importable), else = nsa-torch
+        kinds = ("sdpa", "flex", "nsa", "nsa-torch") if a.device.startswith("cuda") else ("sdpa", "nsa")
         for n in a.tokens:
-            for attn in ("sdpa", "nsa"):  # a process each, so each peak is its own
+            for attn in kinds:  # a process each, so each peak is its own
                 out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{attn},{n}"],
                                      capture_output=True, text=True)
                 if out.returncode:
-                    print(f"{attn:5s} {n:6d} failed: {out.stderr.strip().splitlines()[-1]}")
+                    print(f"{attn:9s} {n:6d} failed: {out.stderr.strip().splitlines()[-1]}")
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"{attn:5s} {n:6d} tokens | {r['seconds']:8.2f} s | peak {r['peak_gb']:.2f} GiB")
+                print(f"{attn:9s} {n:6d} tokens | {r['seconds']:8.2f} s | peak {r['peak_gb']:.2f} GiB")
         return
     modes = ["fwd", "fwdbwd"] if a.only == "all" else [a.only]
     print(f"BAGEL bench: {a.layers} layers, width {a.width}, {a.tokens[0]} token pack, {a.device} {a.dtype}")

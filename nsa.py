@@ -265,17 +265,20 @@ def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
             + gc[..., 2, None] * o_swa.transpose(0, 1))
 
 
-def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: bool = False):
+def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: bool = False,
+              library: bool | None = None):
     """NSA over a pack. q [n, Hq, D] are rows q_start.. of the pack (0 in training; the new block at
     inference), k/v [N, Hkv, D] every row, all after QK-norm and RoPE. Returns [n, Hq, D] and, with
-    return_idx, the selected blocks [Hkv, n, k_eff] int32 (sample-relative, sorted, -1 padded)."""
+    return_idx, the selected blocks [Hkv, n, k_eff] int32 (sample-relative, sorted, -1 padded).
+    `library`: None = the Triton kernels on CUDA when they apply, False = never, True = also off
+    CUDA (the Triton interpreter, TRITON_INTERPRET=1: how test_nsa.py checks them without a GPU)."""
     c = x.params.config
     if x.params.nkv != k.shape[1]:
         raise ValueError(f"NSA params are for {x.params.nkv} KV heads, keys have {k.shape[1]}")
-    if q.is_cuda and q_start == 0 and not return_idx:
-        out = _library_attention(lay, q, k, v, x)
-        if out is not None:
-            return out
+    if (q.is_cuda if library is None else library) and q_start == 0:
+        res = _library_attention(lay, q, k, v, x)
+        if res is not None:
+            return res if return_idx else res[0]
     n, hq, d = q.shape
     hkv, B = k.shape[1], c.block_size
     lens = [b - a for a, b in zip(lay.bounds, lay.bounds[1:])]
@@ -320,7 +323,8 @@ def attend_context(q, cache: tuple, x: NSAInputs, splits: list[tuple[int, str]])
 
 
 # -------------------------------------------------------------------------------------------------
-# CUDA: native-sparse-attention-triton (spec §1.2, §3, §7.5). Untested here (no GPU, no library).
+# CUDA: native-sparse-attention-triton (spec §1.2, §3, §7.5). test_nsa.py checks this glue against
+# the path above, on CUDA or on CPU under the Triton interpreter.
 
 @lru_cache(maxsize=None)
 def _library():
@@ -340,7 +344,8 @@ def _say_once(reason: str):
 
 
 def _library_attention(lay: Layout, q, k, v, x: NSAInputs):
-    """The Triton kernels when the pack and config allow them; None (and one log line) otherwise."""
+    """(output, selected blocks) from the Triton kernels when the pack and config allow them; None
+    (and one log line) otherwise."""
     c, lib = x.params.config, _library()
     reason = (lib if isinstance(lib, str) else
               "the pack has full/noise splits, which the kernels' causal masks cannot express" if not lay.all_causal else
@@ -370,4 +375,4 @@ def _library_attention(lay: Layout, q, k, v, x: NSAInputs):
     o_slc = ops.topk_sparse_attention(q, k, v, idx, c.block_size, cu, None)
     o_swa = flash(q, k, v, cu, cu, mx, mx, causal=True, window_size=(c.window_size, -1))
     g = x.gates.to(dt)  # outputs are token-major [N, H, D]: no transpose (LMMS Engine bug)
-    return g[..., 0, None] * o_cmp + g[..., 1, None] * o_slc + g[..., 2, None] * o_swa
+    return g[..., 0, None] * o_cmp + g[..., 1, None] * o_slc + g[..., 2, None] * o_swa, idx

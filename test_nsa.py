@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nsa
 import packing
@@ -462,24 +463,105 @@ def test_tiny_training_run_lowers_both_losses():
     assert hist[-1][0] < 0.7 * hist[0][0] and hist[-1][1] < 0.9 * hist[0][1]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or isinstance(nsa._library(), str),
-                    reason="needs CUDA and native-sparse-attention-triton")
-def test_library_matches_ours_on_causal_packs():
-    c = NSAConfig(block_size=64, kernel_size=32, kernel_stride=16, topk=8)
-    lens, hq, hkv, d = [1000, 3000, 2048], 8, 2, 64
-    params = nsa.NSA(c, 64, hq, hkv, d).cuda().bfloat16()
-    g = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(sum(lens), h, d, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_() for h in (hq, hkv, hkv))
-    gates = torch.rand(sum(lens), hq, 3, device="cuda", generator=g, dtype=torch.bfloat16)
-    pos = torch.cat([torch.arange(n, device="cuda") for n in lens])
-    cos, sin = rope_cos_sin(pos, d, THETA, torch.bfloat16)
-    lay = nsa.plan(lens, lens, ["causal"] * len(lens), "cuda")
-    x = NSAInputs(params, gates, k, cos, sin)
+# -------------------------------------------------------------------------------------------------
+# native-sparse-attention-triton (not on PyPI: skipped unless importable). On a GPU:
+#   PYTHONPATH=/path/to/native-sparse-attention-triton pytest test_nsa.py -k library
+# without one, the same kernels run on the CPU in Triton's interpreter (pip install triton==3.5.0):
+#   TRITON_INTERPRET=1 PYTHONPATH=... pytest test_nsa.py -k library        (~1 min)
+
+def window_attention(q, k, v, cu, _cu, _mx, _mx2, causal=True, window_size=(-1, -1)):
+    """flash_attn_varlen_func's causal sliding window, written out (flash-attn needs CUDA)."""
+    out, w = [], window_size[0]
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        i = torch.arange(b - a, device=q.device)
+        mask = (i[None] <= i[:, None]) & (i[None] >= i[:, None] - w)
+        out.append(F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), attn_mask=mask,
+                                                  enable_gqa=True).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.fixture
+def library(monkeypatch):
+    """(device, dtype) for the library's kernels with nsa._library() pointing at them, or skip."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (torch.cuda.is_available() or interpret):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    ops = pytest.importorskip("native_sparse_attention.ops")
+    try:
+        from flash_attn import flash_attn_varlen_func as window
+    except ImportError:
+        window = window_attention
+    monkeypatch.setattr(nsa, "_library", lambda: (ops, window))
+    if torch.cuda.is_available():
+        yield "cuda", torch.bfloat16
+        return
+    # CPU shims, none of them in the attention math: histc on int (CUDA-only in torch), a device
+    # switch, and two interpreter bugs: its histogram returns int64 data typed int32 (its stores then
+    # write 8 bytes per 4-byte slot: heap corruption), and int() of a scalar fails on NumPy 2.
+    # The interpreter's bf16 gives NaNs: fp16.
+    import numpy as np
+    from triton.runtime import interpreter
+    histc = torch.histc
+    monkeypatch.setattr(torch, "histc", lambda x, bins=100, min=0, max=0: histc(x.float(), int(bins), float(min), float(max)).to(x.dtype))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    hist = interpreter.InterpreterBuilder.create_histogram
+    def hist32(self, *a, **kw):
+        h = hist(self, *a, **kw)
+        return interpreter.TensorHandle(h.data.astype(np.int32), h.dtype)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_histogram", hist32)
+    patch_tensor = interpreter._patch_lang_tensor
+    def patch_tensor_index(tensor):
+        patch_tensor(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.item())
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_tensor_index)
+    with np.errstate(over="ignore", invalid="ignore"):  # exp2 of -inf - -inf inside the kernels, as on a GPU
+        yield "cpu", torch.float16
+
+
+@pytest.mark.parametrize("compress_type,hq,hkv,cfg,lens", [
+    ("weightedpool", 4, 2, NSAConfig(block_size=32, kernel_size=16, kernel_stride=8, topk=4, window_size=40), [150, 260, 96]),
+    ("avgpool", 7, 1, NSAConfig(block_size=32, kernel_size=32, kernel_stride=16, topk=3, local_blocks=1, window_size=20,
+                                compress_type="avgpool", compress_rope=False), [20, 300, 45]),  # a sample < kernel
+    ("linear", 2, 2, NSAConfig(block_size=64, kernel_size=16, kernel_stride=16, topk=16, init_blocks=2, local_blocks=1,
+                               window_size=70, compress_type="linear"), [200, 130]),  # topk > blocks
+])
+def test_library_matches_ours_on_causal_packs(library, compress_type, hq, hkv, cfg, lens):
+    """The Triton path (compressors, compressed + top-k attention, flash window, our RoPE and gates)
+    equals the pure-PyTorch path: outputs and every gradient within 1e-2 (relative to the largest
+    value), selected blocks >= 95% the same. On CUDA the pack is 16x longer and the heads are 128 wide."""
+    device, dt = library
+    scale, d = (16, 128) if device == "cuda" else (1, 32)
+    lens = [n * scale for n in lens]
+    torch.manual_seed(0)
+    params = nsa.NSA(cfg, 64, hq, hkv, d)
+    with torch.no_grad():  # random compressors and gates: no ties in the block scores
+        for t in params.parameters():
+            t.add_(0.3 * torch.randn_like(t))
+    params = params.to(device, dt)
+    q, k0, v = (torch.randn(sum(lens), h, d, dtype=dt, device=device).requires_grad_() for h in (hq, hkv, hkv))
+    gates = torch.rand(sum(lens), hq, 3, dtype=dt, device=device)
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])
+    cos, sin = rope_cos_sin(pos, d, THETA, dt)
+    lay = nsa.plan(lens, lens, ["causal"] * len(lens), device)
     res = []
-    for fn in (lambda: nsa._library_attention(lay, q, k, v, x), lambda: nsa.attention(lay, q, k, v, x, return_idx=True)[0]):
-        out = fn()  # return_idx forces the PyTorch path
-        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
-        res.append([out.float()] + [t.grad.float() for t in (q, k, v)])
-        q.grad = k.grad = v.grad = None
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    for use_library in (True, False):
+        k = k0 * cos + rotate_half(k0) * sin
+        out, idx = nsa.attention(lay, q, k, v, NSAInputs(params, gates, k0, cos, sin), return_idx=True, library=use_library)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+        named = {"out": out, "q": q.grad, "k": k0.grad, "v": v.grad} | {n: t.grad for n, t in params.named_parameters()}
+        res.append(({n: t for n, t in named.items() if t is not None}, idx.long()))
+        params.zero_grad(set_to_none=True)
+        q.grad = k0.grad = v.grad = None
+    (lib, lib_idx), (ours, our_idx) = res
+    want = {"out", "q", "k", "v", "intra_block_pe"} | ({"compress_key", "compress_value"} if compress_type != "avgpool" else set())
+    assert lib.keys() == ours.keys() == want
+    for n in want:
+        err, top = (lib[n].float() - ours[n].float()).abs().max().item(), ours[n].float().abs().max().item()
+        print(f"  {n}: max |library - ours| {err:.2e} (largest value {top:.2f})")
+        assert err <= 1e-2 * top + 1e-3, n  # (+1e-3: with avgpool and no RoPE the pe gradient is 0 in exact math)
+    assert lib_idx.shape == our_idx.shape
+    real = our_idx >= 0
+    same = (lib_idx[..., :, None] == our_idx[..., None, :]).any(-1) & real
+    overlap = same.sum().item() / real.sum().item()
+    print(f"library vs ours ({device}, {dt}, {sum(lens)} tokens): top-k overlap {overlap:.4f}")
+    assert overlap >= 0.95
