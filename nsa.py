@@ -181,9 +181,8 @@ def _probs(s, mask):
 class Masks(NamedTuple):
     """What the rows of one chunk may see in each branch (built once, no grad, by `_select`)."""
     cmp: torch.Tensor  # [C, m] compressed tokens 0..m-1 whose K tokens are all allowed (§7.3)
-    sel: torch.Tensor  # [C, Hkv, k] selected blocks (-1: none); their tokens are gathered again
-    block: int  # block_size
-    slc: torch.Tensor  # [C, Hkv, k*B] which tokens of the selected blocks are real and allowed
+    blocks: torch.Tensor  # [U] every block some row of the chunk selected (sorted): gathered once
+    slc: torch.Tensor  # [C, Hkv, U*B] the tokens of those blocks that the row selected and may see
     lo: int  # window keys are sample positions lo..hi-1
     hi: int
     swa: torch.Tensor  # [C, hi-lo]
@@ -229,22 +228,31 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int):
     idx = torch.where(val == float("-inf"), nb, idx).sort(-1).values
     idx = torch.where(idx == nb, -1, idx)
     idx = F.pad(idx, (0, k_eff - idx.shape[-1]), value=-1)  # [Hkv, C, k_eff]
-    # slc: the allowed tokens of the selected blocks (token granularity, no causal shortcut)
-    pos = (idx.transpose(0, 1)[..., None] * B + torch.arange(B, device=t.device)).flatten(2)  # [C, Hkv, k*B]
-    real = (pos >= 0) & (pos < hi)
-    slc = real & ok.gather(1, pos.clamp(0, hi - 1).flatten(1)).view_as(pos)
+    # slc: the union of the chunk's selected blocks (consecutive queries mostly share theirs), and
+    # per row and KV head the allowed tokens of the blocks it selected (token granularity)
+    sel = idx.transpose(0, 1)  # [C, Hkv, k]
+    u = torch.unique(sel[sel >= 0])
+    hit = (sel[..., None] == u).any(-2)  # [C, Hkv, U]
+    pos = (u[:, None] * B + torch.arange(B, device=t.device)).flatten()  # [U*B]
+    slc = hit.repeat_interleave(B, -1) & ((pos < hi) & ok[:, pos.clamp(max=hi - 1)])[:, None]
     # swa: the last w+1 allowed tokens; an image query also sees all of its image (as dense BAGEL)
     lo = int(torch.minimum(tl - w, torch.where(img, start, tl)).min().clamp_min(0))
     r = torch.arange(lo, hi, device=t.device)
     near = (r[None] >= tl[:, None] - w) & (r[None] <= tl[:, None])
     same = img[:, None] & (r[None] >= start[:, None]) & (r[None] < end[:, None])
-    return idx, Masks(vis, idx.transpose(0, 1), B, slc, lo, hi, ok[:, lo:hi] & (near | same))
+    return idx, Masks(vis, u, slc, lo, hi, ok[:, lo:hi] & (near | same))
 
 
-def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
+def _blocks(x: torch.Tensor, B: int) -> torch.Tensor:
+    """[L, Hkv, D] -> [nb, Hkv * B * D], zero-padded to whole blocks: row b is block b."""
+    return F.pad(x, (0, 0, 0, 0, 0, -x.shape[0] % B)).view(-1, B, *x.shape[1:]).transpose(1, 2).flatten(1)
+
+
+def _branches(qc, gc, ck, cv, ks, vs, kb, vb, m: Masks):
     """Gated sum of the three branches for a chunk of query rows qc [C, Hq, D] of one sample;
-    ks/vs [L, Hkv, D] the sample's rotated keys and values, ck/cv [M, Hkv, D] its compressed ones.
-    Each branch is one fused SDPA call (a row with no allowed key gives 0, as in the library)."""
+    ks/vs [L, Hkv, D] the sample's rotated keys and values, kb/vb the same as `_blocks`, ck/cv
+    [M, Hkv, D] its compressed ones. Each branch is one fused SDPA call (a row with no allowed key
+    gives 0, as in the library)."""
     C, hq, d = qc.shape
     hkv = ks.shape[1]
     sdpa = F.scaled_dot_product_attention
@@ -254,14 +262,16 @@ def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
         o_cmp = sdpa(q1, ck[:n].transpose(0, 1)[None], cv[:n].transpose(0, 1)[None], attn_mask=m.cmp[None, None], enable_gqa=True)[0]
     else:  # e.g. a sample shorter than kernel_size: no compressed tokens
         o_cmp = q1.new_zeros(q1.shape[1:])
-    # slc: keys gathered per (query, KV head); a group's G query heads act as the query axis
-    head = torch.arange(hkv, device=qc.device)[None, :, None]
-    pos = (m.sel[..., None] * m.block + torch.arange(m.block, device=qc.device)).flatten(2).clamp(0, ks.shape[0] - 1)
-    o_slc = sdpa(qc.view(C, hkv, hq // hkv, d), ks[pos, head], vs[pos, head], attn_mask=m.slc[:, :, None])
+    # slc: the chunk's selected blocks gathered once, each row masked to its own (its backward is an
+    # index_add of whole blocks, not a scatter per token and query)
+    U = m.blocks.shape[0]
+    kg, vg = (x.index_select(0, m.blocks).view(U, hkv, -1, d).transpose(0, 1).flatten(1, 2)[None] for x in (kb, vb))
+    mask = m.slc.permute(1, 0, 2)[:, None].expand(hkv, hq // hkv, C, -1).reshape(1, hq, C, -1)
+    o_slc = sdpa(q1, kg, vg, attn_mask=mask, enable_gqa=True)[0] if U else q1.new_zeros(q1.shape[1:])
     kw, vw = (x[m.lo:m.hi].transpose(0, 1)[None] for x in (ks, vs))
     o_swa = sdpa(q1, kw, vw, attn_mask=m.swa[None, None], enable_gqa=True)[0]
     gc = gc.to(qc.dtype)
-    return (gc[..., 0, None] * o_cmp.transpose(0, 1) + gc[..., 1, None] * o_slc.reshape(C, hq, d)
+    return (gc[..., 0, None] * o_cmp.transpose(0, 1) + gc[..., 1, None] * o_slc.transpose(0, 1)
             + gc[..., 2, None] * o_swa.transpose(0, 1))
 
 
@@ -294,16 +304,18 @@ def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: 
         if c.compress_rope and ck.shape[0]:
             first = s0 + torch.arange(ck.shape[0], device=k.device) * c.kernel_stride
             ck = _rotate(ck, x.cos[first], x.sin[first])
-        # rows per chunk: keep the largest temporary (gathered keys, cmp logits, window) in budget
+        kb, vb = _blocks(k[s0:s1], B), _blocks(v[s0:s1], B)
+        # rows per chunk: keep the largest temporary in budget: the slc mask (bool, over at most the
+        # whole sample), the cmp probabilities, the window
         span = int(((lay.end - lay.start)[s0:s1] * (lay.mode[s0:s1] != packing.CAUSAL)).max())  # largest image
-        per_row = max(2 * hkv * k_eff * B * d, 2 * hq * ck.shape[0], hq * (c.window_size + span + 64), L // 4)
+        per_row = max(hq * L // 4, 2 * hq * ck.shape[0], hq * (c.window_size + span + 64))
         rows = max(8, min(256, CHUNK_ELEMS // per_row))
         for t0 in range(max(s0, q_start), s1, rows):
             t = torch.arange(t0, min(t0 + rows, s1), device=q.device)
             qc, gc = q[t0 - q_start:t0 - q_start + len(t)], x.gates[t0 - q_start:t0 - q_start + len(t)]
             with torch.no_grad():
                 idx, masks = _select(qc.detach(), ck.detach(), t, s0, s1, lay, c, k_eff)
-            args = (qc, gc, ck, cv, k[s0:s1], v[s0:s1], masks)
+            args = (qc, gc, ck, cv, k[s0:s1], v[s0:s1], kb, vb, masks)
             # recompute each chunk in the backward: keeps gathered blocks and probabilities out of memory
             outs.append(checkpoint(_branches, *args, use_reentrant=False) if grad else _branches(*args))
             idxs.append(idx)

@@ -320,6 +320,26 @@ def test_a_pack_equals_its_samples_alone():
         s0 += n
 
 
+def test_chunking_changes_nothing(monkeypatch):
+    """Chunks of 8 query rows (each gathering the union of its own selected blocks) give the same
+    outputs, selected blocks and gradients as one chunk for the whole sample."""
+    sl, spl, modes = MIXED
+    params = rand_params(SMALL, 4, 2, 8)
+    res = []
+    for budget in (nsa.CHUNK_ELEMS, 1):
+        monkeypatch.setattr(nsa, "CHUNK_ELEMS", budget)
+        q, k, v, gates = inputs(sum(sl), 4, 2, 8)
+        out, idx = run(params, q, k, v, gates, sl, spl, modes)
+        out.square().sum().backward()
+        res.append([out, idx] + grads((q, k, v, gates), params))
+        params.zero_grad(set_to_none=True)
+    for a, b in zip(*res):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_config_errors_are_readable():
     with pytest.raises(ValueError, match="kernel_stride 3 must divide kernel_size 32"):
         NSAConfig(kernel_stride=3)
