@@ -5,6 +5,7 @@ Module and parameter names are exactly those of the released `ema.safetensors` /
 (§) refer to ../shared/spec/bagel.md. This file holds modules, configs, checkpoint reading and the
 inference helpers; no optimizer, no distributed code, no logging.
 """
+import copy
 import json
 import math
 import os
@@ -968,6 +969,12 @@ class Context:
             self.kv, self.splits = new, splits
         return h
 
+    def fork(self) -> "Context":
+        """A copy that can grow on its own (the cached tensors are shared: they are never modified)."""
+        c = copy.copy(self)
+        c.kv, c.splits = list(self.kv), list(self.splits)
+        return c
+
     def _embed(self, ids):
         return self.model.language_model.model.embed_tokens(torch.tensor(ids, device=self.dev))
 
@@ -1035,11 +1042,18 @@ def generate_text(ctx: Context, max_new_tokens: int = 64, temperature: float = 0
 def generate_image(ctx: Context, cfg_ctx: Context | None, height: int, width: int, steps: int = 50,
                    timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
                    cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0, *,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, cfg_img_ctx: Context | None = None, cfg_img_scale: float = 1.0,
+                   cfg_renorm_type: str = "global") -> torch.Tensor:
     """Rectified-flow sampling from t=1 (noise) to 0 (§12.3) -> VAE latent [z, height/8, width/8].
 
-    `cfg_ctx` is the same conversation without the prompt text (for T2I: an empty Context); text CFG
-    with global renorm applies when cfg_text_scale > 1 and t is inside cfg_interval."""
+    `cfg_ctx` is the conversation without its last text (for T2I: an empty Context), `cfg_img_ctx`
+    the conversation without its images (editing). Guidance applies while t is inside cfg_interval
+    and, as in the reference, only when cfg_text_scale > 1 (image CFG included). cfg_renorm_type:
+    "global" / "channel" rescale the guided velocity to at most the norm of the conditional one
+    (over everything / per token); "text_channel" renormalises the text-guided velocity per token,
+    then applies image CFG on top (the reference's editing default)."""
+    if cfg_renorm_type not in ("global", "channel", "text_channel"):
+        raise ValueError(f"cfg_renorm_type {cfg_renorm_type!r}: expected global, channel or text_channel")
     m = ctx.model
     c, ds = m.config, m.config.latent_patch_size * m.config.vae.downsample
     if height % ds or width % ds or max(height, width) // ds > c.max_latent_size:
@@ -1055,13 +1069,22 @@ def generate_image(ctx: Context, cfg_ctx: Context | None, height: int, width: in
         hid = cx.run(cx._latent_block(x, t, h, w), pos_c, gen_rows, causal=False, update=False)
         return m.llm2vae(hid[1:-1]).float()
 
+    def renorm(v, ref, per_token: bool):
+        dim = dict(dim=-1, keepdim=True) if per_token else {}
+        return v * (ref.norm(**dim) / (v.norm(**dim) + 1e-8)).clamp(min=cfg_renorm_min, max=1.0)
+
     for i in range(steps - 1):
         t, dt = float(ts[i]), float(ts[i] - ts[i + 1])
         v = velocity(ctx, t)
         if cfg_ctx is not None and cfg_text_scale > 1.0 and cfg_interval[0] < t <= cfg_interval[1]:
-            v_c, v_u = v, velocity(cfg_ctx, t)
-            v = v_u + cfg_text_scale * (v_c - v_u)
-            v = v * (v_c.norm() / (v.norm() + 1e-8)).clamp(min=cfg_renorm_min, max=1.0)  # "global" renorm
+            v_txt0 = velocity(cfg_ctx, t)
+            v_img0 = velocity(cfg_img_ctx, t) if cfg_img_ctx is not None and cfg_img_scale > 1.0 else None
+            guided = v_txt0 + cfg_text_scale * (v - v_txt0)
+            if cfg_renorm_type == "text_channel":
+                guided = renorm(guided, v, per_token=True)
+            if v_img0 is not None:
+                guided = v_img0 + cfg_img_scale * (guided - v_img0)
+            v = guided if cfg_renorm_type == "text_channel" else renorm(guided, v, cfg_renorm_type == "channel")
         x = x - v * dt  # v = eps - x0 points towards noise; step towards data
     return unpatchify_latent(x, h, w, c.latent_patch_size)
 

@@ -1,0 +1,132 @@
+"""Use a BAGEL checkpoint (official or HF layout, e.g. an export of convert_weights.py): answer a
+question about an image, draw prompts, or edit an image, as the reference inferencer does (§12).
+
+    python sample.py --model /data/BAGEL-7B-MoT --prompt "a red fox in snow" --out fox.png
+    python sample.py --model out/export --image cat.jpg --prompt "make the cat black" --out black.png
+    python sample.py --model out/export --image cat.jpg --question "What is on the table?"
+    python sample.py --model out/export --prompt "a poster for a jazz night" --think
+
+A training checkpoint (output_dir/step-N/) is converted first: python convert_weights.py step-N export.
+Guidance defaults follow the task, as upstream: text-to-image cfg text 4, image 1, interval (0.4, 1],
+global renorm; editing cfg text 4, image 2, interval (0, 1], text_channel renorm.
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from PIL import Image
+
+import data as data_lib
+import packing
+from model import AutoEncoder, Bagel, Context, generate_image, generate_text, latent_to_pil
+
+# the reference inferencer's think-mode system prompts (the released model was trained with them)
+THINK_UND = ("You should first think about the reasoning process in the mind and then provide the user with the "
+             "answer. \nThe reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning "
+             "process here </think> answer here")
+THINK_GEN = ("You should first think about the planning process in the mind and then generate the image. \nThe "
+             "planning process is enclosed within <think> </think> tags, i.e. <think> planning process here "
+             "</think> image here")
+
+
+@dataclass
+class Args:
+    model: str
+    """checkpoint directory (official or HF layout)"""
+    prompt: str = ""
+    """what to draw, or the edit instruction when --image is given"""
+    image: str = ""
+    """input image: edited with --prompt, or asked about with --question"""
+    question: str = ""
+    """ask about --image (or a text-only question without it): prints the answer"""
+    think: bool = False
+    """let the model write its reasoning / plan first (the reference's think mode)"""
+    out: str = "sample.png"
+    size: int = 1024
+    """text-to-image height and width in pixels (multiple of 16); edits keep the input's size"""
+    steps: int = 50
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float | None = None
+    """image guidance when editing (default 2.0; 1.0 for text-to-image, where it has no effect)"""
+    cfg_interval: tuple[float, float] | None = None
+    """timesteps (lo, hi] that get guidance (default (0.4, 1.0) for text-to-image, (0.0, 1.0) for edits)"""
+    cfg_renorm_type: str | None = None
+    """global | channel | text_channel (default global for text-to-image, text_channel for edits)"""
+    cfg_renorm_min: float = 0.0
+    timestep_shift: float = 3.0
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    """0: greedy text"""
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = tyro.cli(Args, args=argv)
+    if not (a.prompt or a.question):
+        raise SystemExit("sample.py: give --prompt (draw / edit) or --question (answer)")
+    if a.prompt and a.question:
+        raise SystemExit("sample.py: --prompt draws or edits, --question answers: give one of them")
+    if os.path.exists(os.path.join(a.model, "meta.json")):
+        raise SystemExit(f"sample.py: {a.model} is a training checkpoint: export it first with "
+                         f"python convert_weights.py {a.model} EXPORT_DIR --to official")
+    edit = bool(a.image and a.prompt)
+    dev, dtype = torch.device(a.device), {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    t0 = time.time()
+    model = Bagel.from_pretrained(a.model, dtype=dtype, device=dev).eval()
+    if a.image and a.question and not model.config.visual_und:
+        raise SystemExit(f"sample.py: {a.model} has no ViT (visual_und false in its config): it cannot see --image")
+    ae = AutoEncoder.from_pretrained(a.model, dtype=dtype, device=dev).eval()
+    tok = data_lib.load_tokenizer(a.model)
+    st = data_lib.special_tokens(tok)
+    tokens = dict(bos=st.bos, eos=st.eos, vision_start=st.vision_start, vision_end=st.vision_end)
+    # the reference's inference transforms, VAE 512-1024 px (stride 16) and ViT 224-980 px (stride
+    # 14), capped at what the model's position tables hold (smaller models, the demo)
+    c = model.config
+    vae_max, vit_max = min(1024, c.max_latent_size * 16), min(980, c.vit_max_num_patch_per_side * c.vit.patch_size)
+    geo = data_lib.match_model(data_lib.DataConfig(vae_max_size=vae_max, vae_min_size=min(512, vae_max),
+                                                   vit_max_size=vit_max, vit_min_size=min(224, vit_max)), c)
+    print(f"loaded {a.model} in {time.time() - t0:.1f}s ({a.device}, {a.dtype})")
+
+    g = torch.Generator(dev).manual_seed(a.seed)
+    ctx = Context(model, tokens)
+    if a.think:
+        ctx.add_text(data_lib.encode(tok, THINK_UND if a.question else THINK_GEN))
+    img_free = ctx.fork()  # the image-CFG branch: everything but the images
+    size = (a.size, a.size)
+    if a.image:
+        img = Image.open(a.image).convert("RGB")
+        if edit:  # a clean VAE copy first, then the ViT tokens, as the reference (§12.1)
+            x = data_lib.transform(img, "vae", geo, 1, a.image)
+            size = tuple(x.shape[1:])
+            ctx.add_vae_image(ae.encode(x[None].to(dev, dtype), generator=g)[0])
+        if model.config.visual_und:
+            x = data_lib.transform(img, "vit", geo, 1, a.image)
+            p = geo.vit_patch_size
+            ids = torch.tensor(packing.grid_ids(x.shape[1] // p, x.shape[2] // p, geo.vit_max_num_patch_per_side))
+            ctx.add_vit_image(packing.patchify(x, p), ids)
+    text_free = ctx.fork()  # the text-CFG branch: everything but the last text
+    ctx.add_text(data_lib.encode(tok, a.prompt or a.question))
+    img_free.add_text(data_lib.encode(tok, a.prompt or a.question))
+    result = {}
+    if a.question or a.think:
+        ids = generate_text(ctx.fork(), a.max_new_tokens, a.temperature, generator=g)
+        result["text"] = tok.decode(ids)
+        print(result["text"])
+        if a.question:
+            return result
+        ctx.add_text(ids)  # the plan becomes part of the conversation the image is drawn from
+    lat = generate_image(ctx, text_free, *size, a.steps, a.timestep_shift, a.cfg_text_scale,
+                         a.cfg_interval or ((0.0, 1.0) if edit else (0.4, 1.0)), a.cfg_renorm_min, generator=g,
+                         cfg_img_ctx=img_free, cfg_img_scale=a.cfg_img_scale or (2.0 if edit else 1.0),
+                         cfg_renorm_type=a.cfg_renorm_type or ("text_channel" if edit else "global"))
+    latent_to_pil(ae, lat.float()).save(a.out)
+    print(f"wrote {a.out} ({size[1]}x{size[0]}) in {time.time() - t0:.1f}s")
+    return result | {"image": a.out}
+
+
+if __name__ == "__main__":
+    main()
