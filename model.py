@@ -651,7 +651,8 @@ class Bagel(nn.Module):
                 mse_loss_indexes=None, packed_noise=None, generator: torch.Generator | None = None,
                 **unused) -> dict[str, torch.Tensor]:
         """Packed training forward (upstream batch keys, §8). Returns unreduced losses
-        {"ce": [n_ce], "mse": [n_mse, 64]} so the trainer can normalise by global token counts.
+        {"ce": [n_ce], "mse": [n_mse, 64]} so the trainer can normalise by global token counts, plus
+        "mse_t": [n_mse], the (shifted) timestep of each MSE row, for logging.
 
         Every branch runs on every call, on empty inputs when the pack lacks a modality, so all
         parameters get a (zero) gradient on every rank. Randomness is an input: `packed_noise`, or
@@ -717,6 +718,7 @@ class Bagel(nn.Module):
             if mse_target.shape[0] != mse_idx.numel():
                 raise ValueError(f"{mse_idx.numel()} mse_loss_indexes but {mse_target.shape[0]} noisy latent tokens")
             out["mse"] = (self.llm2vae(h[mse_idx]).float() - mse_target) ** 2
+            out["mse_t"] = t[t > 0]
         return out
 
     @classmethod

@@ -4,6 +4,7 @@ The distributed test spawns 2 processes and compares FSDP2 (and HSDP) training a
 independent single-process loop with SGD: Adam would hide a gradient scaled by the world size."""
 import io
 import json
+import math
 import os
 import random
 import shlex
@@ -360,6 +361,10 @@ def test_demo_trains_resumes_bit_exactly_and_writes_the_checkpoint_contract(tmp_
     assert not torch.equal(ca["ema"]["llm2vae.weight"], ca["model"]["llm2vae.weight"])
     rows = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["ce"]) for r in rows)
+    for r in rows:  # the per-quarter MSEs are a split of the MSE: their token-weighted mean is it
+        n = r["mse_t_tokens"]
+        assert len(n) == train.T_BUCKETS and sum(n) > 0 and 0 <= r["data_wait"] < 1
+        assert math.isclose(sum(v * k for v, k in zip(r["mse_by_t"], n) if k) / sum(n), r["mse"], rel_tol=1e-5)
     samples = os.path.join(a, "samples", "step-0000004")
     assert {"question.png", "prompt-0.png", "samples.txt"} <= set(os.listdir(samples))
     assert Image.open(os.path.join(samples, "prompt-0.png")).size == (32, 32)

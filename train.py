@@ -334,6 +334,8 @@ def make_optimizer(model: Bagel, o: OptimConfig, max_steps: int):
 # one optimizer step
 
 NOISE, POSTERIOR, SAMPLE = 1, 2, 3  # streams of keyed randomness (timesteps: packing.step_generator)
+T_BUCKETS = 4  # the MSE is also logged per quarter of t: an edit model that copies its input shows a
+#               small loss at low t and a large one at high t (Bagel #140)
 
 
 def keyed_generator(seed: int, step: int, pack: int, stream: int, device) -> torch.Generator:
@@ -364,6 +366,7 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
         return None
     n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
     sums = torch.zeros(2, device=dev)
+    by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
     for micro, b in enumerate(batches):
         b, pack = to_device(b, dev), d.rank * args.optim.grad_accum + micro
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
@@ -380,6 +383,10 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
         loss = (args.ce_weight * ce / n_ce + args.mse_weight * mse / n_mse) * d.world_size
         loss.backward()
         sums += torch.stack([ce.detach(), mse.detach()]).float()
+        if "mse" in out:  # t in (0, 1]: bucket 0 = nearly clean, the last = nearly noise
+            bucket = (out["mse_t"] * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
+            by_t[0].index_add_(0, bucket, out["mse"].detach().mean(-1))
+            by_t[1].index_add_(0, bucket, torch.ones_like(out["mse_t"]))
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, args.optim.grad_clip or float("inf"))
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -390,7 +397,7 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
                                  f"from the last checkpoint with a lower --optim.lr")
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return dict(ce=sums[0], mse=sums[1], n_ce=n_ce, n_mse=n_mse, gnorm=norm)
+    return dict(ce=sums[0], mse=sums[1], n_ce=n_ce, n_mse=n_mse, gnorm=norm, by_t=by_t.flatten())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -594,15 +601,17 @@ def train(args: Args, d: fsdp.Dist):
     bar = d.rank == 0 and sys.stdout.isatty()
     peak = peak_flops(d.device)
     it = iter(loader)
-    window = torch.zeros(6, dtype=torch.float64, device=d.device)  # ce, mse, n_ce, n_mse, tokens, flops
+    # ce, mse, n_ce, n_mse, tokens, flops, data-wait seconds, then MSE sums and counts per t bucket
+    window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
     t_log, t_start, start = time.time(), time.time(), step
     while step < args.max_steps:
-        batches = []
+        batches, t_data = [], time.time()
         for _ in range(args.optim.grad_accum):
             try:
                 batches.append(next(it))
             except StopIteration:
                 break
+        window[6] += time.time() - t_data
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
         if s is None:
@@ -616,21 +625,26 @@ def train(args: Args, d: fsdp.Dist):
         window[:4] += torch.stack([s["ce"], s["mse"], s["n_ce"], s["n_mse"]]).double()
         window[4] += sum(b["sequence_length"] for b in batches)
         window[5] += step_flops(model.config, batches)
+        window[7:] += s["by_t"].double()
         if step % max(1, args.log_every) == 0 or step == args.max_steps:
             dist.all_reduce(window)  # the only sync for logging: one small vector per log step
-            ce, mse, n_ce, n_mse, tokens, flops = window.tolist()
+            ce, mse, n_ce, n_mse, tokens, flops, wait = window[:7].tolist()
             n_ce, n_mse = n_ce / d.world_size, n_mse / d.world_size  # counts were already global
+            t_sum, t_n = window[7:].view(2, T_BUCKETS).tolist()
             dt, stats = time.time() - t_log, loader.stats()
             eta = (time.time() - t_start) / (step - start) * (args.max_steps - step)
             row = dict(step=step, ce=ce / max(n_ce, 1), mse=mse / max(n_mse, 1), lr=lr, gnorm=s["gnorm"],
                        tok_s=tokens / dt, mfu=flops / dt / (peak * d.world_size) if peak else None,
                        mem_gb=peak_mem_gb(d.device), padding=stats["padding"], skipped=stats["skipped"],
-                       time=time.time() - t_start)
+                       time=time.time() - t_start, data_wait=wait / d.world_size / dt,
+                       mse_by_t=[a / n if n else None for a, n in zip(t_sum, t_n)], mse_t_tokens=t_n)
             mfu = f"{100 * row['mfu']:.1f}%" if peak else "-"
             skipped = sum(stats["skipped"].values())
-            log(("\r" if bar else "") + f"step {step}/{args.max_steps} | ce {row['ce']:.4f} | mse {row['mse']:.4f} | "
-                f"lr {lr:.2e} | gnorm {s['gnorm']:.3g} | {row['tok_s']:,.0f} tok/s | mfu {mfu} | "
-                f"mem {row['mem_gb']:.1f}G | pad {100 * row['padding']:.1f}% | skipped {skipped} | eta {fmt_time(eta)}")
+            by_t = "/".join("-" if v is None else f"{v:.3f}" for v in row["mse_by_t"])
+            log(("\r" if bar else "") + f"step {step}/{args.max_steps} | ce {row['ce']:.4f} | mse {row['mse']:.4f} "
+                f"(t quarters {by_t}) | lr {lr:.2e} | gnorm {s['gnorm']:.3g} | {row['tok_s']:,.0f} tok/s | mfu {mfu} | "
+                f"data {100 * row['data_wait']:.0f}% | mem {row['mem_gb']:.1f}G | pad {100 * row['padding']:.1f}% | "
+                f"skipped {skipped} | eta {fmt_time(eta)}")
             if d.rank == 0:
                 with open(metrics, "a") as f:
                     f.write(json.dumps(row) + "\n")
