@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 import nsa
@@ -344,11 +345,29 @@ class Qwen2Model(nn.Module):
         return route(x, und, gen, self.norm, self.norm_moe_gen)
 
 
+CE_CHUNK = 1024  # rows of logits alive at once in the training loss (152k vocab: 0.6 GB in fp32)
+
+
+class LMHead(nn.Linear):
+    """The untied output projection. Given labels it returns the per-token cross-entropy instead of
+    logits, CE_CHUNK rows at a time, each chunk recomputed in the backward: the [n, vocab] logits
+    (10 bytes per token and vocab entry with their fp32 copy and softmax) never exist whole. One
+    module call, so an FSDP unit around it gathers its weight once."""
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        ce = lambda hc, lc: F.cross_entropy(F.linear(hc, self.weight).float(), lc, reduction="none")
+        grad = torch.is_grad_enabled()
+        return torch.cat([checkpoint(ce, hc, lc, use_reentrant=False) if grad else ce(hc, lc)
+                          for hc, lc in zip(h.split(CE_CHUNK), labels.split(CE_CHUNK))])
+
+
 class Qwen2ForCausalLM(nn.Module):
     def __init__(self, c: LLMConfig):
         super().__init__()
         self.model = Qwen2Model(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)  # untied in BAGEL
+        self.lm_head = LMHead(c.hidden_size, c.vocab_size, bias=False)  # untied in BAGEL
 
 
 # -------------------------------------------------------------------------------------------------
@@ -711,9 +730,7 @@ class Bagel(nn.Module):
         h = self.language_model.model(seq, long(packed_position_ids), und, vae_idx,
                                       lambda i, q, k, v, *extra: packed_attention(plan, q, k, v, *extra))
 
-        logits = self.language_model.lm_head(h[ce_idx]).float()
-        ce = F.cross_entropy(logits, long(packed_label_ids), reduction="none")
-        out = {"ce": ce}
+        out = {"ce": self.language_model.lm_head(h[ce_idx], long(packed_label_ids))}
         if c.visual_gen:
             if mse_target.shape[0] != mse_idx.numel():
                 raise ValueError(f"{mse_idx.numel()} mse_loss_indexes but {mse_target.shape[0]} noisy latent tokens")

@@ -645,3 +645,24 @@ def test_sample_cli_draws_edits_and_answers(tmp_path, capsys):
     open(os.path.join(tmp_path, "meta.json"), "w").write("{}")
     with pytest.raises(SystemExit, match="training checkpoint"):
         sample.main(["--model", str(tmp_path), "--prompt", "x"])
+
+
+def test_chunked_cross_entropy_equals_the_plain_one(monkeypatch):
+    """LMHead(h, labels) = cross_entropy(lm_head(h)) per token, values and gradients, across chunk
+    boundaries; no rows still gives the weight a (zero) gradient, as FSDP needs on every rank."""
+    import model as model_lib
+    monkeypatch.setattr(model_lib, "CE_CHUNK", 3)
+    head = model_lib.LMHead(16, 50, bias=False)
+    h = torch.randn(8, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (8,))
+    w = torch.rand(8)
+    (head(h, labels) * w).sum().backward()
+    got = (head(h, labels).detach(), h.grad.clone(), head.weight.grad.clone())
+    h.grad = head.weight.grad = None
+    ref = F.cross_entropy(head(h), labels, reduction="none")
+    (ref * w).sum().backward()
+    for a, b in zip(got, (ref.detach(), h.grad, head.weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    head.weight.grad = None
+    head(torch.zeros(0, 16, requires_grad=True), labels[:0]).sum().backward()
+    assert head.weight.grad is not None and not head.weight.grad.any()
