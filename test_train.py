@@ -22,6 +22,7 @@ from PIL import Image
 
 import data
 import fsdp
+import model as model_lib
 import packing
 import train
 from model import AutoEncoder, Bagel
@@ -148,6 +149,7 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    model_lib.CE_CHUNK = 4  # several checkpointed CE chunks inside the one lm_head FSDP unit (the reference: one)
     d = fsdp.init_distributed("cpu", timeout_min=2)
     try:
         batches = lambda step: make_batches(step)[rank]
