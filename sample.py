@@ -13,6 +13,7 @@ global renorm; editing cfg text 4, image 2, interval (0, 1], text_channel renorm
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -52,8 +53,8 @@ class Args:
     """image guidance when editing (default 2.0; 1.0 for text-to-image, where it has no effect)"""
     cfg_interval: tuple[float, float] | None = None
     """timesteps (lo, hi] that get guidance (default (0.4, 1.0) for text-to-image, (0.0, 1.0) for edits)"""
-    cfg_renorm_type: str | None = None
-    """global | channel | text_channel (default global for text-to-image, text_channel for edits)"""
+    cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
+    """default global for text-to-image, text_channel for edits"""
     cfg_renorm_min: float = 0.0
     timestep_shift: float = 3.0
     max_new_tokens: int = 512
@@ -61,7 +62,7 @@ class Args:
     """0: greedy text"""
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "bf16" if torch.cuda.is_available() else "fp32"
+    dtype: Literal["bf16", "fp32"] = "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def main(argv: list[str] | None = None) -> dict:
