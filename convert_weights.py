@@ -3,6 +3,8 @@
     python convert_weights.py BAGEL-7B-MoT out/bagel-hf --to hf            # official -> hf (sharded)
     python convert_weights.py BAGEL-7B-MoT-ver.LE out/bagel                  # hf -> official
     python convert_weights.py out/run/step-0001000 out/export --check       # training checkpoint (DCP) -> official
+    python convert_weights.py Qwen2.5-0.5B-Instruct out/bagel-0.5b --vit siglip-so400m-14-980 --vae flux/ae.safetensors
+                                                                             # a new BAGEL from its parts (pre-training)
 
 Layouts: ../shared/spec/bagel.md §11 (official: ByteDance-Seed/BAGEL-7B-MoT) and
 ../shared/spec/lmms_engine.md §4 (hf: lmms-lab/BAGEL-7B-MoT-ver.LE, which we could not read; the
@@ -30,6 +32,7 @@ import struct
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Callable, Literal
@@ -67,6 +70,14 @@ class Args:
     """before DST is renamed into place, load it strictly with model.py (meta device: names, shapes) and compare every tensor, read back by safetensors, with its source bit for bit"""
     overwrite: bool = False
     """replace DST if it exists"""
+    vit: str | None = None
+    """with a Qwen2 LLM as SRC: the SigLIP checkpoint directory (HF) of a new BAGEL built from parts"""
+    vae: str | None = None
+    """with a Qwen2 LLM as SRC: the FLUX VAE, ae.safetensors or a directory holding it (+ ae_config.json)"""
+    max_latent_size: int = 64
+    """with a Qwen2 LLM as SRC: latent grid side of the new BAGEL (64 = 1024 px images)"""
+    seed: int = 0
+    """with a Qwen2 LLM as SRC: seed of the fresh connector, time embedder and vae2llm"""
 
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -427,6 +438,119 @@ def check(path: str, weights: dict[str, Source], ae: dict[str, Source], dtype: t
     print(f"check: {len(bagel_index) + len(ae_index)} tensors load strictly and equal their sources{note}")
 
 
+@contextmanager
+def staging(dst: str):
+    """DST.tmp-PID, renamed to DST (replacing it) only when the block completes: a failed conversion
+    never leaves a DST that looks finished."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(dst):  # --overwrite
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -------------------------------------------------------------------------------------------------
+# a new BAGEL from its parts, as upstream's pre-training starts (train/pretrain_unified_navit.py)
+
+def is_llm(path: str) -> bool:
+    """A plain Qwen2 checkpoint (HF config.json without BAGEL's llm_config)."""
+    cfg = os.path.join(path, "config.json")
+    try:
+        return os.path.exists(cfg) and _json(cfg).get("model_type") == "qwen2"
+    except ValueError:
+        return False
+
+
+def hf_sources(path: str) -> dict[str, Source]:
+    """Every tensor of an HF checkpoint directory (model.safetensors, or shards + index), by its name."""
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        files = {name: os.path.join(path, f) for name, f in _json(index_file)["weight_map"].items()}
+    else:
+        single = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+        if len(single) != 1:
+            raise FileNotFoundError(f"{path}: expected model.safetensors or an index of shards, found {single or 'no safetensors'}")
+        file = os.path.join(path, single[0])
+        files = {name: file for name in safetensors_header(file)[0]}
+    return safetensors_sources({name: (file, name) for name, file in files.items()})
+
+
+def parts_sources(config, llm: dict[str, Source], vit: dict[str, Source], seed: int) -> dict[str, Source]:
+    """Sources for every tensor of a new BAGEL: the LLM's weights for the understanding expert and,
+    copied, for the generation expert (upstream copy_init_moe); QK-norm weights at 1 (Qwen2 has no
+    QK-norm; upstream's RMSNorm init); lm_head from the embedding when the LLM ties them (upstream
+    would leave it random); SigLIP's layers but its last (vit_select_layer -2), patch embedding as a
+    linear layer; connector, time embedder and vae2llm at PyTorch's default init from `seed`, llm2vae
+    at zero (§1.2). The sin-cos tables are computed by plan()."""
+    out = {}
+    with torch.device("meta"):
+        model = Bagel(config)
+    for k, v in model.state_dict().items():
+        name = k.split(".", 1)[1]
+        if k.startswith("language_model."):
+            name = name.replace("_moe_gen", "")
+            if name == "lm_head.weight" and name not in llm:
+                name = "model.embed_tokens.weight"
+            if name in llm:
+                out[k] = llm[name]
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                out[k] = Source("QK-norm init (ones)", tuple(v.shape), torch.float32, partial(torch.ones, v.shape))
+        elif k.startswith("vit_model.") and name in vit:
+            out[k] = vit[name]
+    torch.manual_seed(seed)
+    for name, mod in model.named_children():
+        if name in ("language_model", "vit_model") or isinstance(mod, PositionEmbedding):
+            continue
+        mod.to_empty(device="cpu")
+        for sub in mod.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+            if name == "llm2vae":
+                torch.nn.init.zeros_(sub.weight), torch.nn.init.zeros_(sub.bias)
+        for k, t in mod.state_dict().items():
+            out[f"{name}.{k}"] = Source(f"fresh {name} (seed {seed})", tuple(t.shape), t.dtype, partial(t.clone))
+    return out
+
+
+def assemble(args: Args, src: str, tmp: str) -> tuple[dict[str, Source], dict[str, Source]]:
+    """Write the configs, tokenizer and ae.safetensors of a new BAGEL into `tmp`; return the tensor
+    sources of ema.safetensors and of the VAE."""
+    if not (args.vit and args.vae):
+        raise ValueError(f"{src} is a Qwen2 LLM: building a BAGEL from parts needs --vit (SigLIP) and --vae (FLUX ae)")
+    if args.to != "official":
+        raise ValueError("a BAGEL built from parts is written in the official layout; convert it to hf afterwards")
+    vae_dir, vae_file = (args.vae, os.path.join(args.vae, "ae.safetensors")) if os.path.isdir(args.vae) \
+        else (os.path.dirname(args.vae), args.vae)
+    vit_cfg = _json(os.path.join(args.vit, "config.json"))
+    vit_cfg = vit_cfg.get("vision_config", vit_cfg)  # a full SigLIP (text + vision) checkpoint nests it
+    llm_cfg = _json(os.path.join(src, "config.json"))
+    side = vit_cfg.get("image_size", 980) // vit_cfg.get("patch_size", 14)  # SigLIP's position table side
+    write_json(os.path.join(tmp, "llm_config.json"),
+               {**llm_cfg, "qk_norm": True, "tie_word_embeddings": False, "layer_module": "Qwen2MoTDecoderLayer"})
+    write_json(os.path.join(tmp, "vit_config.json"), {**vit_cfg, "rope": False})  # read_config builds one layer less
+    write_json(os.path.join(tmp, "bagel_config.json"),
+               {"max_latent_size": args.max_latent_size, "vit_max_num_patch_per_side": side})
+    if os.path.exists(os.path.join(vae_dir, "ae_config.json")):
+        shutil.copyfile(os.path.join(vae_dir, "ae_config.json"), os.path.join(tmp, "ae_config.json"))
+    shutil.copyfile(vae_file, os.path.join(tmp, "ae.safetensors"))
+    copy_other_files(src, tmp)  # tokenizer files: BAGEL uses the LLM's (its special tokens are Qwen2.5's)
+    config = read_config(tmp)
+    # SigLIP checkpoints name their tensors vision_model.* (transformers >= 5 may save them without it)
+    vit = {(k if k.startswith("vision_model.") else "vision_model." + k): v for k, v in hf_sources(args.vit).items()}
+    weights = parts_sources(config, hf_sources(src), vit, args.seed)
+    ae = safetensors_sources({k: (vae_file, k) for k in safetensors_header(vae_file)[0]})
+    print(f"new BAGEL from {src} (LLM, also the generation expert), {args.vit} (SigLIP, {config.vit.num_hidden_layers} "
+          f"of {config.vit.num_hidden_layers + 1} layers), {vae_file} (VAE); fresh connector, time embedder, vae2llm, llm2vae")
+    return weights, ae
+
+
 # -------------------------------------------------------------------------------------------------
 
 def convert(args: Args) -> str:
@@ -438,6 +562,17 @@ def convert(args: Args) -> str:
         raise FileNotFoundError(f"{src}: no such checkpoint directory")
     if os.path.exists(dst) and not args.overwrite:
         raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
+    if is_llm(src):
+        with staging(dst) as tmp:
+            sources, ae = assemble(args, src, tmp)
+            weights, _ = plan(read_config(tmp), sources, plain=True)
+            items = [(k, s, out_dtype(s, dtype)) for k, s in weights.items()]
+            size = write_safetensors(os.path.join(tmp, "ema.safetensors"), items)
+            print(f"wrote ema.safetensors: {len(items)} tensors, {gb(size)} ({time.time() - t0:.0f}s)")
+            if args.check:
+                check(tmp, weights, ae, dtype)
+        print(f"done: {dst} (official layout, {args.dtype}) in {time.time() - t0:.0f}s")
+        return dst
     names = os.listdir(src)
     is_dcp = ".metadata" in names
     if any(n.endswith(".distcp") for n in names) and not {".metadata", "meta.json"} <= set(names):
@@ -472,11 +607,7 @@ def convert(args: Args) -> str:
               + ("dropped (--plain)" if args.plain else "exported under their own names (--plain drops them)"))
     n_params = sum(math.prod(s.shape) for s in weights.values())
 
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with staging(dst) as tmp:
         copied = copy_other_files(base, tmp)
         if not {"tokenizer.json", "vocab.json"} & set(copied):
             print(f"warning: {base} has no tokenizer files (tokenizer.json or vocab.json): none copied")
@@ -497,12 +628,6 @@ def convert(args: Args) -> str:
             write_shards(tmp, items, shard_size, t0)
         if args.check:
             check(tmp, weights, ae, dtype)
-        if os.path.exists(dst):  # --overwrite
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"done: {dst} ({args.to} layout, {args.dtype}) in {time.time() - t0:.0f}s")
     return dst
 

@@ -272,3 +272,74 @@ def test_big_checkpoint_converts_with_bounded_memory(tmp_path):
     finally:
         for name in ("big", "step-0000001", "hf", "out"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# a new BAGEL from its parts (Qwen2 + SigLIP + FLUX VAE)
+
+def randomize(module: torch.nn.Module, seed: int):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+    return module.eval()
+
+
+def test_build_from_parts(tmp_path):
+    """Qwen2 (tied embeddings, as the small Qwen2.5s) + SigLIP (3 layers) + a VAE -> an official-layout
+    BAGEL that model.py loads strictly: both experts hold the LLM's weights (QK-norms at 1), lm_head the
+    tied embedding, the ViT equals SigLIP without its last layer, llm2vae is zero, and it trains."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from test_smoke import PARITY_TOL, _text_pack, hidden, patchify_image, qwen3_twin, siglip_twin
+    llm_dir, vit_dir, vae_dir = (str(tmp_path / n) for n in ("qwen", "siglip", "vae"))
+    qwen = randomize(Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)), 0)
+    qwen.save_pretrained(llm_dir)
+    for name in os.listdir(os.path.join(GOLDEN, "tokenizer")):
+        shutil.copy(os.path.join(GOLDEN, "tokenizer", name), llm_dir)
+    siglip = randomize(SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=14,
+        image_size=112, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")), 1)
+    siglip.save_pretrained(vit_dir)
+    os.makedirs(vae_dir)
+    ae = tiny_ae()
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, os.path.join(vae_dir, "ae.safetensors"))
+    json.dump(config_files(TINY)["ae_config.json"], open(os.path.join(vae_dir, "ae_config.json"), "w"))
+
+    out = convert(Args(src=llm_dir, dst=str(tmp_path / "bagel"), vit=vit_dir, vae=vae_dir, max_latent_size=8,
+                       dtype="fp32", check=True))
+    model = Bagel.from_pretrained(out)
+    c = model.config
+    assert c.vit.num_hidden_layers == 2 and c.vit_max_num_patch_per_side == 8 and c.llm.vocab_size == 300
+    sd, q = model.state_dict(), qwen.state_dict()
+    for k, v in q.items():  # both experts = the LLM
+        ours = "language_model." + k
+        assert torch.equal(sd[ours], v), k
+        gen = ours.replace(".mlp.", ".mlp_moe_gen.") if ".mlp." in ours else \
+            ours.rsplit(".", 1)[0] + "_moe_gen." + ours.rsplit(".", 1)[1] if ".layers." in ours or "model.norm" in ours else None
+        if gen:
+            assert torch.equal(sd[gen], v), gen
+    assert torch.equal(sd["language_model.lm_head.weight"], q["model.embed_tokens.weight"])  # tied in Qwen2
+    norms = [k for k in sd if k.endswith(("q_norm.weight", "k_norm.weight", "q_norm_moe_gen.weight", "k_norm_moe_gen.weight"))]
+    assert len(norms) == 8 and all(torch.equal(sd[k], torch.ones(16)) for k in norms)
+    assert not sd["llm2vae.weight"].any() and sd["connector.fc1.weight"].std() > 0
+    # the und path is Qwen2 with QK-norm added: Qwen3 holding the same weights and unit QK-norms
+    ids, batch = _text_pack([9])
+    with torch.no_grad():
+        err = (model.language_model.lm_head(hidden(model, batch)) - qwen3_twin(model)(input_ids=ids[0][None]).logits[0]).abs().max()
+    assert err < PARITY_TOL
+    # the ViT is SigLIP without its last layer, then its post-layernorm
+    img = torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        hs = siglip(pixel_values=img[None], output_hidden_states=True).hidden_states[-2]
+        want = siglip.vision_model.post_layernorm(hs)[0] if hasattr(siglip, "vision_model") else siglip.post_layernorm(hs)[0]
+        got = model.vit_model.vision_model(patchify_image(img), torch.arange(64), [64])
+    assert (got - want).abs().max() < PARITY_TOL
+    # and it trains: the golden mixed pack gives finite losses and gradients everywhere
+    out_ = model(**golden_batch("case6_pack"), generator=torch.Generator().manual_seed(0))
+    (out_["ce"].mean() + out_["mse"].mean()).backward()
+    assert torch.isfinite(out_["ce"]).all() and model.connector.fc1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs --vit"):
+        convert(Args(src=llm_dir, dst=str(tmp_path / "x"), vae=vae_dir))
+    assert not os.path.exists(tmp_path / "x")
