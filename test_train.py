@@ -465,7 +465,7 @@ def test_readme_commands_parse(cmd):
     if "--model" not in cmd:
         assert args.model == "" and args.optim.lr > 1e-4  # the demo's defaults
     else:
-        assert args.model == "/data/BAGEL-7B-MoT" and args.data.data
+        assert args.model == argv[argv.index("--model") + 1] and args.data.data
     if "--freeze und" in cmd:
         assert args.freeze == ("und",) and args.visual_und is False
 
