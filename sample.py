@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     dev, dtype = torch.device(a.device), {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     t0 = time.time()
     model = Bagel.from_pretrained(a.model, dtype=dtype, device=dev).eval()
+    if a.prompt and not model.config.visual_gen:
+        raise SystemExit(f"sample.py: {a.model} has no generation part (visual_gen false in its config): it cannot draw")
     if a.image and a.question and not model.config.visual_und:
         raise SystemExit(f"sample.py: {a.model} has no ViT (visual_und false in its config): it cannot see --image")
     ae = AutoEncoder.from_pretrained(a.model, dtype=dtype, device=dev).eval()
