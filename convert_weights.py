@@ -512,8 +512,8 @@ def parts_sources(config, llm: dict[str, Source], vit: dict[str, Source], seed: 
         for sub in mod.modules():
             if hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
-            if name == "llm2vae":
-                torch.nn.init.zeros_(sub.weight), torch.nn.init.zeros_(sub.bias)
+        if name == "llm2vae":  # a new generation head predicts v = 0 (§1.2)
+            torch.nn.init.zeros_(mod.weight), torch.nn.init.zeros_(mod.bias)
         for k, t in mod.state_dict().items():
             out[f"{name}.{k}"] = Source(f"fresh {name} (seed {seed})", tuple(t.shape), t.dtype, partial(t.clone))
     return out

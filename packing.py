@@ -123,6 +123,11 @@ def grid_ids(h: int, w: int, side: int) -> list[int]:
     return [r * side + c for r in range(h) for c in range(w)]
 
 
+def vit_tokens(image: torch.Tensor, p: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ViT image for inference (model.Context.add_vit_image): its patches and position ids."""
+    return patchify(image, p), torch.tensor(grid_ids(image.shape[1] // p, image.shape[2] // p, side))
+
+
 def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometry(),
                   dropout: tuple[float, float, float] = (0.0, 0.0, 0.0),
                   rng: random.Random | None = None) -> Layout:

@@ -12,7 +12,7 @@ global renorm; editing cfg text 4, image 2, interval (0, 1], text_channel renorm
 """
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"sample.py: {a.model} has no ViT (visual_und false in its config): it cannot see --image")
     ae = AutoEncoder.from_pretrained(a.model, dtype=dtype, device=dev).eval()
     tok = data_lib.load_tokenizer(a.model)
-    st = data_lib.special_tokens(tok)
-    tokens = dict(bos=st.bos, eos=st.eos, vision_start=st.vision_start, vision_end=st.vision_end)
+    tokens = asdict(data_lib.special_tokens(tok))
     # the reference's inference transforms, VAE 512-1024 px (stride 16) and ViT 224-980 px (stride
     # 14), capped at what the model's position tables hold (smaller models, the demo)
     c = model.config
@@ -108,9 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             ctx.add_vae_image(ae.encode(x[None].to(dev, dtype), generator=g)[0])
         if model.config.visual_und:
             x = data_lib.transform(img, "vit", geo, 1, a.image)
-            p = geo.vit_patch_size
-            ids = torch.tensor(packing.grid_ids(x.shape[1] // p, x.shape[2] // p, geo.vit_max_num_patch_per_side))
-            ctx.add_vit_image(packing.patchify(x, p), ids)
+            ctx.add_vit_image(*packing.vit_tokens(x, geo.vit_patch_size, geo.vit_max_num_patch_per_side))
     text_free = ctx.fork()  # the text-CFG branch: everything but the last text
     ctx.add_text(data_lib.encode(tok, a.prompt or a.question))
     img_free.add_text(data_lib.encode(tok, a.prompt or a.question))

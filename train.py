@@ -454,18 +454,15 @@ def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.
     from PIL import Image
     from torch.distributed.fsdp import FSDPModule
     out = os.path.join(args.output_dir, "samples", f"step-{step:07d}")
-    tokens = data_lib.special_tokens(tok)
-    tokens = dict(bos=tokens.bos, eos=tokens.eos, vision_start=tokens.vision_start, vision_end=tokens.vision_end)
+    tokens = dataclasses.asdict(data_lib.special_tokens(tok))
     c, lines = model.config, []
     model.unshard()  # the root unit's weights (embedding, connector, heads) for the direct calls below
     try:
         if c.visual_und:
             img = Image.open(args.eval.image).convert("RGB") if args.eval.image else draw_shape("square", "blue")
             x = data_lib.transform(img, "vit", args.data, 1, "eval image")
-            p = args.data.vit_patch_size
-            ids = torch.tensor(packing.grid_ids(x.shape[1] // p, x.shape[2] // p, c.vit_max_num_patch_per_side))
             ctx = Context(model, tokens)
-            ctx.add_vit_image(packing.patchify(x, p), ids)
+            ctx.add_vit_image(*packing.vit_tokens(x, args.data.vit_patch_size, c.vit_max_num_patch_per_side))
             ctx.add_text(data_lib.encode(tok, args.eval.question))
             answer = tok.decode(generate_text(ctx, max_new_tokens=32))
             lines.append(f"Q: {args.eval.question}\nA: {answer}")
