@@ -58,8 +58,8 @@ class Args:
     """output layout: official (json configs, ema.safetensors, ae.safetensors) or hf (config.json, model-*.safetensors shards + index, VAE under vae_model.)"""
     weights: Literal["ema", "model"] = "ema"
     """ema: ema.safetensors (what upstream's inferencer reads), from a training checkpoint's EMA, or its model if it kept none; model: its raw model, as model.safetensors"""
-    dtype: Literal["bf16", "fp32"] = "bf16"
-    """dtype of the BAGEL tensors written (the release is bf16); the VAE keeps its stored dtype"""
+    dtype: Literal["bf16", "fp32"] | None = None
+    """dtype of the BAGEL tensors written. Default: a layout conversion (official <-> hf) keeps each tensor's stored dtype; a training checkpoint export and a new BAGEL from parts write bf16, as the release. The VAE always keeps its stored dtype"""
     shard_size: str = "5GB"
     """largest shard of the hf layout (GB = 1e9 bytes, GiB = 2**30); a bigger tensor gets a shard of its own"""
     base: str | None = None
@@ -275,8 +275,9 @@ def plan(config, sources: dict[str, Source], plain: bool) -> tuple[dict[str, Sou
 # -------------------------------------------------------------------------------------------------
 # writing
 
-def out_dtype(s: Source, dtype: torch.dtype) -> torch.dtype:
-    return dtype if s.dtype.is_floating_point else s.dtype  # integer buffers keep theirs
+def out_dtype(s: Source, dtype: torch.dtype | None) -> torch.dtype:
+    """None keeps the stored dtype; integer buffers always keep theirs."""
+    return dtype if dtype is not None and s.dtype.is_floating_point else s.dtype
 
 
 def write_safetensors(file: str, items: list[tuple[str, Source, torch.dtype]]) -> int:
@@ -344,7 +345,7 @@ def hf_config(path: str, config, dtype: torch.dtype) -> dict:
     llm, vit, bagel, ae = raw_configs(path)
     ours = config_files(config)
     return {**bagel, **ours["bagel_config.json"], "model_type": "bagel", "architectures": ["Bagel"],
-            "torch_dtype": {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype],
+            "torch_dtype": str(dtype).removeprefix("torch."),
             # upstream sets these in code before building the model, so a saved config carries them
             "llm_config": {**ours["llm_config.json"], **llm, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
                            "tie_word_embeddings": False},
@@ -407,7 +408,7 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
-def check(path: str, weights: dict[str, Source], ae: dict[str, Source], dtype: torch.dtype):
+def check(path: str, weights: dict[str, Source], ae: dict[str, Source], dtype: torch.dtype | None):
     """Load `path` strictly with model.py on the meta device (every name and shape, no memory), then
     read every tensor back with safetensors' own reader and compare it with its source, bit for bit.
     Extra parameters that model.py does not build are compared by value only."""
@@ -417,7 +418,7 @@ def check(path: str, weights: dict[str, Source], ae: dict[str, Source], dtype: t
         model = Bagel(config)
     bagel_index, ae_index = checkpoint_index(path)
     known = set(model.state_dict())
-    load_weights(model, {k: v for k, v in bagel_index.items() if k in known}, path, dtype, "meta")
+    load_weights(model, {k: v for k, v in bagel_index.items() if k in known}, path, dtype or torch.float32, "meta")
     AutoEncoder.from_pretrained(path, device="meta")
     expected = {k: (s, out_dtype(s, dtype)) for k, s in weights.items()}
     for found, want, what in ((bagel_index, expected, "model"), (ae_index, {k: (s, s.dtype) for k, s in ae.items()}, "VAE")):
@@ -557,12 +558,15 @@ def convert(args: Args) -> str:
     """Convert args.src into a new directory args.dst; returns args.dst."""
     t0 = time.time()
     src, dst = os.path.abspath(args.src), os.path.abspath(args.dst)
-    dtype, shard_size = OUT_DTYPES[args.dtype], parse_size(args.shard_size)
+    shard_size = parse_size(args.shard_size)
+    # a change of layout keeps the weights as they are; a training export or a new model is cast to bf16
+    dtype = OUT_DTYPES[args.dtype] if args.dtype else None
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such checkpoint directory")
     if os.path.exists(dst) and not args.overwrite:
         raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
     if is_llm(src):
+        dtype = dtype or torch.bfloat16
         with staging(dst) as tmp:
             sources, ae = assemble(args, src, tmp)
             weights, _ = plan(read_config(tmp), sources, plain=True)
@@ -571,7 +575,7 @@ def convert(args: Args) -> str:
             print(f"wrote ema.safetensors: {len(items)} tensors, {gb(size)} ({time.time() - t0:.0f}s)")
             if args.check:
                 check(tmp, weights, ae, dtype)
-        print(f"done: {dst} (official layout, {args.dtype}) in {time.time() - t0:.0f}s")
+        print(f"done: {dst} (official layout, {DTYPE_NAMES[dtype]}) in {time.time() - t0:.0f}s")
         return dst
     names = os.listdir(src)
     is_dcp = ".metadata" in names
@@ -592,6 +596,7 @@ def convert(args: Args) -> str:
     bagel_index, ae_index = checkpoint_index(base)
     sources, ae = safetensors_sources(bagel_index), safetensors_sources(ae_index)
     if is_dcp:
+        dtype = dtype or torch.bfloat16
         trained = dcp_sources(src, args.weights)
         step = f" (step {_json(os.path.join(src, 'meta.json')).get('step')})"
         sources.update(trained)
@@ -623,12 +628,13 @@ def convert(args: Args) -> str:
             else:
                 write_safetensors(os.path.join(tmp, "ae.safetensors"), [(k, s, s.dtype) for k, s in ae.items()])
         else:
-            write_json(os.path.join(tmp, "config.json"), hf_config(base, config, dtype))
+            floats = [d for _, _, d in items if d.is_floating_point]
+            write_json(os.path.join(tmp, "config.json"), hf_config(base, config, max(set(floats), key=floats.count)))
             items += [("vae_model." + k, s, s.dtype) for k, s in ae.items()]  # LMMS Engine keeps the VAE inside
             write_shards(tmp, items, shard_size, t0)
         if args.check:
             check(tmp, weights, ae, dtype)
-    print(f"done: {dst} ({args.to} layout, {args.dtype}) in {time.time() - t0:.0f}s")
+    print(f"done: {dst} ({args.to} layout, {'stored dtypes' if dtype is None else DTYPE_NAMES[dtype]}) in {time.time() - t0:.0f}s")
     return dst
 
 

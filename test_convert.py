@@ -62,7 +62,8 @@ def no_leftovers(parent):
 def test_official_hf_official_round_trip_is_bit_exact(tmp_path):
     model, ae = tiny_bagel(), tiny_ae()
     base = base_checkpoint(tmp_path / "base", model, ae)
-    hf = convert(Args(base, str(tmp_path / "hf"), to="hf", dtype="fp32", shard_size="600KB", check=True))
+    # default flags: a change of layout keeps every tensor's dtype (the base is fp32)
+    hf = convert(Args(base, str(tmp_path / "hf"), to="hf", shard_size="600KB", check=True))
     names = sorted(os.listdir(hf))
     shards = [n for n in names if n.startswith("model-")]
     assert len(shards) > 2 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
@@ -74,10 +75,11 @@ def test_official_hf_official_round_trip_is_bit_exact(tmp_path):
     with open(os.path.join(hf, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["vit_config"]["num_hidden_layers"] == 2 and cfg["llm_config"]["qk_norm"] is True
+    assert cfg["torch_dtype"] == "float32"
     assert read_config(hf) == TINY
     assert_same_tensors(Bagel.from_pretrained(hf).state_dict(), model.state_dict())
 
-    back = convert(Args(hf, str(tmp_path / "back"), dtype="fp32", check=True))
+    back = convert(Args(hf, str(tmp_path / "back"), check=True))
     assert read_config(back) == TINY
     assert_same_tensors(load_file(os.path.join(back, "ema.safetensors")), load_file(os.path.join(base, "ema.safetensors")))
     assert_same_tensors(load_file(os.path.join(back, "ae.safetensors")), load_file(os.path.join(base, "ae.safetensors")))
@@ -85,7 +87,7 @@ def test_official_hf_official_round_trip_is_bit_exact(tmp_path):
         assert json.load(f)["num_hidden_layers"] == 3  # upstream drops the last layer again (§4.1)
     assert "config.json" not in os.listdir(back) and "tokenizer.json" in os.listdir(back)
 
-    half = convert(Args(base, str(tmp_path / "bf16"), to="hf"))  # default: bf16 BAGEL, VAE as stored
+    half = convert(Args(base, str(tmp_path / "bf16"), to="hf", dtype="bf16"))  # asked: bf16 BAGEL, VAE as stored
     loaded = Bagel.from_pretrained(half, dtype=torch.bfloat16)
     skip = lambda sd: {k: v for k, v in sd.items() if k not in POS_TABLES}  # recomputed in fp32 at load
     assert_same_tensors(skip(loaded.state_dict()), skip(model.to(torch.bfloat16).state_dict()))
@@ -258,7 +260,7 @@ def test_big_checkpoint_converts_with_bounded_memory(tmp_path):
         size = os.path.getsize(tmp_path / "big" / "ema.safetensors")
         assert size > 2.9e9
 
-        peak = peak_rss(str(tmp_path / "big"), str(tmp_path / "hf"), "--to", "hf", "--shard-size", "1GB")
+        peak = peak_rss(str(tmp_path / "big"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16", "--shard-size", "1GB")
         print(f"\nofficial {size / 1e9:.2f} GB fp32 -> hf bf16: peak RSS {peak / 1e9:.2f} GB")
         assert peak < 0.35 * size
         assert len([n for n in os.listdir(tmp_path / "hf") if n.startswith("model-")]) == 2  # 1.5 GB in 1 GB shards
