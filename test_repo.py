@@ -1,0 +1,52 @@
+"""The repo stands alone: no file points outside it, and the README's two commands are the ones CI runs."""
+import os
+import re
+import subprocess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# pointers to documents a reader of the repo does not have: a sibling `shared/` folder, its `spec/`
+# files, or section numbers of those specs
+OUTSIDE = re.compile(r"\.\./shared|\bshared/spec|\bspec/|spec §|§\s?\d|\.\./DESIGN\.md|lmms_engine\.md|bagel\.md|nsa\.md|anchors\.md")
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True)
+    if out.returncode:  # not a git checkout (an sdist, a copy): every file under the repo
+        return [os.path.relpath(os.path.join(d, f), HERE) for d, _, fs in os.walk(HERE) if ".git" not in d
+                and ".venv" not in d for f in fs]
+    return out.stdout.split()
+
+
+def test_no_file_refers_outside_the_repo():
+    bad = []
+    for name in tracked_files():
+        if name.startswith("testdata/") or name == "test_repo.py":
+            continue
+        try:
+            text = open(os.path.join(HERE, name), encoding="utf-8").read()
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+        bad += [f"{name}:{i}: {line.strip()[:100]}" for i, line in enumerate(text.splitlines(), 1) if OUTSIDE.search(line)]
+    assert not bad, "references to documents outside the repo:\n" + "\n".join(bad)
+
+
+def test_design_anchors_cited_in_the_code_exist():
+    """`DESIGN.md#name` in a comment must name a heading of DESIGN.md (GitHub's anchor rule)."""
+    headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", open(os.path.join(HERE, "DESIGN.md")).read(), re.M)}
+    cited = set()
+    for name in tracked_files():
+        if name.endswith((".py", ".md")):
+            cited |= {(name, a) for a in re.findall(r"DESIGN\.md#([\w\-]+)", open(os.path.join(HERE, name)).read())}
+    missing = sorted(f"{n}: #{a}" for n, a in cited if a not in headings)
+    assert not missing, f"anchors not in DESIGN.md: {missing}"
+
+
+def test_ci_runs_the_readme_commands():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    assert len(first) == 2, first  # exactly two commands: install + demo, tests
+    install_and_demo, tests = first
+    assert install_and_demo.endswith(" && python train.py")
+    ci = open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+    assert install_and_demo.removesuffix(" && python train.py") in ci and tests in ci
