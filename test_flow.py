@@ -168,3 +168,31 @@ def test_image_inference_equals_the_training_forward():
         want = torch.cat([v1, v2])
         assert not torch.allclose(v1[:4], v2)  # the two samples differ: a mix-up would show
         torch.testing.assert_close(pred, want, rtol=TOL, atol=TOL)
+
+
+@torch.no_grad()
+def test_bf16_model_keeps_latents_noise_and_timesteps_fp32():
+    """A bf16 model: t, x_t and the velocity target are computed in fp32 from the fp32 latents and
+    noise; only x_t's projection input is cast. Catches latents, noise or timesteps cast to the
+    model dtype first (t off by ~1e-3, the target by a bf16 rounding)."""
+    model = tiny_bagel().to(torch.bfloat16)
+    b = golden_batch("case3_t2i")
+    shapes = [tuple(s) for s in b["patchified_vae_latent_shapes"]]
+    got = {}
+    hooks = [model.vae2llm.register_forward_pre_hook(lambda m, a: got.update(x=a[0])),
+             model.llm2vae.register_forward_hook(lambda m, a, o: got.update(v=o))]
+    out = model(**b)
+    for h in hooks:
+        h.remove()
+    x0 = torch.cat([patchify_image(z[:, :2 * h, :2 * w], 2) for z, (h, w) in zip(b["padded_latent"], shapes)])
+    eps = b["packed_noise"]
+    t = torch.sigmoid(b["packed_timesteps"])  # fp32, shift 1
+    target = eps - x0
+    assert out["mse"].dtype == out["mse_t"].dtype == torch.float32
+    torch.testing.assert_close(out["mse_t"], t, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got["x"].float(), ((1 - t[:, None]) * x0 + t[:, None] * eps).bfloat16().float(),
+                               rtol=2 ** -8, atol=0)  # at most one bf16 rounding step apart
+    want = (got["v"].float() - target) ** 2
+    torch.testing.assert_close(out["mse"], want, rtol=1e-6, atol=1e-6)
+    rounded = (got["v"].float() - target.bfloat16().float()) ** 2
+    assert not torch.allclose(rounded, want, rtol=1e-6, atol=1e-6)  # the check can tell the two apart

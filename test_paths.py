@@ -160,46 +160,38 @@ def test_training_with_a_visual_part_off(ckpt, tmp_path, capsys, flag, records, 
     assert all((r["mse"] > 0) == (flag == "--visual-und") and r["ce"] > 0 for r in rows)
 
 
-@pytest.fixture(scope="module")
-def ran_out(ckpt, tmp_path_factory):
-    """A run whose data ends (one epoch) long before --max-steps; checkpoints every step."""
-    out = tmp_path_factory.mktemp("ran_out")
-    torch.set_num_threads(1)  # as the resumed run in a test (autouse one_thread) has: the same sums
-    run_main(ckpt, out, ["vqa", "t2i", "edit", "text", "vqa", "t2i"], "--data.epochs", "1",
-             "--max-steps", "50", "--ckpt.every", "1", "--ckpt.keep-last", "2")
-    return out
-
-
-def test_data_running_out_saves_and_stops(ran_out):
-    """Catches a run that crashes, hangs or loses its last steps when --data.epochs ends the data:
-    it must save the step it reached and stop."""
-    rows = [json.loads(x) for x in open(ran_out / "metrics.jsonl")]
+def test_data_running_out_saves_and_stops(ckpt, tmp_path, capsys):
+    """--data.epochs 1 ends the data long before --max-steps (and between two --ckpt.every saves):
+    the run must save the step it reached and stop. Catches a run that crashes or hangs on the end
+    of the data, or stops without saving its last steps."""
+    run_main(ckpt, tmp_path, ["vqa", "t2i", "edit", "text", "vqa", "t2i"], "--data.epochs", "1",
+             "--max-steps", "50", "--ckpt.every", "50")
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     last = rows[-1]["step"]
     assert 2 <= last < 50 and [r["step"] for r in rows] == list(range(1, last + 1))
-    assert sorted(os.listdir(ran_out / f"step-{last:07d}")) and \
-        json.load(open(ran_out / f"step-{last:07d}" / "meta.json"))["step"] == last
+    assert f"step {last}: the data ran out" in capsys.readouterr().out
+    assert json.load(open(tmp_path / f"step-{last:07d}" / "meta.json"))["step"] == last
 
 
-def test_explicit_resume_path_and_its_errors(ckpt, ran_out, tmp_path, capsys):
-    """--ckpt.resume PATH into another output dir continues from PATH exactly: its last step gives
-    the same weights as the original run's. Catches an explicit path ignored (training restarts from
-    the base model) and resuming the wrong step; a path that is not a complete checkpoint, or one
-    at max_steps already, stops with a message."""
-    rows = [json.loads(x) for x in open(ran_out / "metrics.jsonl")]
-    last = rows[-1]["step"]
-    src = str(ran_out / f"step-{last - 1:07d}")
-    run_main(ckpt, tmp_path / "b", ["vqa", "t2i", "edit", "text", "vqa", "t2i"], "--data.epochs", "1",
-             "--max-steps", str(last), "--ckpt.resume", src)
-    assert f"resumed from {src} at step {last - 1}" in capsys.readouterr().out
-    got, want = last_model(tmp_path / "b"), last_model(ran_out)
-    assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")] == [last]
+def test_explicit_resume_path_and_its_errors(ckpt, tmp_path, capsys):
+    """--ckpt.resume PATH into another output dir continues from PATH exactly: step 2 resumed from
+    run a's step 1 gives run a's step-2 weights. Catches an explicit path ignored (training restarts
+    from the base model) or the wrong step resumed; a path that is not a complete checkpoint (or a
+    save that died before meta.json) stops with a message naming it, and so does a run at max_steps."""
+    records = ["vqa", "t2i", "edit", "text"]
+    run_main(ckpt, tmp_path / "a", records, "--max-steps", "2", "--ckpt.every", "1")
+    src = str(tmp_path / "a" / "step-0000001")
+    run_main(ckpt, tmp_path / "b", records, "--max-steps", "2", "--ckpt.resume", src)
+    assert f"resumed from {src} at step 1" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")] == [2]
+    got, want = last_model(tmp_path / "b"), last_model(tmp_path / "a")
     assert all(torch.equal(got[k], want[k]) for k in want)
     os.makedirs(tmp_path / "partial" / "step-0000001")  # a save that died before meta.json
     for bad in (str(tmp_path / "nowhere"), str(tmp_path / "partial" / "step-0000001")):
         with pytest.raises(ValueError, match=f"--ckpt.resume {bad}: not a complete checkpoint"):
-            run_main(ckpt, tmp_path / "c", ["text"], "--ckpt.resume", bad)
-    run_main(ckpt, tmp_path / "d", ["text"], "--ckpt.resume", src, "--max-steps", str(last - 1))
-    assert f"already at step {last - 1} >= max_steps {last - 1}: nothing to do" in capsys.readouterr().out
+            run_main(ckpt, tmp_path / "c", records, "--ckpt.resume", bad)
+    run_main(ckpt, tmp_path / "d", records, "--ckpt.resume", src, "--max-steps", "1")
+    assert "already at step 1 >= max_steps 1: nothing to do" in capsys.readouterr().out
 
 
 # -------------------------------------------------------------------------------------------------
