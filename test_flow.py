@@ -4,7 +4,7 @@ The references here share no helper with model.py's flow code: timesteps, shift,
 velocity target, the DiT timestep features and the latent sin-cos positions are written out below
 (float64). What they reuse is the model's weights and its LLM trunk: the hand-built LLM input is
 compared with the input the trunk receives, and the hand-computed loss uses the trunk's output.
-CPU, tiny shapes, under a second each."""
+CPU, tiny shapes, seconds."""
 import dataclasses
 import math
 
