@@ -205,12 +205,25 @@ def test_cfg_dropout_between_0_and_1_through_the_dataset(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [RECORDS["edit"]] * 150 + [RECORDS["vqa"]] * 30)
     cfg = data_config(data=(path,), packing_length=4096, epochs=1, text_cond_dropout=0.2,
                       vit_cond_dropout=0.5, vae_cond_dropout=0.8)
-    lays = [s.layout for pack, _, _ in data.PackedDataset(cfg).stream() for s in pack]
-    edits = [l for l in lays if l.vae_images]
-    vqa = [l for l in lays if not l.vae_images]
+    edits, vqa = [], []
+    for b in data.PackLoader(cfg):  # the packed batches the trainer gets, read sample by sample
+        modes = iter(zip(b["split_lens"], b["attn_modes"]))
+        vit, clean = set(b["packed_vit_token_indexes"].tolist()), set(b["packed_vae_token_indexes"].tolist())
+        clean -= set(b["mse_loss_indexes"].tolist())
+        start = 0
+        for n in b["sample_lens"]:
+            mine, used = [], 0
+            while used < n:
+                ln, mode = next(modes)
+                mine, used = mine + [mode], used + ln
+            span = range(start, start + n)
+            row = ["causal" in mine, any(i in vit for i in span), any(i in clean for i in span)]
+            (edits if "noise" in mine else vqa).append(row if "noise" in mine else mine)
+            start += n
     assert len(edits) == 150 and len(vqa) == 30
-    kept = torch.tensor([["causal" in l.attn_modes, bool(l.vit_tokens), False in l.vae_noisy] for l in edits])
+    kept = torch.tensor(edits)  # [sample, (text, ViT, clean VAE) kept]
     dropped = 1 - kept.float().mean(0)
+    print(f"CFG dropout over 150 edits (text, ViT, clean VAE): {[round(x, 3) for x in dropped.tolist()]}")
     assert dropped.tolist() == pytest.approx([0.2, 0.5, 0.8], abs=0.1)
     assert (~kept[:, 0] & kept[:, 2]).any() and (kept[:, 0] & ~kept[:, 2]).any()  # not one shared draw
-    assert all(l.attn_modes == ["full", "causal", "causal"] for l in vqa)
+    assert all(m == ["full", "causal", "causal"] for m in vqa)
