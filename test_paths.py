@@ -161,16 +161,20 @@ def test_training_with_a_visual_part_off(ckpt, tmp_path, capsys, flag, records, 
 
 
 def test_data_running_out_saves_and_stops(ckpt, tmp_path, capsys):
-    """--data.epochs 1 ends the data long before --max-steps (and between two --ckpt.every saves):
-    the run must save the step it reached and stop. Catches a run that crashes or hangs on the end
-    of the data, or stops without saving its last steps."""
-    run_main(ckpt, tmp_path, ["vqa", "t2i", "edit", "text", "vqa", "t2i"], "--data.epochs", "1",
-             "--max-steps", "50", "--ckpt.every", "50")
-    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    last = rows[-1]["step"]
-    assert 2 <= last < 50 and [r["step"] for r in rows] == list(range(1, last + 1))
-    assert f"step {last}: the data ran out" in capsys.readouterr().out
-    assert json.load(open(tmp_path / f"step-{last:07d}" / "meta.json"))["step"] == last
+    """--data.epochs 1 ends the data long before --max-steps: the run saves the step it reached
+    (between two --ckpt.every saves) and stops; where that step was just saved, it is not written
+    again over the complete checkpoint (a kill during that rewrite would corrupt the newest one).
+    Catches a run that crashes or hangs at the end of the data, stops without saving, or rewrites."""
+    records = ["vqa", "t2i", "edit", "text", "vqa", "t2i"]
+    for every in (50, 1):
+        out = tmp_path / str(every)
+        run_main(ckpt, out, records, "--data.epochs", "1", "--max-steps", "50", "--ckpt.every", str(every))
+        rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+        last = rows[-1]["step"]
+        assert 2 <= last < 50 and [r["step"] for r in rows] == list(range(1, last + 1))
+        log = capsys.readouterr().out
+        assert f"step {last}: the data ran out" in log and log.count(f"saved {out}/step-{last:07d}") == 1
+        assert json.load(open(out / f"step-{last:07d}" / "meta.json"))["step"] == last
 
 
 def test_explicit_resume_path_and_its_errors(ckpt, tmp_path, capsys):
@@ -224,6 +228,6 @@ def test_cfg_dropout_between_0_and_1_through_the_dataset(tmp_path):
     kept = torch.tensor(edits)  # [sample, (text, ViT, clean VAE) kept]
     dropped = 1 - kept.float().mean(0)
     print(f"CFG dropout over 150 edits (text, ViT, clean VAE): {[round(x, 3) for x in dropped.tolist()]}")
-    assert dropped.tolist() == pytest.approx([0.2, 0.5, 0.8], abs=0.1)
+    assert dropped.tolist() == pytest.approx([0.2, 0.5, 0.8], abs=0.12)  # ~3 standard deviations
     assert (~kept[:, 0] & kept[:, 2]).any() and (kept[:, 0] & ~kept[:, 2]).any()  # not one shared draw
     assert all(m == ["full", "causal", "causal"] for m in vqa)
