@@ -93,6 +93,8 @@ def test_flow_matching_loss_from_the_formulas():
     noisy = t[:, 0] > 0
     target = (eps - x0)[noisy]  # the velocity d x_t / d t: towards the noise
     pred = linear(h_out[b["mse_loss_indexes"]], model.llm2vae)
+    err_in = (x_in[b["packed_vae_token_indexes"]].double() - want_in).abs().max().item()
+    print(f"flow from the formulas: max |err| LLM input {err_in:.1e}, MSE {(out['mse'] - (pred - target) ** 2).abs().max():.1e}")
     torch.testing.assert_close(out["mse"].double(), (pred - target) ** 2, rtol=TOL, atol=TOL)
     torch.testing.assert_close(out["mse_t"].double(), t[noisy, 0], rtol=1e-6, atol=1e-6)
 
@@ -167,6 +169,7 @@ def test_image_inference_equals_the_training_forward():
         (_, _, pred), = record_velocities(model, lambda: model(**b))
         want = torch.cat([v1, v2])
         assert not torch.allclose(v1[:4], v2)  # the two samples differ: a mix-up would show
+        print(f"inference vs training at t={t:.3f}: max |velocity err| {(pred - want).abs().max():.1e}")
         torch.testing.assert_close(pred, want, rtol=TOL, atol=TOL)
 
 
