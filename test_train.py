@@ -413,9 +413,12 @@ def test_ema_math_and_frozen_keys():
     fsdp.ema_update(ema, model, 0.9)
     for k, v in ema.items():
         torch.testing.assert_close(v, 0.9 * p0[k] + 0.1 * (p0[k] + 1), rtol=0, atol=1e-6)
+    # the exported EMA has exactly the model's keys (an extra or a missing key would break the strict
+    # load of a converted checkpoint); the frozen weight is the parameter itself, the trained ones the EMA
     sd = fsdp.ema_state_dict(ema, model.state_dict())
-    assert set(sd) == set(model.state_dict()) and sd["1.weight"] is model.state_dict()["1.weight"] or \
-        torch.equal(sd["1.weight"], model.state_dict()["1.weight"])
+    assert set(sd) == set(model.state_dict())
+    assert torch.equal(sd["1.weight"], model[1].weight)
+    assert all(torch.equal(sd[k], ema[k]) and not torch.equal(sd[k], model.state_dict()[k]) for k in ema)
 
 
 def test_lr_schedules():

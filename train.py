@@ -613,7 +613,8 @@ def train(args: Args, d: fsdp.Dist):
         s = train_step(model, ae, opt, batches, step, args, d)
         if s is None:
             log(f"step {step}: the data ran out (--data.epochs); saving and stopping")
-            save(args, d, step, model, opt, sched, ema, loader, args_json, metrics)
+            if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
+                save(args, d, step, model, opt, sched, ema, loader, args_json, metrics)  # not over a complete one
             return
         sched.step()
         if ema is not None:
