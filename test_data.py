@@ -149,6 +149,7 @@ def chat(ref):
 
 def small_cfg(**kw):
     base = dict(model=str(TOK_DIR), packing_length=160, vit_min_size=14, vit_max_size=112,
+                edit_vit_min_size=14, edit_vit_max_size=112,
                 vae_min_size=16, vae_max_size=128, vit_max_num_patch_per_side=8, max_latent_size=8,
                 text_cond_dropout=0.0, vit_cond_dropout=0.0, vae_cond_dropout=0.0, num_workers=0,
                 epochs=1)
@@ -558,7 +559,7 @@ def test_epochs_reshuffle(tmp_path):
     ds = data.PackedDataset(cfg)
     st = ds.stream()
     keys = iter(st.next_key, None)  # the sample stream before packing
-    rows = [ds.sources[0].locate(pos) for _, pos in keys]
+    rows = [ds.sources[0].read(k)[0] for k in keys]  # "file: row r"
     assert len(rows) == 80 and st.next_key() is None
     first, second = rows[:40], rows[40:]
     assert len(set(first)) == 40 and sorted(first) == sorted(second) and first != second
