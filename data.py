@@ -85,7 +85,8 @@ class DataConfig:
     edit_vit_min_size: int = 224
     edit_vit_max_pixels: int = VAE_MAX_PIXELS
     """images that also enter as clean VAE latents (edit inputs, images of a sample that generates
-    one): their ViT copy is 224-518 px, as upstream `unified_edit`, so a 1024x1024 edit fits 10240"""
+    one): their ViT copy is 224-518 px, as upstream `unified_edit`, so a 1024x1024 edit fits 10240;
+    never larger than vit_max_size nor with a larger minimum than vit_min_size"""
     vit_patch_size: int = 14
     """model: SigLIP patch size"""
     vit_max_num_patch_per_side: int = 70
@@ -110,8 +111,6 @@ class DataConfig:
         for name, size, stride, side, table in (
                 ("vit", self.vit_max_size, self.vit_patch_size, self.vit_max_num_patch_per_side,
                  "vit_max_num_patch_per_side"),
-                ("edit_vit", self.edit_vit_max_size, self.vit_patch_size,
-                 self.vit_max_num_patch_per_side, "vit_max_num_patch_per_side"),
                 ("vae", self.vae_max_size, self.latent_downsample, self.max_latent_size,
                  "max_latent_size")):
             if round(size / stride) > side:
@@ -267,9 +266,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def transform(img: Image.Image, kind: str, cfg: DataConfig, img_num: int, where: str) -> torch.Tensor:
     """Resize for the ViT (stride 14; kind "vit" or "edit_vit") or the VAE (stride 16) and check the
     model can place it."""
-    if kind in ("vit", "edit_vit"):
-        rule = (getattr(cfg, f"{kind}_max_size"), getattr(cfg, f"{kind}_min_size"), cfg.vit_patch_size,
-                getattr(cfg, f"{kind}_max_pixels"))
+    if kind == "vit":
+        rule = (cfg.vit_max_size, cfg.vit_min_size, cfg.vit_patch_size, cfg.vit_max_pixels)
+        side, table = cfg.vit_max_num_patch_per_side, "vit_max_num_patch_per_side"
+    elif kind == "edit_vit":  # capped by the vit_* sizes, so that a small model's settings hold for both
+        rule = (min(cfg.edit_vit_max_size, cfg.vit_max_size), min(cfg.edit_vit_min_size, cfg.vit_min_size),
+                cfg.vit_patch_size, cfg.edit_vit_max_pixels)
         side, table = cfg.vit_max_num_patch_per_side, "vit_max_num_patch_per_side"
     else:
         rule = (cfg.vae_max_size, cfg.vae_min_size, cfg.latent_downsample, cfg.vae_max_pixels)

@@ -149,7 +149,6 @@ def chat(ref):
 
 def small_cfg(**kw):
     base = dict(model=str(TOK_DIR), packing_length=160, vit_min_size=14, vit_max_size=112,
-                edit_vit_min_size=14, edit_vit_max_size=112,
                 vae_min_size=16, vae_max_size=128, vit_max_num_patch_per_side=8, max_latent_size=8,
                 text_cond_dropout=0.0, vit_cond_dropout=0.0, vae_cond_dropout=0.0, num_workers=0,
                 epochs=1)
