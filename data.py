@@ -454,21 +454,26 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
 # (or raw lines), and only the rows taken are turned into Python objects. Arrow files are
 # memory-mapped.
 
+def index_lines(path: str) -> np.ndarray:
+    """Byte offsets of the non-blank lines of a .jsonl file, and of its end."""
+    offsets, pos = [], 0
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+    return np.array(offsets + [pos], dtype=np.int64)
+
+
 class DataFile:
     def __init__(self, path: str):
         self.path, self.ext = path, Path(path).suffix.lower()
         self._h = self._pid = None
-        if self.ext == ".jsonl":  # line starts, indexed once here in the parent: workers inherit them
-            offsets, pos = [], 0
-            try:
-                with open(path, "rb") as fh:
-                    for line in fh:
-                        if line.strip():
-                            offsets.append(pos)
-                        pos += len(line)
-            except OSError as e:
-                raise ValueError(f"{path}: cannot read: {e}") from None
-            self.offsets = np.array(offsets + [pos], dtype=np.int64)  # + the end of the file
+        if self.ext == ".jsonl":  # indexed once here, in the parent: the workers inherit it
+            self.offsets = index_lines(path)
         self._open()
         self.unit_rows = self._unit_rows()
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
