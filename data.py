@@ -488,7 +488,9 @@ class DataFile:
         self._pid, p = os.getpid(), self.path
         try:
             if self.ext == ".parquet":
-                self._h = pq.ParquetFile(p)
+                # pre_buffer (pyarrow's default) keeps the last row group read by each open file in
+                # its read-ahead cache, so memory would grow with the number of files (bench.py)
+                self._h = pq.ParquetFile(p, pre_buffer=False)
             elif self.ext == ".arrow":
                 src = pa.memory_map(p)
                 try:  # Arrow IPC file format (random access)...
