@@ -680,8 +680,8 @@ def row_of(where):
 @pytest.mark.parametrize("container", ["parquet", "arrow", "jsonl"])
 def test_each_unit_is_read_by_one_shard(container, tmp_path, monkeypatch):
     """16 units, 4 ranks x 2 workers, 2 epochs: every shard reads 2 whole units per epoch, each unit
-    is read by one shard, every row is used once per epoch; parquet row groups are read from disk
-    once per epoch (counted at pyarrow)."""
+    is read by one shard, every row is used once per epoch, the units are dealt anew each epoch;
+    parquet row groups are read from disk once per epoch (counted at pyarrow)."""
     path, unit = unit_file(container, tmp_path, 16, 3, monkeypatch)
     reads = []
     real = pq.ParquetFile.read_row_group
@@ -702,7 +702,7 @@ def test_each_unit_is_read_by_one_shard(container, tmp_path, monkeypatch):
             for r in got:
                 assert owner.setdefault(unit(r), shard) == shard
         assert sorted(r for s in range(8) for r in rows[epoch, s]) == list(range(48))
-    assert [rows[0, s] for s in range(8)] != [rows[1, s] for s in range(8)]  # reshuffled each epoch
+    assert [{unit(r) for r in rows[0, s]} for s in range(8)] != [{unit(r) for r in rows[1, s]} for s in range(8)]
     if container == "parquet":
         assert sorted(reads) == sorted(list(range(16)) * 2)
 
