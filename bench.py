@@ -272,12 +272,13 @@ def stream_rss(folder: str):
 
 
 def jpeg_throughput(tmp: str, budget: int):
-    """Samples/s of one worker (the loading process itself) on 1024^2 JPEG edit records (source
+    """Samples/s of one worker (this process, 1 torch thread) on 1024^2 JPEG edit records (source
     image → instruction → edited image: two 1024^2 decodes, a 518 px ViT resize, VAE tensors) and on
     512^2 JPEG records (half T2I targets, half VQA inputs)."""
     from PIL import Image
     from data import DataConfig, PackedDataset
     rng = np.random.default_rng(0)
+    torch.set_num_threads(1)  # as data._worker_init sets it in each DataLoader worker
     for side, n_img in ((1024, 8), (512, 32)):
         recs = []
         for i in range(n_img):  # a smooth picture with some noise: JPEG sizes like photos' (~100-300 kB)
@@ -297,15 +298,14 @@ def jpeg_throughput(tmp: str, budget: int):
         with open(path, "w") as f:
             f.writelines(json.dumps({"messages": m}) + "\n" for m in recs)
         ds = PackedDataset(DataConfig(data=(path,), model=TOK_DIR, packing_length=budget, num_workers=0))
-        t, n, tokens, packs = time.perf_counter(), 0, 0, 0
+        t, cpu, n, tokens, packs = time.perf_counter(), time.process_time(), 0, 0, 0
         for pack, batch, _ in ds.stream():
             n, tokens, packs = n + len(pack), tokens + batch["sequence_length"], packs + 1
             if n >= (24 if side == 1024 else 128):
                 break
-        dt = time.perf_counter() - t
+        dt, cpu = time.perf_counter() - t, time.process_time() - cpu
         kind = "edit" if side == 1024 else "VQA/T2I"
-        print(f"one worker, {side}^2 JPEG {kind} records | {n / dt:.1f} samples/s | {tokens / dt:,.0f} tokens/s | "
-              f"fill {tokens / (packs * budget):.1%}")
+        print(f"one worker, {side}^2 JPEG {kind} records | {n / dt:.1f} samples/s ({n / cpu:.1f} per CPU second) | {tokens / dt:,.0f} tokens/s | fill {tokens / (packs * budget):.1%}")
 
 
 def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7, hkv: int = 1, d: int = 128) -> dict:
