@@ -11,12 +11,10 @@ The training loop uses `PackLoader(cfg, rank, world_size)`: iterate it for batch
 `python data.py --data x.parquet --model DIR --inspect 2` prints packs in human form.
 """
 import base64
-import bisect
 import binascii
 import copy
 import io
 import json
-import math
 import os
 import random
 import sys
@@ -594,7 +592,6 @@ class Source:
             raise ValueError(f"{name}: no rows")
         if self.weight <= 0:
             raise ValueError(f"{name}: mixture weight must be > 0, got {weight}")
-        self.loads = 0  # units read from disk by this process (bench.py --what data reports it)
         self._unit: tuple = (None, None)  # (unit, its rows): the one unit this source holds
         self._order: tuple = (None, None)  # ((epoch, unit), row order)
 
@@ -614,7 +611,6 @@ class Source:
         if self._unit[0] != u:
             self._unit = (None, None)  # free the old unit before reading the new one
             self._unit = (u, self.files[fi].load(ui))
-            self.loads += 1
         where, rec = self.files[fi].record(self._unit[1], ui, int(self._order[1][place]))
         return where, self.folders[fi], rec
 

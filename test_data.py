@@ -557,6 +557,17 @@ def test_resume_at_another_world_size_skips_no_record(tmp_path, monkeypatch, lin
     assert 0 < len(before) < epochs * n
     if epochs == 1:  # within one epoch nothing is read twice
         assert len(before) + len(after) == n
+    # and from there on, resume at the same world size is exact again (the dealt ranges are saved)
+    loader = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0, epochs=epochs))
+    loader.continue_from(states)
+    it = iter(loader)
+    next(it)
+    state = json.loads(json.dumps(loader.state_dict()))
+    want = [next(it) for _ in range(2)]
+    fresh = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0, epochs=epochs))
+    fresh.load_state_dict(state)
+    for a, b in zip(iter(fresh), want):
+        same_batch(a, b)
     with pytest.raises(ValueError, match="seed"):
         data.PackLoader(small_cfg(data=cfg.data, seed=1)).continue_from(states)
 
