@@ -76,15 +76,17 @@ class DataConfig:
     vae_min_size: int = 512
     vae_max_pixels: int = VAE_MAX_PIXELS
     vit_max_size: int = 980
+    """ViT images for understanding: 378-980 px, as upstream VLM SFT (data/configs/example.yaml)"""
     vit_min_size: int = 378
     vit_max_pixels: int = VIT_MAX_PIXELS
-    """understanding images (ViT only): 378-980 px, as upstream VLM SFT"""
+    """shared by the ViT images of one understanding sample"""
     edit_vit_max_size: int = 518
+    """the ViT copy of an image that also enters as clean VAE latents (every input image of a sample
+    that generates one, e.g. an edit's source): 224-518 px, as upstream `unified_edit`, so that a
+    1024x1024 edit fits 10240 tokens; never above vit_max_size"""
     edit_vit_min_size: int = 224
+    """never above vit_min_size"""
     edit_vit_max_pixels: int = VAE_MAX_PIXELS
-    """images that also enter as clean VAE latents (edit inputs, images of a sample that generates
-    one): their ViT copy is 224-518 px, as upstream `unified_edit`, so a 1024x1024 edit fits 10240;
-    never larger than vit_max_size nor with a larger minimum than vit_min_size"""
     vit_patch_size: int = 14
     """model: SigLIP patch size"""
     vit_max_num_patch_per_side: int = 70
