@@ -33,7 +33,8 @@ TOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "
 @dataclass
 class Args:
     what: Literal["model", "data", "nsa"] = "model"
-    """model: the packed forward/backward; data: packing fill and data-loader throughput; nsa: one
+    """model: the packed forward/backward; data: packing fill, parquet reads per shard, a data
+    worker's memory and throughput; nsa: one
     NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B)"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
@@ -305,7 +306,8 @@ def jpeg_throughput(tmp: str, budget: int):
                 break
         dt, cpu = time.perf_counter() - t, time.process_time() - cpu
         kind = "edit" if side == 1024 else "VQA/T2I"
-        print(f"one worker, {side}^2 JPEG {kind} records | {n / dt:.1f} samples/s ({n / cpu:.1f} per CPU second) | {tokens / dt:,.0f} tokens/s | fill {tokens / (packs * budget):.1%}")
+        print(f"one worker, {side}^2 JPEG {kind} records | {n / dt:.1f} samples/s ({n / cpu:.1f} per CPU "
+              f"second) | {tokens / dt:,.0f} tokens/s | fill {tokens / (packs * budget):.1%}")
 
 
 def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7, hkv: int = 1, d: int = 128) -> dict:

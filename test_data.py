@@ -684,6 +684,13 @@ def unit_file(container, tmp_path, n_units, rows, monkeypatch):
     return str(tmp_path / f"u.{container}"), lambda r: r // rows
 
 
+def count_row_group_reads(monkeypatch) -> list[int]:
+    """The row groups pyarrow reads from now on, in order."""
+    reads, real = [], pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    return reads
+
+
 def row_of(where):
     return int(where.rsplit("row ", 1)[1])
 
@@ -694,9 +701,7 @@ def test_each_unit_is_read_by_one_shard(container, tmp_path, monkeypatch):
     is read by one shard, every row is used once per epoch, the units are dealt anew each epoch;
     parquet row groups are read from disk once per epoch (counted at pyarrow)."""
     path, unit = unit_file(container, tmp_path, 16, 3, monkeypatch)
-    reads = []
-    real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    reads = count_row_group_reads(monkeypatch)
     cfg = small_cfg(data=(path,), packing_length=128, epochs=2, num_workers=2)
     rows = {}  # (epoch, shard) -> rows in reading order
     for rank in range(4):
@@ -722,9 +727,7 @@ def test_fewer_units_than_shards(tmp_path, monkeypatch):
     """3 row groups on 8 shards: each is cut into 3 row ranges, so every shard draws from both
     sources (the mixture holds) and a row group is read by 3 shards, not 8."""
     path, _ = unit_file("parquet", tmp_path, 3, 6, monkeypatch)
-    reads = []
-    real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    reads = count_row_group_reads(monkeypatch)
     cfg = small_cfg(data=(path, text_data(tmp_path, 80)), packing_length=128, num_workers=2)
     seen = []
     for rank in range(4):
