@@ -835,6 +835,13 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers decode images; torch threads there only oversubscribe cores
 
 
+def check_format(states: list[dict]):
+    """Data states from before sharding by read unit hold one stream position per source."""
+    if any(not isinstance(p, list) for st in states for sh in st["shards"].values() for p in sh["pos"]):
+        raise ValueError("data state was saved by an older data.py (stream positions, before shards read "
+                         "whole units): it cannot be continued; resume from a newer checkpoint or start over")
+
+
 class PackLoader:
     """What the training loop uses: iterate for batches (Bagel.forward's keyword arguments)."""
 
@@ -862,6 +869,7 @@ class PackLoader:
                     shards=copy.deepcopy(self.shards))
 
     def load_state_dict(self, sd: dict):
+        check_format([sd])
         for k in ("num_workers", "world_size", "seed"):
             mine = self.cfg.num_workers if k == "num_workers" else \
                 self.dataset.world_size if k == "world_size" else self.cfg.seed
@@ -878,6 +886,7 @@ class PackLoader:
         yet in it are dealt to the new shards as row ranges, and the samples that waited in open
         packs are handed out again as open packs. No record is skipped; rows a faster old shard had
         already read in the next epoch are read again there. Counters and timestep draws restart."""
+        check_format(states)
         if any(st["seed"] != self.cfg.seed for st in states):
             raise ValueError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
         srcs = self.dataset.sources

@@ -606,6 +606,11 @@ def test_resume_mid_epoch_gives_the_same_next_packs(tmp_path, monkeypatch, worke
     other = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, epochs=None, num_workers=workers + 1))
     with pytest.raises(ValueError, match="num_workers"):
         other.load_state_dict(state)
+    for sh in state["shards"].values():  # a state from before sharding by unit: one position per source
+        sh["pos"] = [p[2] for p in sh["pos"]]
+    for load in (fresh.load_state_dict, lambda st: fresh.continue_from([st])):
+        with pytest.raises(ValueError, match="older data.py"):
+            load(state)
 
 
 def test_workers_interleave_in_step_order(tmp_path):
