@@ -11,12 +11,10 @@ The training loop uses `PackLoader(cfg, rank, world_size)`: iterate it for batch
 `python data.py --data x.parquet --model DIR --inspect 2` prints packs in human form.
 """
 import base64
-import bisect
 import binascii
 import copy
 import io
 import json
-import math
 import os
 import random
 import sys
@@ -39,8 +37,11 @@ from packing import Geometry, SpecialTokens
 DATA_EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json files in HF save_to_disk dirs
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
-VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # upstream ImageTransform default (spec §9)
-VIT_MAX_PIXELS = 2_007_040  # upstream example.yaml for VLM SFT (spec §9)
+VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # upstream ImageTransform default (data/transforms.py)
+VIT_MAX_PIXELS = 2_007_040  # upstream data/configs/example.yaml, VLM SFT ViT transform
+# --data.skip-bad is for the odd broken record: a source that is mostly bad stops the run instead
+SKIP_CHECK_AFTER = 100  # records of one source read by one shard before the check starts
+MAX_SKIPPED = 0.2  # fraction of a source's records that may be skipped
 
 
 @dataclass
@@ -50,8 +51,9 @@ class DataConfig:
     """data files, directories or .yaml mixtures; `path:weight` sets a mixture weight (default 1)"""
     model: str = ""
     """checkpoint directory holding the Qwen2.5 tokenizer (tokenizer.json or vocab.json + merges.txt)"""
-    packing_length: int = 8192
-    """token budget of one pack: text, ViT and VAE tokens and their markers"""
+    packing_length: int = 10240
+    """token budget of one pack: text, ViT and VAE tokens and their markers (upstream fine-tuning:
+    10240, which a 1024x1024 edit fits)"""
     max_open_packs: int = 8
     """first-fit buffer: how many partly filled packs wait for more samples"""
     min_fill: float = 0.99
@@ -74,8 +76,17 @@ class DataConfig:
     vae_min_size: int = 512
     vae_max_pixels: int = VAE_MAX_PIXELS
     vit_max_size: int = 980
+    """ViT images for understanding: 378-980 px, as upstream VLM SFT (data/configs/example.yaml)"""
     vit_min_size: int = 378
     vit_max_pixels: int = VIT_MAX_PIXELS
+    """shared by the ViT images of one understanding sample"""
+    edit_vit_max_size: int = 518
+    """the ViT copy of an image that also enters as clean VAE latents (every input image of a sample
+    that generates one, e.g. an edit's source): 224-518 px, as upstream `unified_edit`, so that a
+    1024x1024 edit fits 10240 tokens; never above vit_max_size"""
+    edit_vit_min_size: int = 224
+    """never above vit_min_size"""
+    edit_vit_max_pixels: int = VAE_MAX_PIXELS
     vit_patch_size: int = 14
     """model: SigLIP patch size"""
     vit_max_num_patch_per_side: int = 70
@@ -253,9 +264,14 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def transform(img: Image.Image, kind: str, cfg: DataConfig, img_num: int, where: str) -> torch.Tensor:
-    """Resize for the ViT (stride 14) or the VAE (stride 16) and check the model can place it."""
+    """Resize for the ViT (stride 14; kind "vit" or "edit_vit") or the VAE (stride 16) and check the
+    model can place it."""
     if kind == "vit":
         rule = (cfg.vit_max_size, cfg.vit_min_size, cfg.vit_patch_size, cfg.vit_max_pixels)
+        side, table = cfg.vit_max_num_patch_per_side, "vit_max_num_patch_per_side"
+    elif kind == "edit_vit":  # capped by the vit_* sizes, so that a small model's settings hold for both
+        rule = (min(cfg.edit_vit_max_size, cfg.vit_max_size), min(cfg.edit_vit_min_size, cfg.vit_min_size),
+                cfg.vit_patch_size, cfg.edit_vit_max_pixels)
         side, table = cfg.vit_max_num_patch_per_side, "vit_max_num_patch_per_side"
     else:
         rule = (cfg.vae_max_size, cfg.vae_min_size, cfg.latent_downsample, cfg.vae_max_pixels)
@@ -368,6 +384,10 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
       images also enter as clean VAE latents before their ViT tokens (editing).
     - A generated image that more conversation follows is re-added as clean VAE + ViT, after its
       noisy copy (upstream edit chains), so later turns can see it (LMMS Engine bug D6).
+    - Sizes by role: VAE images 512-1024 px; the ViT copy of an image that also enters as clean VAE
+      latents (any input of a sample that generates an image) 224-518 px (upstream `unified_edit`);
+      other ViT images 378-980 px, sharing one pixel budget (upstream VLM SFT).
+    Image items carry `option`: the --data option that sets their size (for the too-long error).
     """
     parts = parse_record(rec, where, rng or random.Random(0))
     if not parts:
@@ -391,8 +411,8 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
     def text(ids, loss, cfg_, desc):
         items.append(dict(type="text", ids=ids, loss=loss, enable_cfg=cfg_, desc=desc))
 
-    def image(t, img, loss, cfg_, desc):
-        items.append(dict(type=t, image=img, loss=loss, enable_cfg=cfg_,
+    def image(t, img, loss, cfg_, desc, option):
+        items.append(dict(type=t, image=img, loss=loss, enable_cfg=cfg_, option=option,
                           desc=f"{desc} {img.shape[1]}x{img.shape[2]} (HxW)"))
 
     for i, (f, role, kind, value) in enumerate(parts):
@@ -406,47 +426,71 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
             continue
         pil = load_image(value, folder, w)
 
-        def vit(desc):  # the sample's ViT images share one pixel budget (upstream VLM `img_num`)
-            if cfg.visual_und:  # without the ViT, edits condition on the clean VAE copy only
-                image("vit_image", transform(pil, "vit", cfg, max(n_vit, 1), w), 0, int(gen), desc)
+        def vit(desc):
+            if not cfg.visual_und:  # without the ViT, edits condition on the clean VAE copy only
+                return
+            if gen:  # this image also enters as clean VAE latents: the edit sizing, one image each
+                image("vit_image", transform(pil, "edit_vit", cfg, 1, w), 0, 1, desc, "edit_vit_max_size")
+            else:  # the sample's ViT images share one pixel budget (upstream VLM `img_num`)
+                image("vit_image", transform(pil, "vit", cfg, max(n_vit, 1), w), 0, 0, desc, "vit_max_size")
 
         if role == "assistant":
             vae = transform(pil, "vae", cfg, 1, w)
-            image("vae_image", vae, 1, 0, "assistant image → noisy VAE target")
+            image("vae_image", vae, 1, 0, "assistant image → noisy VAE target", "vae_max_size")
             if i < last:  # more conversation follows: it conditions on the clean image
-                image("vae_image", vae, 0, 1, "assistant image → clean VAE copy")
+                image("vae_image", vae, 0, 1, "assistant image → clean VAE copy", "vae_max_size")
                 vit("assistant image → ViT copy")
         else:
             if gen:
-                image("vae_image", transform(pil, "vae", cfg, 1, w), 0, 1, f"{role} image → clean VAE")
+                image("vae_image", transform(pil, "vae", cfg, 1, w), 0, 1, f"{role} image → clean VAE",
+                      "vae_max_size")
             vit(f"{role} image → ViT")
     return items
 
 
 # --------------------------------------------------------------------------------------------------
 # Readers. A file is read in units (a parquet row group, an Arrow record batch, 1024 json/jsonl
-# rows); only one unit per source is held at a time, as Arrow data, and only the rows taken are
-# turned into Python objects. Arrow files are memory-mapped.
+# lines): the unit of sharding and of caching. Each source holds one unit at a time, as Arrow data
+# (or raw lines), and only the rows taken are turned into Python objects. Arrow files are
+# memory-mapped.
+
+def index_lines(path: str) -> np.ndarray:
+    """Byte offsets of the non-blank lines of a .jsonl file, and of its end."""
+    offsets, pos = [], 0
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+    return np.array(offsets + [pos], dtype=np.int64)
+
 
 class DataFile:
     def __init__(self, path: str):
         self.path, self.ext = path, Path(path).suffix.lower()
-        self._h = self._cache = self._pid = None
+        self._h = self._pid = None
+        if self.ext == ".jsonl":  # indexed once here, in the parent: the workers inherit it
+            self.offsets = index_lines(path)
         self._open()
         self.unit_rows = self._unit_rows()
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
 
     def __getstate__(self):  # open handles stay in the process that opened them
-        return {**self.__dict__, "_h": None, "_cache": None}
+        return {**self.__dict__, "_h": None}
 
     def _open(self):
         if self._h is not None and self._pid == os.getpid():
             return
         # (re)open in each process: DataLoader workers must not share the parent's file handles
-        self._pid, self._cache, p = os.getpid(), None, self.path
+        self._pid, p = os.getpid(), self.path
         try:
             if self.ext == ".parquet":
-                self._h = pq.ParquetFile(p)
+                # pre_buffer (pyarrow's default) keeps the last row group read by each open file in
+                # its read-ahead cache, so memory would grow with the number of files (bench.py)
+                self._h = pq.ParquetFile(p, pre_buffer=False)
             elif self.ext == ".arrow":
                 src = pa.memory_map(p)
                 try:  # Arrow IPC file format (random access)...
@@ -456,13 +500,7 @@ class DataFile:
                     src.seek(0)
                     self._h = list(pa.ipc.open_stream(src))
             elif self.ext == ".jsonl":
-                offsets, pos = [], 0
-                with open(p, "rb") as fh:  # index line starts once; rows are read by seeking
-                    for line in fh:
-                        if line.strip():
-                            offsets.append(pos)
-                        pos += len(line)
-                self._h = np.array(offsets, dtype=np.int64)
+                self._h = True  # read by seeking to self.offsets
             elif self.ext == ".json":
                 # a JSON list cannot be streamed without a streaming parser: loaded whole (use .jsonl
                 # or parquet for big data)
@@ -482,27 +520,34 @@ class DataFile:
             return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         if self.ext == ".arrow":
             return [b.num_rows for b in self._h]
-        n = len(self._h)
+        n = len(self.offsets) - 1 if self.ext == ".jsonl" else len(self._h)
         return [min(LINES_PER_UNIT, n - s) for s in range(0, n, LINES_PER_UNIT)]
 
-    def read(self, unit: int, row: int) -> tuple[str, Any]:
-        """(where, record) of row `row` of unit `unit`; `where` names file and row for errors."""
+    def load(self, unit: int) -> Any:
+        """The rows of one unit, as stored (Arrow table/batch, a slice of the JSON list, raw lines)."""
         self._open()
+        a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
+        if self.ext == ".parquet":
+            return self._h.read_row_group(unit)
+        if self.ext == ".arrow":
+            return self._h[unit]
+        if self.ext == ".json":
+            return self._h[a:b]
+        with open(self.path, "rb") as fh:
+            fh.seek(int(self.offsets[a]))
+            return fh.read(int(self.offsets[b] - self.offsets[a]))
+
+    def record(self, rows: Any, unit: int, row: int) -> tuple[str, Any]:
+        """(where, record) of row `row` of a loaded unit; `where` names file and row for errors."""
         r = int(self.unit_start[unit]) + row
         where = f"{self.path}: row {r}"
-        if self.ext == ".parquet":
-            if self._cache is None or self._cache[0] != unit:
-                self._cache = (unit, self._h.read_row_group(unit))
-            return where, self._cache[1].slice(row, 1).to_pylist()[0]
-        if self.ext == ".arrow":
-            return where, self._h[unit].slice(row, 1).to_pylist()[0]
+        if self.ext in (".parquet", ".arrow"):
+            return where, rows.slice(row, 1).to_pylist()[0]
         if self.ext == ".json":
-            return where, self._h[r]
-        with open(self.path, "rb") as fh:
-            fh.seek(int(self._h[r]))
-            line = fh.readline()
+            return where, rows[row]
+        base = self.offsets[int(self.unit_start[unit])]
         try:
-            return where, json.loads(line)
+            return where, json.loads(rows[self.offsets[r] - base:self.offsets[r + 1] - base])
         except json.JSONDecodeError as e:
             raise BadSample("malformed_json", f"{where}: malformed JSON ({e})") from None
 
@@ -526,10 +571,14 @@ def data_files(path: str) -> list[str]:
 class Source:
     """One entry of the mixture: some files, a weight, and the folder relative image paths are in.
 
-    Row order: the stream of one source is all its epochs back to back; epoch e visits the units in
-    a random order and the rows of each unit in a random order, both functions of (seed, source, e).
-    Shard s of n takes stream positions s, s+n, s+2n, ...: disjoint within an epoch, and together
-    the shards cover it. A row is found again from its position alone (resume needs nothing else).
+    Sharding is by whole units, so a shard reads only its own units, each once per epoch. Epoch e
+    shuffles the units with a seed of (seed, source, e) and deals them to the n shards in turn:
+    shard s reads units s, s+n, s+2n, ... of that order, one after the other, each unit's rows in an
+    order shuffled with (seed, source, e, unit). A source with fewer units than shards has each unit
+    cut into k = ceil(shards / units) ranges of that row order, dealt the same way, so that every
+    shard draws from every source and the mixture weights hold; such a unit is read by k shards.
+    A sample is named by the key (source, epoch, unit, place in the unit's row order): it is found
+    again from its key alone, whatever the shard.
     """
 
     def __init__(self, name: str, files: list[str], weight: float, folder: str | None, index: int,
@@ -545,28 +594,26 @@ class Source:
             raise ValueError(f"{name}: no rows")
         if self.weight <= 0:
             raise ValueError(f"{name}: mixture weight must be > 0, got {weight}")
-        self._epoch_cache: tuple = (None, None, None)
-        self._perm_cache: tuple = (None, None)
+        self._unit: tuple = (None, None)  # (unit, its rows): the one unit this source holds
+        self._order: tuple = (None, None)  # ((epoch, unit), row order)
 
-    def locate(self, pos: int) -> tuple[int, int, int]:
-        """Stream position → (file, unit, row in unit)."""
-        epoch, off = divmod(pos, self.n_rows)
-        if self._epoch_cache[0] != epoch:
-            order = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.units))
-            starts = np.cumsum([0] + [self.units[u][2] for u in order])
-            self._epoch_cache = (epoch, order, starts)
-        _, order, starts = self._epoch_cache
-        j = bisect.bisect_right(starts, off) - 1
-        u = int(order[j])
-        if self._perm_cache[0] != (epoch, u):
-            rows = np.random.default_rng([self.seed, self.index, epoch, u]).permutation(self.units[u][2])
-            self._perm_cache = ((epoch, u), rows)
-        fi, ui, _ = self.units[u]
-        return fi, ui, int(self._perm_cache[1][off - starts[j]])
+    def plan(self, epoch: int, shard: int, n_shards: int) -> list[tuple[int, int, int]]:
+        """The (unit, start, end) ranges of the unit row orders that `shard` reads in `epoch`."""
+        k = -(-n_shards // len(self.units))
+        order = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.units))
+        ranges = [(int(u), n * j // k, n * (j + 1) // k) for u in order
+                  for n in [self.units[u][2]] for j in range(k)]
+        return [r for r in ranges[shard::n_shards] if r[2] > r[1]]
 
-    def read(self, pos: int) -> tuple[str, str, Any]:
-        fi, ui, row = self.locate(pos)
-        where, rec = self.files[fi].read(ui, row)
+    def read(self, key: tuple[int, int, int, int]) -> tuple[str, str, Any]:
+        _, epoch, u, place = key
+        fi, ui, n = self.units[u]
+        if self._order[0] != (epoch, u):
+            self._order = ((epoch, u), np.random.default_rng([self.seed, self.index, epoch, u]).permutation(n))
+        if self._unit[0] != u:
+            self._unit = (None, None)  # free the old unit before reading the new one
+            self._unit = (u, self.files[fi].load(ui))
+        where, rec = self.files[fi].record(self._unit[1], ui, int(self._order[1][place]))
         return where, self.folders[fi], rec
 
 
@@ -607,12 +654,12 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
 # --------------------------------------------------------------------------------------------------
 # Iteration: per shard (rank, worker), a deterministic stream of samples into a first-fit packer.
 # Everything random is keyed: the mixture draw by (seed, shard, draw number), a sample's caption
-# choice and CFG dropout by (seed, source, position), timesteps by (seed, rank, step). So a state of
-# a few counters (+ the keys of the samples waiting in open packs) resumes the stream exactly.
+# choice and CFG dropout by (seed, sample key), timesteps by (seed, rank, step). So a state of a few
+# counters (+ the keys of the samples waiting in open packs) resumes the stream exactly.
 
 @dataclass
 class Sample:
-    key: tuple[int, int]  # (source index, stream position)
+    key: tuple[int, int, int, int]  # (source, epoch, unit, place in the unit's row order)
     where: str
     layout: packing.Layout
 
@@ -628,47 +675,74 @@ class ShardStream:
         self.n_shards = ds.world_size * n_workers
         self.packer = packing.FirstFitPacker(self.cfg.packing_length, self.cfg.max_open_packs,
                                              self.cfg.min_fill)
-        s = state or {}
+        n_src, s = len(ds.sources), state or {}
         self.draws = s.get("draws", 0)
-        self.pos = list(s.get("pos", [self.shard] * len(ds.sources)))
+        # per source: [epoch, index in this epoch's plan, place in that range]
+        self.pos = [list(p) for p in s.get("pos", [[0, 0, 0]] * n_src)]
+        # per source: the plan of the current epoch when it is not Source.plan's (set by continue_from)
+        self.plans = [p and [tuple(r) for r in p] for p in s.get("plans", [None] * n_src)]
+        self.tried, self.bad = list(s.get("tried", [0] * n_src)), list(s.get("bad", [0] * n_src))
         self.packs, self.samples, self.tokens = s.get("packs", 0), s.get("samples", 0), s.get("tokens", 0)
         self.skips = Counter(s.get("skips", {}))
+        self._plan: dict[int, tuple] = {}  # source → (epoch, Source.plan of this shard)
         for keys in s.get("open", []):  # re-read the samples that waited in open packs
             samples = [self.make(tuple(k)) for k in keys]
             self.packer.open.append(samples)
             self.packer.used.append(sum(x.n for x in samples))
 
     def state(self) -> dict:
-        return dict(shard=self.vshard, draws=self.draws, pos=list(self.pos), packs=self.packs,
-                    samples=self.samples, tokens=self.tokens, skips=dict(self.skips),
-                    open=[[list(x.key) for x in p] for p in self.packer.open])
+        return dict(shard=self.vshard, draws=self.draws, pos=[list(p) for p in self.pos],
+                    plans=[p and [list(r) for r in p] for p in self.plans], tried=list(self.tried),
+                    bad=list(self.bad), packs=self.packs, samples=self.samples, tokens=self.tokens,
+                    skips=dict(self.skips), open=[[list(x.key) for x in p] for p in self.packer.open])
 
-    def next_key(self) -> tuple[int, int] | None:
+    def plan(self, i: int) -> list[tuple[int, int, int]]:
+        epoch = self.pos[i][0]
+        if self.plans[i] is not None:
+            return self.plans[i]
+        if self._plan.get(i, (None,))[0] != epoch:
+            self._plan[i] = (epoch, self.ds.sources[i].plan(epoch, self.shard, self.n_shards))
+        return self._plan[i][1]
+
+    def ready(self, i: int) -> bool:
+        """Move source i's position to its next row; False when it has none left for this shard."""
+        while self.cfg.epochs is None or self.pos[i][0] < self.cfg.epochs:
+            epoch, j, place = self.pos[i]
+            plan = self.plan(i)
+            if j < len(plan) and plan[j][1] + place < plan[j][2]:
+                return True
+            if j + 1 < len(plan):
+                self.pos[i] = [epoch, j + 1, 0]
+            elif not plan and self.plans[i] is None:  # fewer rows than shards: none ever for this one
+                return False
+            else:
+                self.pos[i], self.plans[i] = [epoch + 1, 0, 0], None
+        return False
+
+    def next_key(self) -> tuple[int, int, int, int] | None:
         srcs = self.ds.sources
-        limit = self.cfg.epochs
-        live = [i for i, s in enumerate(srcs) if limit is None or self.pos[i] < limit * s.n_rows]
+        live = [i for i in range(len(srcs)) if self.ready(i)]
         if not live:
             return None
         u = np.random.default_rng([self.cfg.seed, self.shard, self.draws]).random()
         self.draws += 1
         cum = np.cumsum([srcs[i].weight for i in live])
         i = live[min(int(np.searchsorted(cum, u * cum[-1], side="right")), len(live) - 1)]
-        key = (i, self.pos[i])
-        self.pos[i] += self.n_shards
-        return key
+        epoch, j, place = self.pos[i]
+        unit, start, _ = self.plan(i)[j]
+        self.pos[i][2] += 1
+        return i, epoch, unit, start + place
 
-    def make(self, key: tuple[int, int]) -> Sample:
+    def make(self, key: tuple[int, int, int, int]) -> Sample:
         """The sample at `key`, laid out; raises BadSample."""
         cfg = self.cfg
-        where, folder, rec = self.ds.sources[key[0]].read(key[1])
-        rng = random.Random(f"{cfg.seed}:{key[0]}:{key[1]}")  # str seeds are stable across processes
+        where, folder, rec = self.ds.sources[key[0]].read(key)
+        rng = random.Random(":".join(map(str, (cfg.seed, *key))))  # str seeds are stable across processes
         items = record_to_items(rec, where, folder, cfg, self.ds.tok, rng)
         dropout = (cfg.text_cond_dropout, cfg.vit_cond_dropout, cfg.vae_cond_dropout)
         lay = packing.layout_sample(items, self.ds.specials, self.ds.geo, dropout, rng)
         if lay.n > cfg.packing_length:
-            raise BadSample("too_long", f"{where}: sample has {lay.n} tokens, more than "
-                            f"packing_length={cfg.packing_length}: raise --data.packing-length or "
-                            f"lower the image sizes (it is never cut)")
+            raise BadSample("too_long", too_long(where, lay.n, items, cfg))
         return Sample(key, where, lay)
 
     def emit(self, pack: list[Sample]) -> tuple[list[Sample], dict, dict]:
@@ -690,15 +764,36 @@ class ShardStream:
                 while self.packer.open:  # one at a time: each state still lists the packs not yet emitted
                     yield self.emit(self.packer.pop(0))
                 return
+            i = key[0]
+            self.tried[i] += 1
             try:
                 sample = self.make(key)
             except BadSample as e:
                 if not self.cfg.skip_bad:
                     raise
                 self.skips[e.reason] += 1
+                self.bad[i] += 1
+                if self.tried[i] >= SKIP_CHECK_AFTER and self.bad[i] > MAX_SKIPPED * self.tried[i]:
+                    raise ValueError(
+                        f"{self.ds.sources[i].name}: {self.bad[i]} of the {self.tried[i]} records read "
+                        f"so far are bad (--data.skip-bad allows {MAX_SKIPPED:.0%}); the last: {e}") from None
                 continue
             for p in self.packer.add(sample):
                 yield self.emit(p)
+
+
+def too_long(where: str, n: int, items: list[dict], cfg: DataConfig) -> str:
+    """The error for a sample over the budget: its largest part and the option that shrinks it."""
+    def tokens(it):  # + 2: BOS/EOS or the two vision markers
+        if it["type"] == "text":
+            return len(it["ids"]) + 2
+        stride = cfg.vit_patch_size if it["type"] == "vit_image" else cfg.latent_downsample
+        return it["image"].shape[1] // stride * (it["image"].shape[2] // stride) + 2
+    big = max(items, key=tokens)
+    fix = f"lower --data.{big['option'].replace('_', '-')}" if "option" in big else "shorten the text"
+    return (f"{where}: sample has {n:,} tokens, more than packing_length={cfg.packing_length:,}; its "
+            f"largest part is the {big['desc']} with {tokens(big):,} tokens: {fix} or raise "
+            f"--data.packing-length (samples are never cut)")
 
 
 class PackedDataset(torch.utils.data.IterableDataset):
@@ -712,6 +807,12 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.geo = cfg.geometry()
         self.sources = find_sources(cfg.data, cfg.seed)
         self.rotate, self.resume = 0, {}
+        n_shards = world_size * max(cfg.num_workers, 1)
+        for src in self.sources:
+            if len(src.units) < n_shards and rank == 0:
+                print(f"data: {src.name} has {len(src.units)} read units (row groups, record batches or "
+                      f"{LINES_PER_UNIT}-line blocks) for {n_shards} shards: each unit is cut into "
+                      f"{-(-n_shards // len(src.units))} row ranges read by a shard each", file=sys.stderr)
 
     def stream(self, vshard: int = 0, n_workers: int = 1) -> ShardStream:
         return ShardStream(self, vshard, n_workers, self.resume.get(vshard))
@@ -732,6 +833,13 @@ def _no_collate(x):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers decode images; torch threads there only oversubscribe cores
+
+
+def check_format(states: list[dict]):
+    """Data states from before sharding by read unit hold one stream position per source."""
+    if any(not isinstance(p, list) for st in states for sh in st["shards"].values() for p in sh["pos"]):
+        raise ValueError("data state was saved by an older data.py (stream positions, before shards read "
+                         "whole units): it cannot be continued; resume from a newer checkpoint or start over")
 
 
 class PackLoader:
@@ -761,6 +869,7 @@ class PackLoader:
                     shards=copy.deepcopy(self.shards))
 
     def load_state_dict(self, sd: dict):
+        check_format([sd])
         for k in ("num_workers", "world_size", "seed"):
             mine = self.cfg.num_workers if k == "num_workers" else \
                 self.dataset.world_size if k == "world_size" else self.cfg.seed
@@ -772,27 +881,40 @@ class PackLoader:
 
     def continue_from(self, states: list[dict]):
         """Resume from the data states of ALL ranks of a run with another world size or worker count.
-        Exact resume is impossible there (which shard reads which record changes), so each source
-        restarts at the smallest next position of the old shards, and the samples that waited in open
-        packs below it are handed out again as open packs: no record is skipped, the few between the
-        old shards' positions are read twice. Counters and timestep draws restart."""
+        Exact resume is impossible there (which shard reads which unit changes). Per source, the
+        epoch the slowest old shard is in is finished first: the rows the old shards had not read
+        yet in it are dealt to the new shards as row ranges, and the samples that waited in open
+        packs are handed out again as open packs. No record is skipped; rows a faster old shard had
+        already read in the next epoch are read again there. Counters and timestep draws restart."""
+        check_format(states)
         if any(st["seed"] != self.cfg.seed for st in states):
             raise ValueError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
-        n_src = len(self.dataset.sources)
-        start, waiting = [math.inf] * n_src, []
+        srcs = self.dataset.sources
+        old = []  # (shard, shard count, state or None) of every old shard
         for rank, st in enumerate(states):
             nw = max(st["num_workers"], 1)
-            for v in range(nw):
-                sh = st["shards"].get(str(v), st["shards"].get(v))  # JSON turns the int keys into str
-                pos = sh["pos"] if sh else [rank * nw + v] * n_src  # a shard that never emitted: its start
-                start = [min(a, b) for a, b in zip(start, pos)]
-                waiting += sh["open"] if sh else []
-        waiting = [p for p in ([k for k in pack if k[1] < start[k[0]]] for pack in waiting) if p]
+            for v in range(nw):  # JSON turns the int keys into str
+                old.append((rank * nw + v, len(states) * nw, st["shards"].get(str(v), st["shards"].get(v))))
+        epoch = [min(sh["pos"][i][0] if sh else 0 for _, _, sh in old) for i in range(len(srcs))]
+        left: list[list] = [[] for _ in srcs]  # per source: unread ranges of its slowest epoch
+        waiting = []
+        for shard, n, sh in old:
+            for i, src in enumerate(srcs):
+                e, j, place = sh["pos"][i] if sh else (0, 0, 0)
+                if e == epoch[i]:
+                    plan = sh["plans"][i] if sh and sh["plans"][i] is not None else src.plan(e, shard, n)
+                    left[i] += [[u, a + place * (k == j), b] for k, (u, a, b) in enumerate(plan[j:], j)]
+            # an open sample of a later epoch is read again there
+            waiting += [[k for k in pack if k[1] <= epoch[k[0]]] for pack in (sh["open"] if sh else [])]
+        waiting = [p for p in waiting if p]
+        left = [[r for r in rs if r[2] > r[1]] for rs in left]
         nw = max(self.cfg.num_workers, 1)
         n_new, first = self.dataset.world_size * nw, self.dataset.rank * nw
         self.consumed = 0
-        self.shards = {v: dict(shard=v, draws=0, pos=[int(p) + first + v for p in start], packs=0, samples=0,
-                               tokens=0, skips={}, open=waiting[first + v::n_new]) for v in range(nw)}
+        self.shards = {v: dict(shard=v, draws=0, pos=[[e, 0, 0] for e in epoch],
+                               plans=[rs[first + v::n_new] for rs in left], tried=[0] * len(srcs),
+                               bad=[0] * len(srcs), packs=0, samples=0, tokens=0, skips={},
+                               open=waiting[first + v::n_new]) for v in range(nw)}
 
     def stats(self) -> dict:
         """Totals over this rank's consumed packs: fill, padding, samples/pack, skips per reason."""

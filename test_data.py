@@ -2,6 +2,9 @@
 import base64
 import io
 import json
+import os
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -526,29 +529,45 @@ def test_ranks_and_workers_are_disjoint_and_cover_the_epoch(tmp_path):
     assert len(seen) == len(set(seen)) == 70
 
 
-def test_resume_at_another_world_size_skips_no_record(tmp_path):
+@pytest.mark.parametrize("lines,n_a,n_b,epochs", [(1024, 120, 60, 1), (8, 120, 60, 1), (4, 60, 30, 2)])
+def test_resume_at_another_world_size_skips_no_record(tmp_path, monkeypatch, lines, n_a, n_b, epochs):
     """A run saved by 2 ranks x 2 workers continues on 1 rank x 1 worker: together the packs before
-    and after cover every record of the epoch, and only a few are read twice."""
-    cfg = small_cfg(data=(text_data(tmp_path, 120, "a.jsonl"), text_data(tmp_path, 60, "b.jsonl")),
-                    packing_length=128, num_workers=2)
-    before, states = [], []
+    and after use every record `epochs` times. Units of `lines` rows: 1024 = one unit per file (cut
+    into row ranges), 8 = whole units per shard, 4 with 2 epochs = old shards in different epochs."""
+    monkeypatch.setattr(data, "LINES_PER_UNIT", lines)
+    cfg = small_cfg(data=(text_data(tmp_path, n_a, "a.jsonl"), text_data(tmp_path, n_b, "b.jsonl")),
+                    packing_length=128, num_workers=2, epochs=epochs)
+    before, states, n = [], [], n_a + n_b
     for rank in range(2):
         ds, shards = data.PackedDataset(cfg, rank, 2), {}
         for w in range(2):
             for k, (pack, _, state) in enumerate(ds.stream(w, 2)):
                 before += [s.where for s in pack]
                 shards[w] = state
-                if k == 2 + rank + w:  # uneven progress across shards
+                if k == 1 + 2 * (2 * rank + w):  # uneven progress across shards
                     break
         states.append(json.loads(json.dumps(dict(consumed=0, num_workers=2, world_size=2, seed=cfg.seed, shards=shards))))
-    loader = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0))
+    loader = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0, epochs=epochs))
     loader.continue_from(states)
     loader.dataset.resume = loader.shards
     after = [s.where for pack, _, _ in loader.dataset.stream() for s in pack]
-    assert len(set(before) | set(after)) == 180  # every record of the epoch, none skipped
-    assert len(set(before)) == len(before) and len(set(after)) == len(after)
-    print(f"re-read after resuming on another world size: {len(before) + len(after) - 180} of 180")
-    assert 0 < len(before) < 180 and len(before) + len(after) - 180 <= 24  # re-read: between the old positions
+    seen = Counter(before + after)
+    assert len(seen) == n and min(seen.values()) == epochs  # every record, none skipped
+    print(f"re-read after resuming on another world size: {len(before) + len(after) - epochs * n} of {epochs * n}")
+    assert 0 < len(before) < epochs * n
+    if epochs == 1:  # within one epoch nothing is read twice
+        assert len(before) + len(after) == n
+    # and from there on, resume at the same world size is exact again (the dealt ranges are saved)
+    loader = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0, epochs=epochs))
+    loader.continue_from(states)
+    it = iter(loader)
+    next(it)
+    state = json.loads(json.dumps(loader.state_dict()))
+    want = [next(it) for _ in range(2)]
+    fresh = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0, epochs=epochs))
+    fresh.load_state_dict(state)
+    for a, b in zip(iter(fresh), want):
+        same_batch(a, b)
     with pytest.raises(ValueError, match="seed"):
         data.PackLoader(small_cfg(data=cfg.data, seed=1)).continue_from(states)
 
@@ -558,7 +577,7 @@ def test_epochs_reshuffle(tmp_path):
     ds = data.PackedDataset(cfg)
     st = ds.stream()
     keys = iter(st.next_key, None)  # the sample stream before packing
-    rows = [ds.sources[0].locate(pos) for _, pos in keys]
+    rows = [ds.sources[0].read(k)[0] for k in keys]  # "file: row r"
     assert len(rows) == 80 and st.next_key() is None
     first, second = rows[:40], rows[40:]
     assert len(set(first)) == 40 and sorted(first) == sorted(second) and first != second
@@ -566,8 +585,9 @@ def test_epochs_reshuffle(tmp_path):
     assert len(seen) == 80 and len(set(seen)) == 40
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_gives_the_same_next_packs(tmp_path, workers):
+@pytest.mark.parametrize("workers,lines", [(0, 1024), (2, 1024), (2, 4)])
+def test_resume_mid_epoch_gives_the_same_next_packs(tmp_path, monkeypatch, workers, lines):
+    monkeypatch.setattr(data, "LINES_PER_UNIT", lines)  # 4: several units per shard
     cfg = small_cfg(data=(text_data(tmp_path, 30, "a.jsonl") + ":3", text_data(tmp_path, 20, "b.jsonl")),
                     packing_length=128, epochs=None, num_workers=workers)
     loader = data.PackLoader(cfg)
@@ -586,6 +606,11 @@ def test_resume_mid_epoch_gives_the_same_next_packs(tmp_path, workers):
     other = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, epochs=None, num_workers=workers + 1))
     with pytest.raises(ValueError, match="num_workers"):
         other.load_state_dict(state)
+    for sh in state["shards"].values():  # a state from before sharding by unit: one position per source
+        sh["pos"] = [p[2] for p in sh["pos"]]
+    for load in (fresh.load_state_dict, lambda st: fresh.continue_from([st])):
+        with pytest.raises(ValueError, match="older data.py"):
+            load(state)
 
 
 def test_workers_interleave_in_step_order(tmp_path):
@@ -641,3 +666,157 @@ def test_source_errors(tmp_path):
                       (tmp_path / "m.yaml", "expected `datasets:"), (tmp_path / "empty", "holds no data files")]:
         with pytest.raises(ValueError, match=msg):
             data.find_sources([str(path)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharding by read unit: each (rank, worker) shard reads only its own units, each once per epoch.
+
+def unit_file(container, tmp_path, n_units, rows, monkeypatch):
+    """A data file of n_units read units of `rows` text records each; returns (path, unit of row)."""
+    recs = [{"messages": json.dumps([{"role": "user", "content": f"q{i}"},
+                                     {"role": "assistant", "content": "a " * (1 + i % 5)}])}
+            for i in range(n_units * rows)]
+    if container == "parquet":
+        pq.write_table(pa.Table.from_pylist(recs), tmp_path / "u.parquet", row_group_size=rows)
+    elif container == "arrow":
+        table = pa.Table.from_pylist(recs)
+        with pa.OSFile(str(tmp_path / "u.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            for b in table.to_batches(max_chunksize=rows):
+                w.write_batch(b)
+    else:
+        monkeypatch.setattr(data, "LINES_PER_UNIT", rows)
+        (tmp_path / "u.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(tmp_path / f"u.{container}"), lambda r: r // rows
+
+
+def count_row_group_reads(monkeypatch) -> list[int]:
+    """The row groups pyarrow reads from now on, in order."""
+    reads, real = [], pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    return reads
+
+
+def row_of(where):
+    return int(where.rsplit("row ", 1)[1])
+
+
+@pytest.mark.parametrize("container", ["parquet", "arrow", "jsonl"])
+def test_each_unit_is_read_by_one_shard(container, tmp_path, monkeypatch):
+    """16 units, 4 ranks x 2 workers, 2 epochs: every shard reads 2 whole units per epoch, each unit
+    is read by one shard, every row is used once per epoch, the units are dealt anew each epoch;
+    parquet row groups are read from disk once per epoch (counted at pyarrow)."""
+    path, unit = unit_file(container, tmp_path, 16, 3, monkeypatch)
+    reads = count_row_group_reads(monkeypatch)
+    cfg = small_cfg(data=(path,), packing_length=128, epochs=2, num_workers=2)
+    rows = {}  # (epoch, shard) -> rows in reading order
+    for rank in range(4):
+        ds = data.PackedDataset(cfg, rank, 4)
+        for w in range(2):
+            for pack, _, _ in ds.stream(w, 2):
+                for s in pack:
+                    rows.setdefault((s.key[1], rank * 2 + w), []).append(row_of(s.where))
+    for epoch in range(2):
+        owner = {}
+        for shard in range(8):
+            got = rows[epoch, shard]
+            assert len({unit(r) for r in got}) == 2 and len(got) == 6  # two whole units
+            for r in got:
+                assert owner.setdefault(unit(r), shard) == shard
+        assert sorted(r for s in range(8) for r in rows[epoch, s]) == list(range(48))
+    assert [{unit(r) for r in rows[0, s]} for s in range(8)] != [{unit(r) for r in rows[1, s]} for s in range(8)]
+    if container == "parquet":
+        assert sorted(reads) == sorted(list(range(16)) * 2)
+
+
+def test_fewer_units_than_shards(tmp_path, monkeypatch):
+    """3 row groups on 8 shards: each is cut into 3 row ranges, so every shard draws from both
+    sources (the mixture holds) and a row group is read by 3 shards, not 8."""
+    path, _ = unit_file("parquet", tmp_path, 3, 6, monkeypatch)
+    reads = count_row_group_reads(monkeypatch)
+    cfg = small_cfg(data=(path, text_data(tmp_path, 80)), packing_length=128, num_workers=2)
+    seen = []
+    for rank in range(4):
+        for w in range(2):
+            ds = data.PackedDataset(cfg, rank, 4)  # a dataset each: a worker process each, no shared cache
+            keys = list(iter(ds.stream(w, 2).next_key, None))
+            assert {k[0] for k in keys} == {0, 1}
+            seen += [ds.sources[k[0]].read(k)[0] for k in keys]
+    assert len(seen) == len(set(seen)) == 18 + 80
+    assert sorted(reads) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_jsonl_is_indexed_once_per_process_tree(tmp_path, monkeypatch):
+    """The line offsets of a .jsonl file are computed in the parent; DataLoader workers inherit them."""
+    log = tmp_path / "index.log"
+    real = data.index_lines
+
+    def logged(path):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(path)
+    monkeypatch.setattr(data, "index_lines", logged)
+    it = iter(data.PackLoader(small_cfg(data=(text_data(tmp_path, 80),), packing_length=128, num_workers=2,
+                                        epochs=None)))
+    [next(it) for _ in range(4)]
+    assert log.read_text().split() == [str(os.getpid())]
+
+
+# --------------------------------------------------------------------------------------------------
+# Real sizes: a 1024x1024 edit fits the defaults; over-budget and mostly-bad sources are errors.
+
+def test_1024_edits_fit_the_defaults(tmp_path, tok, monkeypatch, capsys):
+    """At the defaults (BAGEL-7B-MoT geometry, packing_length 10240) a 1024^2 edit and a 1024^2
+    "ask about it, then edit it" record fit: VAE 1024 px = 64x64 latents, the edit's ViT copy
+    518 px = 37x37 patches (upstream `unified_edit`), each + 2 markers, text + 2 per turn."""
+    g = np.linspace(0, 255, 1024, dtype=np.uint8)
+    Image.fromarray(np.stack([np.add.outer(g, g) // 2] * 3, -1).astype(np.uint8)).save(tmp_path / "big.jpg")
+    img = {"type": "image_url", "image_url": {"url": "big.jpg"}}
+    edit = [{"role": "user", "content": [img, T("now mirror it")]}, {"role": "assistant", "content": [img]}]
+    multi = [{"role": "user", "content": [img, T("what is in this picture?")]},
+             {"role": "assistant", "content": "a smooth grey gradient from the top left corner"},
+             {"role": "user", "content": "now mirror it"}, {"role": "assistant", "content": [img]}]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in (edit, multi)))
+    monkeypatch.setattr(sys, "argv", ["data.py", "--data", str(tmp_path / "big.jsonl"), "--model", str(TOK_DIR),
+                                      "--inspect", "2", "--epochs", "1", "--text-cond-dropout", "0",
+                                      "--vit-cond-dropout", "0", "--vae-cond-dropout", "0"])
+    data.main()
+    out = capsys.readouterr().out
+    texts = [["now mirror it"], ["what is in this picture?", "a smooth grey gradient from the top left corner",
+                                 "now mirror it"]]
+    want = {2 * (64 * 64 + 2) + 37 * 37 + 2 + sum(len(tok.encode(t, add_special_tokens=False).ids) + 2 for t in ts)
+            for ts in texts}
+    got = {int(n) for n in __import__("re").findall(r"sample .*: (\d+) tokens", out)}
+    assert got == want and "/10,240 tokens" in out and "518x518" in out and "1024x1024" in out
+
+
+@pytest.mark.parametrize("msgs,budget,part,option", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "images/a.png"}}, T("what?")]},
+      {"role": "assistant", "content": "x"}], 12, "user image → ViT", "--data.vit-max-size"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "images/c.png"}}, T("edit")]},
+      {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "images/tgt.png"}}]}], 20,
+     "assistant image → noisy VAE target", "--data.vae-max-size"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 40}], 30, "assistant text",
+     "shorten the text"),
+])
+def test_too_long_names_the_large_part(msgs, budget, part, option, tmp_path):
+    SIZES_DIR(tmp_path)
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"messages": msgs}) + "\n")
+    with pytest.raises(data.BadSample, match=f"long.jsonl: row 0: sample has .* more than packing_length={budget}; "
+                                             f"its largest part is the {part}.*tokens: .*{option}"):
+        all_packs(small_cfg(data=(str(p),), packing_length=budget))
+
+
+def test_mostly_skipped_source_stops(tmp_path):
+    """With skip_bad, a source whose records are > 20% bad stops the run with its name; 10% does not."""
+    def source(name, every):
+        p = tmp_path / name
+        p.write_text("".join((json.dumps({"messages": []}) if i % every == 0 else json.dumps(good())) + "\n"
+                             for i in range(150)))
+        return str(p)
+    ok, bad = source("ok.jsonl", 10), source("bad.jsonl", 4)
+    packs = all_packs(small_cfg(data=(ok,), skip_bad=True, packing_length=512))
+    assert packs[-1][2]["skips"] == {"empty_conversation": 15}
+    with pytest.raises(ValueError, match=r"bad.jsonl: \d+ of the 1\d\d records read so far are bad .*the last: "
+                                         r".*bad.jsonl: row \d+: messages: no text"):
+        all_packs(small_cfg(data=(ok, bad), skip_bad=True, packing_length=512))
