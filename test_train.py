@@ -2,6 +2,7 @@
 
 The distributed test spawns 2 processes and compares FSDP2 (and HSDP) training against an
 independent single-process loop with SGD: Adam would hide a gradient scaled by the world size."""
+import functools
 import io
 import json
 import math
@@ -270,32 +271,118 @@ def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):
     assert all(torch.equal(v, ae_before[k]) for k, v in ae.state_dict().items())
 
 
+def _layout(kind: str):
+    cfg, tok = data_config(), data.load_tokenizer(TOK_DIR)
+    return packing.layout_sample(data.record_to_items(RECORDS[kind], kind, "", cfg, tok), data.special_tokens(tok), cfg.geometry())
+
+
 def _all_modalities() -> dict:
     """One pack with text CE, ViT images, clean and noisy VAE latents."""
-    cfg = data_config()
-    tok = data.load_tokenizer(TOK_DIR)
-    sp = data.special_tokens(tok)
-    lays = [packing.layout_sample(data.record_to_items(RECORDS[k], k, "", cfg, tok), sp, cfg.geometry())
-            for k in ("vqa", "edit", "t2i")]
-    return packing.collate(lays, packing.step_generator(0, 0, 0), geo=cfg.geometry())
+    return packing.collate([_layout(k) for k in ("vqa", "edit", "t2i")], packing.step_generator(0, 0, 0),
+                           geo=data_config().geometry())
 
 
-def test_freeze_und_trains_only_the_generation_expert(ckpt, world1):
-    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=False, freeze=("und",),
-                      optim=train.OptimConfig(lr=1e-3, warmup_steps=0))
+def upstream_freeze_und_llm(llm, x, pos, und, gen, attend, *_):
+    """ByteDance-Seed/Bagel modeling/bagel/qwen2_navit.py, Qwen2Model / Qwen2MoTDecoderLayer /
+    PackedAttentionMoT forward_train with freeze_und=True, written the way upstream writes it: zero
+    buffers filled per expert, then the und rows overwritten by their detached selves, at the LLM
+    input, after v_proj, after q_norm and k_norm, after the attention block (o_proj), after the MLP
+    and after the final norm."""
+    c, n = llm.config, x.shape[0]
+
+    def per_expert(src, f_und, f_gen, detach_und=False):
+        yu, yg = f_und(src[und]), f_gen(src[gen])
+        out = yu.new_zeros((n,) + yu.shape[1:])
+        out[und] = yu
+        if detach_und:
+            out[und] = out[und].detach()
+        out[gen] = yg
+        return out
+
+    x = x.clone()
+    x[und] = x[und].detach()
+    cos, sin = model_lib.rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
+    heads = lambda t, h: t.view(-1, h, c.head_dim)
+    for i, layer in enumerate(llm.layers):
+        a = layer.self_attn
+        h = per_expert(x, layer.input_layernorm, layer.input_layernorm_moe_gen)
+        q = per_expert(h, a.q_proj, a.q_proj_moe_gen)
+        k = per_expert(h, a.k_proj, a.k_proj_moe_gen)
+        v = heads(per_expert(h, a.v_proj, a.v_proj_moe_gen), c.num_key_value_heads)
+        v[und] = v[und].detach()
+        q = per_expert(heads(q, c.num_attention_heads), a.q_norm, a.q_norm_moe_gen, True)
+        k = per_expert(heads(k, c.num_key_value_heads), a.k_norm, a.k_norm_moe_gen, True)
+        q, k = q * cos + model_lib.rotate_half(q) * sin, k * cos + model_lib.rotate_half(k) * sin
+        o = attend(i, q, k, v).reshape(n, -1)
+        x = x + per_expert(o, a.o_proj, a.o_proj_moe_gen, True)
+        x = x + per_expert(x, lambda t: layer.mlp(layer.post_attention_layernorm(t)),
+                           lambda t: layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(t)), True)
+    return per_expert(x, llm.norm, llm.norm_moe_gen, True)
+
+
+def sgd_update(ckpt, world1, batch, freeze=(), detach_only=False) -> dict:
+    """One train_step with plain SGD at lr 1 and no clipping: before - after is the gradient."""
+    optim = train.OptimConfig(name="sgd", lr=1.0, betas=(0.0, 0.95), warmup_steps=0, grad_clip=0)
+    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=True, freeze=freeze, optim=optim)
+    model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
+    model.freeze_und = model.freeze_und or detach_only  # upstream: detached, but every parameter trainable
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    before = params_full(model)
+    train.train_step(model, AutoEncoder.from_pretrained(ckpt), opt, [dict(batch)], 0, args, world1)
+    after = params_full(model)
+    return {k: before[k] - after[k] for k in before}, {fsdp.fqn(k) for k, p in model.named_parameters() if p.requires_grad}
+
+
+def upstream_grads(ckpt, batch) -> dict:
+    """Gradients of the same loss as train_step (token means) through the upstream re-implementation."""
+    ref, ae = Bagel.from_pretrained(ckpt), AutoEncoder.from_pretrained(ckpt)
+    ref.language_model.model.forward = functools.partial(upstream_freeze_und_llm, ref.language_model.model)
+    b = dict(batch)
+    with torch.no_grad():
+        b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=train.keyed_generator(0, 0, 0, train.POSTERIOR, "cpu"))
+    out = ref(**b, generator=train.keyed_generator(0, 0, 0, train.NOISE, "cpu"))
+    (out["ce"].mean() + out["mse"].mean()).backward()
+    return {k: torch.zeros_like(p) if p.grad is None else p.grad for k, p in ref.named_parameters()}
+
+
+def test_freeze_und_gives_upstreams_gradients(ckpt, world1):
+    """--freeze und == upstream's freeze_und on a mixed VQA + edit + T2I pack, every parameter, 1e-6:
+    first with the detaches alone (every parameter trainable, as upstream), which shows each detach
+    point, then with the flag, which also freezes exactly the parameters upstream gives no gradient."""
+    batch = _all_modalities()
+    want = upstream_grads(ckpt, batch)
+    got, _ = sgd_update(ckpt, world1, batch, detach_only=True)
+    for k, g in want.items():
+        assert (got[k] - g).abs().max() <= 1e-6, k
+    no_grad = {k for k, g in want.items() if not g.any()}
+    assert any(k.startswith("vit_model.") for k in no_grad) and "language_model.lm_head.weight" not in no_grad
+    got, trainable = sgd_update(ckpt, world1, batch, freeze=("und",))
+    assert trainable == set(want) - no_grad
+    for k, g in want.items():
+        assert (got[k] - g).abs().max() <= 1e-6, k
+    # (upstream cuts more than the und parameters' gradient: in a T2I pack the <|vision_start|> and
+    # <|vision_end|> markers are und tokens inside the image's full-attention split, so the gradient
+    # that reaches the generation expert through them in an unfrozen run is cut too)
+
+
+def test_frozen_weights_are_bf16_without_grad_optimizer_state_or_ema(ckpt, world1):
+    args = train.Args(model=ckpt, activation_checkpointing=False, freeze=("und",),
+                      optim=train.OptimConfig(warmup_steps=0))
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     ae = AutoEncoder.from_pretrained(ckpt)
     opt, _ = train.make_optimizer(model, args.optim, 10)
-    before = params_full(model)
+    ema = fsdp.ema_init(model)
     table = train.param_table(model, ae)
     assert "llm gen (moe_gen)" in table and "vae (always frozen)" in table
     train.train_step(model, ae, opt, [_all_modalities()], 0, args, world1)
-    for k, v in model.named_parameters():
+    official = Bagel.from_pretrained(ckpt).state_dict()
+    for k, p in model.named_parameters():
         k = fsdp.fqn(k)
-        frozen = k.startswith("language_model.") and "moe_gen" not in k
-        assert v.requires_grad != frozen, k
-        if frozen or "moe_gen" in k:
-            assert torch.equal(v.full_tensor(), before[k]) == frozen, k
+        frozen = train.FREEZE["und"](k)
+        assert p.requires_grad != frozen and p.dtype == (torch.bfloat16 if frozen else torch.float32), k
+        assert (p in opt.state) != frozen and (k in ema) != frozen and p.grad is None, k
+        if frozen:  # loaded from the base, rounded once to bf16
+            assert torch.equal(p.full_tensor(), official[k].to(torch.bfloat16)), k
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(ckpt, world1):
