@@ -323,7 +323,8 @@ class Qwen2MoTDecoderLayer(nn.Module):
             setattr(self, name + "_moe_gen", RMSNorm(c.hidden_size, c.rms_norm_eps))
 
     def forward(self, x, cos, sin, und, gen, attend, freeze_und: bool = False):
-        h = route(x, und, gen, self.input_layernorm, self.input_layernorm_moe_gen)
+        # (not an upstream detach point: all that reads h[und] is detached, this skips the norm's backward)
+        h = route(x, und, gen, self.input_layernorm, self.input_layernorm_moe_gen, freeze_und)
         x = x + self.self_attn(h, cos, sin, und, gen, attend, freeze_und)
         mlp_und = lambda t: self.mlp(self.post_attention_layernorm(t))
         mlp_gen = lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t))
@@ -697,17 +698,20 @@ class Bagel(nn.Module):
                              f"{text_idx.numel()} text + {vit_idx.numel()} ViT + {vae_idx.numel()} VAE token indexes")
 
         seq = torch.zeros(n, c.llm.hidden_size, device=dev, dtype=dtype)
-        seq[text_idx] = emb(long(packed_text_ids))
-        if c.visual_und:
-            vit = self.vit_model.vision_model
-            pix = (torch.zeros(0, vit.embeddings.patch_embedding.in_features) if packed_vit_tokens is None
-                   else packed_vit_tokens).to(dev, dtype)
-            vpos = long(packed_vit_position_ids)
-            seqlens = [] if vit_token_seqlens is None else [int(s) for s in vit_token_seqlens]
-            x = vit(pix, vpos, seqlens)
-            seq[vit_idx] = (self.connector(x) + self.vit_pos_embed(vpos).to(dtype)).to(dtype)
-        elif vit_idx.numel():  # LMMS Engine bug D2: silently attending to zero vectors
-            raise ValueError("the pack has ViT tokens but the model was built with visual_und=False")
+        # freeze_und detaches the und rows at the LLM input: build them without autograd at all, or
+        # the backward would still run through the ViT, only to carry zeros
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_und):
+            seq[text_idx] = emb(long(packed_text_ids))
+            if c.visual_und:
+                vit = self.vit_model.vision_model
+                pix = (torch.zeros(0, vit.embeddings.patch_embedding.in_features) if packed_vit_tokens is None
+                       else packed_vit_tokens).to(dev, dtype)
+                vpos = long(packed_vit_position_ids)
+                seqlens = [] if vit_token_seqlens is None else [int(s) for s in vit_token_seqlens]
+                x = vit(pix, vpos, seqlens)
+                seq[vit_idx] = (self.connector(x) + self.vit_pos_embed(vpos).to(dtype)).to(dtype)
+            elif vit_idx.numel():  # LMMS Engine bug D2: silently attending to zero vectors
+                raise ValueError("the pack has ViT tokens but the model was built with visual_und=False")
 
         mse_target = None
         if c.visual_gen:
