@@ -342,8 +342,6 @@ class Qwen2Model(nn.Module):
     def forward(self, x, pos, und, gen, attend, freeze_und: bool = False):
         """x [N, hidden]; pos [N] RoPE ids; attend(layer_index, q, k, v) -> attention output.
         Returns the final hidden state, normed per expert (`norm` / `norm_moe_gen`)."""
-        if freeze_und:  # the und rows enter as constants (text embeddings, ViT/connector output)
-            x = route(x, und, gen, lambda t: t, lambda t: t, detach=True)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, und, gen, partial(attend, i), freeze_und)
@@ -646,8 +644,8 @@ class Bagel(nn.Module):
         self.config = c = config
         self.attn: Literal["sdpa", "flex", "nsa"] | None = None  # None: nsa if config.nsa, else flex on CUDA, sdpa elsewhere
         # upstream's freeze_und (ByteDance-Seed/Bagel modeling/bagel/qwen2_navit.py forward_train):
-        # the und rows (text, ViT) are detached at the LLM input, after v_proj and after the q/k
-        # norms, after o_proj and the MLP, and after the final norm. Their hidden states are then
+        # the und rows (text, ViT) are detached at the LLM input (here: built without autograd),
+        # after v_proj and after the q/k norms, after o_proj and the MLP, and after the final norm. Their hidden states are then
         # constants: no gradient reaches the und expert, embeddings, ViT or connector, and none flows
         # from und tokens into the generation expert (e.g. through an edit's clean latents). lm_head
         # still learns from the CE on those constants.
