@@ -2,6 +2,7 @@
 
 The distributed test spawns 2 processes and compares FSDP2 (and HSDP) training against an
 independent single-process loop with SGD: Adam would hide a gradient scaled by the world size."""
+import dataclasses
 import functools
 import io
 import json
@@ -158,6 +159,19 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
         results = {"fsdp": run_steps(args, d, fsdp.make_mesh(d, 0), batches, range(STEPS),
                                      save=os.path.join(out, "step-0000002"), sample=True),
                    "hsdp": run_steps(args, d, fsdp.make_mesh(d, 1), batches, range(STEPS))}  # 2 replicas x 1 shard
+        # the default defers HSDP's all-reduce to the last micro-step; "none" syncs every micro-step,
+        # "all" also defers FSDP's reduce-scatter
+        for mode, shard in (("none", 1), ("all", 0)):
+            a = dataclasses.replace(args, optim=dataclasses.replace(args.optim, defer_sync=mode))
+            results[mode] = run_steps(a, d, fsdp.make_mesh(d, shard), batches, range(STEPS))
+        # rank 1's --output-dir lacks the checkpoint rank 0 finds: both stop with an error, no hang
+        try:
+            fsdp.resume_point(out if rank == 0 else os.path.join(out, "empty"), "auto", d)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        results["resume_errors"] = [None] * 2
+        dist.all_gather_object(results["resume_errors"], error)
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
     finally:
@@ -209,8 +223,9 @@ def free_port() -> int:
 
 def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     """2-rank FSDP2 and HSDP == a plain 1-process loop after 3 SGD steps (grad accumulation, clipping,
-    one rank without VAE images and the other without CE tokens: no hang, run under a timeout); the
-    2-rank checkpoint of step 2 resumed on ONE rank (accumulating all 4 packs) gives the same step 3."""
+    one rank without VAE images and the other without CE tokens: no hang, run under a timeout), with
+    the gradient sync deferred or not; the 2-rank checkpoint of step 2 resumed on ONE rank
+    (accumulating all 4 packs) gives the same step 3; ranks that see different checkpoints stop."""
     ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.time() + 240
@@ -226,6 +241,11 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
         assert_close(got[mode][0], want_model)
         assert_close(got[mode][1], want_ema)
         assert got[mode][2] == pytest.approx(want_norms, rel=1e-5)
+    for mode, same_as in (("none", "hsdp"), ("all", "fsdp")):  # deferred gradient sync changes nothing
+        assert_close(got[mode][0], got[same_as][0], 1e-6)
+        assert got[mode][2] == pytest.approx(got[same_as][2], rel=1e-6)
+    for error in got["resume_errors"]:
+        assert error and "step-0000002" in error and "rank 1 cannot read" in error, error
     assert not torch.equal(got["fsdp"][0]["llm2vae.weight"], torch.zeros_like(want_model["llm2vae.weight"]))
     saved = dcp.FileSystemReader(str(tmp_path / "step-0000002")).read_metadata().state_dict_metadata
     official = set(Bagel.from_pretrained(ckpt).state_dict())  # no FSDP / checkpoint-wrapper prefixes
@@ -388,6 +408,57 @@ def test_frozen_weights_are_bf16_without_grad_optimizer_state_or_ema(ckpt, world
         assert (p in opt.state) != frozen and (k in ema) != frozen and p.grad is None, k
         if frozen:  # loaded from the base, rounded once to bf16
             assert torch.equal(p.full_tensor(), official[k].to(torch.bfloat16)), k
+
+
+def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(ckpt, world1, tmp_path):
+    """A --freeze und checkpoint (bf16 compute, AdamW, EMA) lacks the frozen weights, resumes bit-exactly
+    (they come from the base), refuses a base whose frozen weights changed, and exports the full key
+    set with the frozen weights bit-exact from the base."""
+    import convert_weights
+    from safetensors.torch import load_file, save_file
+    args = train.Args(model=ckpt, activation_checkpointing=False, freeze=("und",),
+                      optim=train.OptimConfig(lr=1e-3, warmup_steps=0, ema_decay=EMA))
+    mesh, ae, path = fsdp.make_mesh(world1, 0), AutoEncoder.from_pretrained(ckpt), str(tmp_path / "step-0000001")
+
+    def start(args, load):
+        model = train.build_model(args, world1, mesh, load=load)
+        opt, _ = train.make_optimizer(model, args.optim, 10)
+        return model, opt, fsdp.ema_init(model)
+
+    def step(model, opt, ema, s):
+        train.train_step(model, ae, opt, [_all_modalities()], s, args, world1)
+        fsdp.ema_update(ema, model, EMA)
+
+    model, opt, ema = start(args, True)
+    step(model, opt, ema, 0)
+    fsdp.save_checkpoint(path, model, opt, ema, {"step": 1}, {}, world1, {"model": ckpt},
+                         {"step": 1, "base": ckpt, "frozen_crc32": model.frozen_crc32})
+    step(model, opt, ema, 1)
+    want = full_state(model, ema)
+    model, opt, ema = start(args, False)
+    fsdp.load_checkpoint(path, model, opt, ema, world1, model.frozen_crc32)
+    step(model, opt, ema, 1)
+    for w, g in zip(want, full_state(model, ema)):
+        assert w.keys() == g.keys() and all(torch.equal(v, g[k]) for k, v in w.items())
+
+    base = Bagel.from_pretrained(ckpt).state_dict()
+    frozen = {k for k in base if train.FREEZE["und"](k)}
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for part in ("model", "ema"):
+        keys = {k[len(part) + 1:] for k in saved if k.startswith(part + ".")}
+        assert keys == set(base) - frozen, part
+    exported = Bagel.from_pretrained(convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "exp"), dtype="fp32")))
+    assert set(exported.state_dict()) == set(base)
+    assert all(torch.equal(exported.state_dict()[k], base[k]) for k in frozen)
+
+    changed = tmp_path / "changed"
+    shutil.copytree(ckpt, changed)
+    weights = load_file(str(changed / "ema.safetensors"))
+    weights["connector.fc1.weight"][0, 0] += 1
+    save_file(weights, str(changed / "ema.safetensors"))
+    model, opt, ema = start(dataclasses.replace(args, model=str(changed)), False)
+    with pytest.raises(ValueError, match="step-0000001: saved by a run whose frozen weights had CRC-32"):
+        fsdp.load_checkpoint(path, model, opt, ema, world1, model.frozen_crc32)
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(ckpt, world1):
