@@ -132,10 +132,10 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
 
     Only rank 0 reads files, with plain reads at the header offsets (convert_weights.py's reader: a
     memory map would keep every page of a 29 GB file in its RSS until closed). Each tensor is
-    broadcast once in its stored dtype and every rank keeps its shard (cast to the parameter's
-    dtype by the copy), so peak host memory is a rank's shard plus one tensor: LMMS Engine (bug F6) and upstream
-    (B2 #1) materialise the whole model on every rank. Returns the CRC-32 of the frozen parameters'
-    bytes as stored (hex; resume compares it with the one in the checkpoint's meta.json)."""
+    broadcast once in its stored dtype and every rank keeps its shard (cast to the parameter's dtype
+    by the copy), so peak host memory is a rank's shard plus one tensor: LMMS Engine (bug F6) and
+    upstream (B2 #1) materialise the whole model on every rank. Returns the CRC-32 of the frozen
+    parameters' bytes as stored (hex; resume compares it with the one in the checkpoint's meta.json)."""
     from convert_weights import safetensors_sources
     params = {fqn(n): p for n, p in model.named_parameters()}
     plan, sources = [None], {}
