@@ -1,15 +1,18 @@
 """FSDP2 for BAGEL: process group and mesh, sharding, rank-0 loading, sharded EMA, DCP checkpoints.
 
 The order follows torchtitan: activation checkpointing per block -> optional compile per block ->
-`fully_shard` per block -> `fully_shard` of the root. Master weights are fp32 shards; compute runs
-in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS Engine bug P1: bf16 masters with
-AdamW, spec/lmms_engine.md §8). Nothing here reads the environment at import time.
+`fully_shard` per block -> `fully_shard` of the root. Trained parameters are fp32 master shards;
+compute runs in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS Engine bug P1: bf16
+masters with AdamW). Frozen parameters are stored in the compute dtype and never saved: checkpoints
+hold what training changes, plus the CRC of the frozen weights loaded from the base. Nothing here
+reads the environment at import time.
 """
 import json
 import os
 import re
 import shutil
 import subprocess
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -123,41 +126,56 @@ def reset_pos_tables(model: nn.Module, device):
 
 
 @torch.no_grad()
-def load_pretrained(model: nn.Module, path: str, d: Dist):
-    """Strictly load a BAGEL checkpoint (official or HF layout) into the sharded model.
+def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None = None) -> str:
+    """Strictly load a BAGEL checkpoint (official or HF layout) into the sharded model; with `only`,
+    just those keys (a resume loads the frozen weights from the base, the rest from its checkpoint).
 
-    Only rank 0 reads files. Each tensor is read, broadcast once in its stored dtype and every rank
-    keeps its shard (cast into the fp32 master), so peak host memory is a rank's shard plus one
-    tensor: LMMS Engine (bug F6) and upstream (B2 #1) materialise the whole model on every rank."""
+    Only rank 0 reads files, with plain reads at the header offsets (convert_weights.py's reader: a
+    memory map would keep every page of a 29 GB file in its RSS until closed). Each tensor is
+    broadcast once in its stored dtype and every rank keeps its shard (cast to the parameter's dtype
+    by the copy), so peak host memory is a rank's shard plus one tensor: LMMS Engine (bug F6) and
+    upstream (B2 #1) materialise the whole model on every rank. Returns the CRC-32 of the frozen
+    parameters' bytes as stored (hex; resume compares it with the one in the checkpoint's meta.json)."""
+    from convert_weights import safetensors_sources
     params = {fqn(n): p for n, p in model.named_parameters()}
-    plan, reader = [None], None
+    plan, sources = [None], {}
     if d.rank == 0:
         off = tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p))  # visual_und/gen switched off
-        reader = CheckpointReader({k: tuple(p.shape) for k, p in params.items()}, checkpoint_index(path)[0], path, off)
-        plan = [(reader.error, {k: reader.dtype(k) for k in reader.want}, reader.fresh_nsa)]
+        index = checkpoint_index(path)[0]
+        reader = CheckpointReader({k: tuple(p.shape) for k, p in params.items()}, index, path, off)
+        reader.close()  # names, shapes and dtypes come from the headers; the data from plain reads
+        sources = safetensors_sources({k: index[k] for k in reader.want if k in index}) if not reader.error else {}
+        plan = [(reader.error, {k: s.dtype for k, s in sources.items()}, reader.fresh_nsa)]
     dist.broadcast_object_list(plan, src=0)
     error, dtypes, fresh_nsa = plan[0]
-    try:
-        if error:
-            raise ValueError(error)
-        # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
-        new_nsa = fresh_nsa and any(".self_attn.nsa." in k for k in params)  # (sin-cos tables: reset_pos_tables)
-        fresh = {k: v for k, v in fresh_tensors(model, "cpu", True).items() if k in params} if new_nsa else {}
-        for k, p in params.items():
-            if k in fresh:
-                t = fresh[k].to(d.device)
+    if error:
+        raise ValueError(error)
+    # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
+    new_nsa = fresh_nsa and any(".self_attn.nsa." in k for k in params)  # (sin-cos tables: reset_pos_tables)
+    fresh = {k: v for k, v in fresh_tensors(model, "cpu", True).items() if k in params} if new_nsa else {}
+    crc = 0
+    for k, p in params.items():
+        if only is not None and k not in only:
+            continue
+        if k in fresh:
+            t = fresh[k].to(d.device)
+        else:
+            if d.rank == 0:
+                t = sources[k].read()
+                if not p.requires_grad:  # ~2 GB/s: a few seconds for the 7.5B that --freeze und freezes
+                    crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+                t = t.to(d.device)
             else:
-                t = reader.read(k).to(d.device, dtypes[k]) if d.rank == 0 else \
-                    torch.empty(p.shape, dtype=dtypes[k], device=d.device)
-                dist.broadcast(t, src=0)
-            # every rank now holds the full tensor: keep the local slice only, no more communication
-            shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
-            p.to_local().copy_(shard.to_local())
-            del t, shard
-    finally:
-        if reader is not None:
-            reader.close()
+                t = torch.empty(p.shape, dtype=dtypes[k], device=d.device)
+            dist.broadcast(t, src=0)
+        # every rank now holds the full tensor: keep the local slice only, no more communication
+        shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(shard.to_local())
+        del t, shard
     reset_pos_tables(model, d.device)
+    out = [f"{crc:08x}"]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -165,7 +183,7 @@ def load_pretrained(model: nn.Module, path: str, d: Dist):
 
 def ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
     """Sharded fp32 copies of the trainable parameters, keyed by official name. Frozen parameters
-    never change, so their EMA is the parameter itself (see `ema_state_dict`)."""
+    never change, so they have no EMA (an export takes them from the base checkpoint)."""
     return {fqn(n): p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -178,7 +196,7 @@ def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float):
 
 
 def ema_state_dict(ema: dict[str, torch.Tensor], model_sd: dict) -> dict:
-    """The EMA under the model's keys: every key of the model state dict, EMA where trained."""
+    """The EMA under the model's keys: every key of the (trained) state dict, EMA where trained."""
     return {k: ema.get(k, v) for k, v in model_sd.items()}
 
 
@@ -214,12 +232,51 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def resume_point(output_dir: str, resume: str, d: Dist) -> str | None:
+    """The checkpoint to resume from ('auto', 'none' or a path: --ckpt.resume), decided on rank 0 and
+    broadcast: with a node-local output_dir, ranks deciding alone would load different steps (or none)
+    and hang in the first collective. Every rank then checks that it can read it; if one cannot, all
+    stop together with an error naming the checkpoint and the ranks."""
+    choice = [None]
+    if d.rank == 0:
+        if resume == "auto":  # a folder name, looked up in each rank's output_dir
+            found = list_checkpoints(output_dir)
+            choice = [(None, os.path.basename(found[-1][1]) if found else None)]
+        elif resume == "none":
+            choice = [(None, None)]
+        elif not os.path.exists(os.path.join(resume, "meta.json")):
+            choice = [(f"--ckpt.resume {resume}: not a complete checkpoint (no meta.json)", None)]
+        else:
+            choice = [(None, os.path.abspath(resume))]
+    dist.broadcast_object_list(choice, src=0)
+    error, name = choice[0]
+    if error:
+        raise ValueError(error)
+    if name is None:
+        return None
+    path = os.path.join(output_dir, name)  # an absolute path (an explicit --ckpt.resume) stays itself
+    missing = [f for f in ("meta.json", ".metadata") if not os.access(os.path.join(path, f), os.R_OK)]
+    bad = [None] * d.world_size
+    dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
+    if any(bad):
+        raise ValueError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
+                         f"must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
+    return path
+
+
+def trained_state_dict(model: nn.Module) -> dict:
+    """The model state dict without the frozen parameters: they never change, so checkpoints do not
+    store them; a resume and convert_weights.py read them from the base checkpoint."""
+    frozen = {fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+
+
 def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
                     trainer: dict, rank_state: dict, d: Dist, args_json: dict, meta: dict):
-    """One DCP checkpoint: "model" and "ema" (official keys, fp32 shards, no FSDP/wrapper prefixes),
-    "optim" (keyed by parameter name, so it reshards), "trainer" (step, scheduler: JSON) and one
-    "rank{r}" JSON entry per rank (data position) plus its RNG state."""
-    model_sd = get_model_state_dict(model)
+    """One DCP checkpoint: "model" and "ema" (official keys of what training changes, fp32 shards, no
+    FSDP/wrapper prefixes), "optim" (keyed by parameter name, so it reshards), "trainer" (step,
+    scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG state."""
+    model_sd = trained_state_dict(model)
     sd = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt), "trainer": json.dumps(trainer),
           f"rank{d.rank}": json.dumps(rank_state), f"rng{d.rank}": torch.get_rng_state()}
     if ema is not None:
@@ -237,14 +294,21 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
 
 
 def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
-                    d: Dist) -> tuple[dict, list[dict]]:
-    """Restore model, optimizer and EMA in place from a DCP checkpoint saved at any world size.
-    Returns (trainer state, the data states of every rank that saved it)."""
+                    d: Dist, frozen_crc32: str | None = None) -> tuple[dict, list[dict]]:
+    """Restore model, optimizer and EMA in place from a DCP checkpoint saved at any world size; the
+    frozen parameters are already loaded from the base, whose CRC (`load_pretrained`) must be the
+    one the checkpoint was saved with. Returns (trainer state, the data states of every rank that
+    saved it)."""
     keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    model_sd, optim_sd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
-    sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
     with open(os.path.join(path, "meta.json")) as f:
-        old_world = json.load(f).get("world_size")
+        meta = json.load(f)
+    old_world, saved_crc = meta.get("world_size"), meta.get("frozen_crc32")
+    if frozen_crc32 is not None and saved_crc is not None and saved_crc != frozen_crc32:
+        raise ValueError(f"{path}: saved by a run whose frozen weights had CRC-32 {saved_crc}, but the base "
+                         f"{meta.get('base')!r} and --freeze of this run give {frozen_crc32}: resume with the "
+                         f"same --model and --freeze (the checkpoint does not store frozen weights)")
+    model_sd, optim_sd = trained_state_dict(model), get_optimizer_state_dict(model, opt)
+    sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
     if old_world == d.world_size and f"rng{d.rank}" in keys:
         sd[f"rng{d.rank}"] = torch.get_rng_state()
     # every old rank's data state (small JSON): exact resume uses this rank's, a run at another world
@@ -255,7 +319,7 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
             raise ValueError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
         sd["ema"] = {k: ema[k] for k in ema}  # loaded in place into the fp32 shards
     dcp.load(sd, checkpoint_id=path)
-    set_model_state_dict(model, model_sd)
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, opt, optim_sd)
     if f"rng{d.rank}" in sd:
         torch.set_rng_state(sd[f"rng{d.rank}"])

@@ -270,10 +270,12 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def route(x, und, gen, f_und, f_gen):
+def route(x, und, gen, f_und, f_gen, detach: bool = False):
     """Apply expert f_und to rows `und` and f_gen to rows `gen` of x ([N, ...]). Both experts always
-    run, on empty index sets too, so every rank touches every parameter (FSDP reduce-scatter)."""
+    run, on empty index sets too, so every rank touches every parameter (FSDP reduce-scatter).
+    `detach` cuts the gradient of the und rows' output: upstream's freeze_und (see Bagel.freeze_und)."""
     yu, yg = f_und(x[und]), f_gen(x[gen])
+    yu = yu.detach() if detach else yu
     out = yu.new_empty(x.shape[:1] + yu.shape[1:])
     out[und], out[gen] = yu, yg
     return out
@@ -294,21 +296,21 @@ class MoTAttention(nn.Module):
             setattr(self, "k_norm" + sfx, RMSNorm(d, c.rms_norm_eps))
         self.nsa: nsa.NSA | None = None  # set by Bagel when config.nsa is set
 
-    def forward(self, x, cos, sin, und, gen, attend):
-        n = x.shape[0]
+    def forward(self, x, cos, sin, und, gen, attend, freeze_und: bool = False):
+        n, fu = x.shape[0], freeze_und
         # projections and QK-norm per expert, THEN RoPE on everything (§2.5 steps 2-4)
         q = route(x, und, gen, lambda t: self.q_norm(self.q_proj(t).view(-1, self.nq, self.d)),
-                  lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)))
+                  lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)), fu)
         k = route(x, und, gen, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
-                  lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)))
-        v = route(x, und, gen, self.v_proj, self.v_proj_moe_gen).view(n, self.nkv, self.d)
+                  lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)), fu)
+        v = route(x, und, gen, self.v_proj, self.v_proj_moe_gen, fu).view(n, self.nkv, self.d)
         extra = None
         if self.nsa is not None:  # NSA also needs per-expert gates and the keys before RoPE (nsa.py)
-            g = route(x, und, gen, self.nsa.g_proj, self.nsa.g_proj_moe_gen).view(n, self.nq, 3).sigmoid()
+            g = route(x, und, gen, self.nsa.g_proj, self.nsa.g_proj_moe_gen, fu).view(n, self.nq, 3).sigmoid()
             extra = nsa.NSAInputs(self.nsa, g, k, cos, sin)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         a = (attend(q, k, v) if extra is None else attend(q, k, v, extra)).reshape(n, self.nq * self.d)
-        return route(a, und, gen, self.o_proj, self.o_proj_moe_gen)
+        return route(a, und, gen, self.o_proj, self.o_proj_moe_gen, fu)
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -320,12 +322,13 @@ class Qwen2MoTDecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps))
             setattr(self, name + "_moe_gen", RMSNorm(c.hidden_size, c.rms_norm_eps))
 
-    def forward(self, x, cos, sin, und, gen, attend):
-        h = route(x, und, gen, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(h, cos, sin, und, gen, attend)
+    def forward(self, x, cos, sin, und, gen, attend, freeze_und: bool = False):
+        # (not an upstream detach point: all that reads h[und] is detached, this skips the norm's backward)
+        h = route(x, und, gen, self.input_layernorm, self.input_layernorm_moe_gen, freeze_und)
+        x = x + self.self_attn(h, cos, sin, und, gen, attend, freeze_und)
         mlp_und = lambda t: self.mlp(self.post_attention_layernorm(t))
         mlp_gen = lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t))
-        return x + route(x, und, gen, mlp_und, mlp_gen)
+        return x + route(x, und, gen, mlp_und, mlp_gen, freeze_und)
 
 
 class Qwen2Model(nn.Module):
@@ -336,13 +339,13 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm, self.norm_moe_gen = RMSNorm(c.hidden_size, c.rms_norm_eps), RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, pos, und, gen, attend):
+    def forward(self, x, pos, und, gen, attend, freeze_und: bool = False):
         """x [N, hidden]; pos [N] RoPE ids; attend(layer_index, q, k, v) -> attention output.
         Returns the final hidden state, normed per expert (`norm` / `norm_moe_gen`)."""
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, und, gen, partial(attend, i))
-        return route(x, und, gen, self.norm, self.norm_moe_gen)
+            x = layer(x, cos, sin, und, gen, partial(attend, i), freeze_und)
+        return route(x, und, gen, self.norm, self.norm_moe_gen, freeze_und)
 
 
 CE_CHUNK = 1024  # rows of logits alive at once in the training loss (152k vocab: 0.6 GB in fp32)
@@ -640,6 +643,13 @@ class Bagel(nn.Module):
         super().__init__()
         self.config = c = config
         self.attn: Literal["sdpa", "flex", "nsa"] | None = None  # None: nsa if config.nsa, else flex on CUDA, sdpa elsewhere
+        # upstream's freeze_und (ByteDance-Seed/Bagel modeling/bagel/qwen2_navit.py forward_train):
+        # the und rows (text, ViT) are detached at the LLM input (here: built without autograd),
+        # after v_proj and after the q/k norms, after o_proj and the MLP, and after the final norm. Their hidden states are then
+        # constants: no gradient reaches the und expert, embeddings, ViT or connector, and none flows
+        # from und tokens into the generation expert (e.g. through an edit's clean latents). lm_head
+        # still learns from the CE on those constants.
+        self.freeze_und = False
         d = c.llm.hidden_size
         self.language_model = Qwen2ForCausalLM(c.llm)
         if c.nsa is not None:  # `language_model.model.layers.{i}.self_attn.nsa.*`
@@ -686,17 +696,20 @@ class Bagel(nn.Module):
                              f"{text_idx.numel()} text + {vit_idx.numel()} ViT + {vae_idx.numel()} VAE token indexes")
 
         seq = torch.zeros(n, c.llm.hidden_size, device=dev, dtype=dtype)
-        seq[text_idx] = emb(long(packed_text_ids))
-        if c.visual_und:
-            vit = self.vit_model.vision_model
-            pix = (torch.zeros(0, vit.embeddings.patch_embedding.in_features) if packed_vit_tokens is None
-                   else packed_vit_tokens).to(dev, dtype)
-            vpos = long(packed_vit_position_ids)
-            seqlens = [] if vit_token_seqlens is None else [int(s) for s in vit_token_seqlens]
-            x = vit(pix, vpos, seqlens)
-            seq[vit_idx] = (self.connector(x) + self.vit_pos_embed(vpos).to(dtype)).to(dtype)
-        elif vit_idx.numel():  # LMMS Engine bug D2: silently attending to zero vectors
-            raise ValueError("the pack has ViT tokens but the model was built with visual_und=False")
+        # freeze_und detaches the und rows at the LLM input: build them without autograd at all, or
+        # the backward would still run through the ViT, only to carry zeros
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_und):
+            seq[text_idx] = emb(long(packed_text_ids))
+            if c.visual_und:
+                vit = self.vit_model.vision_model
+                pix = (torch.zeros(0, vit.embeddings.patch_embedding.in_features) if packed_vit_tokens is None
+                       else packed_vit_tokens).to(dev, dtype)
+                vpos = long(packed_vit_position_ids)
+                seqlens = [] if vit_token_seqlens is None else [int(s) for s in vit_token_seqlens]
+                x = vit(pix, vpos, seqlens)
+                seq[vit_idx] = (self.connector(x) + self.vit_pos_embed(vpos).to(dtype)).to(dtype)
+            elif vit_idx.numel():  # LMMS Engine bug D2: silently attending to zero vectors
+                raise ValueError("the pack has ViT tokens but the model was built with visual_und=False")
 
         mse_target = None
         if c.visual_gen:
@@ -728,7 +741,8 @@ class Bagel(nn.Module):
         plan = plan_attention(attn, [int(s) for s in sample_lens], [int(s) for s in split_lens], list(attn_modes), dev)
         und = torch.cat([text_idx, vit_idx])
         h = self.language_model.model(seq, long(packed_position_ids), und, vae_idx,
-                                      lambda i, q, k, v, *extra: packed_attention(plan, q, k, v, *extra))
+                                      lambda i, q, k, v, *extra: packed_attention(plan, q, k, v, *extra),
+                                      self.freeze_und)
 
         out = {"ce": self.language_model.lm_head(h[ce_idx], long(packed_label_ids))}
         if c.visual_gen:

@@ -2,6 +2,8 @@
 
 The distributed test spawns 2 processes and compares FSDP2 (and HSDP) training against an
 independent single-process loop with SGD: Adam would hide a gradient scaled by the world size."""
+import dataclasses
+import functools
 import io
 import json
 import math
@@ -154,9 +156,21 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
     try:
         batches = lambda step: make_batches(step)[rank]
         args = parity_args(ckpt, accum=2, output_dir=out)
-        results = {"fsdp": run_steps(args, d, fsdp.make_mesh(d, 0), batches, range(STEPS),
+        # gradient sync: FSDP's reduce-scatter deferred to the last micro-step ("all"), HSDP's
+        # all-reduce deferred (the default), and HSDP synced on every micro-step ("none")
+        sync = lambda mode: dataclasses.replace(args, optim=dataclasses.replace(args.optim, defer_sync=mode))
+        results = {"fsdp": run_steps(sync("all"), d, fsdp.make_mesh(d, 0), batches, range(STEPS),
                                      save=os.path.join(out, "step-0000002"), sample=True),
-                   "hsdp": run_steps(args, d, fsdp.make_mesh(d, 1), batches, range(STEPS))}  # 2 replicas x 1 shard
+                   "hsdp": run_steps(args, d, fsdp.make_mesh(d, 1), batches, range(STEPS)),  # 2 replicas x 1 shard
+                   "none": run_steps(sync("none"), d, fsdp.make_mesh(d, 1), batches, range(STEPS))}
+        # rank 1's --output-dir lacks the checkpoint rank 0 finds: both stop with an error, no hang
+        try:
+            fsdp.resume_point(out if rank == 0 else os.path.join(out, "empty"), "auto", d)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        results["resume_errors"] = [None] * 2
+        dist.all_gather_object(results["resume_errors"], error)
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
     finally:
@@ -208,8 +222,9 @@ def free_port() -> int:
 
 def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     """2-rank FSDP2 and HSDP == a plain 1-process loop after 3 SGD steps (grad accumulation, clipping,
-    one rank without VAE images and the other without CE tokens: no hang, run under a timeout); the
-    2-rank checkpoint of step 2 resumed on ONE rank (accumulating all 4 packs) gives the same step 3."""
+    one rank without VAE images and the other without CE tokens: no hang, run under a timeout), with
+    the gradient sync deferred or not; the 2-rank checkpoint of step 2 resumed on ONE rank
+    (accumulating all 4 packs) gives the same step 3; ranks that see different checkpoints stop."""
     ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.time() + 240
@@ -225,6 +240,11 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
         assert_close(got[mode][0], want_model)
         assert_close(got[mode][1], want_ema)
         assert got[mode][2] == pytest.approx(want_norms, rel=1e-5)
+    for mode in ("fsdp", "hsdp"):  # deferring the gradient sync changes nothing
+        assert_close(got[mode][0], got["none"][0], 1e-6)
+        assert got[mode][2] == pytest.approx(got["none"][2], rel=1e-6)
+    for error in got["resume_errors"]:
+        assert error and "step-0000002" in error and "rank 1 cannot read" in error, error
     assert not torch.equal(got["fsdp"][0]["llm2vae.weight"], torch.zeros_like(want_model["llm2vae.weight"]))
     saved = dcp.FileSystemReader(str(tmp_path / "step-0000002")).read_metadata().state_dict_metadata
     official = set(Bagel.from_pretrained(ckpt).state_dict())  # no FSDP / checkpoint-wrapper prefixes
@@ -270,32 +290,174 @@ def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):
     assert all(torch.equal(v, ae_before[k]) for k, v in ae.state_dict().items())
 
 
+def _layout(kind: str):
+    cfg, tok = data_config(), data.load_tokenizer(TOK_DIR)
+    return packing.layout_sample(data.record_to_items(RECORDS[kind], kind, "", cfg, tok), data.special_tokens(tok), cfg.geometry())
+
+
 def _all_modalities() -> dict:
     """One pack with text CE, ViT images, clean and noisy VAE latents."""
-    cfg = data_config()
-    tok = data.load_tokenizer(TOK_DIR)
-    sp = data.special_tokens(tok)
-    lays = [packing.layout_sample(data.record_to_items(RECORDS[k], k, "", cfg, tok), sp, cfg.geometry())
-            for k in ("vqa", "edit", "t2i")]
-    return packing.collate(lays, packing.step_generator(0, 0, 0), geo=cfg.geometry())
+    return packing.collate([_layout(k) for k in ("vqa", "edit", "t2i")], packing.step_generator(0, 0, 0),
+                           geo=data_config().geometry())
 
 
-def test_freeze_und_trains_only_the_generation_expert(ckpt, world1):
-    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=False, freeze=("und",),
-                      optim=train.OptimConfig(lr=1e-3, warmup_steps=0))
+def upstream_freeze_und_llm(llm, x, pos, und, gen, attend, *_):
+    """ByteDance-Seed/Bagel modeling/bagel/qwen2_navit.py, Qwen2Model / Qwen2MoTDecoderLayer /
+    PackedAttentionMoT forward_train with freeze_und=True, written the way upstream writes it: zero
+    buffers filled per expert, then the und rows overwritten by their detached selves, at the LLM
+    input, after v_proj, after q_norm and k_norm, after the attention block (o_proj), after the MLP
+    and after the final norm."""
+    c, n = llm.config, x.shape[0]
+
+    def per_expert(src, f_und, f_gen, detach_und=False):
+        yu, yg = f_und(src[und]), f_gen(src[gen])
+        out = yu.new_zeros((n,) + yu.shape[1:])
+        out[und] = yu
+        if detach_und:
+            out[und] = out[und].detach()
+        out[gen] = yg
+        return out
+
+    x = x.clone()
+    x[und] = x[und].detach()
+    cos, sin = model_lib.rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
+    heads = lambda t, h: t.view(-1, h, c.head_dim)
+    for i, layer in enumerate(llm.layers):
+        a = layer.self_attn
+        h = per_expert(x, layer.input_layernorm, layer.input_layernorm_moe_gen)
+        q = per_expert(h, a.q_proj, a.q_proj_moe_gen)
+        k = per_expert(h, a.k_proj, a.k_proj_moe_gen)
+        v = heads(per_expert(h, a.v_proj, a.v_proj_moe_gen), c.num_key_value_heads)
+        v[und] = v[und].detach()
+        q = per_expert(heads(q, c.num_attention_heads), a.q_norm, a.q_norm_moe_gen, True)
+        k = per_expert(heads(k, c.num_key_value_heads), a.k_norm, a.k_norm_moe_gen, True)
+        q, k = q * cos + model_lib.rotate_half(q) * sin, k * cos + model_lib.rotate_half(k) * sin
+        o = attend(i, q, k, v).reshape(n, -1)
+        x = x + per_expert(o, a.o_proj, a.o_proj_moe_gen, True)
+        x = x + per_expert(x, lambda t: layer.mlp(layer.post_attention_layernorm(t)),
+                           lambda t: layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(t)), True)
+    return per_expert(x, llm.norm, llm.norm_moe_gen, True)
+
+
+def sgd_update(ckpt, world1, batch, freeze=(), detach_only=False) -> dict:
+    """One train_step with plain SGD at lr 1 and no clipping: before - after is the gradient."""
+    optim = train.OptimConfig(name="sgd", lr=1.0, betas=(0.0, 0.95), warmup_steps=0, grad_clip=0)
+    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=True, freeze=freeze, optim=optim)
+    model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
+    model.freeze_und = model.freeze_und or detach_only  # upstream: detached, but every parameter trainable
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    before = params_full(model)
+    train.train_step(model, AutoEncoder.from_pretrained(ckpt), opt, [dict(batch)], 0, args, world1)
+    after = params_full(model)
+    return {k: before[k] - after[k] for k in before}, {fsdp.fqn(k) for k, p in model.named_parameters() if p.requires_grad}
+
+
+def grads(model: Bagel, ckpt: str, batch: dict) -> dict:
+    """Gradients (None where backward never reached) of train_step's loss, token means, in one process."""
+    ae = AutoEncoder.from_pretrained(ckpt)
+    b = dict(batch)
+    with torch.no_grad():
+        b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=train.keyed_generator(0, 0, 0, train.POSTERIOR, "cpu"))
+    out = model(**b, generator=train.keyed_generator(0, 0, 0, train.NOISE, "cpu"))
+    (out["ce"].mean() + out["mse"].mean()).backward()
+    return {k: p.grad for k, p in model.named_parameters()}
+
+
+def test_freeze_und_gives_upstreams_gradients(ckpt, world1):
+    """--freeze und == upstream's freeze_und on a mixed VQA + edit + T2I pack, every parameter, 1e-6:
+    first with the detaches alone (every parameter trainable, as upstream), then with the flag,
+    which also freezes exactly the parameters upstream gives no gradient. The backward never runs
+    through an und activation: those parameters' gradients are None, not zeros."""
+    batch = _all_modalities()
+    ref = Bagel.from_pretrained(ckpt)
+    ref.language_model.model.forward = functools.partial(upstream_freeze_und_llm, ref.language_model.model)
+    want = {k: torch.zeros_like(v) if g is None else g for (k, g), v in zip(grads(ref, ckpt, batch).items(), ref.parameters())}
+    no_grad = {k for k, g in want.items() if not g.any()}
+    assert any(k.startswith("vit_model.") for k in no_grad) and "language_model.lm_head.weight" not in no_grad
+    got, _ = sgd_update(ckpt, world1, batch, detach_only=True)
+    for k, g in want.items():
+        assert (got[k] - g).abs().max() <= 1e-6, k
+    got, trainable = sgd_update(ckpt, world1, batch, freeze=("und",))
+    assert trainable == set(want) - no_grad
+    for k, g in want.items():
+        assert (got[k] - g).abs().max() <= 1e-6, k
+    plain = Bagel.from_pretrained(ckpt)
+    plain.freeze_und = True
+    assert {k for k, g in grads(plain, ckpt, batch).items() if g is not None} == trainable
+    # upstream cuts more than the und parameters' gradient: in a T2I pack the <|vision_start|> and
+    # <|vision_end|> markers are und tokens inside the image's full-attention split, so the gradient
+    # that reaches the generation expert through them in an unfrozen run is cut too
+
+
+def test_frozen_weights_are_bf16_without_grad_optimizer_state_or_ema(ckpt, world1):
+    args = train.Args(model=ckpt, activation_checkpointing=False, freeze=("und",),
+                      optim=train.OptimConfig(warmup_steps=0))
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     ae = AutoEncoder.from_pretrained(ckpt)
     opt, _ = train.make_optimizer(model, args.optim, 10)
-    before = params_full(model)
+    ema = fsdp.ema_init(model)
     table = train.param_table(model, ae)
     assert "llm gen (moe_gen)" in table and "vae (always frozen)" in table
     train.train_step(model, ae, opt, [_all_modalities()], 0, args, world1)
-    for k, v in model.named_parameters():
+    official = Bagel.from_pretrained(ckpt).state_dict()
+    for k, p in model.named_parameters():
         k = fsdp.fqn(k)
-        frozen = k.startswith("language_model.") and "moe_gen" not in k
-        assert v.requires_grad != frozen, k
-        if frozen or "moe_gen" in k:
-            assert torch.equal(v.full_tensor(), before[k]) == frozen, k
+        frozen = train.FREEZE["und"](k)
+        assert p.requires_grad != frozen and p.dtype == (torch.bfloat16 if frozen else torch.float32), k
+        assert (p in opt.state) != frozen and (k in ema) != frozen and p.grad is None, k
+        if frozen:  # loaded from the base, rounded once to bf16
+            assert torch.equal(p.full_tensor(), official[k].to(torch.bfloat16)), k
+
+
+def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(ckpt, world1, tmp_path):
+    """A --freeze und checkpoint (bf16 compute, AdamW, EMA) lacks the frozen weights, resumes bit-exactly
+    (they come from the base), refuses a base whose frozen weights changed, and exports the full key
+    set with the frozen weights bit-exact from the base."""
+    import convert_weights
+    from safetensors.torch import load_file, save_file
+    args = train.Args(model=ckpt, activation_checkpointing=False, freeze=("und",),
+                      optim=train.OptimConfig(lr=1e-3, warmup_steps=0, ema_decay=EMA))
+    mesh, ae, path = fsdp.make_mesh(world1, 0), AutoEncoder.from_pretrained(ckpt), str(tmp_path / "step-0000001")
+
+    def start(args, load):
+        model = train.build_model(args, world1, mesh, load=load)
+        opt, _ = train.make_optimizer(model, args.optim, 10)
+        return model, opt, fsdp.ema_init(model)
+
+    def step(model, opt, ema, s):
+        train.train_step(model, ae, opt, [_all_modalities()], s, args, world1)
+        fsdp.ema_update(ema, model, EMA)
+
+    model, opt, ema = start(args, True)
+    step(model, opt, ema, 0)
+    fsdp.save_checkpoint(path, model, opt, ema, {"step": 1}, {}, world1, {"model": ckpt},
+                         {"step": 1, "base": ckpt, "frozen_crc32": model.frozen_crc32})
+    step(model, opt, ema, 1)
+    want = full_state(model, ema)
+    model, opt, ema = start(args, False)
+    fsdp.load_checkpoint(path, model, opt, ema, world1, model.frozen_crc32)
+    step(model, opt, ema, 1)
+    for w, g in zip(want, full_state(model, ema)):
+        assert w.keys() == g.keys() and all(torch.equal(v, g[k]) for k, v in w.items())
+
+    base = Bagel.from_pretrained(ckpt).state_dict()
+    frozen = {k for k in base if train.FREEZE["und"](k)}
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for part in ("model", "ema"):
+        keys = {k[len(part) + 1:] for k in saved if k.startswith(part + ".")}
+        assert keys == set(base) - frozen, part
+    exported = Bagel.from_pretrained(convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "exp"), dtype="fp32")))
+    assert set(exported.state_dict()) == set(base)
+    assert all(torch.equal(exported.state_dict()[k], base[k]) for k in frozen)
+
+    changed = tmp_path / "changed"
+    shutil.copytree(ckpt, changed)
+    weights = load_file(str(changed / "ema.safetensors"))
+    weights["connector.fc1.weight"][0, 0] += 1
+    save_file(weights, str(changed / "ema.safetensors"))
+    model, opt, ema = start(dataclasses.replace(args, model=str(changed)), False)
+    with pytest.raises(ValueError, match="step-0000001: saved by a run whose frozen weights had CRC-32"):
+        fsdp.load_checkpoint(path, model, opt, ema, world1, model.frozen_crc32)
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(ckpt, world1):

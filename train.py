@@ -57,6 +57,11 @@ class OptimConfig:
     """clip the global gradient norm to this (0: no clipping; the norm is logged either way)"""
     grad_accum: int = 1
     """micro-batches (packs) per rank per optimizer step"""
+    defer_sync: Literal["all_reduce", "all", "none"] = "all_reduce"
+    """gradient communication under grad_accum > 1. all_reduce: reduce-scatter every micro-step, the
+    all-reduce across HSDP replicas (between nodes) once per step; all: also one reduce-scatter per
+    step, but each rank holds the unsharded fp32 gradient of all trained parameters (58 GB for
+    BAGEL-7B); none: both every micro-step"""
     ema_decay: float = 0.0
     """EMA of the weights, kept as fp32 shards (0: off; upstream pre-training used 0.9999)"""
 
@@ -109,7 +114,8 @@ class Args:
     timestep_shift: float | None = None
     """training timestep shift (None: the checkpoint's, 1.0 for the released model, §6.1)"""
     freeze: tuple[Literal["und", "vit", "llm", "connector"], ...] = ()
-    """frozen parts: und (all but the generation expert), vit, llm, connector. The VAE is always frozen"""
+    """frozen parts: und (upstream's freeze_und: no gradient through text/ViT tokens, so only the
+    generation path and lm_head train), vit, llm, connector. The VAE is always frozen"""
     visual_und: bool | None = None
     """build the ViT path (None: as the checkpoint says)"""
     visual_gen: bool | None = None
@@ -119,7 +125,8 @@ class Args:
     nsa: NSAConfig = field(default_factory=NSAConfig)
     """Native Sparse Attention settings, used with --attn nsa on a dense checkpoint (seed-guide names)"""
     precision: Literal["bf16", "fp32"] = "bf16"
-    """compute dtype; master weights, gradients' reduction, optimizer state and EMA are always fp32"""
+    """compute dtype, also of frozen weights; trained weights' masters, gradients' reduction, optimizer
+    state and EMA are always fp32"""
     activation_checkpointing: bool = True
     """recompute each LLM/ViT layer in backward instead of storing its activations"""
     compile: bool = False
@@ -267,8 +274,14 @@ def make_demo_checkpoint(path: str, images: str, seed: int = 0) -> str:
 # -------------------------------------------------------------------------------------------------
 # model, freezing, optimizer, schedule
 
-FREEZE = {  # --freeze part -> which official keys it covers (upstream freeze_und keeps *_moe_gen)
-    "und": lambda k: k.startswith("language_model.") and "moe_gen" not in k,
+FREEZE = {  # --freeze part -> which official keys it covers
+    # und: what gets no gradient once und activations are detached (Bagel.freeze_und): the und expert,
+    # embeddings, ViT, connector. Upstream keeps their requires_grad, but they get no gradient and never
+    # change; freezing them also drops their fp32 masters and optimizer state. lm_head, the generation
+    # expert (*_moe_gen) and NSA's shared compression weights still get gradients, so they train.
+    "und": lambda k: (k.startswith(("vit_model.", "connector.")) or k.startswith("language_model.") and
+                      not k.startswith("language_model.lm_head.") and "moe_gen" not in k and
+                      not (".nsa." in k and "g_proj" not in k)),
     "llm": lambda k: k.startswith("language_model."),
     "vit": lambda k: k.startswith("vit_model."),
     "connector": lambda k: k.startswith("connector."),
@@ -276,7 +289,9 @@ FREEZE = {  # --freeze part -> which official keys it covers (upstream freeze_un
 
 
 def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
-    """Meta build -> freeze -> shard -> allocate this rank's shards -> rank-0 load + broadcast."""
+    """Meta build -> freeze (frozen weights in the compute dtype) -> shard -> allocate this rank's
+    shards -> rank-0 load + broadcast: everything, or when resuming (load=False) only the frozen
+    weights, which checkpoints do not store. `model.frozen_crc32` identifies them (meta.json)."""
     over = {k: v for k, v in (("visual_und", args.visual_und), ("visual_gen", args.visual_gen),
                               ("timestep_shift", args.timestep_shift)) if v is not None}
     if args.attn == "nsa" and read_config(args.model).nsa is None:
@@ -284,23 +299,25 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     with torch.device("meta"):
         model = Bagel(read_config(args.model, **over))
     model.attn = None if args.attn == "auto" else args.attn
+    model.freeze_und = "und" in args.freeze
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
     for name, p in model.named_parameters():
         p.requires_grad_(not any(FREEZE[part](name) for part in args.freeze))
+        if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
+            p.data = p.data.to(dtype)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
     fsdp.shard_model(model, mesh, dtype, args.activation_checkpointing, args.compile, args.cpu_offload,
                      args.reshard_after_forward)
     model.to_empty(device="cpu" if args.cpu_offload else d.device)
-    if load:
-        fsdp.load_pretrained(model, args.model, d)
-    else:  # resuming: the checkpoint overwrites every parameter
-        fsdp.reset_pos_tables(model, d.device)
+    frozen = {fsdp.fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
+    model.frozen_crc32 = fsdp.load_pretrained(model, args.model, d, None if load else frozen)
     return model
 
 
 def param_table(model: Bagel, ae: AutoEncoder) -> str:
-    groups = {"llm und": lambda k: FREEZE["und"](k), "llm gen (moe_gen)": lambda k: "moe_gen" in k,
+    groups = {"llm und": lambda k: k.startswith("language_model.") and "moe_gen" not in k,
+              "llm gen (moe_gen)": lambda k: "moe_gen" in k,
               "vit": FREEZE["vit"], "connector": FREEZE["connector"],
               "time/vae2llm/llm2vae": lambda k: k.startswith(("time_embedder", "vae2llm", "llm2vae"))}
     rows = ["params               total    trainable"]
@@ -369,6 +386,11 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
     for micro, b in enumerate(batches):
         b, pack = to_device(b, dev), d.rank * args.optim.grad_accum + micro
+        last = micro == len(batches) - 1  # gradients are communicated after this backward at the latest
+        if args.optim.defer_sync == "all":
+            model.set_requires_gradient_sync(last)
+        elif args.optim.defer_sync == "all_reduce":
+            model.set_requires_all_reduce(last)
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             # frozen VAE outside the sharded model and outside autograd (bugs P3, F4); the posterior
             # is sampled as upstream does (§14.9), from a keyed generator
@@ -556,14 +578,7 @@ def train(args: Args, d: fsdp.Dist):
     log(f"bagel-train | {d.world_size} ranks, mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))} | {d.device} | "
         f"{args.precision} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
 
-    resume = None
-    if args.ckpt.resume == "auto":
-        found = fsdp.list_checkpoints(args.output_dir)
-        resume = found[-1][1] if found else None
-    elif args.ckpt.resume != "none":
-        if not os.path.exists(os.path.join(args.ckpt.resume, "meta.json")):
-            raise ValueError(f"--ckpt.resume {args.ckpt.resume}: not a complete checkpoint (no meta.json)")
-        resume = args.ckpt.resume
+    resume = fsdp.resume_point(args.output_dir, args.ckpt.resume, d)
 
     t0 = time.time()
     model = build_model(args, d, mesh, load=resume is None)
@@ -578,7 +593,7 @@ def train(args: Args, d: fsdp.Dist):
     tok = loader.dataset.tok
     step = 0
     if resume:
-        trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d)
+        trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
         step = trainer["step"]
         sched.load_state_dict(trainer["sched"])
         states = [r["data"] for r in ranks]
@@ -662,7 +677,8 @@ def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics):
     t = time.time()
     path = fsdp.step_dir(args.output_dir, step)
     fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
-                         dict(data=loader.state_dict()), d, args_json, dict(step=step))
+                         dict(data=loader.state_dict()), d, args_json,
+                         dict(step=step, base=args.model, frozen_crc32=model.frozen_crc32))
     if d.rank == 0:
         fsdp.prune_checkpoints(args.output_dir, args.ckpt.keep_last)
         plot_losses(metrics, os.path.join(args.output_dir, "loss.png"))
