@@ -10,17 +10,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import types
 
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import convert_weights
 import data
-import fsdp
 import sample
 import train
 from test_smoke import tiny_ae, tiny_bagel, write_official
@@ -190,7 +185,7 @@ os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WO
 def download(repo, **kw):
     with open(os.path.join(out, "calls"), "a") as f:
         f.write(f"{rank} {repo}\\n")
-    return shutil.copytree(ckpt, os.path.join(out, "cache", repo))
+    return shutil.copytree(ckpt, os.path.join(out, "cache", repo), dirs_exist_ok=True)
 
 sys.modules["huggingface_hub"] = types.SimpleNamespace(snapshot_download=download)
 import torch.distributed as dist
@@ -200,13 +195,16 @@ args = train.preflight(train.parse_args(["--model", "someorg/bagel-tiny", "--dat
                                          "--output-dir", out, *sys.argv[5:]]), d)
 json.dump(dict(model=args.model, files=sorted(os.listdir(args.model))), open(os.path.join(out, f"rank{rank}.json"), "w"))
 dist.destroy_process_group()
-train.main(["--model", args.model, "--data", "typo.jsonl", "--output-dir", out, *sys.argv[5:]])  # exits 2
+if rank == 1:  # a node without the filesystem of rank 0's cache
+    os.path.isdir = lambda p, isdir=os.path.isdir: isdir(p) and "cache" not in p
+train.main(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"), "--output-dir", out,
+            *sys.argv[5:]])  # exits 2
 """
 
 
 def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
-    """2 gloo ranks: rank 0 downloads, both get its folder. Then a user error in the same processes:
-    both exit with code 2, rank 0 alone says it, in one line."""
+    """2 gloo ranks: rank 0 downloads, both get its folder. Then train.main, where rank 1 cannot see
+    that folder: both exit with code 2, and rank 0 alone says why, in one line."""
     jsonl(tmp_path / "d.jsonl", [GOOD])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -217,9 +215,10 @@ def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
              for r in (0, 1)]
     (out0, err0), (out1, err1) = [p.communicate(timeout=120) for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2], err0 + err1
-    assert err0 == "error: typo.jsonl: no such file or directory\n" and err1 == "", err0 + err1
-    assert (tmp_path / "calls").read_text() == "0 someorg/bagel-tiny\n"
     want = str(tmp_path / "cache" / "someorg" / "bagel-tiny")
+    assert err0 == f"error: --model {want}: rank 1 cannot see this folder of rank 0: put it (or HF_HOME, for a " \
+                   f"hub id) on a filesystem every node shares\n" and err1 == "", err0 + err1
+    assert (tmp_path / "calls").read_text() == "0 someorg/bagel-tiny\n" * 2
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == dict(model=want, files=sorted(os.listdir(ckpt))), rank
