@@ -572,8 +572,6 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if args.attn == "flex" and d.device.type != "cuda":
         raise ValueError("--attn flex has no backward on CPU: use --attn sdpa (or auto)")
     fsdp.mesh_shape(d.world_size, d.local_world_size if args.shard_size < 0 else args.shard_size)
-    if args.ckpt.resume not in ("auto", "none") and not os.path.exists(os.path.join(args.ckpt.resume, "meta.json")):
-        raise ValueError(f"--ckpt.resume {args.ckpt.resume}: not a complete checkpoint (no meta.json)")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
