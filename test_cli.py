@@ -26,7 +26,8 @@ TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
 SMALL = ["--data.vit-min-size", "14", "--data.vit-max-size", "112", "--data.vae-min-size", "16",
          "--data.vae-max-size", "128", "--data.num-workers", "0", "--eval.every", "0", "--max-steps", "1",
          "--precision", "fp32", "--no-activation-checkpointing", "--attn", "sdpa"]
-GOOD = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there, friend."}]}
+GOOD = {"messages": [{"role": "user", "content": "Say hello."},
+                     {"role": "assistant", "content": "Hello there, friend."}]}
 NO_IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "gone.png"}},
                                                       {"type": "text", "text": "What is this?"}]},
                          {"role": "assistant", "content": "A boat."}]}
@@ -112,7 +113,8 @@ def test_bad_data_stops_before_the_model_loads(ckpt, tmp_path, capsys, no_load):
 @pytest.mark.parametrize("argv, says", [
     (["--cpu-offload"], "--cpu-offload moves GPU shards"),
     (["--attn", "flex"], "--attn flex has no backward on CPU"),
-    (["--visual-gen", "False", "--freeze", "llm", "vit", "connector"], "--freeze llm vit connector leaves nothing to train"),
+    (["--visual-gen", "False", "--freeze", "llm", "vit", "connector"],
+     "--freeze llm vit connector leaves nothing to train"),
     (["--shard-size", "3"], "shard_size=3 does not divide the world size 1"),
     (["--ckpt.resume", "/no/step-0000100"], "--ckpt.resume /no/step-0000100: not a complete checkpoint"),
     (["--eval.every", "5", "--eval.image", "/no/cat.jpg"], "--eval.image /no/cat.jpg: cannot read the image"),
@@ -193,10 +195,11 @@ import fsdp, train
 d = fsdp.init_distributed("cpu", timeout_min=1)
 args = train.preflight(train.parse_args(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"),
                                          "--output-dir", out, *sys.argv[5:]]), d)
-json.dump(dict(model=args.model, files=sorted(os.listdir(args.model))), open(os.path.join(out, f"rank{rank}.json"), "w"))
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(dict(model=args.model, files=sorted(os.listdir(args.model))), f)
 dist.destroy_process_group()
 if rank == 1:  # a node without the filesystem of rank 0's cache
-    os.path.isdir = lambda p, isdir=os.path.isdir: isdir(p) and "cache" not in p
+    os.path.exists = lambda p, exists=os.path.exists: exists(p) and "cache" not in p
 train.main(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"), "--output-dir", out,
             *sys.argv[5:]])  # exits 2
 """
@@ -216,8 +219,8 @@ def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
     (out0, err0), (out1, err1) = [p.communicate(timeout=120) for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2], err0 + err1
     want = str(tmp_path / "cache" / "someorg" / "bagel-tiny")
-    assert err0 == f"error: --model {want}: rank 1 cannot see this folder of rank 0: put it (or HF_HOME, for a " \
-                   f"hub id) on a filesystem every node shares\n" and err1 == "", err0 + err1
+    assert err0 == f"error: {want}: rank 1 cannot see it, rank 0 can: put it on a filesystem every node shares " \
+                   f"(for a hub id: HF_HOME)\n" and err1 == "", err0 + err1
     assert (tmp_path / "calls").read_text() == "0 someorg/bagel-tiny\n" * 2
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

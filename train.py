@@ -554,11 +554,15 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
     args, error = verdict
     if error:
         raise ValueError(error)
-    seen = [None] * d.world_size  # e.g. a hub download into a cache that other nodes do not share
-    dist.all_gather_object(seen, os.path.isdir(args.model))
-    if not all(seen):
-        raise ValueError(f"--model {args.model}: rank {seen.index(False)} cannot see this folder of rank 0: put it "
-                         f"(or HF_HOME, for a hub id) on a filesystem every node shares")
+    # every rank must see what rank 0 checked: not so for a node-local disk (or hub cache) on several nodes
+    seen = lambda p: os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # data entries may be path:weight
+    missing = [p for p in (args.model, *args.data.data) if not seen(p)]
+    unseen = [None] * d.world_size
+    dist.all_gather_object(unseen, missing)
+    for rank, paths in enumerate(unseen):
+        if paths:
+            raise ValueError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
+                             f"shares (for a hub id: HF_HOME)")
     return args
 
 
