@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Annotated, Callable, Literal
 
@@ -44,14 +44,14 @@ from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model import (POS_TABLES, AutoEncoder, Bagel, PositionEmbedding, _json, checkpoint_index, config_files,
-                   layout, load_weights, read_config, sincos_2d)
+                   layout, load_weights, read_config, resolve, sincos_2d)
 from nsa import NSAConfig
 
 
 @dataclass
 class Args:
     src: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="SRC")]]
-    """checkpoint to read: official layout, HF layout, or a training checkpoint output_dir/step-N/ (DCP)"""
+    """checkpoint to read: official layout, HF layout, a training checkpoint output_dir/step-N/ (DCP), or a Hugging Face Hub id (ORG/NAME)"""
     dst: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="DST")]]
     """directory to create (written as DST.tmp-PID, renamed to DST when complete)"""
     to: Literal["official", "hf"] = "official"
@@ -71,7 +71,7 @@ class Args:
     overwrite: bool = False
     """replace DST if it exists"""
     vit: str | None = None
-    """with a Qwen2 LLM as SRC: the SigLIP checkpoint directory (HF) of a new BAGEL built from parts"""
+    """with a Qwen2 LLM as SRC: the SigLIP checkpoint directory (HF) or hub id of a new BAGEL built from parts"""
     vae: str | None = None
     """with a Qwen2 LLM as SRC: the FLUX VAE, ae.safetensors or a directory holding it (+ ae_config.json)"""
     max_latent_size: int = 64
@@ -557,7 +557,8 @@ def assemble(args: Args, src: str, tmp: str) -> tuple[dict[str, Source], dict[st
 def convert(args: Args) -> str:
     """Convert args.src into a new directory args.dst; returns args.dst."""
     t0 = time.time()
-    src, dst = os.path.abspath(args.src), os.path.abspath(args.dst)
+    src, dst = os.path.abspath(resolve(args.src)), os.path.abspath(args.dst)
+    args = replace(args, vit=args.vit and resolve(args.vit))
     shard_size = parse_size(args.shard_size)
     # a change of layout keeps the weights as they are; a training export or a new model is cast to bf16
     dtype = OUT_DTYPES[args.dtype] if args.dtype else None

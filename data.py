@@ -140,6 +140,9 @@ class BadSample(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickled out of DataLoader workers (see PackedDataset.__iter__)
+        return BadSample, (self.reason, str(self))
+
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer. BAGEL uses the Qwen2.5 tokenizer with no chat template (spec §7.1); ids of the four
@@ -822,9 +825,14 @@ class PackedDataset(torch.utils.data.IterableDataset):
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         # after a resume the DataLoader starts again at worker 0, so worker w plays the shard whose
         # turn it is: `rotate` is the number of packs consumed modulo the number of workers
-        for _, batch, state in self.stream((w + self.rotate) % nw, nw):
-            batch["_state"] = state
-            yield batch
+        try:
+            for _, batch, state in self.stream((w + self.rotate) % nw, nw):
+                batch["_state"] = state
+                yield batch
+        except BadSample as e:
+            if info is None:
+                raise
+            yield e  # PackLoader raises it: raised here, the user would get it inside a worker traceback
 
 
 def _no_collate(x):
@@ -858,6 +866,8 @@ class PackLoader:
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=nw,
                                              collate_fn=_no_collate, worker_init_fn=_worker_init)
         for batch in loader:
+            if isinstance(batch, BadSample):
+                raise batch
             state = batch.pop("_state")
             self.shards[state["shard"]] = state
             self.consumed += 1

@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from functools import lru_cache, partial
@@ -798,6 +799,26 @@ def layout(path: str) -> Literal["official", "hf"]:
             pass  # the official repo's config.json is a 39-byte placeholder that is not valid JSON
     raise FileNotFoundError(f"{path}: not a BAGEL checkpoint: expected llm_config.json (official layout) "
                             "or a config.json with an 'llm_config' entry (HF layout)")
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # configs, weights, tokenizer (upstream README's download, minus code)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory: `path` itself, or, for a Hugging Face Hub id (ORG/NAME that is no
+    local path), its snapshot in the hub cache, downloaded when needed. huggingface_hub is optional."""
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{path}: no such folder; as a Hugging Face Hub id it is downloaded by "
+                                f"huggingface_hub: pip install huggingface_hub") from None
+    try:
+        return snapshot_download(path, allow_patterns=HUB_FILES)
+    except Exception as e:  # no network, no such repo, gated, disk full: the hub raises many types
+        raise FileNotFoundError(f"{path}: no such folder, and downloading it from the Hugging Face Hub "
+                                f"failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 def read_config(path: str, **overrides) -> BagelConfig:

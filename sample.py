@@ -21,7 +21,7 @@ from PIL import Image
 
 import data as data_lib
 import packing
-from model import AutoEncoder, Bagel, Context, generate_image, generate_text, latent_to_pil
+from model import AutoEncoder, Bagel, Context, generate_image, generate_text, latent_to_pil, resolve
 
 # the reference inferencer's think-mode system prompts (the released model was trained with them)
 THINK_UND = ("You should first think about the reasoning process in the mind and then provide the user with the "
@@ -35,7 +35,7 @@ THINK_GEN = ("You should first think about the planning process in the mind and 
 @dataclass
 class Args:
     model: str
-    """checkpoint directory (official or HF layout)"""
+    """checkpoint directory (official or HF layout), or a Hugging Face Hub id (ORG/NAME)"""
     prompt: str = ""
     """what to draw, or the edit instruction when --image is given"""
     image: str = ""
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("sample.py: give --prompt (draw / edit) or --question (answer)")
     if a.prompt and a.question:
         raise SystemExit("sample.py: --prompt draws or edits, --question answers: give one of them")
+    try:
+        a.model = resolve(a.model)
+    except FileNotFoundError as e:
+        raise SystemExit(f"sample.py: {e}") from None
     if os.path.exists(os.path.join(a.model, "meta.json")):
         raise SystemExit(f"sample.py: {a.model} is a training checkpoint: export it first with "
                          f"python convert_weights.py {a.model} EXPORT_DIR --to official")

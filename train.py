@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,8 +30,9 @@ import fsdp
 import packing
 from data import DataConfig
 from nsa import NSAConfig
-from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, Context, LLMConfig, ViTConfig, generate_image,
-                   generate_text, latent_to_pil, read_config, save_pretrained)
+from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader, Context,
+                   LLMConfig, ViTConfig, checkpoint_index, generate_image, generate_text, latent_to_pil, read_config,
+                   resolve, save_pretrained)
 
 # -------------------------------------------------------------------------------------------------
 # arguments
@@ -145,6 +147,8 @@ class Args:
     """auto: cuda when available (nccl), else cpu (gloo)"""
     timeout_min: float = 30
     """collective timeout (minutes)"""
+    debug: bool = False
+    """show the traceback of user errors too (bad paths, options, records), not just their `error:` line"""
 
 
 def demo_args() -> Args:
@@ -535,13 +539,109 @@ def plot_losses(metrics: str, png: str):
 
 # -------------------------------------------------------------------------------------------------
 
+# user errors: bad paths, options, records, checkpoints. Their messages say what and where, so they
+# end the run with one `error:` line and exit code 2; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     d = fsdp.init_distributed(args.device, args.timeout_min)
     try:
         train(args, d)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        # a bad record is the rank's that read it; every other user error all ranks raise alike
+        mine = isinstance(e, data_lib.BadSample)
+        if mine or d.rank == 0:
+            print(f"error: {f'rank {d.rank}: ' if mine and d.world_size > 1 else ''}{e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         dist.destroy_process_group()
+
+
+def preflight(args: Args, d: fsdp.Dist) -> Args:
+    """Rank 0 runs `check_args` and every rank gets its verdict: the args to run with, or the error
+    all ranks stop with. So a typo in a data path costs seconds, not the minutes of loading 29 GB."""
+    verdict = [None, "rank 0 failed its start-up checks (its traceback says why)"]
+    try:
+        if d.rank == 0:
+            try:
+                verdict = [check_args(args, d), None]
+            except USER_ERRORS as e:
+                verdict = [None, str(e)]
+    finally:  # also when rank 0 hits a bug: the other ranks must not wait for it at the next collective
+        dist.broadcast_object_list(verdict, src=0)
+    args, error = verdict
+    if error:
+        raise ValueError(error)
+    # every rank must see what rank 0 checked: not so for a node-local disk (or hub cache) on several nodes
+    seen = lambda p: os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # data entries may be path:weight
+    missing = [p for p in (args.model, *args.data.data) if not seen(p)]
+    unseen = [None] * d.world_size
+    dist.all_gather_object(unseen, missing)
+    for rank, paths in enumerate(unseen):
+        if paths:
+            raise ValueError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
+                             f"shares (for a hub id: HF_HOME)")
+    return args
+
+
+def check_args(args: Args, d: fsdp.Dist) -> Args:
+    """Everything that can be checked without reading a weight: options, --output-dir, the model folder
+    (configs, weight files' headers, names and shapes against the config), every --data source and its
+    first record under these options. Returns args with the model path resolved (hub id -> cache folder)
+    and the data geometry taken from the model."""
+    if args.cpu_offload and d.device.type != "cuda":
+        raise ValueError("--cpu-offload moves GPU shards to host memory: on CPU they are there already")
+    if args.attn == "flex" and d.device.type != "cuda":
+        raise ValueError("--attn flex has no backward on CPU: use --attn sdpa (or auto)")
+    fsdp.mesh_shape(d.world_size, d.local_world_size if args.shard_size < 0 else args.shard_size)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        raise ValueError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})") from None
+    if args.eval.every and args.eval.image:  # read at the first eval step, possibly hours in
+        from PIL import Image
+        try:
+            Image.open(args.eval.image).verify()
+        except OSError as e:
+            raise ValueError(f"--eval.image {args.eval.image}: cannot read the image ({e})") from None
+
+    model = resolve(args.model)
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"--model {args.model}: no such folder")
+    model = os.path.abspath(model)  # args.json tells convert_weights.py
+    cfg = read_config(model, **{k: v for k, v in (("visual_und", args.visual_und), ("visual_gen", args.visual_gen),
+                                                   ("timestep_shift", args.timestep_shift)) if v is not None})
+    bagel_index, ae_index = checkpoint_index(model)  # every weight file present, its header readable
+    with torch.device("meta"):
+        net, ae = Bagel(cfg), AutoEncoder(cfg.vae)
+    names = [n for n, _ in net.named_parameters()]
+    if all(any(FREEZE[part](n) for part in args.freeze) for n in names):
+        raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
+    off = tuple(p + "." for p in TOP_LEVEL if not hasattr(net, p))  # parts switched off are not loaded
+    for m, index, skip in ((net, bagel_index, off), (ae, ae_index, ())):
+        reader = CheckpointReader({k: tuple(v.shape) for k, v in m.state_dict().items() if k not in POS_TABLES},
+                                  index, model, skip)
+        reader.close()
+        if reader.error:
+            raise ValueError(reader.error)
+    ds = cfg.vae.downsample * cfg.latent_patch_size
+    if args.eval.every and cfg.visual_gen and (args.eval.size % ds or args.eval.size // ds > cfg.max_latent_size):
+        raise ValueError(f"--eval.size {args.eval.size}: must be a multiple of {ds} and at most "
+                         f"{cfg.max_latent_size * ds} (the model's max_latent_size={cfg.max_latent_size})")
+
+    # the data must match the model: geometry, tokenizer and switched-off parts come from its config
+    data = data_lib.match_model(dataclasses.replace(args.data, model=args.data.model or model), cfg)
+    dataset = data_lib.PackedDataset(data)  # options, tokenizer, every source found, known and readable
+    if not data.skip_bad:  # the first record of each source parses and fits --data.packing-length
+        stream = dataset.stream()
+        for i in range(len(dataset.sources)):
+            stream.make((i, 0))
+    return dataclasses.replace(args, model=model, data=data)
 
 
 def train(args: Args, d: fsdp.Dist):
@@ -561,14 +661,7 @@ def train(args: Args, d: fsdp.Dist):
         dist.barrier()
         args = dataclasses.replace(args, model=os.path.abspath(base),
                                    data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)))
-    if args.cpu_offload and d.device.type != "cuda":
-        raise ValueError("--cpu-offload moves GPU shards to host memory: on CPU they are there already")
-    args = dataclasses.replace(args, model=os.path.abspath(args.model))  # args.json tells convert_weights.py
-    # the data must match the model: geometry, tokenizer and switched-off parts come from its config
-    cfg = read_config(args.model, **{k: v for k, v in (("visual_und", args.visual_und),
-                                                        ("visual_gen", args.visual_gen)) if v is not None})
-    args = dataclasses.replace(args, data=data_lib.match_model(
-        dataclasses.replace(args.data, model=args.data.model or args.model), cfg))
+    args = preflight(args, d)  # every user error that is cheap to find, before any weight is read
     os.makedirs(args.output_dir, exist_ok=True)
     args_json = dataclasses.asdict(args)
     if d.rank == 0:

@@ -1,0 +1,227 @@
+"""train.py's start-up, as a user meets it: `python -m pytest -q test_cli.py` (about 15 s).
+
+A user error (bad path, option, record or checkpoint) ends the run with exit code 2 and one line,
+`error: ...`, that names the thing, and no traceback; the checks run on rank 0 before any weight is
+read. A Hugging Face Hub id as --model is downloaded once, by rank 0, and every rank uses the folder.
+huggingface_hub is always stubbed here: the tests never touch the network."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import types
+
+import pytest
+
+import convert_weights
+import data
+import sample
+import train
+from test_smoke import tiny_ae, tiny_bagel, write_official
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
+# the tiny model's geometry (8 ViT patches and 8 latents per side), one CPU step, no samples
+SMALL = ["--data.vit-min-size", "14", "--data.vit-max-size", "112", "--data.vae-min-size", "16",
+         "--data.vae-max-size", "128", "--data.num-workers", "0", "--eval.every", "0", "--max-steps", "1",
+         "--precision", "fp32", "--no-activation-checkpointing", "--attn", "sdpa"]
+GOOD = {"messages": [{"role": "user", "content": "Say hello."},
+                     {"role": "assistant", "content": "Hello there, friend."}]}
+NO_IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "gone.png"}},
+                                                      {"type": "text", "text": "What is this?"}]},
+                         {"role": "assistant", "content": "A boat."}]}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """A tiny random BAGEL in the official layout, with the golden tiny tokenizer."""
+    path = str(tmp_path_factory.mktemp("tiny"))
+    write_official(path, tiny_bagel(), tiny_ae())
+    for f in os.listdir(TOK_DIR):
+        shutil.copy(os.path.join(TOK_DIR, f), path)
+    return path
+
+
+def jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+def hub_stub(monkeypatch, fn):
+    """huggingface_hub with `fn` as snapshot_download (None: not installed)."""
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        None if fn is None else types.SimpleNamespace(snapshot_download=fn))
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """Run train.main in this process; it must stop with exit code 2 and one `error:` line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    return lines[0]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Start-up checks run before any weight is read: building or loading a model fails the test."""
+    def boom(*a, **k):
+        pytest.fail("the model was built before the start-up checks stopped the run")
+    monkeypatch.setattr(train, "build_model", boom)
+    monkeypatch.setattr(train.AutoEncoder, "from_pretrained", boom)
+
+
+def test_bad_model_folders_name_the_file(ckpt, tmp_path, capsys, no_load):
+    run = lambda model: user_error(capsys, ["--model", model, "--data", jsonl(tmp_path / "d.jsonl", [GOOD]),
+                                            "--output-dir", str(tmp_path / "out"), *SMALL])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not a BAGEL checkpoint: expected llm_config.json" in run(str(empty))
+    assert "--model /no/such/folder: no such folder" in run("/no/such/folder")
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "ae.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a truncated header
+    line = run(str(broken))
+    assert "ae.safetensors: not a readable safetensors file" in line
+    (broken / "ae.safetensors").unlink()
+    assert "ae.safetensors: missing" in run(str(broken))
+    shutil.copy(os.path.join(ckpt, "ae.safetensors"), broken)
+    cfg = json.loads((broken / "llm_config.json").read_text())
+    (broken / "llm_config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
+    line = run(str(broken))  # configs that do not match the weights: found from the headers alone
+    assert "checkpoint does not match the model config: missing" in line and "layers.2." in line
+
+
+def test_bad_data_stops_before_the_model_loads(ckpt, tmp_path, capsys, no_load):
+    run = lambda *argv: user_error(capsys, ["--model", ckpt, "--output-dir", str(tmp_path / "out"), *SMALL, *argv])
+    assert "no data: pass --data PATH" in run()
+    assert "/no/such.parquet: no such file or directory" in run("--data", "/no/such.parquet")
+    assert "unknown data file type" in run("--data", jsonl(tmp_path / "d.csv", [GOOD]))
+    bad = jsonl(tmp_path / "bad.jsonl", [NO_IMAGE])
+    assert f"{bad}: row 0: messages[0].content[0]: image file not found" in run("--data", bad)
+    good = jsonl(tmp_path / "good.jsonl", [GOOD])
+    assert f"{good}: row 0: sample has" in run("--data", good, "--data.packing-length", "8")  # too small
+    assert f"{bad}: row 0" in run("--data", good, bad)  # the first record of every source
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--cpu-offload"], "--cpu-offload moves GPU shards"),
+    (["--attn", "flex"], "--attn flex has no backward on CPU"),
+    (["--visual-gen", "False", "--freeze", "llm", "vit", "connector"],
+     "--freeze llm vit connector leaves nothing to train"),
+    (["--shard-size", "3"], "shard_size=3 does not divide the world size 1"),
+    (["--ckpt.resume", "/no/step-0000100"], "--ckpt.resume /no/step-0000100: not a complete checkpoint"),
+    (["--eval.every", "5", "--eval.image", "/no/cat.jpg"], "--eval.image /no/cat.jpg: cannot read the image"),
+    (["--eval.every", "5", "--eval.size", "100"], "--eval.size 100: must be a multiple of 16 and at most 128"),
+    (["--output-dir", "FILE/out"], "--output-dir FILE/out: cannot write there (Not a directory)"),
+])
+def test_bad_options_name_the_option(ckpt, tmp_path, capsys, monkeypatch, no_load, argv, says):
+    (tmp_path / "FILE").write_text("")  # a file where --output-dir needs a folder (root may write anywhere)
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, ["--model", ckpt, "--data", jsonl(tmp_path / "d.jsonl", [GOOD]),
+                               "--output-dir", str(tmp_path / "out"), *SMALL, *argv])
+    assert says in line, line
+
+
+def test_bugs_keep_their_traceback_and_debug_shows_user_errors_whole(ckpt, tmp_path, monkeypatch):
+    argv = ["--model", ckpt, "--output-dir", str(tmp_path / "out"), *SMALL]
+    with pytest.raises(ValueError, match="no data"):
+        train.main(argv + ["--debug"])
+    monkeypatch.setattr(train.data_lib, "PackedDataset", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.main(argv + ["--data", jsonl(tmp_path / "d.jsonl", [GOOD])])
+
+
+def test_a_bad_record_in_a_dataloader_worker_is_one_line(ckpt, tmp_path, capsys):
+    """The record read first (checked at start-up) is good; the next one, read by a DataLoader worker
+    during training, names its missing image in one line, not inside the worker's traceback."""
+    path = tmp_path / "d.jsonl"
+    jsonl(path, [NO_IMAGE] * 4)
+    first = data.find_sources([str(path)])[0].locate(0)[2]  # the row rank 0 reads first
+    jsonl(path, [GOOD if i == first else NO_IMAGE for i in range(4)])
+    line = user_error(capsys, ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), *SMALL,
+                               "--data.num-workers", "1", "--data.packing-length", "512"])
+    assert line.startswith(f"error: {path}: row ") and "messages[0].content[0]: image file not found" in line
+    assert f"row {first}:" not in line and "DataLoader worker" not in line
+
+
+def test_hub_id_errors_say_how_to_get_it(ckpt, tmp_path, capsys, monkeypatch):
+    argv = ["--model", "someorg/bagel-tiny", "--data", jsonl(tmp_path / "d.jsonl", [GOOD]),
+            "--output-dir", str(tmp_path / "out"), *SMALL]
+    monkeypatch.chdir(tmp_path)  # no folder someorg/bagel-tiny here
+    hub_stub(monkeypatch, None)
+    assert "someorg/bagel-tiny: no such folder; as a Hugging Face Hub id it is downloaded by huggingface_hub: " \
+           "pip install huggingface_hub" in user_error(capsys, argv)
+
+    def offline(repo, **kw):
+        raise OSError("no network\n(twice)")
+    hub_stub(monkeypatch, offline)
+    assert "downloading it from the Hugging Face Hub failed: OSError: no network (twice)" in user_error(capsys, argv)
+
+
+def test_sample_and_convert_take_hub_ids(ckpt, tmp_path, monkeypatch):
+    calls = []
+    hub_stub(monkeypatch, lambda repo, **kw: calls.append(repo) or ckpt)
+    monkeypatch.chdir(tmp_path)
+    out = convert_weights.convert(convert_weights.Args(src="someorg/bagel-tiny", dst=str(tmp_path / "exp")))
+    assert os.path.exists(os.path.join(out, "ema.safetensors"))
+    assert "text" in sample.main(["--model", "someorg/bagel-tiny", "--question", "hi", "--max-new-tokens", "2",
+                                  "--device", "cpu", "--dtype", "fp32"])
+    assert calls == ["someorg/bagel-tiny"] * 2
+
+
+# one rank of the hub test, as its own process: huggingface_hub is a stub that logs its calls and
+# "downloads" a copy of the tiny checkpoint
+HUB_RANK = """
+import json, os, shutil, sys, types
+rank, port, ckpt, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+
+def download(repo, **kw):
+    with open(os.path.join(out, "calls"), "a") as f:
+        f.write(f"{rank} {repo}\\n")
+    return shutil.copytree(ckpt, os.path.join(out, "cache", repo), dirs_exist_ok=True)
+
+sys.modules["huggingface_hub"] = types.SimpleNamespace(snapshot_download=download)
+import torch.distributed as dist
+import fsdp, train
+d = fsdp.init_distributed("cpu", timeout_min=1)
+args = train.preflight(train.parse_args(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"),
+                                         "--output-dir", out, *sys.argv[5:]]), d)
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(dict(model=args.model, files=sorted(os.listdir(args.model))), f)
+dist.destroy_process_group()
+if rank == 1:  # a node without the filesystem of rank 0's cache
+    os.path.exists = lambda p, exists=os.path.exists: exists(p) and "cache" not in p
+train.main(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"), "--output-dir", out,
+            *sys.argv[5:]])  # exits 2
+"""
+
+
+def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
+    """2 gloo ranks: rank 0 downloads, both get its folder. Then train.main, where rank 1 cannot see
+    that folder: both exit with code 2, and rank 0 alone says why, in one line."""
+    jsonl(tmp_path / "d.jsonl", [GOOD])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    ranks = [subprocess.Popen([sys.executable, "-c", HUB_RANK, str(r), str(port), ckpt, str(tmp_path), *SMALL],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    (out0, err0), (out1, err1) = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2], err0 + err1
+    want = str(tmp_path / "cache" / "someorg" / "bagel-tiny")
+    assert err0 == f"error: {want}: rank 1 cannot see it, rank 0 can: put it on a filesystem every node shares " \
+                   f"(for a hub id: HF_HOME)\n" and err1 == "", err0 + err1
+    assert (tmp_path / "calls").read_text() == "0 someorg/bagel-tiny\n" * 2
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == dict(model=want, files=sorted(os.listdir(ckpt))), rank
