@@ -637,10 +637,10 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     # the data must match the model: geometry, tokenizer and switched-off parts come from its config
     data = data_lib.match_model(dataclasses.replace(args.data, model=args.data.model or model), cfg)
     dataset = data_lib.PackedDataset(data)  # options, tokenizer, every source found, known and readable
-    if not data.skip_bad:  # the first record of each source parses and fits --data.packing-length
+    if not data.skip_bad:  # a record of each source's first unit parses and fits --data.packing-length
         stream = dataset.stream()
         for i in range(len(dataset.sources)):
-            stream.make((i, 0))
+            stream.make((i, 0, 0, 0))  # key (source, epoch, unit, place): see data.Source
     return dataclasses.replace(args, model=model, data=data)
 
 
