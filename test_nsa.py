@@ -70,13 +70,11 @@ def bagel_mask(splits):
     split = torch.cat([torch.full((n,), i) for i, (n, _) in enumerate(splits)])
     mode = [splits[i][1] for i in split.tolist()]
     first = torch.tensor([sum(n for n, _ in splits[:i]) for i in split.tolist()])
-    L = len(mode)
-    mask = torch.zeros(L, L, dtype=torch.bool)
-    for i in range(L):
-        for j in range(L):
-            same = split[i] == split[j]
-            mask[i, j] = (j <= i or (same and mode[i] != "causal")) and (mode[j] != "noise" or same)
-    return mask, first, torch.tensor([m != "causal" for m in mode]), split
+    image, noise = torch.tensor([m != "causal" for m in mode]), torch.tensor([m == "noise" for m in mode])
+    i, j = torch.arange(len(mode))[:, None], torch.arange(len(mode))[None]
+    same = split[:, None] == split[None]
+    mask = ((j <= i) | (same & image[:, None])) & (~noise[None] | same)
+    return mask, first, image, split
 
 
 def nsa_ref(q, k, v, gates, params, c: NSAConfig, max_len: int, splits=None):
