@@ -97,7 +97,6 @@ def nsa_ref(q, k, v, gates, params, c: NSAConfig, max_len: int, splits=None):
     # exact overlap of window j and block b, in units of the stride (the library's transform_score)
     W = torch.tensor([[max(0, min(j * S + K, (b + 1) * B) - max(j * S, b * B)) / S for b in range(nb)] for j in range(M)], dtype=F64)
     k_eff = min(c.topk, nb)
-    qb = t // B
     blk = torch.arange(L) // B  # block of each key
     any_ok = torch.stack([mask[:, blk == b].any(-1) for b in range(nb)], 1)  # [L, nb]
     outside = torch.stack([(mask & (split[None] != split[:, None]))[:, blk == b].any(-1) for b in range(nb)], 1)
@@ -112,9 +111,10 @@ def nsa_ref(q, k, v, gates, params, c: NSAConfig, max_len: int, splits=None):
             P = P + p.detach()
             o_cmp.append(p @ cv[:, hk])
         s = P @ W if M else torch.zeros(L, nb, dtype=F64)
-        forced = lambda i, b: b < c.init_blocks or qb[i] - c.local_blocks < b <= qb[i]
         for i in range(L):  # forced blocks first, then by (own image last, score), never one with nothing visible
-            order = sorted((b for b in range(nb) if any_ok[i, b]), key=lambda b: (not forced(i, b), bool(own[i, b]), -s[i, b].item()))
+            qi, si, oi = i // B, s[i].tolist(), own[i].tolist()
+            forced = lambda b: b < c.init_blocks or qi - c.local_blocks < b <= qi
+            order = sorted((b for b in range(nb) if any_ok[i, b]), key=lambda b: (not forced(b), oi[b], -si[b]))
             sel = sorted(order[:k_eff])
             idx[hk, i] = torch.tensor(sel + [-1] * (k_eff - len(sel)))
         vis_s = mask & (blk[None, :, None] == idx[hk][:, None, :]).any(-1)
