@@ -329,6 +329,23 @@ def test_image_queries_spend_free_slots_outside_their_image():
     assert {(0, 0), (1, 0), (1, 1), (1, 2)} <= reached  # the prompt; the source VAE and ViT images, the instruction
 
 
+def test_image_window_counts_from_the_image_start():
+    """swa: every token of the T2I sample's noisy image [73, 89) sees the window_size caption tokens
+    before the image's first token, and none before those (an image has no order)."""
+    sl, spl, modes = MIXED
+    params = rand_params(SMALL, 4, 2, 8)
+    q, k, v, _ = inputs(sum(sl), 4, 2, 8)
+    gates = torch.zeros(sum(sl), 4, 3, dtype=F64)
+    gates[..., 2] = 1
+    o0, _ = run(params, q, k, v, gates, sl, spl, modes)
+    for key, seen in ((73 - SMALL.window_size, True), (72 - SMALL.window_size, False)):
+        v2 = v.detach().clone()
+        v2[key] += 1.0
+        o1, _ = run(params, q, k, v2, gates, sl, spl, modes)
+        changed = (o1[73:89] != o0[73:89]).flatten(1).any(-1)
+        assert changed.all() if seen else not changed.any(), key
+
+
 def plain_sdpa(q, k, v, attn_mask, enable_gqa=False):
     """Softmax attention written out: an all-masked row gives NaN, as some CUDA bf16 SDPA backends."""
     g = q.shape[-3] // k.shape[-3]
