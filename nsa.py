@@ -1,20 +1,28 @@
 """Native Sparse Attention (NSA, arXiv 2502.11089) for BAGEL's packed, mixed-mask sequences.
 
-Each query mixes three branches with per-token sigmoid gates (../shared/spec/nsa.md §2):
+Each query mixes three branches with per-token sigmoid gates (XunhaoLai/native-sparse-attention-triton
+native_sparse_attention/module/native_sparse_attention.py):
   cmp  attention over compressed keys/values: one token per window of `kernel_size` tokens, every
        `kernel_stride` tokens (learned pooling + intra-window position term);
   slc  attention over the `topk` blocks of `block_size` tokens that the cmp probabilities rank
        highest (summed over each GQA group), the first and the local blocks always included;
   swa  a sliding window: the query and the `window_size` tokens before it.
-As in native-sparse-attention-triton for causal text; generalised to BAGEL's mask (spec §7.3) so
-that no branch sees a token `packing.allowed` forbids: a compressed token is visible iff all its
-tokens are allowed, blocks without an allowed token are never selected and selected tokens are
-filtered by `allowed`, and an image (full/noise) query also selects the blocks of its own image and
-has its whole image in its window (what dense BAGEL attention gives it).
+For causal text this is the library's algorithm. It is generalised to BAGEL's mask so that no branch
+sees a token `packing.allowed` forbids: a compressed token is visible iff all its tokens are
+allowed, blocks without an allowed token are never selected, and selected tokens are filtered by
+`allowed`. An image (full/noise) query sees, in each branch:
+  cmp  the compressed tokens that lie wholly in what it may see (its image, the text and clean
+       images before it), in both directions inside its image;
+  swa  its whole image plus the `window_size` tokens before the image's first token (an image has
+       no order: every token of it gets the same context), so the window is dense attention within
+       the image;
+  slc  init and local blocks as text, then its free slots on the best-scored blocks outside its
+       image (the prompt, a source image), since swa already covers the image; blocks holding
+       nothing but its own image only fill slots left once every other block is taken.
 
 The pure-PyTorch path runs on any device, one chunk of queries at a time and recomputed in the
 backward (checkpoint), so memory is O(tokens), never tokens x tokens. On CUDA, all-causal packs go
-to the library's Triton ops when it is importable (§7.5); everything else falls back, logging why.
+to the library's Triton ops when it is importable; everything else falls back, logging why.
 `python bench.py --what nsa` measures one attention against dense sdpa.
 """
 import logging
@@ -95,7 +103,8 @@ class NSA(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """Start close to the dense layer NSA is added to. LMMS Engine leaves the compressors at zero,
-        so every compressed key is 0, the cmp branch outputs 0 and the top-k is a tie (spec §6);
+        so every compressed key is 0, the cmp branch outputs 0 and the top-k is a tie (EvolvingLMMs-Lab/
+        lmms-engine src/lmms_engine/models/bagel/monkey_patch.py add_g_proj_to_attention_layers);
         the library's xavier makes compressed keys random mixtures. Here pooling starts as the
         window's mean (q . mean(k) = mean of the logits, so block scores mean something at step 0),
         the position term a small deterministic code, and every gate at sigmoid(GATE_BIAS): slc and
@@ -156,7 +165,8 @@ def _rotate(x, cos, sin):
 
 
 def compress(x: torch.Tensor, w: torch.Tensor | None, pe: torch.Tensor | None, c: NSAConfig) -> torch.Tensor:
-    """One sample's [L, H, D] -> [M, H, D], M = (L - K) // S + 1 windows (a short tail is dropped, §2.1).
+    """One sample's [L, H, D] -> [M, H, D], M = (L - K) // S + 1 windows (a short tail is dropped, as
+    the library's compressors do).
     `pe[h, i]` is added to the i-th token of every window before pooling."""
     k, s = c.kernel_size, c.kernel_stride
     if x.shape[0] < k:
@@ -180,7 +190,7 @@ def _probs(s, mask):
 
 class Masks(NamedTuple):
     """What the rows of one chunk may see in each branch (built once, no grad, by `_select`)."""
-    cmp: torch.Tensor  # [C, m] compressed tokens 0..m-1 whose K tokens are all allowed (§7.3)
+    cmp: torch.Tensor  # [C, m] compressed tokens 0..m-1 whose K tokens are all allowed
     blocks: torch.Tensor  # [U] every block some row of the chunk selected (sorted): gathered once
     slc: torch.Tensor  # [C, Hkv, U*B] the tokens of those blocks that the row selected and may see
     lo: int  # window keys are sample positions lo..hi-1
@@ -202,26 +212,31 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int):
     # `allowed` needs k <= q or the same split, so no key past hi can be allowed to these rows:
     # evaluate it on [0, hi) only (half the work on causal text) and only score windows inside it
     hi = int(torch.where(img, end, tl + 1).max())
-    ok = packing.allowed(t[:, None], torch.arange(s0, s0 + hi, device=t.device)[None], lay.sample, lay.split, lay.mode)  # [C, hi]
+    r = torch.arange(hi, device=t.device)
+    ok = packing.allowed(t[:, None], s0 + r[None], lay.sample, lay.split, lay.mode)  # [C, hi]
     m_in = min(M, (hi - K) // S + 1 if hi >= K else 0)  # windows that end before hi
     vis = ok.unfold(1, K, S)[:, :m_in].all(-1) if m_in else ok.new_zeros(C, 0)
-    any_ok = F.pad(ok, (0, nb * B - hi)).view(C, nb, B).any(-1)  # [C, nb]
-    # importance = cmp probabilities summed over the GQA group (§2.3 step 2) ...
+    mine = img[:, None] & (r >= start[:, None]) & (r < end[:, None])  # [C, hi] the row's own image
+    per_block = lambda m: F.pad(m, (0, nb * B - hi)).view(C, nb, B).any(-1)  # [C, hi] -> [C, nb]
+    any_ok = per_block(ok)
+    own = any_ok & ~per_block(ok & ~mine)  # all the row may see in the block is its own image
+    # importance = cmp probabilities summed over the GQA group (the library's compressed_attention) ...
     dt = torch.promote_types(qc.dtype, torch.float32)
     logits = torch.einsum("chgd,mhd->hgcm", qc.view(C, hkv, g, -1).to(dt) / math.sqrt(qc.shape[-1]), ck[:m_in].to(dt))
     p = _probs(logits, vis).sum(1) if m_in else logits.sum(1)  # [Hkv, C, m_in]
-    # ... mapped to blocks by overlap: score[b] = sum_j p[j] |window j & block b| / S (§2.3 step 3).
+    # ... mapped to blocks by overlap: score[b] = sum_j p[j] |window j & block b| / S (its transform_score).
     # In stride units: window j covers [j, j+K'), block b covers [b B', (b+1) B')
     k1, b1 = K // S, B // S
     per_unit = F.pad(p, (k1 - 1, nb * b1 - m_in)).unfold(-1, k1, 1).sum(-1)  # [Hkv, C, nb*B']
     score = per_unit.view(hkv, C, nb, b1).sum(-1)
     b = torch.arange(nb, device=t.device)
     qb = tl[:, None] // B
-    forced = (b < c.init_blocks) | ((b <= qb) & (b > qb - c.local_blocks))
-    # image queries also select their own image's blocks, ranked among themselves above any other
-    # (a score is at most g*K': the group's probability mass times the window's K' units)
-    own = img[:, None] & (b >= start[:, None] // B) & (b <= (end[:, None] - 1) // B)
-    score = torch.where(own, score + g * k1 + 1, score)
+    forced = (b < c.init_blocks) | ((b <= qb) & (b > qb - c.local_blocks))  # counted in topk, own image or not
+    # an image query's free slots go to blocks outside its image first: the window already covers
+    # the image, so own blocks would repeat it while the prompt or a source image is out of reach.
+    # Own blocks rank below every other (a score lies in [0, g*K']: the group's probability mass
+    # times a window's K' units), so with topk >= blocks slc is still dense attention
+    score = torch.where(own, score - (g * k1 + 1), score)
     score = torch.where(forced, float("inf"), score)
     score = torch.where(any_ok, score, float("-inf"))  # never a block with nothing allowed
     val, idx = score.topk(min(k_eff, nb), dim=-1)
@@ -235,12 +250,12 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int):
     hit = (sel[..., None] == u).any(-2)  # [C, Hkv, U]
     pos = (u[:, None] * B + torch.arange(B, device=t.device)).flatten()  # [U*B]
     slc = hit.repeat_interleave(B, -1) & ((pos < hi) & ok[:, pos.clamp(max=hi - 1)])[:, None]
-    # swa: the last w+1 allowed tokens; an image query also sees all of its image (as dense BAGEL)
-    lo = int(torch.minimum(tl - w, torch.where(img, start, tl)).min().clamp_min(0))
-    r = torch.arange(lo, hi, device=t.device)
-    near = (r[None] >= tl[:, None] - w) & (r[None] <= tl[:, None])
-    same = img[:, None] & (r[None] >= start[:, None]) & (r[None] < end[:, None])
-    return idx, Masks(vis, u, slc, lo, hi, ok[:, lo:hi] & (near | same))
+    # swa: the last w+1 allowed tokens; an image query counts them from its image's first token (the
+    # same context for every token of an order-free image) and also sees all of its image, as dense BAGEL
+    anchor = torch.where(img, start, tl)[:, None]
+    lo = int((anchor - w).min().clamp_min(0))
+    near = (r[lo:] >= anchor - w) & (r[lo:] <= anchor)
+    return idx, Masks(vis, u, slc, lo, hi, ok[:, lo:] & (near | mine[:, lo:]))
 
 
 def _blocks(x: torch.Tensor, B: int) -> torch.Tensor:
@@ -251,15 +266,22 @@ def _blocks(x: torch.Tensor, B: int) -> torch.Tensor:
 def _branches(qc, gc, ck, cv, ks, vs, kb, vb, m: Masks):
     """Gated sum of the three branches for a chunk of query rows qc [C, Hq, D] of one sample;
     ks/vs [L, Hkv, D] the sample's rotated keys and values, kb/vb the same as `_blocks`, ck/cv
-    [M, Hkv, D] its compressed ones. Each branch is one fused SDPA call (a row with no allowed key
-    gives 0, as in the library)."""
+    [M, Hkv, D] its compressed ones. Each branch is one fused SDPA call. A row with no allowed key
+    gives 0, as in the library; only cmp has such rows (a selected block holds an allowed token, the
+    window the query itself)."""
     C, hq, d = qc.shape
     hkv = ks.shape[1]
     sdpa = F.scaled_dot_product_attention
     q1 = qc.transpose(0, 1)[None]  # [1, Hq, C, D]
     n = m.cmp.shape[1]  # later compressed tokens are invisible to every row of the chunk
     if n:
-        o_cmp = sdpa(q1, ck[:n].transpose(0, 1)[None], cv[:n].transpose(0, 1)[None], attn_mask=m.cmp[None, None], enable_gqa=True)[0]
+        # rows with no visible compressed token (e.g. the first K-1 tokens of a sample) attend to every one
+        # and are zeroed: some CUDA bf16 SDPA backends return NaN for an all-masked row, in the
+        # forward or the backward. The where also stops their gradient.
+        empty = ~m.cmp.any(-1)[:, None]  # [C, 1]
+        o_cmp = sdpa(q1, ck[:n].transpose(0, 1)[None], cv[:n].transpose(0, 1)[None], attn_mask=(m.cmp | empty)[None, None],
+                     enable_gqa=True)[0]
+        o_cmp = torch.where(empty, 0, o_cmp)
     else:  # e.g. a sample shorter than kernel_size: no compressed tokens
         o_cmp = q1.new_zeros(q1.shape[1:])
     # slc: the chunk's selected blocks gathered once, each row masked to its own (its backward is an
@@ -335,7 +357,7 @@ def attend_context(q, cache: tuple, x: NSAInputs, splits: list[tuple[int, str]])
 
 
 # -------------------------------------------------------------------------------------------------
-# CUDA: native-sparse-attention-triton (spec §1.2, §3, §7.5). test_nsa.py checks this glue against
+# CUDA: native-sparse-attention-triton (its ops package). test_nsa.py checks this glue against
 # the path above, on CUDA or on CPU under the Triton interpreter.
 
 @lru_cache(maxsize=None)
