@@ -262,6 +262,8 @@ def load_video(src: Any, folder: str, where: str, cfg: DataConfig, rng: random.R
     src = open_source(src, folder, where, "video")
     try:
         with av.open(io.BytesIO(src) if isinstance(src, bytes) else src) as box:
+            if not box.streams.video:
+                raise BadSample("undecodable_video", f"{where}: no video stream in the file")
             stream = box.streams.video[0]
             stream.codec_context.thread_count = 1  # one decoder thread per data worker, like upstream's decord
             # every frame's presentation time and the keyframes, from the packets alone (nothing decoded)
