@@ -108,12 +108,45 @@ def test_decoded_frames_are_the_sampled_ones(clips, ext):
         assert [square_at(img) for img, _ in got] == want
         assert all(img.size == (W, H) and img.mode == "RGB" for img, _ in got)
     mid = data.load_video(str(clips / f"clip.{ext}"), "", "x", small_cfg(video_sample="middle"), random.Random(0))
-    assert [square_at(img) for img, _ in mid] == data.frame_indices(len(mid), N_FRAMES, None)
+    edges = np.linspace(0, N_FRAMES, len(mid) + 1).astype(int)  # interval middles: (start + next - 1) // 2
+    assert [square_at(img) for img, _ in mid] == [(a + b - 1) // 2 for a, b in zip(edges, edges[1:])]
     # a clip shorter than N: every frame once, then the last one repeated
     short = data.load_video(f"clip.{ext}", str(clips), "x",
                             small_cfg(video_min_frames=33, video_max_frames=33), random.Random(0))
     assert [square_at(img) for img, _ in short] == list(range(30)) + [29] * 3
     assert short[0][1] == "video frame 1/33: #0 of 30 frames, 30 fps, 1.0 s"
+
+
+class CountingContainer:
+    """An av container that counts the frames it decodes."""
+
+    def __init__(self, box):
+        self.box, self.decoded = box, 0
+
+    def __getattr__(self, name):
+        return getattr(self.box, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.box.close()
+
+    def decode(self, *args, **kw):
+        for f in self.box.decode(*args, **kw):
+            self.decoded += 1
+            yield f
+
+
+def test_decoding_seeks_past_unwanted_frames(clips, monkeypatch):
+    """3 middle frames (4, 14, 24) of 30 with keyframes every 8: decoding from the keyframe before each
+    (0-4, 8-14, 24) is 13 frames; decoding on through the clip would be 25."""
+    opened, real_open = [], av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(CountingContainer(real_open(*a, **k))) or opened[-1])
+    cfg = small_cfg(video_sample="middle", video_min_frames=3, video_max_frames=3)
+    got = data.load_video("clip.mp4", str(clips), "x", cfg, random.Random(0))
+    assert [square_at(img) for img, _ in got] == [4, 14, 24]
+    assert opened[0].decoded <= 16
 
 
 def test_frame_list_and_bytes_equal_the_clip(clips, tmp_path):
