@@ -4,6 +4,7 @@
     python bench.py --layers 28 --width 3584 --heads 28 --kv-heads 4 --ffn 18944 --device cuda --dtype bf16
     python bench.py --tokens 32768 --only fwdbwd --attn flex --device cuda
     python bench.py --what data                       # packing fill and data-loader throughput
+    python bench.py --what video                      # decode + transform of a 720p 10 s H.264 clip, tokens
     python bench.py --what nsa --tokens 4096 16384    # one NSA attention vs dense sdpa, fwd+bwd
     python bench.py --what nsa --device cuda --dtype bf16 --tokens 8192 32768 65536  # + flex, library
 
@@ -29,9 +30,10 @@ from train import peak_flops, step_flops
 
 @dataclass
 class Args:
-    what: Literal["model", "data", "nsa"] = "model"
-    """model: the packed forward/backward; data: packing fill and data-loader throughput; nsa: one
-    NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B)"""
+    what: Literal["model", "data", "video", "nsa"] = "model"
+    """model: the packed forward/backward; data: packing fill and data-loader throughput; video: one
+    data worker's time per 720p clip and tokens per video sample at the defaults; nsa: one NSA
+    attention vs dense sdpa on a causal sample (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B)"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -170,6 +172,54 @@ def bench_data(a: Args):
               f"| fill {st['fill']:.1%}")
 
 
+def bench_video(a: Args):
+    """A 1280x720, 10 s, 30 fps H.264 clip (x264 defaults: a keyframe every 250 frames): time of
+    `load_video` (12 frames) + ViT transform in one thread, as in a data worker, against decoding
+    every frame; and tokens of a video-QA sample at the default sizes for N = 8..12 frames."""
+    import tempfile
+    import av
+    import numpy as np
+    from data import DataConfig, load_tokenizer, load_video, record_to_items, special_tokens, transform
+    torch.set_num_threads(1)
+    tok_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "golden", "tokenizer")
+    tok = load_tokenizer(tok_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = os.path.join(tmp, "clip.mp4")
+        y, x = np.mgrid[0:720, 0:1280]
+        noise = np.random.default_rng(a.seed).integers(0, 40, (720, 1280, 1), dtype=np.uint8)
+        with av.open(clip, "w") as box:  # a moving colour pattern with fixed grain
+            s = box.add_stream("libx264", rate=30, options={"preset": "veryfast"})
+            s.width, s.height, s.pix_fmt = 1280, 720, "yuv420p"
+            for i in range(300):
+                rgb = np.stack([(x + 4 * i) % 256, (y + 2 * i) % 256, (x + y - 3 * i) % 256], -1).astype(np.uint8)
+                box.mux(s.encode(av.VideoFrame.from_ndarray(rgb + noise, format="rgb24")))
+            box.mux(s.encode())
+        with av.open(clip) as box:
+            t = time.perf_counter()
+            n_all = sum(1 for _ in box.decode(video=0))
+            t_all = time.perf_counter() - t
+        cfg = DataConfig(model=tok_dir, video_min_frames=12, video_max_frames=12)
+        times = []
+        for seed in range(a.repeats):
+            t = time.perf_counter()
+            frames = load_video(clip, "", "bench", cfg, random.Random(seed))
+            t_dec = time.perf_counter() - t
+            vit = [transform(img, "vit", cfg, len(frames), "bench") for img, _ in frames]
+            times.append((t_dec, time.perf_counter() - t))
+        t_dec, t_tot = (min(v) for v in zip(*times))
+        print(f"720p 10 s H.264 clip, 1 thread | 12 frames: decode {t_dec * 1e3:.0f} ms, decode + ViT transform "
+              f"{t_tot * 1e3:.0f} ms ({1 / t_tot:.1f} clips/s per worker) | all {n_all} frames decoded: "
+              f"{t_all * 1e3:.0f} ms | ViT image {list(vit[0].shape[1:])} (HxW), best of {a.repeats}")
+        sp = special_tokens(tok)
+        rec = {"messages": [{"role": "user", "content": [{"type": "video", "video": clip},
+                                                           {"type": "text", "text": "What moves in this clip?"}]},
+                            {"role": "assistant", "content": "A colour pattern drifting to the left."}]}
+        for n in range(8, 13):
+            c = DataConfig(model=tok_dir, video_min_frames=n, video_max_frames=n)
+            lay = packing.layout_sample(record_to_items(rec, "bench", "", c, tok, random.Random(0)), sp, c.geometry())
+            print(f"video-QA sample, {n:2d} frames of 720p at the default ViT sizes | {lay.n:,} tokens")
+
+
 def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7, hkv: int = 1, d: int = 128) -> dict:
     """Forward + backward of one attention over a single causal sample of n tokens. kind: sdpa, flex,
     nsa (the Triton kernels on CUDA when importable, else the pure-PyTorch path) or nsa-torch (always
@@ -207,6 +257,8 @@ def main():
         return child(a)
     if a.what == "data":
         return bench_data(a)
+    if a.what == "video":
+        return bench_video(a)
     if a.what == "nsa":
         print(f"one attention, fwd+bwd, {a.dtype}, {a.device}, Hq=7 Hkv=1 D=128 (one KV group of BAGEL-7B), NSA defaults")
         # nsa = the Triton kernels when they apply (CUDA, bf16, library importable), else = nsa-torch
