@@ -70,17 +70,17 @@ class DataConfig:
     """CFG dropout of conditioning ViT images in generation/edit samples"""
     vae_cond_dropout: float = 0.3
     """CFG dropout of clean conditioning VAE images in generation/edit samples"""
+    video_min_frames: int = 8
+    """frames per video clip: N drawn from video_min_frames..video_max_frames (upstream vlm_sft)"""
+    video_max_frames: int = 12
+    video_sample: Literal["rand", "middle"] = "rand"
+    """frame taken from each of N equal spans of a clip: a random one (training) or the middle one (evaluation)"""
     vae_max_size: int = 1024
     vae_min_size: int = 512
     vae_max_pixels: int = VAE_MAX_PIXELS
     vit_max_size: int = 980
     vit_min_size: int = 378
     vit_max_pixels: int = VIT_MAX_PIXELS
-    video_min_frames: int = 8
-    """frames per video clip: N drawn from video_min_frames..video_max_frames (upstream vlm_sft)"""
-    video_max_frames: int = 12
-    video_sample: Literal["rand", "middle"] = "rand"
-    """frame taken from each of N equal spans of a clip: a random one (training) or the middle one (evaluation)"""
     vit_patch_size: int = 14
     """model: SigLIP patch size"""
     vit_max_num_patch_per_side: int = 70
@@ -289,7 +289,7 @@ def load_video(src: Any, folder: str, where: str, cfg: DataConfig, rng: random.R
                         break
     except BadSample:
         raise
-    except Exception as e:  # FFmpeg errors, no video stream, a damaged file
+    except Exception as e:  # FFmpeg errors: not a video, a damaged file
         raise BadSample("undecodable_video", f"{where}: cannot decode video: {e!r}") from None
     missing = [i for i in idx if pts[i] not in got]
     if missing:
