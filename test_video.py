@@ -210,7 +210,16 @@ def test_video_frames_share_the_vit_budget_and_inspect_shows_them(clips):
                          rf"→ ViT 28x98 \(HxW\)$", line), line
 
 
-def test_video_and_image_qa_pack_trains_a_step(clips):
+@pytest.fixture
+def one_thread():
+    """Tiny ops: threads only wait on each other on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_video_and_image_qa_pack_trains_a_step(clips, one_thread):
     img = {"type": "image_url", "image_url": {"url": "f00.png"}}
     recs = [video_qa({"type": "video", "video": "clip.mp4"}),
             {"messages": [{"role": "user", "content": [img, {"type": "text", "text": "Where is it?"}]},
