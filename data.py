@@ -276,10 +276,12 @@ def load_video(src: Any, folder: str, where: str, cfg: DataConfig, rng: random.R
             idx = frame_indices(n, len(pts), pick)
             want, got, it, last = {pts[i] for i in idx}, {}, None, None
             for t in sorted(want):
-                # seek only when a keyframe lies between the last decoded frame and this one; otherwise
-                # decoding on is cheaper than going back to the keyframe
-                if last is None or bisect.bisect_right(keys, t) > bisect.bisect_right(keys, last):
-                    box.seek(t, stream=stream, backward=True)
+                # seek only when a keyframe lies between the last decoded frame and this one (otherwise
+                # decoding on is cheaper), and to that keyframe, not to t: a frame shown before its
+                # GOP's keyframe (open GOP) needs the GOP before, which a seek to t would skip
+                k = bisect.bisect_right(keys, t)
+                if last is None or k > bisect.bisect_right(keys, last):
+                    box.seek(keys[max(k - 1, 0)], stream=stream, backward=True)
                     it = box.decode(stream)
                 for f in it:
                     last = f.pts

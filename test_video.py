@@ -105,10 +105,11 @@ def test_frame_indices_follow_upstream_rule():
 
 @pytest.mark.parametrize("ext", [f[0] for f in FORMATS])
 def test_decoded_frames_are_the_sampled_ones(clips, ext):
-    for seed in range(3):
-        got = data.load_video(f"clip.{ext}", str(clips), "x", small_cfg(), random.Random(seed))
+    for seed, (lo, hi) in zip(range(24), [(8, 12), (3, 5)] * 12):  # (3, 5): sparse, so more seeks
+        cfg = small_cfg(video_min_frames=lo, video_max_frames=hi)
+        got = data.load_video(f"clip.{ext}", str(clips), "x", cfg, random.Random(seed))
         rng = random.Random(seed)
-        want = upstream_rand(rng.randint(8, 12), N_FRAMES, rng)
+        want = upstream_rand(rng.randint(lo, hi), N_FRAMES, rng)
         assert [square_at(img) for img, _ in got] == want
         assert all(img.size == (W, H) and img.mode == "RGB" for img, _ in got)
     mid = data.load_video(str(clips / f"clip.{ext}"), "", "x", small_cfg(video_sample="middle"), random.Random(0))
@@ -142,15 +143,17 @@ class CountingContainer:
             yield f
 
 
-def test_decoding_seeks_past_unwanted_frames(clips, monkeypatch):
-    """3 middle frames (4, 14, 24) of 30 with keyframes every 8: decoding from the keyframe before each
-    (0-4, 8-14, 24) is 13 frames; decoding on through the clip would be 25."""
+@pytest.mark.parametrize("n,want,most", [(3, [4, 14, 24], 13), (6, [2, 7, 12, 17, 22, 27], 24)])
+def test_decoding_seeks_past_unwanted_frames(clips, monkeypatch, n, want, most):
+    """Middle frames of 30 with keyframes at 0, 8, 16, 24: decode from the keyframe before a frame
+    when it is past the last one decoded, else decode on. 4, 14, 24: frames 0-4, 8-14, 24 (13; 25
+    without seeking); 2, 7, ..., 27: 0-7, 8-12, 16-22, 24-27 (24; 29 seeking back for 7 and 22)."""
     opened, real_open = [], av.open
     monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(CountingContainer(real_open(*a, **k))) or opened[-1])
-    cfg = small_cfg(video_sample="middle", video_min_frames=3, video_max_frames=3)
+    cfg = small_cfg(video_sample="middle", video_min_frames=n, video_max_frames=n)
     got = data.load_video("clip.mp4", str(clips), "x", cfg, random.Random(0))
-    assert [square_at(img) for img, _ in got] == [4, 14, 24]
-    assert opened[0].decoded <= 16
+    assert [square_at(img) for img, _ in got] == want
+    assert opened[0].decoded == most
 
 
 def test_frame_list_and_bytes_equal_the_clip(clips, tmp_path):
