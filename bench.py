@@ -4,6 +4,7 @@
     python bench.py --layers 28 --width 3584 --heads 28 --kv-heads 4 --ffn 18944 --device cuda --dtype bf16
     python bench.py --tokens 32768 --only fwdbwd --attn flex --device cuda
     python bench.py --what data                       # packing fill, reads per shard, worker RSS, samples/s
+    python bench.py --what video                      # decode + transform of a 720p 10 s H.264 clip, tokens
     python bench.py --what nsa --tokens 4096 16384    # one NSA attention vs dense sdpa, fwd+bwd
     python bench.py --what nsa --device cuda --dtype bf16 --tokens 8192 32768 65536  # + flex, library
 
@@ -32,10 +33,11 @@ TOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "
 
 @dataclass
 class Args:
-    what: Literal["model", "data", "nsa"] = "model"
+    what: Literal["model", "data", "video", "nsa"] = "model"
     """model: the packed forward/backward; data: packing fill, parquet reads per shard, a data
-    worker's memory and throughput; nsa: one
-    NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B)"""
+    worker's memory and throughput; video: one data worker's time per 720p clip and tokens per video
+    sample at the defaults; nsa: one NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1,
+    D=128: one KV group of BAGEL-7B)"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -310,6 +312,59 @@ def jpeg_throughput(tmp: str, budget: int):
               f"second) | {tokens / dt:,.0f} tokens/s | fill {tokens / (packs * budget):.1%}")
 
 
+def bench_video(a: Args):
+    """One data worker (one thread) on a 1280x720, 10 s, 30 fps H.264 clip, with a keyframe every 250
+    frames (x264's default) and every 30: wall and CPU time of `load_video` (12 frames) + the ViT
+    transform, against decoding every frame; then tokens of a video-QA sample at the default sizes."""
+    import tempfile
+    import av
+    import numpy as np
+    from data import DataConfig, load_tokenizer, load_video, record_to_items, special_tokens, transform
+    torch.set_num_threads(1)
+    cfg = DataConfig(model=TOK_DIR, video_min_frames=12, video_max_frames=12)
+    y, x = np.mgrid[0:720, 0:1280]
+    grain = np.random.default_rng(a.seed).integers(0, 40, (720, 1280, 1), dtype=np.uint8)
+
+    def timed(fn):  # best (wall, cpu) seconds of a.repeats runs
+        runs = []
+        for r in range(a.repeats):
+            w, c = time.perf_counter(), time.process_time()
+            out = fn(r)
+            runs.append((time.perf_counter() - w, time.process_time() - c))
+        return out, min(w for w, _ in runs), min(c for _, c in runs)
+
+    def all_frames(clip):
+        with av.open(clip) as box:
+            box.streams.video[0].codec_context.thread_count = 1
+            return sum(1 for _ in box.decode(video=0))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for gop in (250, 30):
+            clip = os.path.join(tmp, f"clip{gop}.mp4")
+            with av.open(clip, "w") as box:  # a moving colour pattern with fixed grain
+                s = box.add_stream("libx264", rate=30, options={"preset": "veryfast", "g": str(gop)})
+                s.width, s.height, s.pix_fmt = 1280, 720, "yuv420p"
+                for i in range(300):
+                    rgb = np.stack([(x + 4 * i) % 256, (y + 2 * i) % 256, (x + y - 3 * i) % 256], -1)
+                    box.mux(s.encode(av.VideoFrame.from_ndarray(rgb.astype(np.uint8) + grain, format="rgb24")))
+                box.mux(s.encode())
+            frames, w_dec, c_dec = timed(lambda r: load_video(clip, "", "bench", cfg, random.Random(r)))
+            vit, w_tr, c_tr = timed(lambda r: [transform(img, "vit", cfg, len(frames), "bench") for img, _ in frames])
+            n_all, w_all, c_all = timed(lambda r: all_frames(clip))
+            print(f"720p 10 s H.264, keyframe every {gop:3d} | 12 frames: decode {w_dec:.2f} s wall / {c_dec:.2f} s "
+                  f"cpu, ViT transform {w_tr:.2f} / {c_tr:.2f} s -> {vit[0].shape[1]}x{vit[0].shape[2]} (HxW) | "
+                  f"all {n_all} frames: {w_all:.2f} / {c_all:.2f} s | best of {a.repeats}")
+        tok = load_tokenizer(TOK_DIR)
+        rec = {"messages": [{"role": "user", "content": [{"type": "video", "video": clip},
+                                                           {"type": "text", "text": "What moves in this clip?"}]},
+                            {"role": "assistant", "content": "A colour pattern drifting to the left."}]}
+        for n in range(8, 13):
+            c = DataConfig(model=TOK_DIR, video_min_frames=n, video_max_frames=n)
+            lay = packing.layout_sample(record_to_items(rec, "bench", "", c, tok, random.Random(0)),
+                                        special_tokens(tok), c.geometry())
+            print(f"video-QA sample, {n:2d} frames of 720p at the default ViT sizes | {lay.n:,} tokens")
+
+
 def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7, hkv: int = 1, d: int = 128) -> dict:
     """Forward + backward of one attention over a single causal sample of n tokens. kind: sdpa, flex,
     nsa (the Triton kernels on CUDA when importable, else the pure-PyTorch path) or nsa-torch (always
@@ -347,6 +402,8 @@ def main():
         return child(a)
     if a.what == "data":
         return bench_data(a)
+    if a.what == "video":
+        return bench_video(a)
     if a.what == "nsa":
         print(f"one attention, fwd+bwd, {a.dtype}, {a.device}, Hq=7 Hkv=1 D=128 (one KV group of BAGEL-7B), NSA defaults")
         # nsa = the Triton kernels when they apply (CUDA, bf16, library importable), else = nsa-torch

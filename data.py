@@ -21,7 +21,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +72,11 @@ class DataConfig:
     """CFG dropout of conditioning ViT images in generation/edit samples"""
     vae_cond_dropout: float = 0.3
     """CFG dropout of clean conditioning VAE images in generation/edit samples"""
+    video_min_frames: int = 8
+    """frames per video clip: N drawn from video_min_frames..video_max_frames (upstream vlm_sft)"""
+    video_max_frames: int = 12
+    video_sample: Literal["rand", "middle"] = "rand"
+    """frame taken from each of N equal spans of a clip: a random one (training) or the middle one (evaluation)"""
     vae_max_size: int = 1024
     vae_min_size: int = 512
     vae_max_pixels: int = VAE_MAX_PIXELS
@@ -119,6 +124,9 @@ class DataConfig:
                                  f"{name}_max_size to {side * stride} or less")
             if getattr(self, f"{name}_min_size") > size:
                 raise ValueError(f"{name}_min_size is larger than {name}_max_size {size}")
+        if not 1 <= self.video_min_frames <= self.video_max_frames:
+            raise ValueError(f"video frames: need 1 <= video_min_frames ({self.video_min_frames}) <= "
+                             f"video_max_frames ({self.video_max_frames})")
         for p in (self.text_cond_dropout, self.vit_cond_dropout, self.vae_cond_dropout):
             if not 0 <= p <= 1:
                 raise ValueError(f"CFG dropout probabilities must be in [0, 1], got {p}")
@@ -194,38 +202,116 @@ def encode(tok, text: str) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # Images
 
-def load_image(src: Any, folder: str, where: str) -> Image.Image:
-    """Decode an image from a path (relative to `folder`), a data: URI, bytes, or an HF datasets
-    `{"bytes", "path"}` struct. Returns RGB with transparency composited on white."""
+def open_source(src: Any, folder: str, where: str, what: str = "image") -> bytes | str:
+    """The bytes or the file path of an image or video source: a path (relative to `folder`), a
+    data: URI, bytes, or an HF datasets `{"bytes", "path"}` struct."""
     if isinstance(src, dict):  # HF datasets Image feature: bytes win over path, as in `datasets`
         src = src.get("bytes") or src.get("path")
     if isinstance(src, (bytearray, memoryview)):
         src = bytes(src)
     if isinstance(src, str):
         if src.startswith(("http://", "https://")):
-            raise BadSample("http_url", f"{where}: {src[:80]}: images must be local files or bytes "
+            raise BadSample("http_url", f"{where}: {src[:80]}: {what}s must be local files or bytes "
                             f"(no network at training time): download them first")
         if src.startswith("data:"):
             try:
-                src = base64.b64decode(src.split(",", 1)[1], validate=True)
+                return base64.b64decode(src.split(",", 1)[1], validate=True)
             except (IndexError, binascii.Error) as e:
-                raise BadSample("undecodable_image", f"{where}: bad base64 data URI ({e})") from None
-        else:
-            path = src[len("file://"):] if src.startswith("file://") else src
-            path = os.path.join(folder, path)  # an absolute path ignores folder
-            if not os.path.isfile(path):
-                raise BadSample("missing_image", f"{where}: image file not found: {path} (relative "
-                                f"paths are resolved against data_folder {folder!r})")
-            src = path
-    elif not isinstance(src, bytes):
-        raise BadSample("missing_image", f"{where}: no image (got {type(src).__name__}): expected a "
+                raise BadSample(f"undecodable_{what}", f"{where}: bad base64 data URI ({e})") from None
+        path = src[len("file://"):] if src.startswith("file://") else src
+        path = os.path.join(folder, path)  # an absolute path ignores folder
+        if not os.path.isfile(path):
+            raise BadSample(f"missing_{what}", f"{where}: {what} file not found: {path} (relative "
+                            f"paths are resolved against data_folder {folder!r})")
+        return path
+    if not isinstance(src, bytes):
+        raise BadSample(f"missing_{what}", f"{where}: no {what} (got {type(src).__name__}): expected a "
                         f"path, a data: URI, bytes or a {{bytes, path}} struct")
+    return src
+
+
+def load_image(src: Any, folder: str, where: str) -> Image.Image:
+    """Decode an image source (see `open_source`). Returns RGB with transparency composited on white."""
+    src = open_source(src, folder, where)
     try:
         img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
         img.load()
     except Exception as e:  # PIL raises many types for broken files
         raise BadSample("undecodable_image", f"{where}: cannot decode image: {e}") from None
     return to_rgb(img)
+
+
+def frame_indices(n: int, n_frames: int, rng: random.Random | None) -> list[int]:
+    """Upstream `get_frame_indices` (ByteDance-Seed/Bagel data/video_utils.py): cut the clip into
+    min(n, n_frames) equal spans, take a random frame of each ('rand') or its middle (rng None), and
+    repeat the last index up to n. Upstream's quirks are kept: 'rand' never takes a span's last frame
+    (it draws from range(start, end - 1)), and when a span has fewer than 2 frames it takes a sorted
+    random subset of the clip instead."""
+    k = min(n, n_frames)
+    edges = np.linspace(0, n_frames, k + 1).astype(int).tolist()
+    spans = list(zip(edges[:-1], edges[1:]))
+    if rng is None:
+        idx = [(a + b - 1) // 2 for a, b in spans]
+    elif all(b - a >= 2 for a, b in spans):
+        idx = [rng.randrange(a, b - 1) for a, b in spans]
+    else:
+        idx = sorted(rng.sample(range(n_frames), k))
+    return idx + idx[-1:] * (n - k)
+
+
+def load_video(src: Any, folder: str, where: str, cfg: DataConfig, rng: random.Random) -> list[tuple]:
+    """The sampled frames of a video part as (PIL image, label): N frames, N drawn from
+    video_min_frames..video_max_frames, placed by `frame_indices` (upstream `read_frames_decord`). A
+    list of frame images (upstream `read_frames_folder`) is sampled the same way but never padded,
+    and only its sampled frames are decoded."""
+    n = rng.randint(cfg.video_min_frames, cfg.video_max_frames)
+    pick = None if cfg.video_sample == "middle" else rng
+    if isinstance(src, (list, tuple, np.ndarray)):
+        if len(src) == 0:
+            raise BadSample("empty_video", f"{where}: video: empty frame list")
+        idx = frame_indices(min(n, len(src)), len(src), pick)
+        return [(load_image(src[i], folder, f"{where} frame {i}"),
+                 f"video frame {j + 1}/{len(idx)}: #{i} of {len(src)} listed frames") for j, i in enumerate(idx)]
+    import av  # only video data needs PyAV
+    src = open_source(src, folder, where, "video")
+    try:
+        with av.open(io.BytesIO(src) if isinstance(src, bytes) else src) as box:
+            if not box.streams.video:
+                raise BadSample("undecodable_video", f"{where}: no video stream in the file")
+            stream = box.streams.video[0]
+            stream.codec_context.thread_count = 1  # one decoder thread per data worker, like upstream's decord
+            # every frame's presentation time and the keyframes, from the packets alone (nothing decoded)
+            packets = [(p.pts, p.is_keyframe) for p in box.demux(stream) if p.pts is not None and p.size]
+            pts = sorted(t for t, _ in packets)
+            keys = sorted(t for t, key in packets if key)
+            fps = float(stream.average_rate or 0)
+            if not pts:
+                raise BadSample("empty_video", f"{where}: video has no frames")
+            idx = frame_indices(n, len(pts), pick)
+            want, got, it, last = {pts[i] for i in idx}, {}, None, None
+            for t in sorted(want):
+                # seek only when a keyframe lies between the last decoded frame and this one (otherwise
+                # decoding on is cheaper), and to that keyframe, not to t: a frame shown before its
+                # GOP's keyframe (open GOP) needs the GOP before, which a seek to t would skip
+                k = bisect.bisect_right(keys, t)
+                if last is None or k > bisect.bisect_right(keys, last):
+                    box.seek(keys[max(k - 1, 0)], stream=stream, backward=True)
+                    it = box.decode(stream)
+                for f in it:
+                    last = f.pts
+                    if f.pts in want:
+                        got[f.pts] = f.to_image()
+                    if f.pts >= t:
+                        break
+    except BadSample:
+        raise
+    except Exception as e:  # FFmpeg errors: not a video, a damaged file
+        raise BadSample("undecodable_video", f"{where}: cannot decode video: {e!r}") from None
+    missing = [i for i in idx if pts[i] not in got]
+    if missing:
+        raise BadSample("undecodable_video", f"{where}: video frames {missing} could not be decoded")
+    info = f"{len(pts)} frames" + (f", {fps:.3g} fps, {len(pts) / fps:.1f} s" if fps else "")
+    return [(to_rgb(got[pts[i]]), f"video frame {j + 1}/{n}: #{i} of {info}") for j, i in enumerate(idx)]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -297,8 +383,8 @@ ROLES = ("system", "user", "assistant")
 
 
 def parse_record(rec: Any, where: str, rng: random.Random) -> list[tuple[str, str, str, Any]]:
-    """A record as a flat list of (field, role, kind, value): kind "text" (value: str) or "image"
-    (value: an image source for `load_image`)."""
+    """A record as a flat list of (field, role, kind, value): kind "text" (value: str), "image"
+    (value: an image source for `load_image`) or "video" (value: a source or frame list for `load_video`)."""
     if not isinstance(rec, dict):
         raise BadSample("wrong_type", f"{where}: a record must be an object, got {type(rec).__name__}")
     msgs = rec.get("messages")
@@ -329,6 +415,7 @@ def parse_record(rec: Any, where: str, rng: random.Random) -> list[tuple[str, st
         raise BadSample("wrong_type", f"{where}: messages: expected a list of messages (or a JSON "
                         f"string of one), got {type(msgs).__name__}")
     images = iter(rec.get("images") or [])  # HF convention: {"type": "image"} takes the next one
+    videos = iter(rec.get("videos") or [])  # and {"type": "video"} the next of `videos`
     out = []
     for mi, m in enumerate(msgs):
         f = f"messages[{mi}]"
@@ -371,9 +458,21 @@ def parse_record(rec: Any, where: str, rng: random.Random) -> list[tuple[str, st
                     raise BadSample("missing_image", f"{where}: {pf}.image: missing (and no entry left "
                                     f"in the record's 'images' column)")
                 out.append((pf, role, "image", img))
+            elif t in ("video", "video_url"):  # qwen_vl_utils / LMMS Engine forms
+                v = part.get(t)
+                v = v.get("url") if t == "video_url" and isinstance(v, dict) else v
+                if v is None and t == "video":
+                    v = next(videos, None)
+                if v is None or (isinstance(v, str) and not v):
+                    raise BadSample("missing_video", f"{where}: {pf}.{t}: missing (and no entry left in "
+                                    f"the record's 'videos' column)")
+                if role == "assistant":
+                    raise BadSample("wrong_type", f"{where}: {pf}: a video can only be an input (BAGEL "
+                                    f"generates images, not videos)")
+                out.append((pf, role, "video", v))
             else:
                 raise BadSample("unknown_part_type", f"{where}: {pf}: unknown part type {t!r}; "
-                                f"expected text, image_url or image")
+                                f"expected text, image_url, image, video or video_url")
     return out
 
 
@@ -381,7 +480,8 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
                     rng: random.Random | None = None) -> list[dict]:
     """The sequence plan of one record (DESIGN.md "Meaning", spec §7.3).
 
-    - system/user text: no loss; user images: ViT tokens (understanding).
+    - system/user text: no loss; user images: ViT tokens (understanding). A video is its sampled
+      frames, each a user image (upstream vlm_sft).
     - assistant text: CE; assistant image: noisy VAE target (MSE).
     - In a sample that generates an image, inputs are CFG conditions (enable_cfg=1) and input
       images also enter as clean VAE latents before their ViT tokens (editing).
@@ -392,7 +492,8 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
       other ViT images 378-980 px, sharing one pixel budget (upstream VLM SFT).
     Image items carry `option`: the --data option that sets their size (for the too-long error).
     """
-    parts = parse_record(rec, where, rng or random.Random(0))
+    rng = rng or random.Random(0)
+    parts = parse_record(rec, where, rng)
     if not parts:
         raise BadSample("empty_conversation", f"{where}: messages: no text and no image")
     if not any(role == "assistant" for _, role, _, _ in parts):
@@ -403,11 +504,19 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
     if gen and not cfg.visual_gen:
         raise BadSample("needs_visual_gen", f"{where}: an assistant image is a generation target, but "
                         f"visual_gen is off")
-    if not gen and not cfg.visual_und and any(kind == "image" for _, _, kind, _ in parts):
+    if not gen and not cfg.visual_und and any(kind in ("image", "video") for _, _, kind, _ in parts):
         raise BadSample("needs_visual_und", f"{where}: an input image needs the ViT, but visual_und "
                         f"is off")
+    expanded = []  # a video part becomes its sampled frames, each a (PIL image, label)
+    for f, role, kind, value in parts:
+        if kind == "video":
+            expanded += [(f, role, "frame", (img, f"{role} {label}"))
+                         for img, label in load_video(value, folder, f"{where}: {f}", cfg, rng)]
+        else:
+            expanded.append((f, role, kind, value))
+    parts = expanded
     last = len(parts) - 1
-    n_vit = sum(kind == "image" and (role != "assistant" or i < last)
+    n_vit = sum(kind in ("image", "frame") and (role != "assistant" or i < last)
                 for i, (_, role, kind, _) in enumerate(parts))
     items = []
 
@@ -427,7 +536,7 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
             else:
                 text(encode(tok, value), 0, int(gen), f"{role} text {short!r}")
             continue
-        pil = load_image(value, folder, w)
+        pil, label = value if kind == "frame" else (load_image(value, folder, w), f"{role} image")
 
         def vit(desc):
             if not cfg.visual_und:  # without the ViT, edits condition on the clean VAE copy only
@@ -445,9 +554,9 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
                 vit("assistant image → ViT copy")
         else:
             if gen:
-                image("vae_image", transform(pil, "vae", cfg, 1, w), 0, 1, f"{role} image → clean VAE",
+                image("vae_image", transform(pil, "vae", cfg, 1, w), 0, 1, f"{label} → clean VAE",
                       "vae_max_size")
-            vit(f"{role} image → ViT")
+            vit(f"{label} → ViT")
     return items
 
 
