@@ -11,10 +11,12 @@ The training loop uses `PackLoader(cfg, rank, world_size)`: iterate it for batch
 `python data.py --data x.parquet --model DIR --inspect 2` prints packs in human form.
 """
 import base64
+import bisect
 import binascii
 import copy
 import io
 import json
+import math
 import os
 import random
 import sys
