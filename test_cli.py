@@ -143,7 +143,8 @@ def test_a_bad_record_in_a_dataloader_worker_is_one_line(ckpt, tmp_path, capsys)
     during training, names its missing image in one line, not inside the worker's traceback."""
     path = tmp_path / "d.jsonl"
     jsonl(path, [NO_IMAGE] * 4)
-    first = data.find_sources([str(path)])[0].locate(0)[2]  # the row rank 0 reads first
+    where = data.find_sources([str(path)])[0].read((0, 0, 0, 0))[0]  # the record start-up checks
+    first = int(where.rsplit("row ", 1)[1])
     jsonl(path, [GOOD if i == first else NO_IMAGE for i in range(4)])
     line = user_error(capsys, ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), *SMALL,
                                "--data.num-workers", "1", "--data.packing-length", "512"])
