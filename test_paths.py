@@ -193,8 +193,10 @@ def test_explicit_resume_path_and_its_errors(ckpt, tmp_path, capsys):
     assert all(torch.equal(got[k], want[k]) for k in want)
     os.makedirs(tmp_path / "partial" / "step-0000001")  # a save that died before meta.json
     for bad in (str(tmp_path / "nowhere"), str(tmp_path / "partial" / "step-0000001")):
-        with pytest.raises(ValueError, match=re.escape(f"--ckpt.resume {bad}: not a complete checkpoint")):
+        with pytest.raises(SystemExit) as e:  # a user error: one line, exit code 2 (test_cli.py)
             run_main(ckpt, tmp_path / "c", records, "--ckpt.resume", bad)
+        assert e.value.code == 2
+        assert f"error: --ckpt.resume {bad}: not a complete checkpoint" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------
