@@ -660,7 +660,7 @@ def val_text(val: dict) -> str:
 
 def plot_losses(metrics: str, png: str):
     """loss.png (800 x 400 px): train and val cross-entropy (left) and flow MSE (right) against
-    step; a log y axis where a curve spans more than a decade."""
+    step; a log y axis where a panel spans more than a decade. Returns the figure (None: < 2 rows)."""
     from matplotlib.figure import Figure
     rows = [json.loads(x) for x in open(metrics)] if os.path.exists(metrics) else []
     if len(rows) < 2:
@@ -679,6 +679,7 @@ def plot_losses(metrics: str, png: str):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(png)
+    return fig
 
 
 # -------------------------------------------------------------------------------------------------
@@ -723,6 +724,7 @@ def train(args: Args, d: fsdp.Dist):
     if d.rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(args_json, f, indent=1)
+    loggers = open_loggers(args, args_json, d.rank)  # before the model: a missing package fails fast
     mesh = fsdp.make_mesh(d, args.shard_size)
     log(f"bagel-train | {d.world_size} ranks, mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))} | {d.device} | "
         f"{args.precision} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
@@ -748,7 +750,6 @@ def train(args: Args, d: fsdp.Dist):
     loader = data_lib.PackLoader(args.data, d.rank, d.world_size)
     tok = loader.dataset.tok
     val_packs = build_val_packs(args, ae, d) if args.eval.data and args.eval.every else []
-    loggers = open_loggers(args, args_json, d.rank)
     step = 0
     if resume:
         trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d)
