@@ -249,3 +249,68 @@ def test_loss_plot_axes(tmp_path):
         assert list(train_line.get_xdata()) == list(range(1, 31))
         assert list(val_line.get_xdata()) == [10, 20] and list(val_line.get_ydata()) == [r[f"val_{key}"] for r in rows[30:]]
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "val (held out)"]
+
+
+# -------------------------------------------------------------------------------------------------
+# the demo draws shapes: the prompted colour's pixels overlap the prompted shape best
+
+def template(shape: str, size: int) -> np.ndarray:
+    """A centred shape of the demo's mean radius, drawn here (not with train.draw_shape)."""
+    from PIL import ImageDraw
+    img = Image.new("1", (size, size), 0)
+    c, r = size / 2, size * 0.3
+    box = (c - r, c - r, c + r, c + r)
+    draw = ImageDraw.Draw(img)
+    if shape == "circle":
+        draw.ellipse(box, fill=1)
+    elif shape == "square":
+        draw.rectangle(box, fill=1)
+    else:
+        draw.polygon([(c, c - r), (c + r, c + r), (c - r, c + r)], fill=1)
+    return np.asarray(img)
+
+
+def shape_ious(img: Image.Image, colour: str) -> dict[str, float]:
+    """IoU of the pixels near `colour` (RGB distance < 100 of 441) with each shape's template."""
+    x = np.asarray(img.convert("RGB"), dtype=np.float64)
+    mask = np.linalg.norm(x - np.array(train.DEMO_COLOURS[colour]), axis=-1) < 100
+    return {s: float((mask & template(s, len(x))).sum() / max((mask | template(s, len(x))).sum(), 1))
+            for s in train.DEMO_SHAPES}
+
+
+def shape_check(images: list[Image.Image]) -> list[tuple[str, dict]]:
+    """For each demo prompt: (prompt, IoUs); raises AssertionError unless the prompted shape wins,
+    with an IoU of at least 0.5 (noise or a blob of the right colour does not pass)."""
+    out = []
+    for img, prompt in zip(images, train.DEMO_PROMPTS):
+        _, colour, shape = prompt.split()
+        ious = shape_ious(img, colour)
+        out.append((prompt, ious))
+        assert ious[shape] >= 0.5 and all(ious[shape] > v for s, v in ious.items() if s != shape), out
+    return out
+
+
+def test_shape_check_accepts_drawn_shapes_and_rejects_blobs():
+    import random
+    from PIL import ImageFilter
+    rng = random.Random(0)
+    for _ in range(5):  # the training images, jitter and all, pass
+        shape_check([train.draw_shape(p.split()[2], p.split()[1], 64, rng) for p in train.DEMO_PROMPTS])
+    blobs = [train.draw_shape("circle", p.split()[1], 64).filter(ImageFilter.GaussianBlur(4)) for p in train.DEMO_PROMPTS]
+    with pytest.raises(AssertionError):  # blobs of the right colour
+        shape_check(blobs)
+    with pytest.raises(AssertionError):  # shapes in the wrong order
+        shape_check([train.draw_shape(s, p.split()[1], 64) for s, p in zip(("square", "triangle", "circle"), train.DEMO_PROMPTS)])
+
+
+@pytest.mark.skipif(not os.environ.get("BAGEL_DEMO_CHECK"), reason="the whole demo (~2 min): BAGEL_DEMO_CHECK=1")
+def test_demo_draws_the_prompted_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "DEMO_VAE_STEPS", DEMO_VAE_STEPS)
+    out = str(tmp_path / "demo")
+    train.main(["--output-dir", out])
+    args = json.load(open(os.path.join(out, "args.json")))
+    samples = os.path.join(out, "samples", f"step-{args['max_steps']:07d}")
+    print(shape_check([Image.open(os.path.join(samples, f"prompt-{i}.png")) for i in range(3)]))
+
+
+DEMO_VAE_STEPS = train.DEMO_VAE_STEPS  # the autouse fixture sets it to 0 for the other tests
