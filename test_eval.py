@@ -303,6 +303,12 @@ def test_shape_check_accepts_drawn_shapes_and_rejects_blobs():
     blobs = [train.draw_shape("circle", p.split()[1], 64).filter(ImageFilter.GaussianBlur(4)) for p in train.DEMO_PROMPTS]
     with pytest.raises(AssertionError):  # blobs of the right colour
         shape_check(blobs)
+    speckles = []  # a third of each template's pixels: the right shapes win, but nothing solid is drawn
+    for p in train.DEMO_PROMPTS:
+        keep = template(p.split()[2], 64) & (np.random.default_rng(0).random((64, 64)) < 0.35)
+        speckles.append(Image.fromarray(np.where(keep[..., None], train.DEMO_COLOURS[p.split()[1]], 255).astype(np.uint8)))
+    with pytest.raises(AssertionError, match="a red circle"):
+        shape_check(speckles)
     with pytest.raises(AssertionError):  # shapes in the wrong order
         shape_check([drawn(s, p.split()[1], 0, 0) for s, p in zip(("square", "triangle", "circle"), train.DEMO_PROMPTS)])
 
