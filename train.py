@@ -10,6 +10,7 @@ size. § numbers refer to ../shared/spec/bagel.md, bug ids (P1, L1, D1...) to sp
 """
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -81,7 +82,11 @@ class CkptConfig:
 @dataclass
 class EvalConfig:
     every: int = 500
-    """write samples every this many steps (0: never); also at max_steps"""
+    """validate and write samples every this many steps (0: never); also at max_steps"""
+    data: tuple[str, ...] = ()
+    """held-out data for val_ce / val_mse (same formats as --data; the demo holds out part of its set)"""
+    packs: int = 8
+    """validate on the first this many packs of --eval.data (built once, split over the ranks)"""
     prompts: tuple[str, ...] = ("A photo of a red apple on a wooden table.",)
     """text-to-image prompts"""
     image: str = ""
@@ -143,6 +148,10 @@ class Args:
     """noise and VAE posterior samples come from generators seeded by (seed, step, rank, micro-step)"""
     log_every: int = 10
     """print one line and append to metrics.jsonl every this many steps"""
+    wandb: str = ""
+    """also log the metrics and eval images to this Weights & Biases project ('': off; pip install wandb)"""
+    tensorboard: bool = False
+    """also log the metrics and eval images to output_dir/tb/ (pip install tensorboard)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available (nccl), else cpu (gloo)"""
     timeout_min: float = 30
@@ -180,12 +189,14 @@ SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
 def draw_shape(shape: str, colour: str, size: int = 64, rng: random.Random | None = None):
-    """A coloured shape on white, jittered in size and position."""
+    """A coloured shape on white, jittered a little in size and position: with more jitter (radius
+    0.25-0.4 of the side, centre +-10%) the demo's 300 steps drew blobs of the right colour; with
+    this much they draw the shapes (README, the demo)."""
     from PIL import Image, ImageDraw
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), (255, 255, 255))
-    r = size * rng.uniform(0.25, 0.4)
-    cx, cy = (size / 2 + rng.uniform(-0.1, 0.1) * size for _ in range(2))
+    r = size * rng.uniform(0.28, 0.32)
+    cx, cy = (size / 2 + rng.uniform(-0.03, 0.03) * size for _ in range(2))
     box = (cx - r, cy - r, cx + r, cy + r)
     draw, fill = ImageDraw.Draw(img), DEMO_COLOURS[colour]
     if shape == "circle":
@@ -197,25 +208,29 @@ def draw_shape(shape: str, colour: str, size: int = 64, rng: random.Random | Non
     return img
 
 
-def make_demo_data(folder: str, n_images: int = 400, seed: int = 0) -> str:
-    """Shapes and colours with captions (text-to-image) and questions (understanding) -> a jsonl."""
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    rng, records = random.Random(seed), []
-    for i in range(n_images):
-        shape, colour = rng.choice(DEMO_SHAPES), rng.choice(list(DEMO_COLOURS))
-        name = f"images/{i:05d}.png"
-        draw_shape(shape, colour, 64, rng).save(os.path.join(folder, name))
-        img = {"type": "image_url", "image_url": {"url": name}}
-        q, a = rng.choice([("what shape is this ?", f"a {shape} ."), ("what colour is it ?", f"{colour} ."),
-                           ("describe the image .", f"a {colour} {shape} .")])
-        records += [{"messages": [{"role": "user", "content": f"a {colour} {shape}"},
-                                  {"role": "assistant", "content": [img]}]},
-                    {"messages": [{"role": "user", "content": [img, {"type": "text", "text": q}]},
-                                  {"role": "assistant", "content": a}]}]
-    path = os.path.join(folder, "train.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return path
+def make_demo_data(folder: str, n_images: int = 400, n_val: int = 40, seed: int = 0) -> tuple[str, str]:
+    """Shapes and colours with captions (text-to-image) and questions (understanding) -> train.jsonl,
+    and `n_val` more drawn the same way into val/ and val.jsonl: held out from training and from the
+    VAE fit, for the validation loss."""
+    rng = random.Random(seed)
+    for split, n, first in (("train", n_images, 0), ("val", n_val, n_images)):
+        images = "images" if split == "train" else "val"
+        os.makedirs(os.path.join(folder, images), exist_ok=True)
+        records = []
+        for i in range(first, first + n):
+            shape, colour = rng.choice(DEMO_SHAPES), rng.choice(list(DEMO_COLOURS))
+            name = f"{images}/{i:05d}.png"
+            draw_shape(shape, colour, 64, rng).save(os.path.join(folder, name))
+            img = {"type": "image_url", "image_url": {"url": name}}
+            q, a = rng.choice([("what shape is this ?", f"a {shape} ."), ("what colour is it ?", f"{colour} ."),
+                               ("describe the image .", f"a {colour} {shape} .")])
+            records += [{"messages": [{"role": "user", "content": f"a {colour} {shape}"},
+                                      {"role": "assistant", "content": [img]}]},
+                        {"messages": [{"role": "user", "content": [img, {"type": "text", "text": q}]},
+                                      {"role": "assistant", "content": a}]}]
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:  # val.jsonl last: it marks a complete set
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return os.path.join(folder, "train.jsonl"), os.path.join(folder, "val.jsonl")
 
 
 def fit_demo_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0):
@@ -470,18 +485,89 @@ def fmt_time(s: float) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
+# validation: fixed held-out packs, timesteps and noise, so the numbers move only with the weights
+
+VAL_NOISE, VAL_POSTERIOR = 4, 5  # keyed streams of the validation packs (step 0, pack = global index)
+
+
+def build_val_packs(args: Args, ae: AutoEncoder, d: fsdp.Dist) -> list[tuple[int, dict, bool]]:
+    """The first --eval.packs packs of --eval.data, built once: no CFG dropout, VAE latents encoded
+    once from a keyed posterior sample, and the timesteps of all noisy images on one stratified grid
+    t = (i + 0.5) / n over (0, 1), shuffled by the seed, after the model's timestep shift. A training
+    pack's MSE depends on its random timesteps (one demo step spans 0.24-0.62 over the quarters of
+    t); this one does not. Every rank reads the same packs and keeps every world_size-th; a rank left
+    short of packs repeats one without counting it, so that all ranks run as many forwards."""
+    cfg = dataclasses.replace(args.data, data=args.eval.data, epochs=1, text_cond_dropout=0.0,
+                              vit_cond_dropout=0.0, vae_cond_dropout=0.0)
+    ds = data_lib.PackedDataset(cfg)  # rank 0 of 1: the same packs whatever the world size
+    packs = [[s.layout for s in pack] for pack, _, _ in itertools.islice(ds.stream(), args.eval.packs)]
+    if not packs:
+        raise ValueError(f"--eval.data {' '.join(args.eval.data)}: no pack could be built")
+    first = np.cumsum([0] + [sum(sum(l.vae_noisy) for l in p) for p in packs]).tolist()
+    n = first[-1]
+    t = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))]
+    s = read_config(args.model).timestep_shift if args.timestep_shift is None else args.timestep_shift
+    t = t / (s - (s - 1) * t)  # the inverse of model.shift_timesteps: the model sees t on the grid
+    raw = torch.log(t / (1 - t)).float()  # collate takes logits (the model applies the sigmoid)
+    out = []
+    for j in range(d.rank, -(-len(packs) // d.world_size) * d.world_size, d.world_size):
+        i = j % len(packs)  # j >= len(packs): a filler that repeats a pack and does not count
+        b = to_device(packing.collate(packs[i], timesteps=raw[first[i]:first[i + 1]], geo=ds.geo), d.device)
+        with torch.no_grad(), torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):
+            g = keyed_generator(args.seed, 0, i, VAL_POSTERIOR, d.device)
+            b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=g).float()
+        out.append((i, b, j < len(packs)))
+    return out
+
+
+@torch.no_grad()
+def validate(model: Bagel, packs: list[tuple[int, dict, bool]], args: Args, d: fsdp.Dist) -> dict:
+    """val_ce, val_mse: token means over the validation packs of all ranks; val_mse_by_t per quarter
+    of t. A function of the weights only: bit-identical across calls and across a resume."""
+    sums = torch.zeros(4 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)  # ce, n_ce, mse, n_mse, by t
+    for i, b, counts in packs:
+        out = model(**b, generator=keyed_generator(args.seed, 0, i, VAL_NOISE, d.device))
+        if not counts:
+            continue
+        sums[0] += out["ce"].double().sum()
+        sums[1] += out["ce"].numel()
+        if "mse" in out:
+            mse = out["mse"].double().mean(-1)
+            sums[2] += mse.sum()
+            sums[3] += mse.numel()
+            bucket = (out["mse_t"] * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
+            sums[4:4 + T_BUCKETS].index_add_(0, bucket, mse)
+            sums[4 + T_BUCKETS:].index_add_(0, bucket, torch.ones_like(mse))
+    reshard(model)
+    dist.all_reduce(sums)
+    ce, n_ce, mse, n_mse = sums[:4].tolist()
+    t_sum, t_n = sums[4:].view(2, T_BUCKETS).tolist()
+    return dict(val_ce=ce / n_ce if n_ce else None, val_mse=mse / n_mse if n_mse else None,
+                val_mse_by_t=[a / n if n else None for a, n in zip(t_sum, t_n)])
+
+
+def reshard(model: Bagel):
+    """Free the gathered weights a no_grad forward leaves behind (the root unit keeps them for a
+    backward that never comes)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+# -------------------------------------------------------------------------------------------------
 # samples and plots
 
 @torch.no_grad()
 def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.Dist):
     """Answer a question about a fixed image and draw the fixed prompts, with model.py's inference
     helpers. Every rank runs the same calls (the sharded layers gather their weights collectively);
-    rank 0 writes output_dir/samples/step-N/."""
+    rank 0 writes output_dir/samples/step-N/: the images, samples.txt, and grid.png with all of
+    them captioned."""
     from PIL import Image
-    from torch.distributed.fsdp import FSDPModule
     out = os.path.join(args.output_dir, "samples", f"step-{step:07d}")
     tokens = dataclasses.asdict(data_lib.special_tokens(tok))
-    c, lines = model.config, []
+    c, lines, tiles = model.config, [], []  # tiles: (image, caption) for grid.png
     model.unshard()  # the root unit's weights (embedding, connector, heads) for the direct calls below
     try:
         if c.visual_und:
@@ -492,6 +578,7 @@ def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.
             ctx.add_text(data_lib.encode(tok, args.eval.question))
             answer = tok.decode(generate_text(ctx, max_new_tokens=32))
             lines.append(f"Q: {args.eval.question}\nA: {answer}")
+            tiles.append((img, lines[-1]))
             if d.rank == 0:
                 os.makedirs(out, exist_ok=True)
                 img.save(os.path.join(out, "question.png"))
@@ -504,37 +591,123 @@ def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.
                                      cfg_text_scale=args.eval.cfg_scale, generator=g)
                 if d.rank == 0:
                     os.makedirs(out, exist_ok=True)
-                    latent_to_pil(ae, lat.float()).save(os.path.join(out, f"prompt-{i}.png"))
+                    tiles.append((latent_to_pil(ae, lat.float()), prompt))
+                    tiles[-1][0].save(os.path.join(out, f"prompt-{i}.png"))
                     lines.append(f"prompt-{i}.png: {prompt}")
     finally:
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        reshard(model)
     if d.rank == 0:
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "samples.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
+        if tiles:
+            draw_grid(tiles, os.path.join(out, "grid.png"))
     return lines
 
 
+GRID_TILE = 2.5  # inches per image in grid.png (250 px at its 100 dpi)
+
+
+def draw_grid(tiles: list, png: str):
+    """The eval images side by side, each with its caption above it (a prompt, or Q and A)."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    fig = Figure(figsize=(GRID_TILE * len(tiles), GRID_TILE + 0.6), dpi=100, layout="constrained")
+    for ax, (img, caption) in zip(fig.subplots(1, len(tiles), squeeze=False)[0], tiles):
+        ax.imshow(np.asarray(img.convert("RGB")), interpolation="nearest")
+        ax.set_title(caption, fontsize=9, wrap=True)
+        ax.axis("off")
+    fig.savefig(png)
+
+
+# -------------------------------------------------------------------------------------------------
+# metrics: metrics.jsonl always; wandb and TensorBoard when asked (imported only then)
+
+def open_loggers(args: Args, config: dict, rank: int) -> list:
+    """--wandb / --tensorboard, each as (scalars(row), image(tag, png, step)). Imported on every
+    rank, so a missing package stops all ranks at start-up; only rank 0 logs. Both flush as they go
+    (wandb finishes its run at exit), so there is nothing to close."""
+    loggers = []
+    if args.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(f"--wandb {args.wandb}: the wandb package is not installed (pip install wandb)") from None
+        if rank == 0:
+            run = wandb.init(project=args.wandb, config=config, dir=args.output_dir)
+            loggers.append((lambda row: run.log(flat_scalars(row), step=row["step"]),
+                            lambda tag, png, step: run.log({tag: wandb.Image(png)}, step=step)))
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+        if rank == 0:
+            from PIL import Image
+            tb = SummaryWriter(os.path.join(args.output_dir, "tb"))
+
+            def scalars(row):
+                for k, v in flat_scalars(row).items():
+                    tb.add_scalar(k, v, row["step"])
+                tb.flush()
+
+            def image(tag, png, step):
+                tb.add_image(tag, np.array(Image.open(png).convert("RGB")), step, dataformats="HWC")
+                tb.flush()
+            loggers.append((scalars, image))
+    return loggers
+
+
+def flat_scalars(row: dict) -> dict:
+    """{'mse_by_t': [a, b], 'skipped': {'too_long': 3}} -> {'mse_by_t/0': a, 'mse_by_t/1': b,
+    'skipped/too_long': 3}: what wandb and TensorBoard plot. None (no tokens in that bucket) is left out."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict | list):
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            out.update({f"{k}/{i}": float(x) for i, x in items if x is not None})
+        elif v is not None and k != "step":
+            out[k] = float(v)
+    return out
+
+
+def write_metrics(row: dict, path: str, loggers: list):
+    """One row of metrics.jsonl, also sent to every logger (rank 0 only calls this)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    for scalars, _ in loggers:
+        scalars(row)
+
+
+def val_text(val: dict) -> str:
+    if not val:
+        return ""
+    by_t = "/".join("-" if v is None else f"{v:.4f}" for v in val["val_mse_by_t"])
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    return f" | val_ce {fmt(val['val_ce'])} | val_mse {fmt(val['val_mse'])} (t quarters {by_t})"
+
+
 def plot_losses(metrics: str, png: str):
-    """loss.png: ce and mse against step, drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
+    """loss.png (800 x 400 px): train and val cross-entropy (left) and flow MSE (right) against
+    step; a log y axis where a panel spans more than a decade. Returns the figure (None: < 2 rows)."""
+    from matplotlib.figure import Figure
     rows = [json.loads(x) for x in open(metrics)] if os.path.exists(metrics) else []
     if len(rows) < 2:
         return
-    w, h, m = 640, 360, 40
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    steps = [r["step"] for r in rows]
-    x = lambda s: m + (w - 2 * m) * (s - steps[0]) / max(1, steps[-1] - steps[0])
-    for key, colour, top in (("ce", (200, 40, 40), 0), ("mse", (40, 80, 200), 1)):
-        vals = [r[key] for r in rows]
-        lo, hi = min(vals), max(vals)
-        y = lambda v: m + (h - 2 * m) * (1 - (v - lo) / max(hi - lo, 1e-12))
-        draw.line([(x(s), y(v)) for s, v in zip(steps, vals)], fill=colour, width=2)
-        draw.text((m, 8 + 14 * top), f"{key}: {vals[0]:.4g} -> {vals[-1]:.4g} (own scale)", fill=colour)
-    draw.text((m, h - m + 8), f"step {steps[0]} .. {steps[-1]}", fill="black")
-    img.save(png)
+    fig = Figure(figsize=(8, 4), dpi=100, layout="constrained")
+    for ax, key, name in zip(fig.subplots(1, 2), ("ce", "mse"), ("text cross-entropy", "flow-matching MSE")):
+        vals = []
+        for k, style, label in ((key, "-", "train"), (f"val_{key}", "o-", "val (held out)")):
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, markersize=3)
+                vals += [v for _, v in pts]
+        if vals and min(vals) > 0 and max(vals) / min(vals) > 10:
+            ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel=f"{name} (token mean)", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(png)
+    return fig
 
 
 # -------------------------------------------------------------------------------------------------
@@ -654,19 +827,21 @@ def train(args: Args, d: fsdp.Dist):
             raise ValueError("--data needs --model (the demo model only knows the demo's words)")
         base, folder = os.path.join(args.output_dir, "base"), os.path.join(args.output_dir, "demo_data")
         if d.rank == 0:
-            if not os.path.exists(os.path.join(folder, "train.jsonl")):
+            if not os.path.exists(os.path.join(folder, "val.jsonl")):
                 make_demo_data(folder, seed=args.seed)
             if not os.path.exists(os.path.join(base, "tokenizer.json")):  # written last
                 make_demo_checkpoint(base, os.path.join(folder, "images"), args.seed)
         dist.barrier()
         args = dataclasses.replace(args, model=os.path.abspath(base),
-                                   data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)))
+                                   data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)),
+                                   eval=dataclasses.replace(args.eval, data=args.eval.data or (os.path.join(folder, "val.jsonl"),)))
     args = preflight(args, d)  # every user error that is cheap to find, before any weight is read
     os.makedirs(args.output_dir, exist_ok=True)
     args_json = dataclasses.asdict(args)
     if d.rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(args_json, f, indent=1)
+    loggers = open_loggers(args, args_json, d.rank)  # before the model: a missing package fails fast
     mesh = fsdp.make_mesh(d, args.shard_size)
     log(f"bagel-train | {d.world_size} ranks, mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))} | {d.device} | "
         f"{args.precision} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
@@ -684,6 +859,7 @@ def train(args: Args, d: fsdp.Dist):
     ema = fsdp.ema_init(model) if args.optim.ema_decay > 0 else None
     loader = data_lib.PackLoader(args.data, d.rank, d.world_size)
     tok = loader.dataset.tok
+    val_packs = build_val_packs(args, ae, d) if args.eval.data and args.eval.every else []
     step = 0
     if resume:
         trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
@@ -732,6 +908,11 @@ def train(args: Args, d: fsdp.Dist):
         window[4] += sum(b["sequence_length"] for b in batches)
         window[5] += step_flops(model.config, batches)
         window[7:] += s["by_t"].double()
+        eval_now = args.eval.every and (step % args.eval.every == 0 or step == args.max_steps)
+        val = validate(model, val_packs, args, d) if val_packs and eval_now else {}
+        if val and not (step % max(1, args.log_every) == 0 or step == args.max_steps) and d.rank == 0:
+            log(f"step {step}/{args.max_steps}" + val_text(val))  # an eval step that is no log step
+            write_metrics(dict(step=step, **val), metrics, loggers)
         if step % max(1, args.log_every) == 0 or step == args.max_steps:
             dist.all_reduce(window)  # the only sync for logging: one small vector per log step
             ce, mse, n_ce, n_mse, tokens, flops, wait = window[:7].tolist()
@@ -743,17 +924,16 @@ def train(args: Args, d: fsdp.Dist):
                        tok_s=tokens / dt, mfu=flops / dt / (peak * d.world_size) if peak else None,
                        mem_gb=peak_mem_gb(d.device), padding=stats["padding"], skipped=stats["skipped"],
                        time=time.time() - t_start, data_wait=wait / d.world_size / dt,
-                       mse_by_t=[a / n if n else None for a, n in zip(t_sum, t_n)], mse_t_tokens=t_n)
+                       mse_by_t=[a / n if n else None for a, n in zip(t_sum, t_n)], mse_t_tokens=t_n, **val)
             mfu = f"{100 * row['mfu']:.1f}%" if peak else "-"
             skipped = sum(stats["skipped"].values())
             by_t = "/".join("-" if v is None else f"{v:.3f}" for v in row["mse_by_t"])
             log(("\r" if bar else "") + f"step {step}/{args.max_steps} | ce {row['ce']:.4f} | mse {row['mse']:.4f} "
                 f"(t quarters {by_t}) | lr {lr:.2e} | gnorm {s['gnorm']:.3g} | {row['tok_s']:,.0f} tok/s | mfu {mfu} | "
                 f"data {100 * row['data_wait']:.0f}% | mem {row['mem_gb']:.1f}G | pad {100 * row['padding']:.1f}% | "
-                f"skipped {skipped} | eta {fmt_time(eta)}")
+                f"skipped {skipped} | eta {fmt_time(eta)}" + val_text(val))
             if d.rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                write_metrics(row, metrics, loggers)
             window.zero_()
             t_log = time.time()
         elif bar:
@@ -761,9 +941,11 @@ def train(args: Args, d: fsdp.Dist):
             print(f"\rstep {step}/{args.max_steps} [{'#' * done}{'.' * (30 - done)}]", end="", flush=True)
         if (args.ckpt.every and step % args.ckpt.every == 0) or step == args.max_steps:
             save(args, d, step, model, opt, sched, ema, loader, args_json, metrics)
-        if args.eval.every and (step % args.eval.every == 0 or step == args.max_steps):
+        if eval_now:
             for line in evaluate(model, ae, tok, args, step, d):
                 log(f"sample @ {step}: " + line.replace("\n", " | "))
+            for _, image in loggers:
+                image("samples", os.path.join(args.output_dir, "samples", f"step-{step:07d}", "grid.png"), step)
 
 
 def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics):
