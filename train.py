@@ -348,7 +348,11 @@ def keyed_generator(seed: int, step: int, pack: int, stream: int, device) -> tor
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors (the attention layout's too) to `device`. From the loader's pinned memory the copies
+    do not block the host, which runs on and queues the next kernels (issue 12)."""
+    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else \
+        {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return move(batch)
 
 
 def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: int, args: Args,
