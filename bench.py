@@ -6,10 +6,12 @@
     python bench.py --what data                       # packing fill and data-loader throughput
     python bench.py --what nsa --tokens 4096 16384    # one NSA attention vs dense sdpa, fwd+bwd
     python bench.py --what nsa --device cuda --dtype bf16 --tokens 8192 32768 65536  # + flex, library
+    python bench.py --what host --tokens 8192 16384 32768 --layers 1 --width 3584 --heads 28 --kv-heads 4 --ffn 18944
 
 Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
 peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
 """
+import dataclasses
 import json
 import os
 import random
@@ -29,9 +31,10 @@ from train import peak_flops, step_flops
 
 @dataclass
 class Args:
-    what: Literal["model", "data", "nsa"] = "model"
+    what: Literal["model", "data", "nsa", "host"] = "model"
     """model: the packed forward/backward; data: packing fill and data-loader throughput; nsa: one
-    NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B)"""
+    NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B);
+    host: the host work per micro-step (data worker and training process), outside kernels"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -201,12 +204,55 @@ def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7,
     return {"attn": kind, "tokens": n, "seconds": time.perf_counter() - t, "peak_gb": peak / 2**30}
 
 
+def bench_host(a: Args):
+    """Host time per pack of `tokens`: the worker's `packing.attention_layout`, the training process's
+    attention structures from it (`plan_attention`), and one sdpa micro-step (forward + backward) of
+    the model on the meta device, where no kernel runs: what is left is Python, dispatch and our
+    host work, plus PyTorch's meta shape functions (Python, slower than CUDA's), so an upper bound."""
+    from model import plan_attention
+    from train import to_device
+
+    def ms(fn, repeats=5):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[repeats // 2] * 1e3
+
+    with torch.device("meta"):
+        model = build(dataclasses.replace(a, device="meta")).to("meta")  # (the sin-cos tables too)
+    model.attn = "sdpa"
+    print(f"host time per micro-step: {a.layers} layers, width {a.width}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads}")
+    for n in a.tokens:
+        batch = mixed_pack(dataclasses.replace(a, tokens=(n,), device="cpu"))
+        lay, sl, spl, modes = batch["attention_layout"], batch["sample_lens"], batch["split_lens"], batch["attn_modes"]
+        worker = ms(lambda: packing.attention_layout(sl, spl, modes, lay["vit_seqlens"]))
+        plans = {k: ms(lambda: plan_attention(k, sl, spl, modes, a.device, lay)) for k in ("sdpa", "flex")}
+        meta = to_device(batch, "meta")
+
+        def step():
+            out = model(**meta)
+            (out["ce"].mean() + out["mse"].mean()).backward()
+        step_ms = ms(step, 3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()  # top-level aten ops: each is at least one kernel launch on a GPU
+        ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+        print(f"{batch['sequence_length']:6d} tokens, {len(sl):2d} samples, {len(spl):3d} splits | worker layout "
+              f"{worker:6.1f} ms | training process: sdpa plan {plans['sdpa']:5.2f} ms, flex BlockMask "
+              f"{plans['flex']:5.2f} ms ({a.device}) | meta sdpa fwd+bwd {step_ms:6.0f} ms, {ops} aten ops")
+
+
 def main():
     a = tyro.cli(Args)
     if a.child:
         return child(a)
     if a.what == "data":
         return bench_data(a)
+    if a.what == "host":
+        return bench_host(a)
     if a.what == "nsa":
         print(f"one attention, fwd+bwd, {a.dtype}, {a.device}, Hq=7 Hkv=1 D=128 (one KV group of BAGEL-7B), NSA defaults")
         # nsa = the Triton kernels when they apply (CUDA, bf16, library importable), else = nsa-torch

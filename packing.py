@@ -362,7 +362,8 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
       sample, split, mode: int64 [Np], per token of the pack padded to a multiple of `block` (the
                   pad is one more causal sample): what the flex mask_mod reads
       kv_num_blocks / kv_indices, full_kv_num_blocks / full_kv_indices: int32 [nb] / [nb, nb], the
-                  FlexAttention block tables (partial and full tiles of each query-block row)
+                  FlexAttention block tables (partial and full tiles of each query-block row), and
+                  q_* / full_q_* the same per key-block column (what flex's backward reads)
       sdpa_jobs   one (q0, q1, k0, k1, gathered, causal) per split: its queries see keys [k0, k1) of
                   the pack, or sdpa_keys[k0:k1] when gathered (earlier noise splits cut out)
       sdpa_keys   int64 [K]: the gathered key positions
@@ -414,10 +415,10 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
     rows = np.searchsorted(seg, k0)  # first segment of each query block
     full = np.logical_and.reduceat(seen(seg) == block, rows, axis=0)
     part = np.logical_or.reduceat(seen(seg_end - 1) > 0, rows, axis=0) & ~full
-    tables = {}
-    for name, m in (("", part), ("full_", full)):
-        tables[name + "kv_num_blocks"] = torch.from_numpy(m.sum(1).astype(np.int32))
-        tables[name + "kv_indices"] = torch.from_numpy(np.argsort(~m, axis=1, kind="stable").astype(np.int32))
+    tables = {}  # each row's blocks, ascending; the q-side tables (for the backward) are the transposes
+    for name, m in (("kv", part), ("full_kv", full), ("q", part.T), ("full_q", full.T)):
+        tables[name + "_num_blocks"] = torch.from_numpy(m.sum(1).astype(np.int32))
+        tables[name + "_indices"] = torch.from_numpy(np.argsort(~m, axis=1, kind="stable").astype(np.int32))
 
     # sdpa: one call per split; keys = the sample so far plus the own split, minus earlier noise splits
     jobs, keys, off, noisy = [], [], 0, []
@@ -445,12 +446,12 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
 
 
 def flex_block_mask(layout: dict, device):
-    """The FlexAttention BlockMask of an `attention_layout`, on `device`: host tables in, no host
-    round trip (the q-side tables are transposed on the device by `from_kv_blocks`)."""
+    """The FlexAttention BlockMask of an `attention_layout` on `device`: tables copied in, nothing
+    computed (`BlockMask.from_kv_blocks` would transpose the kv tables on the device: 210 ms of
+    host time at 32k tokens on CPU, a vmap and a dozen launches on a GPU)."""
     from torch.nn.attention.flex_attention import BlockMask
-    to = lambda t: t.to(device, non_blocking=True)
-    sample, split, mode = (to(layout[k]) for k in ("sample", "split", "mode"))
-    kv = [to(layout[k])[None, None] for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
-    total = sample.shape[0]
-    return BlockMask.from_kv_blocks(*kv, BLOCK_SIZE=layout["block"], seq_lengths=(total, total),
-                                    mask_mod=lambda b, h, q, k: allowed(q, k, sample, split, mode))
+    to = lambda k: layout[k].to(device, non_blocking=True)
+    sample, split, mode = to("sample"), to("split"), to("mode")
+    tables = [to(k + s)[None, None] for k in ("kv", "full_kv", "q", "full_q") for s in ("_num_blocks", "_indices")]
+    return BlockMask((len(sample), len(sample)), *tables, BLOCK_SIZE=(layout["block"], layout["block"]),
+                     mask_mod=lambda b, h, q, k: allowed(q, k, sample, split, mode))

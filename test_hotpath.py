@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import packing
@@ -62,6 +63,11 @@ def test_block_tables_equal_the_dense_mask():
         full, any_ = tiles.all(3).all(1), tiles.any(3).any(1)
         assert torch.equal(table(lay["full_kv_num_blocks"], lay["full_kv_indices"], nb), full), (lens, split_lens, modes, block)
         assert torch.equal(table(lay["kv_num_blocks"], lay["kv_indices"], nb), any_ & ~full), (lens, split_lens, modes, block)
+        # the q-side tables flex's backward reads: as BlockMask.from_kv_blocks transposes them
+        ref = BlockMask.from_kv_blocks(*(lay[k][None, None] for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
+                                                                       "full_kv_indices")), BLOCK_SIZE=block)
+        for k in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(lay[k][None, None], getattr(ref, k)), k
         # the per-token rows the mask_mod reads, and the sdpa plan: each split's keys are its dense row
         assert torch.equal(lay["split"][:sum(lens)], torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(split_lens)))
         for q0, q1, k0, k1, gathered, causal in lay["sdpa_jobs"]:
@@ -153,7 +159,6 @@ def test_a_micro_step_has_no_host_sync(device, monkeypatch):
     tensor stands in for a device tensor, so any value read back at all is counted. The trainer's
     own syncs (the all-reduced global token counts, the logged values) are outside the micro-step."""
     import model as model_py
-    from torch.nn.attention.flex_attention import flex_attention
 
     def outside_counter(f):
         def run(*a, **k):

@@ -369,10 +369,13 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     if counts[2] > 0:
         return None
     n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
+    # every micro-batch's copy is queued now (pinned, non-blocking): the host runs on to queue the
+    # kernels, and nothing in the micro-steps below waits for the device (test_hotpath.py)
+    batches = [to_device(b, dev) for b in batches]
     sums = torch.zeros(2, device=dev)
     by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
     for micro, b in enumerate(batches):
-        b, pack = to_device(b, dev), d.rank * args.optim.grad_accum + micro
+        pack = d.rank * args.optim.grad_accum + micro
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             # frozen VAE outside the sharded model and outside autograd (bugs P3, F4); the posterior
             # is sampled as upstream does (§14.9), from a keyed generator
