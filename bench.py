@@ -7,10 +7,13 @@
     python bench.py --what video                      # decode + transform of a 720p 10 s H.264 clip, tokens
     python bench.py --what nsa --tokens 4096 16384    # one NSA attention vs dense sdpa, fwd+bwd
     python bench.py --what nsa --device cuda --dtype bf16 --tokens 8192 32768 65536  # + flex, library
+    python bench.py --what host --tokens 8192 16384 32768 --layers 1 --width 3584 --heads 28 --kv-heads 4 --ffn 18944
+    python bench.py --what gpu --tokens 8192 16384 32768    # the prepared GPU check (README)
 
 Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
 peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
 """
+import dataclasses
 import json
 import os
 import random
@@ -33,11 +36,13 @@ TOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "
 
 @dataclass
 class Args:
-    what: Literal["model", "data", "video", "nsa"] = "model"
+    what: Literal["model", "data", "video", "nsa", "host", "gpu"] = "model"
     """model: the packed forward/backward; data: packing fill, parquet reads per shard, a data
     worker's memory and throughput; video: one data worker's time per 720p clip and tokens per video
     sample at the defaults; nsa: one NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1,
-    D=128: one KV group of BAGEL-7B)"""
+    D=128: one KV group of BAGEL-7B); host: the host work per micro-step (data worker and training
+    process), outside kernels; gpu: the prepared GPU check (golden-pack parity, 7B-shape table, NSA),
+    see the README"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -73,7 +78,7 @@ def build(a: Args) -> Bagel:
     torch.manual_seed(a.seed)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     with torch.device(a.device):
-        model = Bagel(c).to(dtype)
+        model = Bagel(c).to(a.device, dtype)  # .to: the sin-cos tables are made on the CPU
     return model
 
 
@@ -113,14 +118,20 @@ def child(a: Args):
         return print(json.dumps(measure_nsa(attn, int(mode), dtype, a.device)))
     model = build(a)
     model.attn = attn
-    batch = mixed_pack(a)
-    cuda = a.device.startswith("cuda")
+    print(json.dumps(time_step(model, mixed_pack(a), mode, a.repeats, a.device)))
+
+
+def time_step(model: Bagel, batch: dict, mode: str, repeats: int, device: str) -> dict:
+    """Median time of `repeats` forwards (+ backwards) after one warm-up, tokens/s, peak memory (CUDA:
+    max allocated; CPU: RSS growth over the process's baseline) and on CUDA the MFU."""
+    cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(a.repeats + 1):  # the first run warms up (and compiles flex on CUDA)
+    for _ in range(repeats + 1):  # the first run warms up (and compiles flex on CUDA)
         model.zero_grad(set_to_none=True)
         sync()
         t = time.perf_counter()
@@ -132,15 +143,77 @@ def child(a: Args):
         times.append(time.perf_counter() - t)
     dt = sorted(times[1:])[len(times[1:]) // 2]
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
-    res = {"attn": attn, "mode": mode, "tokens": batch["sequence_length"], "samples": len(batch["sample_lens"]),
+    res = {"attn": model.attn, "mode": mode, "tokens": batch["sequence_length"], "samples": len(batch["sample_lens"]),
            "seconds": dt, "tok_s": batch["sequence_length"] / dt, "peak_gb": peak / 2**30}
     if cuda:
         # the trainer's FLOP count (training = 3x forward) and peak-FLOPs table
         flops = step_flops(model.config, [batch]) / (1 if mode == "fwdbwd" else 3)
-        peak_fl = peak_flops(torch.device(a.device))
+        peak_fl = peak_flops(torch.device(device))
         res["mfu"] = flops / dt / peak_fl if peak_fl else None
         res["gpu"] = torch.cuda.get_device_name()
-    print(json.dumps(res))
+    return res
+
+
+SEVEN_B = dict(width=3584, heads=28, kv_heads=4, ffn=18944, vit_width=1152, vit_layers=1)  # BAGEL-7B layers
+NSA_TOKENS = (8192, 32768)
+
+
+def bench_gpu(a: Args):
+    """The prepared GPU check, one process, a few minutes on one H200 (progress is printed as it
+    goes, so a cut-off run still reports): (1) sdpa vs flex on the golden packs, outputs and every
+    gradient, fp32 and bf16; (2) BAGEL-7B layer shapes, 1 and 4 layers, fwd+bwd at the --tokens
+    sizes, sdpa and flex: time, tokens/s, MFU, peak memory; (3) one attention, sdpa / flex / NSA
+    library / NSA PyTorch. No GPU has run it yet: it is written to run first time, not tested so."""
+    from test_smoke import CASES, golden_batch, tiny_bagel  # the golden packs and the tests' tiny BAGEL
+    dev = a.device  # "cpu" is a dry run of the code: no flex backward there, so no gradients
+    cuda = dev.startswith("cuda")
+    say = lambda *x: print(*x, flush=True)
+    say(f"GPU check on {torch.cuda.get_device_name(dev) if cuda else dev}, torch {torch.__version__}")
+    fails = []
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):  # tol: of the largest |value|
+        model = tiny_bagel().to(dev, dtype)
+        for case in CASES:
+            b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in golden_batch(case).items()}
+            got = {}
+            for attn in ("sdpa", "flex"):
+                model.attn = attn
+                model.zero_grad(set_to_none=True)
+                with torch.set_grad_enabled(cuda):
+                    out = model(**b)
+                    if cuda:
+                        (out["ce"].float().sum() + out["mse"].float().sum()).backward()
+                got[attn] = [out["ce"], out["mse"]] + [p.grad for p in model.parameters() if p.grad is not None]
+            err = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp(min=1e-6)).item()
+                      for x, y in zip(got["flex"], got["sdpa"]) if y.numel())
+            ok = err < tol and len(got["flex"]) == len(got["sdpa"])
+            fails += [] if ok else [f"{case} {dtype}"]
+            say(f"parity {str(dtype)[6:]:8s} {case:26s} flex vs sdpa (losses + {len(got['sdpa']) - 2} grads): "
+                f"max err {err:.1e} of the largest value | {'ok' if ok else 'FAIL'}")
+    seven_b = dataclasses.replace(a, **SEVEN_B, device=dev, dtype="bf16" if cuda else "fp32")
+    for layers in (1, 4):
+        for n in a.tokens:
+            c = dataclasses.replace(seven_b, layers=layers, tokens=(n,))
+            model, batch = build(c), mixed_pack(c)
+            for attn in ("sdpa", "flex"):
+                model.attn = attn
+                try:
+                    r = time_step(model, batch, "fwdbwd" if cuda or attn == "sdpa" else "fwd", 2, dev)
+                except Exception as e:  # report and go on: the other rows still count
+                    say(f"{layers} layers {n:6d} {attn}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    fails.append(f"{layers} layers {n} {attn}")
+                    continue
+                say(f"7B shapes, {layers} layer(s), {attn:4s} {r['mode']} | {r['tokens']} tok, {r['samples']} samples | "
+                    f"{r['seconds'] * 1e3:7.1f} ms | {r['tok_s']:9,.0f} tok/s | mfu {r.get('mfu') or 0:.1%} | peak {r['peak_gb']:.1f} GiB")
+            del model, batch
+    for n in NSA_TOKENS:
+        for kind in ("sdpa", "flex", "nsa", "nsa-torch") if cuda else ("sdpa", "nsa"):
+            try:
+                r = measure_nsa(kind, n, torch.bfloat16 if cuda else torch.float32, dev)
+                say(f"one attention Hq=7 Hkv=1 D=128, {n:6d} tokens, {kind:9s} fwd+bwd | {r['seconds'] * 1e3:8.1f} ms | "
+                    f"peak {r['peak_gb']:.2f} GiB")
+            except Exception as e:
+                say(f"one attention {n} {kind}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    say("GPU check: " + ("all parity checks passed" if not fails else f"FAILED: {fails}"))
 
 
 
@@ -396,6 +469,47 @@ def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7,
     return {"attn": kind, "tokens": n, "seconds": time.perf_counter() - t, "peak_gb": peak / 2**30}
 
 
+def bench_host(a: Args):
+    """Host time per pack of `tokens`: the worker's `packing.attention_layout`, the training process's
+    attention structures from it (`plan_attention`), and one sdpa micro-step (forward + backward) of
+    the model on the meta device, where no kernel runs: what is left is Python, dispatch and our
+    host work, plus PyTorch's meta shape functions (Python, slower than CUDA's), so an upper bound."""
+    from model import plan_attention
+    from train import to_device
+
+    def ms(fn, repeats=5):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[repeats // 2] * 1e3
+
+    with torch.device("meta"):
+        model = build(dataclasses.replace(a, device="meta")).to("meta")  # (the sin-cos tables too)
+    model.attn = "sdpa"
+    print(f"host time per micro-step: {a.layers} layers, width {a.width}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads}")
+    for n in a.tokens:
+        batch = mixed_pack(dataclasses.replace(a, tokens=(n,), device="cpu"))
+        lay, sl, spl, modes = batch["attention_layout"], batch["sample_lens"], batch["split_lens"], batch["attn_modes"]
+        worker = ms(lambda: packing.attention_layout(sl, spl, modes, lay["vit_seqlens"]))
+        plans = {k: ms(lambda: plan_attention(k, sl, spl, modes, a.device, lay)) for k in ("sdpa", "flex")}
+        meta = to_device(batch, "meta")
+
+        def step():
+            out = model(**meta)
+            (out["ce"].mean() + out["mse"].mean()).backward()
+        step_ms = ms(step, 3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()  # top-level aten ops: each is at least one kernel launch on a GPU
+        ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+        print(f"{batch['sequence_length']:6d} tokens, {len(sl):2d} samples, {len(spl):3d} splits | worker layout "
+              f"{worker:6.1f} ms | training process: sdpa plan {plans['sdpa']:5.2f} ms, flex BlockMask "
+              f"{plans['flex']:5.2f} ms ({a.device}) | meta sdpa fwd+bwd {step_ms:6.0f} ms, {ops} aten ops")
+
+
 def main():
     a = tyro.cli(Args)
     if a.child:
@@ -404,6 +518,10 @@ def main():
         return bench_data(a)
     if a.what == "video":
         return bench_video(a)
+    if a.what == "host":
+        return bench_host(a)
+    if a.what == "gpu":
+        return bench_gpu(a)
     if a.what == "nsa":
         print(f"one attention, fwd+bwd, {a.dtype}, {a.device}, Hq=7 Hkv=1 D=128 (one KV group of BAGEL-7B), NSA defaults")
         # nsa = the Triton kernels when they apply (CUDA, bf16, library importable), else = nsa-torch

@@ -974,8 +974,10 @@ class PackLoader:
         nw = self.cfg.num_workers
         self.dataset.rotate = self.consumed % max(nw, 1)
         self.dataset.resume = copy.deepcopy(self.shards)
+        # pinned batches: the trainer's copies to the GPU do not block the host (train.to_device)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=nw,
-                                             collate_fn=_no_collate, worker_init_fn=_worker_init)
+                                             collate_fn=_no_collate, worker_init_fn=_worker_init,
+                                             pin_memory=torch.cuda.is_available())
         for batch in loader:
             if isinstance(batch, BadSample):
                 raise batch

@@ -13,7 +13,7 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from functools import lru_cache, partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -202,32 +202,21 @@ class AttnPlan:
 
 
 def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
-                   device) -> AttnPlan:
-    if kind == "flex":
-        bm = packing.flex_block_mask(sample_lens, split_lens, attn_modes, device)
-        return AttnPlan("flex", block_mask=bm, padded_len=bm.seq_lengths[0])
+                   device, layout: dict | None = None) -> AttnPlan:
+    """`layout`: the batch's `packing.attention_layout` (built by the data workers); None builds it
+    here, on the host, as for an upstream batch. Either way nothing is read back from the device."""
     if kind == "nsa":
         return AttnPlan("nsa", nsa=nsa.plan(sample_lens, split_lens, attn_modes, device))
-    if kind != "sdpa":
+    if kind not in ("sdpa", "flex"):
         raise ValueError(f"attn must be 'sdpa', 'flex' or 'nsa', got {kind!r}")
-    packing.token_layout(sample_lens, split_lens, attn_modes)  # validates the three lists
-    jobs, pos, split_iter = [], 0, iter(zip(split_lens, attn_modes))
-    for n in sample_lens:
-        start, end, noisy = pos, pos + n, []  # noisy: (a, b) spans of earlier noise splits
-        while pos < end:
-            ln, mode = next(split_iter)
-            if noisy:  # keys = earlier non-noise tokens + own split, gathered
-                keep = torch.ones(pos + ln - start, dtype=torch.bool)
-                for a, b in noisy:
-                    keep[a - start:b - start] = False
-                keys = (torch.nonzero(keep).squeeze(1) + start).to(device)
-            else:
-                keys = slice(start, pos + ln)
-            jobs.append((pos, pos + ln, keys, mode == "causal"))
-            if mode == "noise":
-                noisy.append((pos, pos + ln))
-            pos += ln
-    return AttnPlan("sdpa", jobs=jobs)
+    lay = layout or packing.attention_layout(sample_lens, split_lens, attn_modes)
+    if len(lay["sample"]) != sum(sample_lens) + -sum(sample_lens) % lay["block"]:
+        raise ValueError(f"attention_layout covers {len(lay['sample'])} tokens, the pack has {sum(sample_lens)}")
+    if kind == "flex":
+        return AttnPlan("flex", block_mask=packing.flex_block_mask(lay, device), padded_len=len(lay["sample"]))
+    keys = lay["sdpa_keys"].to(device, non_blocking=True)
+    return AttnPlan("sdpa", jobs=[(q0, q1, keys[k0:k1] if gathered else slice(k0, k1), causal)
+                                  for q0, q1, k0, k1, gathered, causal in lay["sdpa_jobs"]])
 
 
 def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = None):
@@ -271,15 +260,29 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def route(x, und, gen, f_und, f_gen, detach: bool = False):
-    """Apply expert f_und to rows `und` and f_gen to rows `gen` of x ([N, ...]). Both experts always
-    run, on empty index sets too, so every rank touches every parameter (FSDP reduce-scatter).
-    `detach` cuts the gradient of the und rows' output: upstream's freeze_und (see Bagel.freeze_und)."""
-    yu, yg = f_und(x[und]), f_gen(x[gen])
-    yu = yu.detach() if detach else yu
-    out = yu.new_empty(x.shape[:1] + yu.shape[1:])
-    out[und], out[gen] = yu, yg
-    return out
+class Route(NamedTuple):
+    """The MoT routing of one pack. The LLM runs on its tokens permuted once, understanding rows (text,
+    ViT) first and generation rows (VAE latents) after, so each expert reads one contiguous slice
+    instead of gathering its rows again for every projection. Only attention needs pack order."""
+    perm: torch.Tensor  # [N] pack position of each routed row
+    inv: torch.Tensor  # [N] routed row of each pack position
+    n_und: int  # rows [:n_und] use the understanding weights, [n_und:] the `_moe_gen` ones
+    detach_und: bool = False  # upstream's freeze_und (see Bagel.freeze_und)
+
+    @classmethod
+    def of(cls, und: torch.Tensor, gen: torch.Tensor, detach_und: bool = False) -> "Route":
+        perm = torch.cat([und, gen])
+        inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device))
+        return cls(perm, inv, len(und), detach_und)  # len: a shape, not a read of device memory
+
+    def __call__(self, x, f_und, f_gen):
+        """f_und on the und rows of x (routed order), f_gen on the rest. Both experts always run, on
+        empty slices too, so every rank touches every parameter (FSDP reduce-scatter). With
+        `detach_und` the und output carries no gradient: every routed call of the LLM (q/k/v after
+        their norms, the NSA gate, o_proj, the MLP, the final norm) is one of upstream's freeze_und
+        detach points, plus the input norms, which changes no gradient and skips their backward."""
+        yu = f_und(x[:self.n_und])
+        return torch.cat([yu.detach() if self.detach_und else yu, f_gen(x[self.n_und:])])
 
 
 class MoTAttention(nn.Module):
@@ -297,21 +300,22 @@ class MoTAttention(nn.Module):
             setattr(self, "k_norm" + sfx, RMSNorm(d, c.rms_norm_eps))
         self.nsa: nsa.NSA | None = None  # set by Bagel when config.nsa is set
 
-    def forward(self, x, cos, sin, und, gen, attend, freeze_und: bool = False):
-        n, fu = x.shape[0], freeze_und
-        # projections and QK-norm per expert, THEN RoPE on everything (§2.5 steps 2-4)
-        q = route(x, und, gen, lambda t: self.q_norm(self.q_proj(t).view(-1, self.nq, self.d)),
-                  lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)), fu)
-        k = route(x, und, gen, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
-                  lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)), fu)
-        v = route(x, und, gen, self.v_proj, self.v_proj_moe_gen, fu).view(n, self.nkv, self.d)
+    def forward(self, x, cos, sin, route: Route, attend):
+        n = x.shape[0]
+        # projections and QK-norm per expert (routed order), THEN RoPE and attention in pack order (§2.5)
+        q = route(x, lambda t: self.q_norm(self.q_proj(t).view(-1, self.nq, self.d)),
+                  lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)))
+        k = route(x, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
+                  lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)))
+        v = route(x, self.v_proj, self.v_proj_moe_gen).view(n, self.nkv, self.d)
+        q, k, v = (t.index_select(0, route.inv) for t in (q, k, v))
         extra = None
         if self.nsa is not None:  # NSA also needs per-expert gates and the keys before RoPE (nsa.py)
-            g = route(x, und, gen, self.nsa.g_proj, self.nsa.g_proj_moe_gen, fu).view(n, self.nq, 3).sigmoid()
-            extra = nsa.NSAInputs(self.nsa, g, k, cos, sin)
+            g = route(x, self.nsa.g_proj, self.nsa.g_proj_moe_gen).index_select(0, route.inv)
+            extra = nsa.NSAInputs(self.nsa, g.view(n, self.nq, 3).sigmoid(), k, cos, sin)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         a = (attend(q, k, v) if extra is None else attend(q, k, v, extra)).reshape(n, self.nq * self.d)
-        return route(a, und, gen, self.o_proj, self.o_proj_moe_gen, fu)
+        return route(a.index_select(0, route.perm), self.o_proj, self.o_proj_moe_gen)
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -323,13 +327,12 @@ class Qwen2MoTDecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps))
             setattr(self, name + "_moe_gen", RMSNorm(c.hidden_size, c.rms_norm_eps))
 
-    def forward(self, x, cos, sin, und, gen, attend, freeze_und: bool = False):
-        # (not an upstream detach point: all that reads h[und] is detached, this skips the norm's backward)
-        h = route(x, und, gen, self.input_layernorm, self.input_layernorm_moe_gen, freeze_und)
-        x = x + self.self_attn(h, cos, sin, und, gen, attend, freeze_und)
+    def forward(self, x, cos, sin, route: Route, attend):  # x: [N, hidden] in routed order
+        h = route(x, self.input_layernorm, self.input_layernorm_moe_gen)
+        x = x + self.self_attn(h, cos, sin, route, attend)
         mlp_und = lambda t: self.mlp(self.post_attention_layernorm(t))
         mlp_gen = lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t))
-        return x + route(x, und, gen, mlp_und, mlp_gen, freeze_und)
+        return x + route(x, mlp_und, mlp_gen)
 
 
 class Qwen2Model(nn.Module):
@@ -341,12 +344,15 @@ class Qwen2Model(nn.Module):
         self.norm, self.norm_moe_gen = RMSNorm(c.hidden_size, c.rms_norm_eps), RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, pos, und, gen, attend, freeze_und: bool = False):
-        """x [N, hidden]; pos [N] RoPE ids; attend(layer_index, q, k, v) -> attention output.
-        Returns the final hidden state, normed per expert (`norm` / `norm_moe_gen`)."""
+        """x [N, hidden]; pos [N] RoPE ids; und / gen: the rows of each expert; attend(layer_index, q,
+        k, v) -> attention output (pack order). Returns the final hidden state in pack order, normed
+        per expert (`norm` / `norm_moe_gen`). `freeze_und`: no gradient through und rows (Route)."""
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        route = Route.of(und, gen, freeze_und)
+        x = x.index_select(0, route.perm)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, und, gen, partial(attend, i), freeze_und)
-        return route(x, und, gen, self.norm, self.norm_moe_gen, freeze_und)
+            x = layer(x, cos, sin, route, partial(attend, i))
+        return route(x, self.norm, self.norm_moe_gen).index_select(0, route.inv)
 
 
 CE_CHUNK = 1024  # rows of logits alive at once in the training loss (152k vocab: 0.6 GB in fp32)
@@ -387,7 +393,7 @@ class SiglipAttention(nn.Module):
         n, d = x.shape
         q, k, v = (p(x).view(n, self.heads, d // self.heads).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
         # bidirectional within each image, never across images of a pack
-        seqlens = seqlens or [n]  # an empty pack still runs (k, v get zero gradients, see `route`)
+        seqlens = seqlens or [n]  # an empty pack still runs (k, v get zero gradients, see `Route`)
         out = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in
                          zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))], dim=1)
         return self.out_proj(out.transpose(0, 1).reshape(n, d))
@@ -679,21 +685,28 @@ class Bagel(nn.Module):
                 vit_token_seqlens=None, padded_latent=None, patchified_vae_latent_shapes=None,
                 packed_latent_position_ids=None, packed_vae_token_indexes=None, packed_timesteps=None,
                 mse_loss_indexes=None, packed_noise=None, generator: torch.Generator | None = None,
-                **unused) -> dict[str, torch.Tensor]:
+                attention_layout: dict | None = None, **unused) -> dict[str, torch.Tensor]:
         """Packed training forward (upstream batch keys, §8). Returns unreduced losses
         {"ce": [n_ce], "mse": [n_mse, 64]} so the trainer can normalise by global token counts, plus
         "mse_t": [n_mse], the (shifted) timestep of each MSE row, for logging.
 
         Every branch runs on every call, on empty inputs when the pack lacks a modality, so all
         parameters get a (zero) gradient on every rank. Randomness is an input: `packed_noise`, or
-        noise drawn from `generator` (required then): never the global RNG."""
+        noise drawn from `generator` (required then): never the global RNG.
+
+        Nothing here reads device memory back to the host (no .item(), boolean masks or nonzero: each
+        is a sync that stalls a GPU): sizes come from shapes and host lists, and what depends on the
+        layout comes from `attention_layout` (packing.collate ships it; built here when absent)."""
         c, emb = self.config, self.language_model.model.embed_tokens
         dev, dtype, n = emb.weight.device, emb.weight.dtype, int(sequence_length)
         long = lambda x: (torch.empty(0, dtype=torch.long) if x is None else torch.as_tensor(x)).to(dev, torch.long)
         text_idx, vit_idx, vae_idx = long(packed_text_indexes), long(packed_vit_token_indexes), long(packed_vae_token_indexes)
         ce_idx, mse_idx = long(ce_loss_indexes), long(mse_loss_indexes)
-        if sum(int(x) for x in sample_lens) != n or text_idx.numel() + vit_idx.numel() + vae_idx.numel() != n:
-            raise ValueError(f"inconsistent pack: sequence_length {n}, sum(sample_lens) {sum(int(x) for x in sample_lens)}, "
+        sample_lens, split_lens = [int(s) for s in sample_lens], [int(s) for s in split_lens]
+        lay = attention_layout or packing.attention_layout(
+            sample_lens, split_lens, list(attn_modes), [] if vit_token_seqlens is None else [int(s) for s in vit_token_seqlens])
+        if sum(sample_lens) != n or text_idx.numel() + vit_idx.numel() + vae_idx.numel() != n:
+            raise ValueError(f"inconsistent pack: sequence_length {n}, sum(sample_lens) {sum(sample_lens)}, "
                              f"{text_idx.numel()} text + {vit_idx.numel()} ViT + {vae_idx.numel()} VAE token indexes")
 
         seq = torch.zeros(n, c.llm.hidden_size, device=dev, dtype=dtype)
@@ -706,8 +719,7 @@ class Bagel(nn.Module):
                 pix = (torch.zeros(0, vit.embeddings.patch_embedding.in_features) if packed_vit_tokens is None
                        else packed_vit_tokens).to(dev, dtype)
                 vpos = long(packed_vit_position_ids)
-                seqlens = [] if vit_token_seqlens is None else [int(s) for s in vit_token_seqlens]
-                x = vit(pix, vpos, seqlens)
+                x = vit(pix, vpos, lay["vit_seqlens"])
                 seq[vit_idx] = (self.connector(x) + self.vit_pos_embed(vpos).to(dtype)).to(dtype)
             elif vit_idx.numel():  # LMMS Engine bug D2: silently attending to zero vectors
                 raise ValueError("the pack has ViT tokens but the model was built with visual_und=False")
@@ -730,7 +742,14 @@ class Bagel(nn.Module):
             xt = (1 - t[:, None]) * x0 + t[:, None] * eps  # rectified flow: t=1 noise, t=0 data (§6.2)
             seq[vae_idx] = (self.vae2llm(xt.to(dtype)) + self.time_embedder(t).to(dtype)
                             + self.latent_pos_embed(long(packed_latent_position_ids)).to(dtype)).to(dtype)
-            mse_target = (eps - x0)[t > 0]  # velocity; ordered like mse_loss_indexes (§14.24)
+            # the VAE row of each MSE token, by position (a boolean mask t > 0 would sync): the
+            # velocity target is ordered like mse_loss_indexes (§14.24)
+            row = torch.full((n,), -1, dtype=torch.long, device=dev)
+            row[vae_idx] = torch.arange(len(vae_idx), device=dev)
+            noisy = row[mse_idx]
+            ok = (noisy >= 0).all() & (t[noisy.clamp(min=0)] > 0).all() & ((t > 0).sum() == len(mse_idx))
+            torch._assert_async(ok, "mse_loss_indexes must be exactly the noisy VAE tokens (t > 0)")  # no sync
+            mse_target = (eps - x0)[noisy]
         elif vae_idx.numel():
             raise ValueError("the pack has VAE tokens but the model was built with visual_gen=False")
 
@@ -739,7 +758,7 @@ class Bagel(nn.Module):
             raise ValueError("attn='nsa' needs NSA parameters: build the model with BagelConfig(nsa=NSAConfig(...))")
         if attn == "flex" and dev.type == "cpu" and torch.is_grad_enabled():
             raise ValueError("attn='flex' has no backward on CPU (torch 2.13): train with attn='sdpa' there")
-        plan = plan_attention(attn, [int(s) for s in sample_lens], [int(s) for s in split_lens], list(attn_modes), dev)
+        plan = plan_attention(attn, sample_lens, split_lens, list(attn_modes), dev, lay)
         und = torch.cat([text_idx, vit_idx])
         h = self.language_model.model(seq, long(packed_position_ids), und, vae_idx,
                                       lambda i, q, k, v, *extra: packed_attention(plan, q, k, v, *extra),
@@ -747,10 +766,8 @@ class Bagel(nn.Module):
 
         out = {"ce": self.language_model.lm_head(h[ce_idx], long(packed_label_ids))}
         if c.visual_gen:
-            if mse_target.shape[0] != mse_idx.numel():
-                raise ValueError(f"{mse_idx.numel()} mse_loss_indexes but {mse_target.shape[0]} noisy latent tokens")
             out["mse"] = (self.llm2vae(h[mse_idx]).float() - mse_target) ** 2
-            out["mse_t"] = t[t > 0]
+            out["mse_t"] = t[noisy]
         return out
 
     @classmethod

@@ -7,6 +7,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # split modes, as small ints so the mask predicate is pure tensor algebra (works inside flex's mask_mod)
@@ -300,6 +301,7 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
         packed_label_ids=_long(b["labels"]),
         ce_loss_indexes=_long(b["ce_idx"]),
         ce_loss_weights=torch.tensor(b["weights"], dtype=torch.float32),
+        attention_layout=attention_layout([l.n for l in layouts], b["split_lens"], b["attn_modes"], b["vit_lens"]),
     )
 
 
@@ -347,34 +349,109 @@ class FirstFitPacker:
         return self.open.pop(i)
 
 
-def flex_block_mask(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], device=None,
-                    block: int = 128):
-    """FlexAttention BlockMask of the §3.2 predicate over the pack, padded to a multiple of `block`
-    (the pad is its own causal sample). Built one query-block row at a time over the samples that row
-    touches, so memory is block x (longest sample), never N x N, and no compile is needed."""
-    from torch.nn.attention.flex_attention import BlockMask
+FLEX_BLOCK = 128  # tokens per FlexAttention BlockMask tile (flex's default block size)
+
+
+def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
+                     vit_seqlens: list[int] = (), block: int = FLEX_BLOCK) -> dict:
+    """Everything the attention needs that depends only on the pack's layout, as host data: built on
+    the CPU by `collate` (so in the DataLoader worker) and shipped with the batch, so the training
+    process does no host work and no host-device sync for it (issue 12). The model builds it itself
+    for a batch without it (upstream batches, inference).
+
+      sample, split, mode: int64 [Np], per token of the pack padded to a multiple of `block` (the
+                  pad is one more causal sample): what the flex mask_mod reads
+      kv_num_blocks / kv_indices, full_kv_num_blocks / full_kv_indices: int32 [nb] / [nb, nb], the
+                  FlexAttention block tables (partial and full tiles of each query-block row), and
+                  q_* / full_q_* the same per key-block column (what flex's backward reads)
+      sdpa_jobs   one (q0, q1, k0, k1, gathered, causal) per split: its queries see keys [k0, k1) of
+                  the pack, or sdpa_keys[k0:k1] when gathered (earlier noise splits cut out)
+      sdpa_keys   int64 [K]: the gathered key positions
+      vit_seqlens patches per ViT image (host ints: the ViT attention splits by them)
+    """
+    if sum(sample_lens) != sum(split_lens):
+        raise ValueError(f"sample_lens sum to {sum(sample_lens)} but split_lens to {sum(split_lens)}")
+    if len(split_lens) != len(attn_modes):
+        raise ValueError(f"{len(split_lens)} split_lens but {len(attn_modes)} attn_modes")
+    bad = sorted(set(attn_modes) - set(MODE_IDS))
+    if bad:
+        raise ValueError(f"unknown attn_modes {bad}; expected one of {list(MODE_IDS)}")
     n = sum(sample_lens)
     pad = -n % block
-    extra = [pad] if pad else []
-    sample, split, mode = token_layout(sample_lens + extra, split_lens + extra, attn_modes + ["causal"] * len(extra), device)
-    total, nb = n + pad, (n + pad) // block
-    bounds = torch.tensor([0] + sample_lens + extra).cumsum(0).tolist()
-    idx = torch.arange(total, device=sample.device)
-    part_n, full_n = torch.zeros(nb, dtype=torch.int32), torch.zeros(nb, dtype=torch.int32)
-    part_i, full_i = torch.zeros(nb, nb, dtype=torch.int32), torch.zeros(nb, nb, dtype=torch.int32)
-    s_of = sample.tolist()
-    for i in range(nb):
-        q = idx[i * block:(i + 1) * block]
-        lo = bounds[s_of[i * block]] // block  # first key block of the first sample in this row
-        hi = -(-bounds[s_of[(i + 1) * block - 1] + 1] // block)  # past the last key block of the last one
-        a = allowed(q[:, None], idx[None, lo * block:hi * block], sample, split, mode).view(block, hi - lo, block)
-        any_, all_ = a.any(2).any(0).cpu(), a.all(2).all(0).cpu()
-        blocks = torch.arange(lo, hi, dtype=torch.int32)
-        part, full = blocks[any_ & ~all_], blocks[all_]
-        part_n[i], full_n[i] = len(part), len(full)
-        part_i[i, :len(part)], full_i[i, :len(full)] = part, full
-    mask_mod = lambda b, h, q, k: allowed(q, k, sample, split, mode)
-    dev = sample.device
-    return BlockMask.from_kv_blocks(part_n[None, None].to(dev), part_i[None, None].to(dev), full_n[None, None].to(dev),
-                                    full_i[None, None].to(dev), BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(total, total))
+    # the split table, pad included: start, end, mode and sample start of every split
+    lens = np.array(list(split_lens) + ([pad] if pad else []), dtype=np.int64)
+    mode = np.array([MODE_IDS[m] for m in attn_modes] + [CAUSAL] * (pad > 0), dtype=np.int64)
+    bounds = np.cumsum([0] + list(sample_lens) + ([pad] if pad else []))
+    end = np.cumsum(lens)
+    start = end - lens
+    sample = np.searchsorted(bounds, start, side="right") - 1
+    if (lens <= 0).any():
+        raise ValueError(f"split_lens has an empty split at index {int(np.argmax(lens <= 0))}")
+    if not np.array_equal(sample, np.searchsorted(bounds, end - 1, side="right") - 1):
+        raise ValueError("a split crosses a sample boundary: split_lens must subdivide sample_lens")
+    total = n + pad
+    split_of = np.repeat(np.arange(len(lens)), lens)
+
+    # Block tables without looking at tokens x tokens. Query q sees keys [s0, reach(q)] of its sample
+    # (reach = q for causal splits, its split's last token otherwise) minus the noise splits other
+    # than its own. Within a segment (one split cut at block boundaries) that set only grows with q,
+    # so a tile is "any" if the segment's last query sees a key of it and "full" if its first query
+    # sees all of it: two counts per (segment, key block), from a prefix sum of non-noise tokens.
+    nb = total // block
+    seg = np.union1d(start, np.arange(0, total, block))  # segment starts, sorted
+    seg_end = np.append(seg[1:], total)
+    sp = np.searchsorted(start, seg, side="right") - 1
+    s0, a, b, causal, noise = bounds[sample[sp]], start[sp], end[sp], mode[sp] == CAUSAL, mode[sp] == NOISE
+    visible = np.concatenate([[0], np.cumsum(mode[split_of] != NOISE)])  # non-noise tokens before t
+    k0 = np.arange(nb) * block
+
+    def seen(q):  # [segments, nb]: keys of each key block that query q (one per segment) may see
+        reach = np.where(causal, q, b - 1) + 1
+        lo, hi = np.maximum(s0[:, None], k0), np.minimum(reach[:, None], k0 + block)
+        cnt = np.where(hi > lo, visible[np.clip(hi, 0, total)] - visible[np.clip(lo, 0, total)], 0)
+        own = np.minimum(hi, b[:, None]) - np.maximum(lo, a[:, None])  # own noise split: visible
+        return cnt + np.where(noise[:, None], np.maximum(own, 0), 0)
+
+    rows = np.searchsorted(seg, k0)  # first segment of each query block
+    full = np.logical_and.reduceat(seen(seg) == block, rows, axis=0)
+    part = np.logical_or.reduceat(seen(seg_end - 1) > 0, rows, axis=0) & ~full
+    tables = {}  # each row's blocks, ascending; the q-side tables (for the backward) are the transposes
+    for name, m in (("kv", part), ("full_kv", full), ("q", part.T), ("full_q", full.T)):
+        tables[name + "_num_blocks"] = torch.from_numpy(m.sum(1).astype(np.int32))
+        tables[name + "_indices"] = torch.from_numpy(np.argsort(~m, axis=1, kind="stable").astype(np.int32))
+
+    # sdpa: one call per split; keys = the sample so far plus the own split, minus earlier noise splits
+    jobs, keys, off, noisy = [], [], 0, []
+    for p in range(len(split_lens)):
+        if p == 0 or sample[p] != sample[p - 1]:
+            noisy = []
+        q0, q1, first, causal = int(start[p]), int(end[p]), int(bounds[sample[p]]), bool(mode[p] == CAUSAL)
+        if noisy:
+            keep = np.ones(q1 - first, dtype=bool)
+            for x, y in noisy:
+                keep[x - first:y - first] = False
+            keys.append(np.flatnonzero(keep) + first)
+            jobs.append((q0, q1, off, off + len(keys[-1]), True, causal))
+            off += len(keys[-1])
+        else:
+            jobs.append((q0, q1, first, q1, False, causal))
+        if mode[p] == NOISE:
+            noisy.append((q0, q1))
+    # three separate int64 tensors: views into one [3, Np] tensor or int32 break the CPU flex codegen
+    per_token = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                 (("sample", sample[split_of]), ("split", split_of), ("mode", mode[split_of]))}
+    return dict(**per_token, **tables, block=block, sdpa_jobs=jobs,
+                sdpa_keys=torch.from_numpy(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)),
+                vit_seqlens=[int(s) for s in vit_seqlens])
+
+
+def flex_block_mask(layout: dict, device):
+    """The FlexAttention BlockMask of an `attention_layout` on `device`: tables copied in, nothing
+    computed (`BlockMask.from_kv_blocks` would transpose the kv tables on the device: 210 ms of
+    host time at 32k tokens on CPU, a vmap and a dozen launches on a GPU)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    to = lambda k: layout[k].to(device, non_blocking=True)
+    sample, split, mode = to("sample"), to("split"), to("mode")
+    tables = [to(k + s)[None, None] for k in ("kv", "full_kv", "q", "full_q") for s in ("_num_blocks", "_indices")]
+    return BlockMask((len(sample), len(sample)), *tables, BLOCK_SIZE=(layout["block"], layout["block"]),
+                     mask_mod=lambda b, h, q, k: allowed(q, k, sample, split, mode))

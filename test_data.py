@@ -264,7 +264,9 @@ def all_packs(cfg, rank=0, world_size=1):
 def same_batch(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        if torch.is_tensor(a[k]):
+        if isinstance(a[k], dict):  # attention_layout
+            same_batch(a[k], b[k])
+        elif torch.is_tensor(a[k]):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
         else:
             assert a[k] == b[k], k

@@ -384,7 +384,11 @@ def keyed_generator(seed: int, step: int, pack: int, stream: int, device) -> tor
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors (the attention layout's too) to `device`. From the loader's pinned memory the copies
+    do not block the host, which runs on and queues the next kernels (issue 12)."""
+    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else \
+        {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return move(batch)
 
 
 def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: int, args: Args,
@@ -401,10 +405,13 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     if counts[2] > 0:
         return None
     n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
+    # every micro-batch's copy is queued now (pinned, non-blocking): the host runs on to queue the
+    # kernels, and nothing in the micro-steps below waits for the device (test_hotpath.py)
+    batches = [to_device(b, dev) for b in batches]
     sums = torch.zeros(2, device=dev)
     by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
     for micro, b in enumerate(batches):
-        b, pack = to_device(b, dev), d.rank * args.optim.grad_accum + micro
+        pack = d.rank * args.optim.grad_accum + micro
         last = micro == len(batches) - 1  # gradients are communicated after this backward at the latest
         if args.optim.defer_sync == "all":
             model.set_requires_gradient_sync(last)
