@@ -6,9 +6,8 @@
     python convert_weights.py Qwen2.5-0.5B-Instruct out/bagel-0.5b --vit siglip-so400m-14-980 --vae flux/ae.safetensors
                                                                              # a new BAGEL from its parts (pre-training)
 
-Layouts: ../shared/spec/bagel.md §11 (official: ByteDance-Seed/BAGEL-7B-MoT) and
-../shared/spec/lmms_engine.md §4 (hf: lmms-lab/BAGEL-7B-MoT-ver.LE, which we could not read; the
-assumptions are the ones model.py's reader makes, see `hf_config`).
+Layouts: DESIGN.md#checkpoints (official: ByteDance-Seed/BAGEL-7B-MoT; hf: lmms-lab/BAGEL-7B-MoT-ver.LE,
+which we could not read; the assumptions are the ones model.py's reader makes, see `hf_config`).
 
 Everything streams, one tensor at a time, so a 14B checkpoint converts on a 24 GiB machine:
 - safetensors are read with plain file reads at the offsets of their header (safetensors' own reader
@@ -143,7 +142,7 @@ def read_bytes(file: str, start: int, end: int, shape: tuple[int, ...], dtype: t
 
 
 def linear_patch_embedding(read: Callable[[], torch.Tensor]) -> torch.Tensor:
-    t = read()  # conv layout [out, c, p, p] -> BAGEL's linear layout [out, p*p*c] in (py, px, c) order (§4.2)
+    t = read()  # conv layout [out, c, p, p] -> BAGEL's linear layout [out, p*p*c] in (py, px, c) order (DESIGN.md#model)
     return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
 
 
@@ -332,7 +331,7 @@ def official_configs(path: str, config) -> dict[str, dict]:
     llm, vit, bagel, ae = raw_configs(path)
     ours = config_files(config)
     return {"llm_config.json": {**ours["llm_config.json"], **llm},
-            # upstream builds num_hidden_layers - 1 SigLIP layers (§4.1): store one more than we built
+            # upstream builds num_hidden_layers - 1 SigLIP layers (DESIGN.md#model): store one more than we built
             "vit_config.json": {**ours["vit_config.json"], **vit, "num_hidden_layers": config.vit.num_hidden_layers + 1},
             "bagel_config.json": {**bagel, **ours["bagel_config.json"]},
             "ae_config.json": {**ae, **ours["ae_config.json"]}}
@@ -340,7 +339,7 @@ def official_configs(path: str, config) -> dict[str, dict]:
 
 def hf_config(path: str, config, dtype: torch.dtype) -> dict:
     """config.json of the HF layout, as we assume LMMS Engine's BagelConfig.to_dict writes it
-    (lmms_engine.md §4; not verified against the files): the BAGEL fields at the top, llm_config
+    (EvolvingLMMs-Lab/lmms-engine, its BAGEL model code; not verified against the files): the BAGEL fields at the top, llm_config
     (Qwen2 + qk_norm, layer_module), vit_config (SigLIP + rope) and vae_config nested."""
     llm, vit, bagel, ae = raw_configs(path)
     ours = config_files(config)
@@ -489,7 +488,7 @@ def parts_sources(config, llm: dict[str, Source], vit: dict[str, Source], seed: 
     QK-norm; upstream's RMSNorm init); lm_head from the embedding when the LLM ties them (upstream
     would leave it random); SigLIP's layers but its last (vit_select_layer -2), patch embedding as a
     linear layer; connector, time embedder and vae2llm at PyTorch's default init from `seed`, llm2vae
-    at zero (§1.2). The sin-cos tables are computed by plan()."""
+    at zero (DESIGN.md#flow). The sin-cos tables are computed by plan()."""
     out = {}
     with torch.device("meta"):
         model = Bagel(config)
@@ -513,7 +512,7 @@ def parts_sources(config, llm: dict[str, Source], vit: dict[str, Source], seed: 
         for sub in mod.modules():
             if hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
-        if name == "llm2vae":  # a new generation head predicts v = 0 (§1.2)
+        if name == "llm2vae":  # a new generation head predicts v = 0 (DESIGN.md#flow)
             torch.nn.init.zeros_(mod.weight), torch.nn.init.zeros_(mod.bias)
         for k, t in mod.state_dict().items():
             out[f"{name}.{k}"] = Source(f"fresh {name} (seed {seed})", tuple(t.shape), t.dtype, partial(t.clone))

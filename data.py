@@ -2,9 +2,9 @@
 
     records (.parquet/.arrow/.json/.jsonl, .yaml mixtures, directories)
       → chat `messages` (the seed guide's format) or upstream T2I rows (`image` + `captions`)
-      → a sequence plan per sample (text / ViT image / VAE image items, spec §7.3)
+      → a sequence plan per sample (text / ViT image / VAE image items, DESIGN.md#layout)
       → packing.layout_sample (tokens, RoPE ids, splits, labels, CFG dropout)
-      → packing.FirstFitPacker → packing.collate → the batch `Bagel.forward` takes (spec §8)
+      → packing.FirstFitPacker → packing.collate → the batch `Bagel.forward` takes (DESIGN.md#packing)
 
 The training loop uses `PackLoader(cfg, rank, world_size)`: iterate it for batches, save its
 `state_dict()` in checkpoints, `load_state_dict()` to resume exactly, and log `log_line()`.
@@ -69,7 +69,7 @@ class DataConfig:
     skip_bad: bool = False
     """skip bad records and count them per reason instead of stopping with an error"""
     text_cond_dropout: float = 0.1
-    """CFG dropout of conditioning text in generation/edit samples (upstream default, spec §6.5)"""
+    """CFG dropout of conditioning text in generation/edit samples (upstream default, DESIGN.md#cfg-dropout)"""
     vit_cond_dropout: float = 0.3
     """CFG dropout of conditioning ViT images in generation/edit samples"""
     vae_cond_dropout: float = 0.3
@@ -155,7 +155,7 @@ class BadSample(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Tokenizer. BAGEL uses the Qwen2.5 tokenizer with no chat template (spec §7.1); ids of the four
+# Tokenizer. BAGEL uses the Qwen2.5 tokenizer with no chat template (DESIGN.md#layout); ids of the four
 # special tokens are looked up by name, so a tokenizer with another numbering still works.
 
 def load_tokenizer(model_dir: str):
@@ -198,7 +198,7 @@ def special_tokens(tok) -> SpecialTokens:
 
 
 def encode(tok, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False).ids  # no special tokens added (spec §7.1)
+    return tok.encode(text, add_special_tokens=False).ids  # no special tokens added (DESIGN.md#layout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def resize_shape(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int,
                  img_num: int = 1) -> tuple[int, int]:
-    """Target (W, H) of upstream `MaxLongEdgeMinShortEdgeResize` (spec §9), quirks included: the
+    """Target (W, H) of upstream `MaxLongEdgeMinShortEdgeResize` (DESIGN.md#image-sizes), quirks included: the
     short edge is pushed up to min_size even past max_size, and the pixel cap scales the sides by
     the area ratio (not its square root). The released model was trained on these sizes."""
     def mk(v):
@@ -480,7 +480,7 @@ def parse_record(rec: Any, where: str, rng: random.Random) -> list[tuple[str, st
 
 def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
                     rng: random.Random | None = None) -> list[dict]:
-    """The sequence plan of one record (DESIGN.md "Meaning", spec §7.3).
+    """The sequence plan of one record (DESIGN.md#layout).
 
     - system/user text: no loss; user images: ViT tokens (understanding). A video is its sampled
       frames, each a user image (upstream vlm_sft).

@@ -112,7 +112,7 @@ def shard_model(model: Bagel, mesh: DeviceMesh, param_dtype: torch.dtype | None,
     # lm_head (vocab x hidden, the largest matrix) gets its own unit so it is not held through the
     # whole step; it runs last in forward, so resharding it would only gather it again at once
     fully_shard(model.language_model.lm_head, reshard_after_forward=False, **kw)
-    # the root must not cast its inputs: noise, latents and timesteps stay fp32 as upstream (§14.21)
+    # the root must not cast its inputs: noise, latents and timesteps stay fp32 as upstream (DESIGN.md#flow)
     fully_shard(model, **{**kw, "mp_policy": MixedPrecisionPolicy(param_dtype, torch.float32,
                                                                   cast_forward_inputs=False)})
     return model

@@ -1,9 +1,10 @@
 """BAGEL, hand-written: Qwen2 Mixture-of-Transformers LLM + SigLIP NaViT + FLUX VAE.
 
 Module and parameter names are exactly those of the released `ema.safetensors` / `ae.safetensors`
-(ByteDance-Seed/BAGEL-7B-MoT), so checkpoints load strictly with no key surgery. Section numbers
-(§) refer to ../shared/spec/bagel.md. This file holds modules, configs, checkpoint reading and the
-inference helpers; no optimizer, no distributed code, no logging.
+(ByteDance-Seed/BAGEL-7B-MoT), so checkpoints load strictly with no key surgery. `DESIGN.md#...`
+points at the repo's design notes, where the facts this file relies on are written down. This file
+holds modules, configs, checkpoint reading and the inference helpers; no optimizer, no distributed
+code, no logging.
 """
 import copy
 import json
@@ -31,7 +32,7 @@ from nsa import NSAConfig
 
 @dataclass
 class LLMConfig:
-    """Qwen2.5 fields read from `llm_config.json` (defaults: BAGEL-7B-MoT, §2.1)."""
+    """Qwen2.5 fields read from `llm_config.json` (defaults: BAGEL-7B-MoT, DESIGN.md#model)."""
     hidden_size: int = 3584
     intermediate_size: int = 18944
     num_hidden_layers: int = 28
@@ -49,7 +50,7 @@ class LLMConfig:
 @dataclass
 class ViTConfig:
     """SigLIP fields read from `vit_config.json`. `num_hidden_layers` is the number of layers BUILT:
-    the official json says 27 and BAGEL drops the last one (§4.1), so the reader subtracts one."""
+    the official json says 27 and BAGEL drops the last one (DESIGN.md#model), so the reader subtracts one."""
     hidden_size: int = 1152
     intermediate_size: int = 4304
     num_hidden_layers: int = 26
@@ -61,7 +62,7 @@ class ViTConfig:
 
 @dataclass
 class AEConfig:
-    """FLUX autoencoder; optional `ae_config.json` uses these keys (defaults: the FLUX.1 ae, §5.1)."""
+    """FLUX autoencoder; optional `ae_config.json` uses these keys (defaults: the FLUX.1 ae, DESIGN.md#model)."""
     resolution: int = 256  # unused by the forward (BFL uses it only for attn_resolutions)
     in_channels: int = 3
     ch: int = 128
@@ -79,7 +80,7 @@ class AEConfig:
 
 @dataclass
 class BagelConfig:
-    """The BAGEL fields (optional `bagel_config.json`; defaults: released 7B-MoT values, §1.1)."""
+    """The BAGEL fields (optional `bagel_config.json`; defaults: released 7B-MoT values, DESIGN.md#checkpoints)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     vit: ViTConfig = field(default_factory=ViTConfig)
     vae: AEConfig = field(default_factory=AEConfig)
@@ -110,7 +111,7 @@ def _pick(cls, d: dict, **overrides):
 # shared building blocks
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype BEFORE the weight (§2.4)."""
+    """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype BEFORE the weight (DESIGN.md#model)."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -122,7 +123,7 @@ class RMSNorm(nn.Module):
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """Frozen 2D sin-cos table [grid*grid, dim] (§1.3): row r*grid+c = [S(c), S(r)], the COLUMN half
+    """Frozen 2D sin-cos table [grid*grid, dim] (DESIGN.md#model): row r*grid+c = [S(c), S(r)], the COLUMN half
     first (MAE's meshgrid(w, h) quirk), each half sin block then cos block. float64 then float32."""
     def s(pos, d):
         w = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
@@ -134,7 +135,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 
 class PositionEmbedding(nn.Module):
     """2D sin-cos table; a persistent buffer so it is saved under `<name>.pos_embed` like upstream,
-    yet never trained or sharded. Recomputed at load time (§10.1 pops it too)."""
+    yet never trained or sharded. Recomputed at load time (upstream's trainer drops it from checkpoints too)."""
     def __init__(self, grid: int, dim: int):
         super().__init__()
         self.grid, self.dim = grid, dim
@@ -145,7 +146,7 @@ class PositionEmbedding(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """DiT timestep embedding: 256 frequencies -> MLP. Note the order COS then SIN (§6.3), the
+    """DiT timestep embedding: 256 frequencies -> MLP. Note the order COS then SIN (DESIGN.md#flow), the
     opposite of the position tables, and t in [0, 1] (not x1000)."""
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
@@ -179,7 +180,7 @@ def rotate_half(x):
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype):
-    """HF default RoPE, NeoX rotate-half layout; computed in fp32, cast to the hidden dtype (§2.4)."""
+    """HF default RoPE, NeoX rotate-half layout; computed in fp32, cast to the hidden dtype (DESIGN.md#model)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=pos.device).float() / head_dim)
     freqs = pos.float()[:, None] * inv_freq[None]
     emb = torch.cat([freqs, freqs], dim=-1)  # [N, head_dim]
@@ -191,7 +192,7 @@ class AttnPlan:
     """How to attend over one pack; built once per forward (not per layer) by `plan_attention`.
 
     sdpa: one SDPA call per split. Queries of split s see the non-noise tokens of earlier splits of
-    their sample plus their own split (causally if `causal`): exactly the §3.2 predicate, with no mask
+    their sample plus their own split (causally if `causal`): exactly the DESIGN.md#mask predicate, with no mask
     tensor at all except the lazy lower-right causal bias. flex: one BlockMask over the padded pack.
     """
     kind: str
@@ -247,7 +248,7 @@ def _compiled_flex():
 
 
 # -------------------------------------------------------------------------------------------------
-# language model: Qwen2 with Mixture-of-Transformers layers (§2)
+# language model: Qwen2 with Mixture-of-Transformers layers (DESIGN.md#model)
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -302,7 +303,7 @@ class MoTAttention(nn.Module):
 
     def forward(self, x, cos, sin, route: Route, attend):
         n = x.shape[0]
-        # projections and QK-norm per expert (routed order), THEN RoPE and attention in pack order (§2.5)
+        # projections and QK-norm per expert (routed order), THEN RoPE and attention in pack order (DESIGN.md#model)
         q = route(x, lambda t: self.q_norm(self.q_proj(t).view(-1, self.nq, self.d)),
                   lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)))
         k = route(x, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
@@ -381,7 +382,7 @@ class Qwen2ForCausalLM(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# vision encoder: SigLIP NaViT (§4)
+# vision encoder: SigLIP NaViT (DESIGN.md#model)
 
 class SiglipAttention(nn.Module):
     def __init__(self, c: ViTConfig):
@@ -424,7 +425,7 @@ class SiglipEncoderLayer(nn.Module):
 class SiglipEmbeddings(nn.Module):
     def __init__(self, c: ViTConfig):
         super().__init__()
-        # stored as a Linear [hidden, 3*p*p] with (py, px, c) input order, not a conv (§4.2, §14.11)
+        # stored as a Linear [hidden, 3*p*p] with (py, px, c) input order, not a conv (DESIGN.md#model)
         self.patch_embedding = nn.Linear(3 * c.patch_size ** 2, c.hidden_size)
         self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2, c.hidden_size)
 
@@ -460,7 +461,7 @@ class SiglipVisionModel(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# FLUX autoencoder (§5): frozen, outside the trained model, BFL key names
+# FLUX autoencoder (DESIGN.md#model): frozen, outside the trained model, BFL key names
 
 GN_GROUPS, GN_EPS = 32, 1e-6  # every GroupNorm in the ae (so channel counts are multiples of 32)
 
@@ -596,7 +597,7 @@ class AutoEncoder(nn.Module):
         """[B, 3, H, W] in [-1, 1] -> scaled latents [B, z_channels, H/8, W/8]."""
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         z = mean
-        if sample:  # the reference samples the posterior, for targets and conditioning images alike (spec §14.9)
+        if sample:  # the reference samples the posterior, for targets and conditioning images alike (DESIGN.md#flow)
             if generator is None:
                 raise ValueError("AutoEncoder.encode(sample=True) needs a torch.Generator (on x's device), "
                                  "or pass sample=False for the posterior mean")
@@ -622,15 +623,15 @@ class AutoEncoder(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         load_weights(model, index, path, dtype, device)
-        return model.eval().requires_grad_(False)  # the VAE is always frozen (§5.1)
+        return model.eval().requires_grad_(False)  # the VAE is always frozen (DESIGN.md#model)
 
 
 # -------------------------------------------------------------------------------------------------
 # BAGEL
 
 def patchify_latent(z: torch.Tensor, h: int, w: int, p: int = 2) -> torch.Tensor:
-    """[C, >=p*h, >=p*w] latent -> [h*w, p*p*C] tokens, row-major, features in (py, px, c) order (§5.4);
-    the crop drops latent rows/columns that came from the pack's zero padding (§14.20)."""
+    """[C, >=p*h, >=p*w] latent -> [h*w, p*p*C] tokens, row-major, features in (py, px, c) order (DESIGN.md#model);
+    the crop drops latent rows/columns that came from the pack's zero padding (DESIGN.md#packing)."""
     return packing.patchify(z[:, :p * h, :p * w], p)
 
 
@@ -641,7 +642,7 @@ def unpatchify_latent(x: torch.Tensor, h: int, w: int, p: int = 2) -> torch.Tens
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Time shift s*t / (1 + (s-1)*t): s > 1 spends more steps at high noise (§6.1, §12.3)."""
+    """Time shift s*t / (1 + (s-1)*t): s > 1 spends more steps at high noise (DESIGN.md#flow, DESIGN.md#inference)."""
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -674,7 +675,7 @@ class Bagel(nn.Module):
 
     def init_weights(self):
         """Fresh-model init: PyTorch defaults, plus the upstream quirk that `llm2vae` starts at zero
-        (§1.2) so a new generation head predicts v = 0. Loading a checkpoint overwrites all of it."""
+        (DESIGN.md#flow) so a new generation head predicts v = 0. Loading a checkpoint overwrites all of it."""
         if self.config.visual_gen:
             nn.init.zeros_(self.llm2vae.weight)
             nn.init.zeros_(self.llm2vae.bias)
@@ -686,7 +687,7 @@ class Bagel(nn.Module):
                 packed_latent_position_ids=None, packed_vae_token_indexes=None, packed_timesteps=None,
                 mse_loss_indexes=None, packed_noise=None, generator: torch.Generator | None = None,
                 attention_layout: dict | None = None, **unused) -> dict[str, torch.Tensor]:
-        """Packed training forward (upstream batch keys, §8). Returns unreduced losses
+        """Packed training forward (upstream batch keys, DESIGN.md#packing). Returns unreduced losses
         {"ce": [n_ce], "mse": [n_mse, 64]} so the trainer can normalise by global token counts, plus
         "mse_t": [n_mse], the (shifted) timestep of each MSE row, for logging.
 
@@ -739,11 +740,11 @@ class Bagel(nn.Module):
                     raise ValueError("pass packed_noise or a torch.Generator: the model never uses the global RNG")
                 packed_noise = torch.randn(x0.shape, generator=generator, device=dev) if x0.numel() else torch.zeros_like(x0)
             eps = packed_noise.to(dev, torch.float32)
-            xt = (1 - t[:, None]) * x0 + t[:, None] * eps  # rectified flow: t=1 noise, t=0 data (§6.2)
+            xt = (1 - t[:, None]) * x0 + t[:, None] * eps  # rectified flow: t=1 noise, t=0 data (DESIGN.md#flow)
             seq[vae_idx] = (self.vae2llm(xt.to(dtype)) + self.time_embedder(t).to(dtype)
                             + self.latent_pos_embed(long(packed_latent_position_ids)).to(dtype)).to(dtype)
             # the VAE row of each MSE token, by position (a boolean mask t > 0 would sync): the
-            # velocity target is ordered like mse_loss_indexes (§14.24)
+            # velocity target is ordered like mse_loss_indexes (DESIGN.md#layout)
             row = torch.full((n,), -1, dtype=torch.long, device=dev)
             row[vae_idx] = torch.arange(len(vae_idx), device=dev)
             noisy = row[mse_idx]
@@ -843,7 +844,7 @@ def read_config(path: str, **overrides) -> BagelConfig:
     if layout(path) == "official":
         llm = _json(os.path.join(path, "llm_config.json"))
         vit = _json(os.path.join(path, "vit_config.json"))
-        vit_layers = vit["num_hidden_layers"] - 1  # BAGEL drops SigLIP's last layer (§4.1, §14.10)
+        vit_layers = vit["num_hidden_layers"] - 1  # BAGEL drops SigLIP's last layer (DESIGN.md#model)
         extra = os.path.join(path, "bagel_config.json")
         bagel = _json(extra) if os.path.exists(extra) else {}
         ae_file = os.path.join(path, "ae_config.json")
@@ -998,7 +999,7 @@ def load_weights(model: nn.Module, index: dict[str, tuple[str, str]], path: str,
 
 
 # -------------------------------------------------------------------------------------------------
-# inference (§12): a KV-cached context, text decoding, flow sampling with text CFG
+# inference (DESIGN.md#inference): a KV-cached context, text decoding, flow sampling with text CFG
 
 class Context:
     """A conversation prefix held as a KV cache (keys/values after QK-norm and RoPE, per layer).
@@ -1009,7 +1010,7 @@ class Context:
     def __init__(self, model: Bagel, tokens: dict[str, int]):
         self.model, self.tokens = model, tokens
         self.kv: list = [None] * model.config.llm.num_hidden_layers
-        self.rope = 0  # next RoPE id (§12.1)
+        self.rope = 0  # next RoPE id (DESIGN.md#inference)
         self.splits: list[tuple[int, str]] = []  # (length, "causal" | "full") of the cached blocks (NSA's mask)
         self.dev = model.language_model.lm_head.weight.device
 
@@ -1065,10 +1066,10 @@ class Context:
         x = m.connector(x) + m.vit_pos_embed(pos_ids.to(self.dev)).to(dtype)
         seq = torch.cat([self._embed([t["vision_start"]]), x, self._embed([t["vision_end"]])])
         self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), [], causal=False)
-        self.rope += 1  # one RoPE id per image, markers included (§14.1)
+        self.rope += 1  # one RoPE id per image, markers included (DESIGN.md#positions)
 
     def _latent_block(self, x, t, h: int, w: int):
-        """[vision_start, h*w latent tokens, vision_end] embedded at time t (§6.2)."""
+        """[vision_start, h*w latent tokens, vision_end] embedded at time t (DESIGN.md#flow)."""
         m, tok = self.model, self.tokens
         dtype = m.vae2llm.weight.dtype
         ids = (torch.arange(h, device=self.dev)[:, None] * m.config.max_latent_size + torch.arange(w, device=self.dev)).flatten()
@@ -1078,7 +1079,7 @@ class Context:
 
     @torch.no_grad()
     def add_vae_image(self, latent: torch.Tensor):
-        """A clean conditioning image (editing): VAE latent [z, H/8, W/8], gen expert, t = 0 (§14.4)."""
+        """A clean conditioning image (editing): VAE latent [z, H/8, W/8], gen expert, t = 0 (DESIGN.md#flow)."""
         p = self.model.config.latent_patch_size
         h, w = latent.shape[1] // p, latent.shape[2] // p
         seq = self._latent_block(patchify_latent(latent.to(self.dev), h, w, p), 0.0, h, w)
@@ -1089,7 +1090,7 @@ class Context:
 @torch.no_grad()
 def generate_text(ctx: Context, max_new_tokens: int = 64, temperature: float = 0.0,
                   generator: torch.Generator | None = None) -> list[int]:
-    """Decode after `ctx` (§12.2): start with <|im_start|>, greedy when temperature is 0, stop at
+    """Decode after `ctx` (DESIGN.md#inference): start with <|im_start|>, greedy when temperature is 0, stop at
     <|im_end|>. The answer is appended to the context, so a conversation can go on."""
     m, tok, out = ctx.model, ctx.tokens, []
     cur = tok["bos"]
@@ -1115,7 +1116,7 @@ def generate_image(ctx: Context, cfg_ctx: Context | None, height: int, width: in
                    cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0, *,
                    generator: torch.Generator, cfg_img_ctx: Context | None = None, cfg_img_scale: float = 1.0,
                    cfg_renorm_type: str = "global") -> torch.Tensor:
-    """Rectified-flow sampling from t=1 (noise) to 0 (§12.3) -> VAE latent [z, height/8, width/8].
+    """Rectified-flow sampling from t=1 (noise) to 0 (DESIGN.md#inference) -> VAE latent [z, height/8, width/8].
 
     `cfg_ctx` is the conversation without its last text (for T2I: an empty Context), `cfg_img_ctx`
     the conversation without its images (editing). Guidance applies while t is inside cfg_interval

@@ -1,6 +1,6 @@
-"""Sequence packing for BAGEL: first-fit packs and the packed batch of ../DESIGN.md.
+"""Sequence packing for BAGEL: first-fit packs and the packed batch (DESIGN.md#packing).
 
-The attention-mask predicate of spec §3.2 lives here, once; model.py (sdpa and flex paths) and
+The attention-mask predicate of DESIGN.md#mask lives here, once; model.py (sdpa and flex paths) and
 nsa.py both call it, so the three attention backends cannot disagree about who sees whom.
 """
 import math
@@ -37,7 +37,7 @@ def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list
 
 def allowed(q: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, split: torch.Tensor,
             mode: torch.Tensor) -> torch.Tensor:
-    """True where query position q may attend to key position k (spec §3.2), elementwise.
+    """True where query position q may attend to key position k (DESIGN.md#mask), elementwise.
 
     q, k: broadcastable index tensors into the per-token layout of `token_layout`.
       same sample, and
@@ -63,7 +63,7 @@ def sample_masks(sample_lens: list[int], split_lens: list[int], attn_modes: list
 
 
 # --------------------------------------------------------------------------------------------------
-# One sample → tokens. A sample is a "sequence plan" as in upstream `pack_sequence` (spec §7.2): a list
+# One sample → tokens. A sample is a "sequence plan" as in upstream `pack_sequence` (DESIGN.md#layout): a list
 # of items, each a dict
 #   {"type": "text", "ids": [int], "loss": 0|1, "enable_cfg": 0|1,
 #    "special_token_loss": 0|1, "special_token_label": int|None, "desc": str}
@@ -112,7 +112,7 @@ class Layout:
 
 
 def patchify(image: torch.Tensor, p: int) -> torch.Tensor:
-    """[3, H, W] → [H/p * W/p, p*p*3], patches row-major, features in (py, px, c) order (spec §9),
+    """[3, H, W] → [H/p * W/p, p*p*3], patches row-major, features in (py, px, c) order (DESIGN.md#image-sizes),
     which is the order of the linear patch embedding in the checkpoint."""
     c, h, w = image.shape
     x = image.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0)
@@ -132,7 +132,7 @@ def vit_tokens(image: torch.Tensor, p: int, side: int) -> tuple[torch.Tensor, to
 def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometry(),
                   dropout: tuple[float, float, float] = (0.0, 0.0, 0.0),
                   rng: random.Random | None = None) -> Layout:
-    """Lay out one sequence plan exactly as upstream `PackedDataset.pack_sequence` (spec §7.2, §6.5).
+    """Lay out one sequence plan exactly as upstream `PackedDataset.pack_sequence` (DESIGN.md#layout, DESIGN.md#cfg-dropout).
 
     dropout = (text, vit, vae) CFG dropout probabilities, applied only to items with enable_cfg=1
     (the conditions of generation and editing, never VQA inputs: LMMS Engine bug D4). A dropped text
@@ -151,7 +151,7 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
         out.text_idx += [out.n + i for i in pos]
 
     def add_image(item, kind):
-        # <|vision_start|> + image tokens + <|vision_end|>, all on one RoPE id (spec §14.1)
+        # <|vision_start|> + image tokens + <|vision_end|>, all on one RoPE id (DESIGN.md#positions)
         c, h, w = item["image"].shape
         stride = geo.vit_patch if kind == "vit" else geo.latent_down
         gh, gw = h // stride, w // stride
@@ -195,8 +195,8 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
             n = len(ids) + 2
             add_text([tok.bos] + ids + [tok.eos], range(n))
             if item["loss"]:
-                # next-token labels inside the item: BOS..last id predict ids..EOS (spec §7.2);
-                # weight 1/sqrt(len) per item, used only with CE re-weighting (spec §6.4)
+                # next-token labels inside the item: BOS..last id predict ids..EOS (DESIGN.md#layout);
+                # weight 1/sqrt(len) per item, used only with CE re-weighting (DESIGN.md#losses)
                 out.ce_idx += list(range(out.n, out.n + n - 1))
                 out.labels += ids + [tok.eos]
                 out.weights += [1.0 / math.sqrt(n - 1)] * (n - 1)
@@ -244,9 +244,9 @@ def _long(x) -> torch.Tensor:
 
 def collate(layouts: list[Layout], generator: torch.Generator | None = None,
             timesteps: torch.Tensor | None = None, geo: Geometry = Geometry()) -> dict:
-    """Concatenate sample layouts into the packed batch of spec §8 (upstream key names).
+    """Concatenate sample layouts into the packed batch of DESIGN.md#packing (upstream key names).
 
-    One raw timestep per noisy VAE image (standard normal, spec §6.1) is drawn from `generator` in
+    One raw timestep per noisy VAE image (standard normal, DESIGN.md#flow) is drawn from `generator` in
     pack order, unless `timesteps` gives them. Clean VAE images get -inf (sigmoid → t = 0).
     """
     n_noisy = sum(sum(l.vae_noisy) for l in layouts)
@@ -271,7 +271,7 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
             b["t"] += [float(timesteps[ti]) if noisy else float("-inf")] * (h * w)
             ti += noisy
         off += l.n
-    # VAE inputs are encoded as one zero-padded batch (spec §5.4); an empty pack still has a valid
+    # VAE inputs are encoded as one zero-padded batch (DESIGN.md#model); an empty pack still has a valid
     # spatial size so that the encoder runs on a [0, 3, s, s] batch without special cases
     imgs = b["vae_images"]
     hmax = max([i.shape[1] for i in imgs], default=geo.latent_down)
@@ -307,7 +307,7 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
 
 # --------------------------------------------------------------------------------------------------
 # First-fit packing. Upstream packs next-fit with an overflow buffer and silently drops samples that
-# do not fit (spec §14.22); LMMS Engine is next-fit (bug F3). We keep a few packs open and put each
+# do not fit (DESIGN.md#packing); LMMS Engine is next-fit (bug F3). We keep a few packs open and put each
 # sample into the first one with room, which fills packs to ~98% on mixed lengths.
 
 class FirstFitPacker:

@@ -1,5 +1,5 @@
 """Use a BAGEL checkpoint (official or HF layout, e.g. an export of convert_weights.py): answer a
-question about an image, draw prompts, or edit an image, as the reference inferencer does (§12).
+question about an image, draw prompts, or edit an image, as the reference inferencer does (DESIGN.md#inference).
 
     python sample.py --model /data/BAGEL-7B-MoT --prompt "a red fox in snow" --out fox.png
     python sample.py --model out/export --image cat.jpg --prompt "make the cat black" --out black.png
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = (a.size, a.size)
     if a.image:
         img = Image.open(a.image).convert("RGB")
-        if edit:  # a clean VAE copy first, then the ViT tokens, as the reference (§12.1)
+        if edit:  # a clean VAE copy first, then the ViT tokens, as the reference (DESIGN.md#inference)
             x = data_lib.transform(img, "vae", geo, 1, a.image)
             size = tuple(x.shape[1:])
             ctx.add_vae_image(ae.encode(x[None].to(dev, dtype), generator=g)[0])

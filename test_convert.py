@@ -84,7 +84,7 @@ def test_official_hf_official_round_trip_is_bit_exact(tmp_path):
     assert_same_tensors(load_file(os.path.join(back, "ema.safetensors")), load_file(os.path.join(base, "ema.safetensors")))
     assert_same_tensors(load_file(os.path.join(back, "ae.safetensors")), load_file(os.path.join(base, "ae.safetensors")))
     with open(os.path.join(back, "vit_config.json")) as f:
-        assert json.load(f)["num_hidden_layers"] == 3  # upstream drops the last layer again (§4.1)
+        assert json.load(f)["num_hidden_layers"] == 3  # upstream drops the last layer again (DESIGN.md#model)
     assert "config.json" not in os.listdir(back) and "tokenizer.json" in os.listdir(back)
 
     half = convert(Args(base, str(tmp_path / "bf16"), to="hf", dtype="bf16"))  # asked: bf16 BAGEL, VAE as stored

@@ -329,7 +329,7 @@ def test_transparency_composited_on_white():
 
 
 def test_resize_rule():
-    # long edge clamped to max, sides multiples of the stride (spec §9)
+    # long edge clamped to max, sides multiples of the stride (DESIGN.md#image-sizes)
     assert data.resize_shape(4000, 3000, 1024, 512, 16, data.VAE_MAX_PIXELS) == (1024, 768)
     # short edge pushed up to min (upscaling small images)
     assert data.resize_shape(100, 50, 980, 378, 14, data.VIT_MAX_PIXELS) == (756, 378)

@@ -31,7 +31,7 @@ def test_no_file_refers_outside_the_repo():
 
 
 def test_design_anchors_cited_in_the_code_exist():
-    """`DESIGN.md#name` in a comment must name a heading of DESIGN.md (GitHub's anchor rule)."""
+    """An anchor of DESIGN.md cited in a comment must name one of its headings (GitHub's anchor rule)."""
     headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
                 for h in re.findall(r"^#+ (.+)$", open(os.path.join(HERE, "DESIGN.md")).read(), re.M)}
     cited = set()

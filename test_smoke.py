@@ -95,7 +95,7 @@ def hidden(model: Bagel, batch: dict) -> torch.Tensor:
 def test_checkpoint_round_trip_is_strict_and_exact(tmp_path):
     model, ae = tiny_bagel(), tiny_ae()
     write_official(tmp_path, model, ae)
-    assert read_config(str(tmp_path)) == TINY  # vit_config.json says 3 layers, 2 are built (§4.1)
+    assert read_config(str(tmp_path)) == TINY  # vit_config.json says 3 layers, 2 are built (DESIGN.md#model)
     loaded = Bagel.from_pretrained(str(tmp_path))
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
@@ -126,7 +126,7 @@ def test_corrupted_checkpoints_name_the_problem(tmp_path):
         Bagel.from_pretrained(str(tmp_path))
     _save_bagel(tmp_path, {**state, "vit_model.vision_model.encoder.layers.2.mlp.fc1.bias": torch.zeros(64)})
     with pytest.raises(ValueError, match=r"unexpected.*layers\.2\.mlp\.fc1\.bias"):
-        Bagel.from_pretrained(str(tmp_path))  # the 27th SigLIP layer must not be there (§14.10)
+        Bagel.from_pretrained(str(tmp_path))  # the 27th SigLIP layer must not be there (DESIGN.md#model)
     with open(os.path.join(tmp_path, "ema.safetensors"), "r+b") as f:
         f.truncate(100)
     with pytest.raises(ValueError, match="ema.safetensors.*not a readable safetensors"):
@@ -274,7 +274,7 @@ def siglip_twin(model: Bagel):
 
 
 def patchify_image(img: torch.Tensor, p: int = 14) -> torch.Tensor:
-    """[3, H, W] -> [n, p*p*3] patches, row-major, (py, px, c) features (§9), written independently."""
+    """[3, H, W] -> [n, p*p*3] patches, row-major, (py, px, c) features (DESIGN.md#image-sizes), written independently."""
     c, hh, ww = img.shape
     return img.reshape(c, hh // p, p, ww // p, p).permute(1, 3, 2, 4, 0).reshape(-1, p * p * c)
 
@@ -347,7 +347,7 @@ def test_latent_patchify_order_and_inverse():
     for r in range(h):
         for col in range(w):
             for py in range(2):
-                for px in range(2):  # token r*w + col, feature (py*2 + px)*16 + c (§5.4)
+                for px in range(2):  # token r*w + col, feature (py*2 + px)*16 + c (DESIGN.md#model)
                     assert torch.equal(tokens[r * w + col, (py * 2 + px) * c:(py * 2 + px + 1) * c], z[:, 2 * r + py, 2 * col + px])
     assert torch.equal(unpatchify_latent(tokens, h, w), z[:, :2 * h, :2 * w])
 
@@ -598,7 +598,7 @@ def edit_contexts(model, ae):
 @pytest.mark.parametrize("s_txt,s_img,interval", [(4.0, 2.0, (0.0, 1.0)), (3.0, 1.0, (0.0, 1.0)),
                                                   (1.0, 2.0, (0.0, 1.0)), (4.0, 2.0, (0.0, 0.5))])
 def test_guidance_matches_the_reference_formula(renorm, s_txt, s_img, interval):
-    """One Euler step of generate_image equals x - v dt with v combined as written in spec §12.3
+    """One Euler step of generate_image equals x - v dt with v combined as written in DESIGN.md#inference
     (text CFG, image CFG, global / channel / text_channel renorm, the interval, and the reference's
     quirk that image CFG only acts with text CFG), from velocities computed here directly."""
     model, ae = tiny_bagel(), tiny_ae()
@@ -643,7 +643,7 @@ def test_sample_cli_draws_edits_and_answers(tmp_path, capsys):
     out = sample.main(common + ["--prompt", "a red circle", "--size", "64", "--out", str(tmp_path / "t2i.png")])
     assert Image.open(out["image"]).size == (64, 64)
     out = sample.main(common + ["--image", str(tmp_path / "in.png"), "--prompt", "make it blue", "--out", str(tmp_path / "e.png")])
-    assert Image.open(out["image"]).size == (128, 80)  # §9 rule, capped at the model's 128 px: 72x40 -> 224x128 -> 128x80
+    assert Image.open(out["image"]).size == (128, 80)  # DESIGN.md#image-sizes rule, capped at the model's 128 px: 72x40 -> 224x128 -> 128x80
     out = sample.main(common + ["--image", str(tmp_path / "in.png"), "--question", "what is this?"])
     assert isinstance(out["text"], str) and "image" not in out
     out = sample.main(common + ["--prompt", "a red circle", "--think", "--size", "32", "--out", str(tmp_path / "th.png")])

@@ -178,7 +178,7 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
 
 
 def reference(ckpt: str, args: train.Args) -> tuple[dict, dict, list]:
-    """Plain single-process training written from the spec (§6.4): CE and MSE are token means over
+    """Plain single-process training written from the spec (DESIGN.md#losses): CE and MSE are token means over
     the whole global batch. Same keyed noise; no FSDP, no train_step."""
     model, ae = Bagel.from_pretrained(ckpt), AutoEncoder.from_pretrained(ckpt)
     opt = torch.optim.SGD(model.parameters(), lr=args.optim.lr, momentum=args.optim.betas[0])

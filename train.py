@@ -6,7 +6,7 @@
 One step: packs -> VAE encode (frozen, no grad) -> forward -> CE and MSE each divided by its GLOBAL
 token count (all ranks, all accumulation micro-steps) -> backward -> clip -> non-finite check ->
 optimizer -> EMA. Checkpoints are DCP folders output_dir/step-NNNNNNN/ that resume at any world
-size. § numbers refer to ../shared/spec/bagel.md, bug ids (P1, L1, D1...) to spec/lmms_engine.md §8.
+size. Bug ids (P1, L1, D1...) are the table in DESIGN.md#bugs.
 """
 import dataclasses
 import functools
@@ -119,7 +119,7 @@ class Args:
     mse_weight: float = 1.0
     """weight of the flow-matching loss (a token mean over the global batch, channels averaged)"""
     timestep_shift: float | None = None
-    """training timestep shift (None: the checkpoint's, 1.0 for the released model, §6.1)"""
+    """training timestep shift (None: the checkpoint's, 1.0 for the released model, DESIGN.md#flow)"""
     freeze: tuple[Literal["und", "vit", "llm", "connector"], ...] = ()
     """frozen parts: und (upstream's freeze_und: no gradient through text/ViT tokens, so only the
     generation path and lm_head train), vit, llm, connector. The VAE is always frozen"""
@@ -397,7 +397,7 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     (on every rank) when some rank ran out of data; raises FloatingPointError on a non-finite norm."""
     dev = d.device
     # the global token counts are known before any backward: each micro-batch's loss is its share of
-    # one big-batch token mean, whatever the split over ranks and micro-steps (§6.4, bug L1)
+    # one big-batch token mean, whatever the split over ranks and micro-steps (DESIGN.md#losses, bug L1)
     counts = torch.tensor([sum(len(b["ce_loss_indexes"]) for b in batches),
                            sum(len(b["mse_loss_indexes"]) for b in batches),
                            int(len(batches) < args.optim.grad_accum)], dtype=torch.float64, device=dev)
@@ -419,7 +419,7 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
             model.set_requires_all_reduce(last)
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             # frozen VAE outside the sharded model and outside autograd (bugs P3, F4); the posterior
-            # is sampled as upstream does (§14.9), from a keyed generator
+            # is sampled as upstream does (DESIGN.md#flow), from a keyed generator
             g = keyed_generator(args.seed, step, pack, POSTERIOR, dev)
             b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=g).float()
         out = model(**b, generator=keyed_generator(args.seed, step, pack, NOISE, dev))
