@@ -93,8 +93,9 @@ def test_val_packs_split_over_ranks_count_each_pack_once(demo):
         assert len({len(p) for p in ranks}) == 1  # as many forwards on every rank: FSDP's collectives match
 
 
-def test_val_metrics_equal_a_plain_model_and_repeat_bit_for_bit(demo, world1):
-    args = val_args(demo)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_val_metrics_equal_a_plain_model_and_repeat_bit_for_bit(demo, world1, checkpointing):
+    args = val_args(demo, activation_checkpointing=checkpointing)  # real runs checkpoint, the demo does not
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     ae = AutoEncoder.from_pretrained(args.model)
     packs = train.build_val_packs(args, ae, world1)
