@@ -254,7 +254,7 @@ def fit_demo_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return float(loss)
+    return loss.item()
 
 
 DEMO_VAE_STEPS = 300  # ~40 s on 2 CPU cores; the tests set 0
