@@ -15,9 +15,8 @@ CAUSAL, FULL, NOISE = 0, 1, 2
 MODE_IDS = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
 
 
-def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
-                 device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (sample id, split id, split mode) for a pack; each [N] long. Split ids are global."""
+def check_splits(sample_lens: list[int], split_lens: list[int], attn_modes: list[str]):
+    """The three lists of a pack's split table agree with each other."""
     if sum(sample_lens) != sum(split_lens):
         raise ValueError(f"sample_lens sum to {sum(sample_lens)} but split_lens to {sum(split_lens)}")
     if len(split_lens) != len(attn_modes):
@@ -25,6 +24,12 @@ def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list
     bad = sorted(set(attn_modes) - set(MODE_IDS))
     if bad:
         raise ValueError(f"unknown attn_modes {bad}; expected one of {list(MODE_IDS)}")
+
+
+def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
+                 device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (sample id, split id, split mode) for a pack; each [N] long. Split ids are global."""
+    check_splits(sample_lens, split_lens, attn_modes)
     sample = torch.repeat_interleave(torch.arange(len(sample_lens)), torch.tensor(sample_lens))
     split = torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(split_lens))
     modes = torch.tensor([MODE_IDS[m] for m in attn_modes], dtype=torch.long)
@@ -369,13 +374,7 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
       sdpa_keys   int64 [K]: the gathered key positions
       vit_seqlens patches per ViT image (host ints: the ViT attention splits by them)
     """
-    if sum(sample_lens) != sum(split_lens):
-        raise ValueError(f"sample_lens sum to {sum(sample_lens)} but split_lens to {sum(split_lens)}")
-    if len(split_lens) != len(attn_modes):
-        raise ValueError(f"{len(split_lens)} split_lens but {len(attn_modes)} attn_modes")
-    bad = sorted(set(attn_modes) - set(MODE_IDS))
-    if bad:
-        raise ValueError(f"unknown attn_modes {bad}; expected one of {list(MODE_IDS)}")
+    check_splits(sample_lens, split_lens, attn_modes)
     n = sum(sample_lens)
     pad = -n % block
     # the split table, pad included: start, end, mode and sample start of every split

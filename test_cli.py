@@ -18,7 +18,7 @@ import convert_weights
 import data
 import sample
 import train
-from test_smoke import tiny_ae, tiny_bagel, write_official
+from test_train import ckpt  # noqa: F401 (a fixture: the tiny checkpoint with the golden tokenizer)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
@@ -31,16 +31,6 @@ GOOD = {"messages": [{"role": "user", "content": "Say hello."},
 NO_IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "gone.png"}},
                                                       {"type": "text", "text": "What is this?"}]},
                          {"role": "assistant", "content": "A boat."}]}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    """A tiny random BAGEL in the official layout, with the golden tiny tokenizer."""
-    path = str(tmp_path_factory.mktemp("tiny"))
-    write_official(path, tiny_bagel(), tiny_ae())
-    for f in os.listdir(TOK_DIR):
-        shutil.copy(os.path.join(TOK_DIR, f), path)
-    return path
 
 
 def jsonl(path, records) -> str:
