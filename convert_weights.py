@@ -268,8 +268,8 @@ def write_adapter(src: str, dst: str, trained: dict[str, Source], run: dict, bas
     lora = {k: s for k, s in trained.items() if k.endswith((".lora_a", ".lora_b"))}
     if not lora:
         raise ValueError(f"{src}: --lora-only, but the checkpoint holds no LoRA adapters (trained without --lora.rank)")
-    if len(lora) != len(trained):
-        others = [k for k in trained if k not in lora]
+    others = [k for k in trained if k not in lora and k not in POS_TABLES]  # (the sin-cos tables: recomputed)
+    if others:
         raise ValueError(f"{src}: --lora-only would drop {len(others)} other trained tensors (e.g. {others[0]}): "
                          f"export the merged model instead")
     meta = _json(os.path.join(src, "meta.json"))

@@ -153,7 +153,7 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
         raise ValueError(error)
     # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
     new_nsa = fresh_nsa and any(".self_attn.nsa." in k for k in params)  # (sin-cos tables: reset_pos_tables)
-    fresh = {k: v for k, v in fresh_tensors(model, "cpu", new_nsa).items() if k in params}  # (and LoRA adapters)
+    fresh = {fqn(k): v for k, v in fresh_tensors(model, "cpu", new_nsa).items() if fqn(k) in params}  # + LoRA
     crc = 0
     for k, p in params.items():
         if only is not None and k not in only:
