@@ -832,7 +832,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
 
 
 def lora_generator(name: str) -> torch.Generator:
-    """lora_a's init is a function of the module name only: the same on every rank, in every run."""
+    """lora_a's init is a function of the module's official name only (not of the activation
+    checkpoint or compile wrappers around it): the same on every rank, in every run."""
+    name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
     return torch.Generator().manual_seed(zlib.crc32(name.encode()))
 
 # -------------------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def merged_by_hand(base: dict, lora: dict, scale: float) -> dict:
 
 
 def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
-    """A LoRA run (bf16 compute, AdamW, EMA, dropout under activation checkpointing) stores only the
+    """A LoRA run (bf16 compute, AdamW, EMA, dropout under activation checkpointing: the same update
+    as without checkpointing) stores only the
     adapters (model, EMA) and resumes bit-exactly; the merged export equals W + B A alpha/r by hand
     with every other key bit-identical to the base, and gives the unmerged model's CE and MSE on the
     golden pack (1e-5, fp32); the --lora-only adapter gives the same through sample.py --adapter."""
@@ -117,9 +118,19 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
         train.train_step(model, ae, opt, [_all_modalities()], s, args, world1)
         fsdp.ema_update(ema, model, EMA)
 
-    torch.manual_seed(0)  # dropout draws from the global RNG, which checkpoints save per rank
+    # dropout draws from the global RNG (saved per rank in checkpoints); the activation-checkpoint
+    # recompute must replay its masks: the same step without checkpointing gives the same adapters
+    no_ac = dataclasses.replace(args, activation_checkpointing=False)
+    torch.manual_seed(0)
+    model = train.build_model(no_ac, world1, mesh)
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    train.train_step(model, ae, opt, [_all_modalities()], 0, no_ac, world1)
+    ref = params_full(model)
+    torch.manual_seed(0)
     model, opt, ema = start(True)
     step(model, opt, ema, 0)
+    got = params_full(model)
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
     fsdp.save_checkpoint(path, model, opt, ema, {"step": 1}, {}, world1, dataclasses.asdict(args),
                          {"step": 1, "base": ckpt, "frozen_crc32": model.frozen_crc32})
     step(model, opt, ema, 1)
