@@ -185,9 +185,11 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
 
 
 def test_demo_lora_lowers_both_losses(tmp_path):
-    """`python train.py --lora.rank 4` (fewer steps): both losses fall, from the base's values."""
+    """`python train.py --lora.rank 4` (16 steps, not 300): both losses fall clearly."""
     out = str(tmp_path / "demo")
     train.main(["--lora.rank", "4", "--output-dir", out, "--max-steps", "16", "--log-every", "8",
                 "--eval.every", "0", "--ckpt.every", "0", "--data.packing-length", "160"])
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    assert rows[-1]["ce"] < rows[0]["ce"] and rows[-1]["mse"] < rows[0]["mse"], rows
+    # margins: measured 4.06 -> 3.19 and 1.42 -> 1.26; with the adapters not updating, the data alone
+    # moved them by under 2% (4.14 -> 4.12, 1.45 -> 1.42)
+    assert rows[-1]["ce"] < 0.9 * rows[0]["ce"] and rows[-1]["mse"] < 0.95 * rows[0]["mse"], rows
