@@ -193,3 +193,13 @@ def test_demo_lora_lowers_both_losses(tmp_path):
     # margins: measured 4.06 -> 3.19 and 1.42 -> 1.26; with the adapters not updating, the data alone
     # moved them by under 2% (4.14 -> 4.12, 1.45 -> 1.42)
     assert rows[-1]["ce"] < 0.9 * rows[0]["ce"] and rows[-1]["mse"] < 0.95 * rows[0]["mse"], rows
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora.rank", "-1"], "--lora.rank -1 .*need a rank >= 0"),
+    (["--lora.rank", "4", "--lora.dropout", "1.0"], "dropout in \\[0, 1\\)"),
+    (["--lora.rank", "4", "--lora.targets", "und", "--freeze", "und"], "the und expert gets no gradient"),
+])
+def test_bad_lora_options_are_user_errors(flags, message, world1):
+    with pytest.raises(ValueError, match=message):
+        train.check_args(train.parse_args(flags), world1)

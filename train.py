@@ -626,6 +626,12 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if args.attn == "flex" and d.device.type != "cuda":
         raise ValueError("--attn flex has no backward on CPU: use --attn sdpa (or auto)")
     fsdp.mesh_shape(d.world_size, d.local_world_size if args.shard_size < 0 else args.shard_size)
+    lo = args.lora
+    if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
+        raise ValueError(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
+                         f"(0: off), alpha > 0 and dropout in [0, 1)")
+    if lo.rank and lo.targets == "und" and "und" in args.freeze and not lo.vit:
+        raise ValueError("--lora.targets und with --freeze und: the und expert gets no gradient, nothing would train")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
