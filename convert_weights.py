@@ -651,7 +651,7 @@ def convert(args: Args) -> str:
         raise ValueError(f"{src}: --lora-only needs a training checkpoint (output_dir/step-N) of a LoRA run")
     weights, extras = plan(config, sources, args.plain)
     if is_dcp:
-        from_base = [k for k in weights if k not in trained]
+        from_base = [k for k in weights if k not in trained and not weights[k].where.endswith(" + LoRA")]
         print(f"{src}{step}: {len(weights) - len(from_base)} tensors from the training checkpoint, "
               f"{len(from_base)} from base {base} ({kind} layout)")
     else:
