@@ -65,6 +65,8 @@ class Args:
     """base checkpoint of a training run (default: "model" in its args.json): configs, tokenizer, ae.safetensors, and every tensor the run did not save (e.g. the ViT of a visual_und=False run)"""
     plain: bool = False
     """drop parameters the official model does not have (e.g. NSA's .nsa. weights): a plain official export"""
+    lora_only: bool = False
+    """from a LoRA run's checkpoint: write only the adapter (adapter.safetensors, fp32, + adapter_config.json) for `sample.py --model BASE --adapter DST`, instead of the merged model"""
     check: bool = False
     """before DST is renamed into place, load it strictly with model.py (meta device: names, shapes) and compare every tensor, read back by safetensors, with its source bit for bit"""
     overwrite: bool = False
@@ -240,6 +242,45 @@ def find_base(ckpt: str, base: str | None) -> str:
     if not os.path.isdir(base):
         raise FileNotFoundError(f"{where}, which does not exist: pass --base")
     return base
+
+
+def lora_scale(run: dict) -> float | None:
+    """alpha / rank of a LoRA run (train.py's args.json), None for a run without LoRA."""
+    lo = run.get("lora") or {}
+    return (lo.get("alpha") or 2 * lo["rank"]) / lo["rank"] if lo.get("rank") else None
+
+
+def merge_lora(sources: dict[str, Source], scale: float) -> dict[str, Source]:
+    """Fold every adapter into its weight: W + B A alpha/rank, computed in fp32 from the base's W and
+    the checkpoint's A, B (cast once, when written). The adapter keys themselves are dropped."""
+    out = dict(sources)
+    for k in [k for k in sources if k.endswith(".lora_a")]:
+        name = k[:-len(".lora_a")]
+        w, a, b = out[name + ".weight"], out.pop(k), out.pop(name + ".lora_b")
+        read = lambda w=w, a=a, b=b: w.read().float() + b.read().float() @ a.read().float() * scale
+        out[name + ".weight"] = Source(f"{w.where} + LoRA", w.shape, torch.float32, read)
+    return out
+
+
+def write_adapter(src: str, dst: str, trained: dict[str, Source], run: dict, base: str):
+    """adapter.safetensors (the fp32 LoRA tensors, official module names) + adapter_config.json."""
+    lora = {k: s for k, s in trained.items() if k.endswith((".lora_a", ".lora_b"))}
+    if not lora:
+        raise ValueError(f"{src}: --lora-only, but the checkpoint holds no LoRA adapters (trained without --lora.rank)")
+    others = [k for k in trained if k not in lora and k not in POS_TABLES]  # (the sin-cos tables: recomputed)
+    if others:
+        raise ValueError(f"{src}: --lora-only would drop {len(others)} other trained tensors (e.g. {others[0]}): "
+                         f"export the merged model instead")
+    meta = _json(os.path.join(src, "meta.json"))
+    with staging(dst) as tmp:
+        write_safetensors(os.path.join(tmp, "adapter.safetensors"), [(k, s, s.dtype) for k, s in lora.items()])
+        lo = run["lora"]
+        write_json(os.path.join(tmp, "adapter_config.json"),
+                   {"rank": lo["rank"], "alpha": lo.get("alpha") or 2 * lo["rank"], "targets": lo["targets"],
+                    "vit": lo["vit"], "base": base, "base_frozen_crc32": meta.get("frozen_crc32"),
+                    "step": meta.get("step")})
+    print(f"done: {dst}: adapter of {len(lora)} tensors, {sum(math.prod(s.shape) for s in lora.values()) / 1e6:.3f}M parameters")
+    return dst
 
 
 def plan(config, sources: dict[str, Source], plain: bool) -> tuple[dict[str, Source], list[str]]:
@@ -599,10 +640,17 @@ def convert(args: Args) -> str:
         dtype = dtype or torch.bfloat16
         trained = dcp_sources(src, args.weights)
         step = f" (step {_json(os.path.join(src, 'meta.json')).get('step')})"
+        if args.lora_only:
+            return write_adapter(src, dst, trained, run, base)
         sources.update(trained)
+        if lora_scale(run):
+            sources = merge_lora(sources, lora_scale(run))
+            print(f"{src}: LoRA adapters merged into their weights (W + B A * {lora_scale(run):g}, fp32)")
+    elif args.lora_only:
+        raise ValueError(f"{src}: --lora-only needs a training checkpoint (output_dir/step-N) of a LoRA run")
     weights, extras = plan(config, sources, args.plain)
     if is_dcp:
-        from_base = [k for k in weights if k not in trained]
+        from_base = [k for k in weights if k not in trained and not weights[k].where.endswith(" + LoRA")]
         print(f"{src}{step}: {len(weights) - len(from_base)} tensors from the training checkpoint, "
               f"{len(from_base)} from base {base} ({kind} layout)")
     else:

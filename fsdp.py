@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
-from model import (TOP_LEVEL, Bagel, CheckpointReader, PositionEmbedding, checkpoint_index,
+from model import (TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, checkpoint_index,
                    fresh_tensors, sincos_2d)
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
@@ -103,8 +103,9 @@ def shard_model(model: Bagel, mesh: DeviceMesh, param_dtype: torch.dtype | None,
         stacks.append(model.vit_model.vision_model.encoder.layers)
     for layers in stacks:
         for i, layer in enumerate(layers):
-            if ac:  # preserve_rng_state=False: the layers draw no random numbers
-                layer = checkpoint_wrapper(layer, preserve_rng_state=False)
+            if ac:  # the recompute must redraw the same numbers: only LoRA's dropout draws any
+                layer = checkpoint_wrapper(layer, preserve_rng_state=any(isinstance(m, LoRALinear) and m.dropout > 0
+                                                                    for m in layer.modules()))
             if compile:
                 layer.compile()
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
@@ -152,7 +153,7 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
         raise ValueError(error)
     # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
     new_nsa = fresh_nsa and any(".self_attn.nsa." in k for k in params)  # (sin-cos tables: reset_pos_tables)
-    fresh = {k: v for k, v in fresh_tensors(model, "cpu", True).items() if k in params} if new_nsa else {}
+    fresh = {fqn(k): v for k, v in fresh_tensors(model, "cpu", new_nsa).items() if fqn(k) in params}  # + LoRA
     crc = 0
     for k, p in params.items():
         if only is not None and k not in only:

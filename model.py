@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from functools import lru_cache, partial
@@ -783,6 +784,78 @@ class Bagel(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on frozen linears (Hu et al. 2021; torchtune's LoRALinear)
+
+LORA_PREFIX = re.compile(r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj(_moe_gen)?|"
+                         r"mlp(_moe_gen)?\.(gate|up|down)_proj)$")  # a decoder layer's q/k/v/o and MLP
+LORA_VIT = re.compile(r"(vit_model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])|"
+                      r"connector\.fc[12])$")
+
+
+def is_lora(name: str) -> bool:
+    return name.endswith((".lora_a", ".lora_b"))
+
+
+def lora_target(name: str, targets: Literal["gen", "und", "all"], vit: bool = False) -> bool:
+    """Whether linear `name` gets an adapter. gen: the generation expert (`*_moe_gen`, what UniRL's
+    BAGEL LoRA adapts); und: the understanding expert; all: both. vit adds the ViT and connector."""
+    if LORA_PREFIX.match(name):
+        return targets == "all" or (targets == "gen") == ("_moe_gen" in name)
+    return vit and bool(LORA_VIT.match(name))
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + dropout(x) A^T B^T * alpha / rank. W and b stay under their official names
+    (frozen); A [rank, in] starts Kaiming-uniform like nn.Linear, B [out, rank] at zero, so before
+    the first update the output is the base layer's bit for bit (the update adds exact zeros)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.scale, self.dropout = rank, alpha / rank, dropout
+        dev = base.weight.device  # fp32 masters, whatever the base's dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+        self.lora_b = nn.Parameter(torch.empty(self.out_features, rank, device=dev))
+
+    def init_lora(self, generator: torch.Generator | None = None):
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.dropout and self.training and torch.is_grad_enabled():  # never while sampling
+            x = F.dropout(x, self.dropout)
+        a = self.lora_a
+        return y + (F.linear(F.linear(x.to(a.dtype), a), self.lora_b) * self.scale).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + B A alpha/r, computed in fp32 (convert_weights.py does the same from a checkpoint)."""
+        return self.weight.float() + self.lora_b.float() @ self.lora_a.float() * self.scale
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+             targets: Literal["gen", "und", "all"] = "gen", vit: bool = False) -> list[str]:
+    """Replace the targeted nn.Linear modules by LoRALinear, in place (meta device or not, before
+    sharding); the forward code is untouched since it calls the modules by attribute. Their adapters
+    are initialised by `fresh_tensors` (meta) or here (real tensors). Returns the names adapted."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and lora_target(n, targets, vit)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        lin = LoRALinear(model.get_submodule(parent).get_submodule(child), rank, alpha, dropout)
+        if not lin.weight.is_meta:
+            lin.init_lora(lora_generator(name))
+        setattr(model.get_submodule(parent), child, lin)
+    return names
+
+
+def lora_generator(name: str) -> torch.Generator:
+    """lora_a's init is a function of the module's official name only (not of the activation
+    checkpoint or compile wrappers around it): the same on every rank, in every run."""
+    name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+# -------------------------------------------------------------------------------------------------
 # checkpoint layouts
 #
 # official (ByteDance-Seed/BAGEL-7B-MoT): llm_config.json, vit_config.json, ema.safetensors (or
@@ -936,7 +1009,8 @@ class CheckpointReader:
     def __init__(self, want: dict[str, tuple], index: dict[str, tuple[str, str]], path: str, off: tuple[str, ...] = ()):
         from safetensors import safe_open
         self.fresh_nsa = not any(".self_attn.nsa." in k for k in index)
-        self.want = {k: s for k, s in want.items() if not (self.fresh_nsa and ".self_attn.nsa." in k)}
+        self.want = {k: s for k, s in want.items() if not (self.fresh_nsa and ".self_attn.nsa." in k)
+                     and not is_lora(k)}  # adapters start fresh (`fresh_tensors`)
         self.index = {k: v for k, v in index.items() if k not in POS_TABLES and not k.startswith(off)}
         self.stack = ExitStack()
         self.files = {f: self.stack.enter_context(safe_open(f, "pt", device="cpu")) for f in {f for f, _ in self.index.values()}}
@@ -970,8 +1044,9 @@ class CheckpointReader:
 
 
 def fresh_tensors(model: nn.Module, device, fresh_nsa: bool) -> dict[str, torch.Tensor]:
-    """What a checkpoint does not hold: the sin-cos tables (recomputed, like upstream) and, for NSA
-    added to a dense checkpoint, the NSA parameters' deterministic init (the same on every rank)."""
+    """What a checkpoint does not hold: the sin-cos tables (recomputed, like upstream), LoRA adapters
+    and, for NSA added to a dense checkpoint, the NSA parameters: deterministic inits, the same on
+    every rank."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, PositionEmbedding):
@@ -979,6 +1054,10 @@ def fresh_tensors(model: nn.Module, device, fresh_nsa: bool) -> dict[str, torch.
         elif fresh_nsa and isinstance(mod, nsa.NSA):
             twin = nsa.NSA(mod.config, mod.g_proj.in_features, mod.nq, mod.nkv, mod.d)
             out.update({f"{name}.{k}": v.to(device) for k, v in twin.state_dict().items()})
+        elif isinstance(mod, LoRALinear):
+            a, b = torch.empty(mod.lora_a.shape), torch.zeros(mod.lora_b.shape)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=lora_generator(name))
+            out.update({name + ".lora_a": a.to(device), name + ".lora_b": b.to(device)})
     return out
 
 

@@ -5,11 +5,13 @@ question about an image, draw prompts, or edit an image, as the reference infere
     python sample.py --model out/export --image cat.jpg --prompt "make the cat black" --out black.png
     python sample.py --model out/export --image cat.jpg --question "What is on the table?"
     python sample.py --model out/export --prompt "a poster for a jazz night" --think
+    python sample.py --model /data/BAGEL-7B-MoT --adapter out/adapter --prompt "a red fox"  # LoRA, unmerged
 
 A training checkpoint (output_dir/step-N/) is converted first: python convert_weights.py step-N export.
 Guidance defaults follow the task, as upstream: text-to-image cfg text 4, image 1, interval (0.4, 1],
 global renorm; editing cfg text 4, image 2, interval (0, 1], text_channel renorm.
 """
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +23,7 @@ from PIL import Image
 
 import data as data_lib
 import packing
-from model import AutoEncoder, Bagel, Context, generate_image, generate_text, latent_to_pil, resolve
+from model import AutoEncoder, Bagel, Context, add_lora, generate_image, generate_text, latent_to_pil, resolve
 
 # the reference inferencer's think-mode system prompts (the released model was trained with them)
 THINK_UND = ("You should first think about the reasoning process in the mind and then provide the user with the "
@@ -36,6 +38,8 @@ THINK_GEN = ("You should first think about the planning process in the mind and 
 class Args:
     model: str
     """checkpoint directory (official or HF layout), or a Hugging Face Hub id (ORG/NAME)"""
+    adapter: str = ""
+    """a LoRA adapter folder (convert_weights.py STEP DIR --lora-only) applied unmerged on top of --model"""
     prompt: str = ""
     """what to draw, or the edit instruction when --image is given"""
     image: str = ""
@@ -65,6 +69,29 @@ class Args:
     dtype: Literal["bf16", "fp32"] = "bf16" if torch.cuda.is_available() else "fp32"
 
 
+def load_adapter(model: Bagel, folder: str, base: str):
+    """Add the LoRA adapters of `folder` (adapter_config.json + adapter.safetensors) to `model`, strictly."""
+    from safetensors.torch import load_file
+    try:
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        weights = load_file(os.path.join(folder, "adapter.safetensors"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"sample.py: --adapter {folder}: not a LoRA adapter folder ({e})") from None
+    if os.path.realpath(cfg.get("base", base)) != os.path.realpath(base):
+        print(f"warning: --adapter {folder} was trained on {cfg['base']}, not on --model {base}")
+    names = add_lora(model, cfg["rank"], cfg["alpha"], 0.0, cfg["targets"], cfg["vit"])
+    dev = model.language_model.lm_head.weight.device
+    want = {n + s for n in names for s in (".lora_a", ".lora_b")}
+    if set(weights) != want:
+        bad = sorted(set(weights) ^ want)
+        raise SystemExit(f"sample.py: --adapter {folder}: adapter.safetensors does not match adapter_config.json "
+                         f"on --model {base}: {len(bad)} keys differ, e.g. {bad[0]}")
+    for k, v in weights.items():  # kept fp32: the adapter's forward casts its input to them
+        model.get_parameter(k).data = v.to(dev)
+    print(f"adapter {folder}: rank {cfg['rank']}, alpha {cfg['alpha']}, {cfg['targets']} targets, {len(names)} layers")
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = tyro.cli(Args, args=argv)
     if not (a.prompt or a.question):
@@ -82,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     dev, dtype = torch.device(a.device), {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     t0 = time.time()
     model = Bagel.from_pretrained(a.model, dtype=dtype, device=dev).eval()
+    if a.adapter:
+        load_adapter(model, a.adapter, a.model)
     if a.prompt and not model.config.visual_gen:
         raise SystemExit(f"sample.py: {a.model} has no generation part (visual_gen false in its config): it cannot draw")
     if a.image and a.question and not model.config.visual_und:

@@ -88,6 +88,11 @@ def parity_args(ckpt: str, accum: int, **kw) -> train.Args:
                       data=data_config(), **kw)
 
 
+def lora_parity_args(ckpt: str, accum: int) -> train.Args:
+    """LoRA on every expert, the ViT and the connector (test_lora.py tests the adapters themselves)."""
+    return dataclasses.replace(parity_args(ckpt, accum), lora=train.LoRAConfig(rank=4, targets="all", vit=True))
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     """A tiny random BAGEL in the official layout, with the golden tiny tokenizer."""
@@ -162,7 +167,8 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
         results = {"fsdp": run_steps(sync("all"), d, fsdp.make_mesh(d, 0), batches, range(STEPS),
                                      save=os.path.join(out, "step-0000002"), sample=True),
                    "hsdp": run_steps(args, d, fsdp.make_mesh(d, 1), batches, range(STEPS)),  # 2 replicas x 1 shard
-                   "none": run_steps(sync("none"), d, fsdp.make_mesh(d, 1), batches, range(STEPS))}
+                   "none": run_steps(sync("none"), d, fsdp.make_mesh(d, 1), batches, range(STEPS)),
+                   "lora": run_steps(lora_parity_args(ckpt, 2), d, fsdp.make_mesh(d, 0), batches, range(STEPS))}
         # rank 1's --output-dir lacks the checkpoint rank 0 finds: both stop with an error, no hang
         try:
             fsdp.resume_point(out if rank == 0 else os.path.join(out, "empty"), "auto", d)
@@ -257,11 +263,17 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     try:
         model, ema, norms = run_steps(parity_args(ckpt, accum=4), d, fsdp.make_mesh(d, 0), lambda s: sum(make_batches(s), []),
                                       range(SAVE_AT, STEPS), resume=str(tmp_path / "step-0000002"))
+        lora = run_steps(lora_parity_args(ckpt, 4), d, fsdp.make_mesh(d, 0), lambda s: sum(make_batches(s), []), range(STEPS))
     finally:
         dist.destroy_process_group()
     assert_close(model, got["fsdp"][0], 1e-6)
     assert_close(ema, got["fsdp"][1], 1e-6)
     assert norms == pytest.approx(want_norms[SAVE_AT:], rel=1e-5)
+    # LoRA: 2-rank FSDP == 1 rank accumulating all 4 packs, adapters and (untouched) base alike
+    assert_close(got["lora"][0], lora[0], 1e-6)
+    assert_close(got["lora"][1], lora[1], 1e-6)
+    assert got["lora"][2] == pytest.approx(lora[2], rel=1e-6) and min(lora[2]) > 0
+    assert sum(k.endswith(".lora_b") and bool(v.any()) for k, v in lora[0].items()) > 10  # the adapters trained
 
 
 def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):

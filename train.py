@@ -32,8 +32,8 @@ import packing
 from data import DataConfig
 from nsa import NSAConfig
 from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader, Context,
-                   LLMConfig, ViTConfig, checkpoint_index, generate_image, generate_text, latent_to_pil, read_config,
-                   resolve, save_pretrained)
+                   LLMConfig, ViTConfig, add_lora, checkpoint_index, generate_image, generate_text, is_lora,
+                   latent_to_pil, read_config, resolve, save_pretrained)
 
 # -------------------------------------------------------------------------------------------------
 # arguments
@@ -101,6 +101,23 @@ class EvalConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank (0: off, full fine-tuning). On: every weight outside the adapters is frozen in the
+    compute dtype; only the adapters train (fp32 masters, optimizer state, EMA, checkpoints)"""
+    alpha: float | None = None
+    """scale numerator, the update is B A alpha/rank (None: 2 * rank, so the scale stays 2 whatever the
+    rank and a learning rate found at one rank carries over to another)"""
+    dropout: float = 0.0
+    """dropout on the adapters' input (training only)"""
+    targets: Literal["gen", "und", "all"] = "gen"
+    """decoder q/k/v/o and MLP projections of the generation expert (*_moe_gen), the understanding
+    expert, or both"""
+    vit: bool = False
+    """also adapt the ViT's attention and MLP projections and the connector"""
+
+
+@dataclass
 class Args:
     """Fine-tune BAGEL with FSDP2. Without --model the defaults are the CPU demo's (tiny random
     BAGEL, generated data); `--model DIR --help` shows the fine-tuning defaults."""
@@ -109,6 +126,7 @@ class Args:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "out"
     """checkpoints, metrics.jsonl, loss.png and samples go here"""
@@ -165,6 +183,7 @@ def demo_args() -> Args:
     return Args(output_dir="out/demo", max_steps=300, log_every=20, activation_checkpointing=False,
                 optim=OptimConfig(lr=3e-3, warmup_steps=20, schedule="cosine", min_lr=1e-4),
                 ckpt=CkptConfig(every=100, keep_last=2),
+                lora=LoRAConfig(targets="all"),  # the demo's base is random: its text needs adapting too
                 eval=EvalConfig(every=150, prompts=DEMO_PROMPTS, question="what shape is this ?",
                                 size=64, steps=20),
                 data=DataConfig(packing_length=384, num_workers=0, vae_max_size=64, vae_min_size=32,
@@ -279,8 +298,9 @@ def make_demo_checkpoint(path: str, images: str, seed: int = 0) -> str:
         vae=AEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16),
         max_latent_size=8, vit_max_num_patch_per_side=8)
     torch.manual_seed(seed)  # only here, before any training code runs: the demo's random init
+    # PyTorch's init throughout, llm2vae too (not upstream's zero, Bagel.init_weights): a frozen zero
+    # llm2vae, as in a LoRA run, would pass no MSE gradient to anything
     model, ae = Bagel(config), AutoEncoder(config.vae)
-    model.init_weights()
     if DEMO_VAE_STEPS:
         t0 = time.time()
         loss = fit_demo_vae(ae, images, DEMO_VAE_STEPS, seed)
@@ -319,9 +339,15 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
         model = Bagel(read_config(args.model, **over))
     model.attn = None if args.attn == "auto" else args.attn
     model.freeze_und = "und" in args.freeze
+    lo = args.lora
+    if lo.rank:  # adapters added on the meta device; their init comes with the load (model.fresh_tensors)
+        add_lora(model, lo.rank, lo.alpha or 2 * lo.rank, lo.dropout, lo.targets, lo.vit)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     for name, p in model.named_parameters():
-        p.requires_grad_(not any(FREEZE[part](name) for part in args.freeze))
+        if lo.rank:  # only the adapters train, and NSA's weights when they are new (a dense base)
+            p.requires_grad_(is_lora(name) or ("nsa" in over and ".self_attn.nsa." in name))
+        else:
+            p.requires_grad_(not any(FREEZE[part](name) for part in args.freeze))
         if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
             p.data = p.data.to(dtype)
     if not any(p.requires_grad for p in model.parameters()):
@@ -339,13 +365,15 @@ def param_table(model: Bagel, ae: AutoEncoder) -> str:
               "llm gen (moe_gen)": lambda k: "moe_gen" in k,
               "vit": FREEZE["vit"], "connector": FREEZE["connector"],
               "time/vae2llm/llm2vae": lambda k: k.startswith(("time_embedder", "vae2llm", "llm2vae"))}
-    rows = ["params               total    trainable"]
+    rows = ["params               total    trainable  of which LoRA"]
     named = [(fsdp.fqn(n), p) for n, p in model.named_parameters()]
     for g, pick in groups.items():
-        ps = [p for n, p in named if pick(n)]
+        ps = [(n, p) for n, p in named if pick(n)]
         if ps:
-            rows.append(f"{g:20s} {sum(p.numel() for p in ps) / 1e6:8.2f}M {sum(p.numel() for p in ps if p.requires_grad) / 1e6:8.2f}M")
-    rows.append(f"{'vae (always frozen)':20s} {sum(p.numel() for p in ae.parameters()) / 1e6:8.2f}M {0:8.2f}M")
+            count = lambda keep: sum(p.numel() for n, p in ps if keep(n, p)) / 1e6
+            rows.append(f"{g:20s} {count(lambda n, p: True):8.2f}M {count(lambda n, p: p.requires_grad):8.2f}M "
+                        f"{count(lambda n, p: is_lora(n)):8.3f}M")
+    rows.append(f"{'vae (always frozen)':20s} {sum(p.numel() for p in ae.parameters()) / 1e6:8.2f}M {0:8.2f}M {0:8.3f}M")
     return "\n".join(rows)
 
 
@@ -778,6 +806,12 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if args.attn == "flex" and d.device.type != "cuda":
         raise ValueError("--attn flex has no backward on CPU: use --attn sdpa (or auto)")
     fsdp.mesh_shape(d.world_size, d.local_world_size if args.shard_size < 0 else args.shard_size)
+    lo = args.lora
+    if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
+        raise ValueError(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
+                         f"(0: off), alpha > 0 and dropout in [0, 1)")
+    if lo.rank and lo.targets == "und" and "und" in args.freeze and not lo.vit:
+        raise ValueError("--lora.targets und with --freeze und: the und expert gets no gradient, nothing would train")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
