@@ -1,0 +1,192 @@
+"""Checkpoints a user can trust (fsdp.py save/verify/resume, train.py save): a damaged newest checkpoint
+is named and skipped, a failed save names its folder and leaves nothing that looks complete, an async
+save writes what a synchronous one does, and torchrun --max-restarts resumes by itself. Tiny model, one
+process (gloo world of 1) except the torchrun test. Each test names the bug it catches."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from test_paths import run_main
+from test_train import ckpt, one_thread, random_demo_vae, read_dcp  # noqa: F401 (fixtures)
+
+RECORDS = ["vqa", "t2i", "edit", "text"]
+SHARD = "__0_0.distcp"  # rank 0's DCP data file
+
+
+def state(step_dir, tmp) -> dict:
+    """Everything a checkpoint holds (model, optim, ema, trainer, data and RNG state), flattened."""
+    sd = read_dcp(str(step_dir), str(tmp / "read.pt"))
+    flat = {}
+    def walk(x, key):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{key}.{k}")
+        else:
+            flat[key] = x
+    walk(sd, "")
+    return flat
+
+
+def assert_same(got: dict, want: dict):
+    """Bit-identical, but for the saved global RNG: training never draws from it (train.keyed_generator),
+    so it holds whatever earlier tests in this process left there."""
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if k == ".rng0":
+            continue
+        assert torch.equal(got[k], v) if torch.is_tensor(v) else got[k] == v, k
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def flip(path):  # same size, one byte changed in the middle: only a hash sees it
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_damaged_newest_checkpoint_is_named_skipped_and_the_run_ends_bit_identical(ckpt, tmp_path, capsys):
+    """Run b saved steps 1 and 2 (--ckpt.verify hash), then its step 2 is damaged: a shard truncated,
+    deleted, or one byte flipped (same size). Auto resume names folder, file and problem, continues
+    from step 1, and its step 3 equals an uninterrupted run's bit for bit (model, optimizer, EMA-free
+    trainer and data state). DCP's index overwritten with same-size garbage under the default
+    --ckpt.verify size is caught too. Every checkpoint damaged: an error, not a silent restart; an
+    explicit damaged path: an error naming it. Catches resume loading a damaged shard (torch's raw
+    EOFError), skipping it silently, falling back to the base instead of step 1, or a hash not checked."""
+    run_main(ckpt, tmp_path / "a", RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0")
+    want = state(tmp_path / "a" / "step-0000003", tmp_path)
+    run_main(ckpt, tmp_path / "b", RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "0",
+             "--ckpt.verify", "hash")
+    capsys.readouterr()
+    damages = [(SHARD, truncate, "bytes, meta.json says"), (SHARD, os.remove, "missing"),
+               (SHARD, flip, "CRC-32"), (".metadata", flip, ".metadata: DCP cannot read it")]
+    for name, damage, says in damages:
+        out = tmp_path / f"{damage.__name__}{name}"
+        shutil.copytree(tmp_path / "b", out)
+        if name == ".metadata":  # the default: sizes only; DCP's index garbled but the same size
+            meta = json.load(open(out / "step-0000002" / "meta.json"))
+            for f in meta["files"].values():
+                f.pop("crc32")
+            json.dump(meta, open(out / "step-0000002" / "meta.json", "w"))
+            with open(out / "step-0000002" / name, "r+b") as f:
+                f.write(b"\0" * os.path.getsize(out / "step-0000002" / name))
+        else:
+            damage(out / "step-0000002" / name)
+        run_main(ckpt, out, RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0")
+        log = capsys.readouterr().out
+        assert f"checkpoint {out}/step-0000002 is damaged, skipped: " in log, log
+        assert says in log.split("is damaged, skipped: ")[1].splitlines()[0]
+        assert f"resumed from {out}/step-0000001 at step 1" in log
+        assert_same(state(out / "step-0000003", tmp_path), want)
+
+    bad = tmp_path / "truncate__0_0.distcp"  # now steps 1-3, all good: damage them all
+    for step in (1, 2, 3):
+        os.remove(bad / f"step-{step:07d}" / SHARD)
+    with pytest.raises(SystemExit) as e:
+        run_main(ckpt, bad, RECORDS, "--max-steps", "4")
+    assert e.value.code == 2
+    assert f"error: {bad}: none of its 3 checkpoints verifies" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_main(ckpt, tmp_path / "c", RECORDS, "--max-steps", "4", "--ckpt.resume", str(bad / "step-0000003"))
+    assert e.value.code == 2
+    assert f"error: --ckpt.resume {bad}/step-0000003: damaged checkpoint: {SHARD}: missing" in capsys.readouterr().err
+
+
+def test_failed_save_names_the_folder_and_keeps_the_last_good_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
+    """A save that cannot write (a file where the step folder goes; a full disk, simulated by DCP's file
+    writer raising ENOSPC) stops the run with exit 2 and one line naming the folder; it leaves no folder
+    with meta.json, and --ckpt.keep-last 1 has not deleted step 1 (the last good one) for it. Catches a
+    raw CheckpointException traceback, a meta.json written after a failed write, and pruning before
+    the new checkpoint is complete."""
+    import torch.distributed.checkpoint.filesystem as fs
+    blocked = tmp_path / "blocked"
+    os.makedirs(blocked)
+    (blocked / "step-0000002").write_text("")  # not a folder: DCP cannot create its files in it
+    real = fs._write_item
+    def full(transforms, stream, *a, **k):  # step 1 writes, step 2 meets a full disk
+        if "step-0000002" in str(getattr(stream, "name", "")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(transforms, stream, *a, **k)
+    for out in (blocked, tmp_path / "full"):
+        if out != blocked:
+            monkeypatch.setattr(fs, "_write_item", full)
+        with pytest.raises(SystemExit) as e:
+            run_main(ckpt, out, RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "1")
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: saving the checkpoint {out}/step-0000002 failed: " in err, err
+        assert ("No space left" if out != blocked else "File exists") in err, err
+        assert os.path.exists(out / "step-0000001" / "meta.json")
+        assert not os.path.exists(out / "step-0000002" / "meta.json")
+        assert [n for n in os.listdir(out) if n.startswith("step-")] in (["step-0000001"], ["step-0000001", "step-0000002"])
+
+
+@pytest.mark.parametrize("verify", ["size", "hash"])
+def test_async_save_writes_what_a_sync_save_writes(ckpt, tmp_path, capsys, verify):
+    """--ckpt.async: every checkpoint (steps 1-3, each staged while the previous one may still be written)
+    holds the same tensors and states as a synchronous run's, meta.json lists the same files, and the
+    run ends only once the last is complete. Catches the background write racing the next optimizer
+    step (a checkpoint of step 2 holding step 3's weights), meta.json written before the shards, and
+    the end of training not waiting."""
+    common = ("--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0", "--ckpt.verify", verify)
+    run_main(ckpt, tmp_path / "sync", RECORDS, *common)
+    run_main(ckpt, tmp_path / "async", RECORDS, *common, "--ckpt.async")
+    assert "staged" in capsys.readouterr().out
+    for step in (1, 2, 3):
+        name = f"step-{step:07d}"
+        assert_same(state(tmp_path / "async" / name, tmp_path), state(tmp_path / "sync" / name, tmp_path))
+        files = [json.load(open(tmp_path / run / name / "meta.json"))["files"] for run in ("sync", "async")]
+        assert files[0].keys() == files[1].keys() and SHARD in files[0]
+        assert all(("crc32" in f) == (verify == "hash") for f in files[1].values())
+
+
+DIE = """import os, sys
+import fsdp, train
+save = fsdp.save_checkpoint
+def save_then_die(path, *a, **k):
+    save(path, *a, **k)
+    # the first attempt's rank 1 dies right after the step-2 checkpoint of the run "elastic"
+    if "elastic" in path and path.endswith("step-0000002") and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" \\
+            and os.environ["RANK"] == "1":
+        os._exit(1)
+fsdp.save_checkpoint = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path):
+    """2 ranks under torchrun --max-restarts 1: the script trains an uninterrupted run, then the run
+    "elastic" whose rank 1 dies after the step-2 checkpoint; torchrun restarts both workers, the
+    uninterrupted run finds itself done, "elastic" resumes from step 2 by itself, and its step-3
+    checkpoint equals the uninterrupted run's. Catches a restart that starts over from the base, or
+    resumes from a partial checkpoint, or a job that needs a manual step."""
+    from test_paths import write_jsonl
+    from test_train import RECORDS as RECS
+    script = tmp_path / "die.py"
+    script.write_text(DIE)
+    data = write_jsonl(tmp_path / "data.jsonl", [RECS[k] for k in RECORDS * 2])
+    args = ["--model", ckpt, "--data", data, "--precision", "fp32", "--no-activation-checkpointing",
+            "--optim.warmup-steps", "0", "--max-steps", "3", "--ckpt.every", "1", "--data.num-workers", "0",
+            "--eval.every", "0", "--timeout-min", "1", "--data.packing-length", "1024"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+                "--standalone", str(script)]
+    for out in ("ref", "elastic"):  # one torchrun job each; "ref" never dies
+        r = subprocess.run(torchrun + args + ["--output-dir", str(tmp_path / out)], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and f"{tmp_path}/elastic/step-0000002 at step 2" in r.stdout, r.stdout[-3000:]
+    assert_same(state(tmp_path / "elastic" / "step-0000003", tmp_path),
+                state(tmp_path / "ref" / "step-0000003", tmp_path))
