@@ -243,13 +243,13 @@ def crc32_file(path: str) -> str:
     return f"{crc:08x}"
 
 
-def file_table(path: str, hash: bool) -> dict[str, dict]:
-    """Every file of a step folder but meta.json: its size, and its CRC-32 with `hash` (meta.json)."""
+def file_table(path: str, crc: bool) -> dict[str, dict]:
+    """Every file of a step folder but meta.json: its size, and its CRC-32 with `crc` (meta.json)."""
     table = {}
     for name in sorted(os.listdir(path)):
         if name != "meta.json":
             table[name] = {"size": os.path.getsize(os.path.join(path, name))}
-            if hash:
+            if crc:
                 table[name]["crc32"] = crc32_file(os.path.join(path, name))
     return table
 
@@ -373,9 +373,13 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
             raise OSError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
 
     if async_group is None:
-        finish(lambda: dcp.save(sd, checkpoint_id=path))
-        dist.barrier()
-        return None
+        done = Future()
+        try:
+            finish(lambda: dcp.save(sd, checkpoint_id=path))
+            done.set_result(None)
+        except OSError as e:
+            done.set_exception(e)
+        return wait_saved(done, d)
     try:
         staged = dcp.async_save(sd, checkpoint_id=path, process_group=async_group)
     except (OSError, CheckpointException) as e:
@@ -384,6 +388,22 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     done = pool.submit(finish, staged.result)
     pool.shutdown(wait=False)
     return done
+
+
+def wait_saved(pending: Future | None, d: Dist) -> None:
+    """Wait for a save to complete. Rank 0 writes meta.json, so only it may fail late (a full disk): its
+    outcome is broadcast and every rank stops with its message instead of hanging in the next collective."""
+    if pending is None:
+        return None
+    outcome = [None]
+    try:
+        pending.result()
+    except OSError as e:
+        outcome = [str(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise OSError(outcome[0])
+    return None
 
 
 def dcp_error(e: BaseException) -> str:

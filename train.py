@@ -729,7 +729,7 @@ def train(args: Args, d: fsdp.Dist):
         s = train_step(model, ae, opt, batches, step, args, d)
         if s is None:
             log(f"step {step}: the data ran out (--data.epochs); saving and stopping")
-            pending = pending and pending.result()  # its meta.json says whether this step is saved
+            pending = fsdp.wait_saved(pending, d)  # its meta.json says whether this step is saved
             if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
                 pending = save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group)
             break
@@ -773,15 +773,13 @@ def train(args: Args, d: fsdp.Dist):
         if args.eval.every and (step % args.eval.every == 0 or step == args.max_steps):
             for line in evaluate(model, ae, tok, args, step, d):
                 log(f"sample @ {step}: " + line.replace("\n", " | "))
-    if pending is not None:
-        pending.result()  # the run ends when its last checkpoint is complete
+    fsdp.wait_saved(pending, d)  # the run ends when its last checkpoint is complete
 
 
 def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group):
     """Save step `step` (after the previous async save, `pending`, is complete); returns the new pending one."""
     t = time.time()
-    if pending is not None:
-        pending.result()
+    pending = fsdp.wait_saved(pending, d)
     t_wait, path = time.time() - t, fsdp.step_dir(args.output_dir, step)
     pending = fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
                                    dict(data=loader.state_dict()), d, args_json,
