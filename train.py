@@ -786,10 +786,10 @@ def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pend
                                    dict(step=step, base=args.model, frozen_crc32=model.frozen_crc32),
                                    args.ckpt.verify, args.ckpt.keep_last, async_group)
     if d.rank == 0:
-        plot_losses(metrics, os.path.join(args.output_dir, "loss.png"))
         how = "staged" if pending else "saved"  # the stall training sees: waiting for the last one + this one
         print(f"{how} {path}: training stalled {time.time() - t:.2f}s (waiting for the previous save {t_wait:.2f}s)",
               flush=True)
+        plot_losses(metrics, os.path.join(args.output_dir, "loss.png"))
     return pending
 
 
