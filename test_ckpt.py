@@ -57,51 +57,50 @@ def flip(path):  # same size, one byte changed in the middle: only a hash sees i
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_damaged_newest_checkpoint_is_named_skipped_and_the_run_ends_bit_identical(ckpt, tmp_path, capsys):
-    """Run b saved steps 1 and 2 (--ckpt.verify hash), then its step 2 is damaged: a shard truncated,
-    deleted, or one byte flipped (same size). Auto resume names folder, file and problem, continues
-    from step 1, and its step 3 equals an uninterrupted run's bit for bit (model, optimizer, EMA-free
-    trainer and data state). DCP's index overwritten with same-size garbage under the default
-    --ckpt.verify size is caught too. Every checkpoint damaged: an error, not a silent restart; an
+def test_damaged_checkpoints_are_named_skipped_and_the_run_ends_bit_identical(ckpt, tmp_path, capsys):
+    """Run a saves steps 1-3 (--ckpt.verify hash). Copy x: step 3's shard truncated, step 2's deleted;
+    copy y: step 3's shard with one byte flipped (same size), step 2's DCP index overwritten with
+    same-size garbage and its CRCs dropped (the default --ckpt.verify size). Auto resume names each
+    folder, file and problem, continues from step 1, and its step 3 equals run a's bit for bit (model,
+    optimizer, trainer and data state). Every checkpoint damaged: an error, not a silent restart; an
     explicit damaged path: an error naming it. Catches resume loading a damaged shard (torch's raw
     EOFError), skipping it silently, falling back to the base instead of step 1, or a hash not checked."""
-    run_main(ckpt, tmp_path / "a", RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0")
-    want = state(tmp_path / "a" / "step-0000003", tmp_path)
-    run_main(ckpt, tmp_path / "b", RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "0",
+    run_main(ckpt, tmp_path / "a", RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0",
              "--ckpt.verify", "hash")
+    want = state(tmp_path / "a" / "step-0000003", tmp_path)
+    x, y = tmp_path / "x", tmp_path / "y"
+    for out in (x, y):
+        shutil.copytree(tmp_path / "a", out)
+    truncate(x / "step-0000003" / SHARD)
+    os.remove(x / "step-0000002" / SHARD)
+    flip(y / "step-0000003" / SHARD)
+    meta = json.load(open(y / "step-0000002" / "meta.json"))
+    for f in meta["files"].values():
+        f.pop("crc32")
+    json.dump(meta, open(y / "step-0000002" / "meta.json", "w"))
+    with open(y / "step-0000002" / ".metadata", "r+b") as f:
+        f.write(b"\0" * os.path.getsize(y / "step-0000002" / ".metadata"))
     capsys.readouterr()
-    damages = [(SHARD, truncate, "bytes, meta.json says"), (SHARD, os.remove, "missing"),
-               (SHARD, flip, "CRC-32"), (".metadata", flip, ".metadata: DCP cannot read it")]
-    for name, damage, says in damages:
-        out = tmp_path / f"{damage.__name__}{name}"
-        shutil.copytree(tmp_path / "b", out)
-        if name == ".metadata":  # the default: sizes only; DCP's index garbled but the same size
-            meta = json.load(open(out / "step-0000002" / "meta.json"))
-            for f in meta["files"].values():
-                f.pop("crc32")
-            json.dump(meta, open(out / "step-0000002" / "meta.json", "w"))
-            with open(out / "step-0000002" / name, "r+b") as f:
-                f.write(b"\0" * os.path.getsize(out / "step-0000002" / name))
-        else:
-            damage(out / "step-0000002" / name)
+    for out, says in ((x, ["bytes, meta.json says", f"{SHARD}: missing"]),
+                      (y, [f"{SHARD}: CRC-32", ".metadata: DCP cannot read it"])):
         run_main(ckpt, out, RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0")
         log = capsys.readouterr().out
-        assert f"checkpoint {out}/step-0000002 is damaged, skipped: " in log, log
-        assert says in log.split("is damaged, skipped: ")[1].splitlines()[0]
+        for step, problem in zip((3, 2), says):
+            line = f"checkpoint {out}/step-{step:07d} is damaged, skipped: "
+            assert line in log and problem in log.split(line)[1].splitlines()[0], log
         assert f"resumed from {out}/step-0000001 at step 1" in log
         assert_same(state(out / "step-0000003", tmp_path), want)
 
-    bad = tmp_path / "truncate__0_0.distcp"  # now steps 1-3, all good: damage them all
-    for step in (1, 2, 3):
-        os.remove(bad / f"step-{step:07d}" / SHARD)
+    for step in (1, 2, 3):  # x has steps 1-3 again, all good: damage them all
+        os.remove(x / f"step-{step:07d}" / SHARD)
     with pytest.raises(SystemExit) as e:
-        run_main(ckpt, bad, RECORDS, "--max-steps", "4")
+        run_main(ckpt, x, RECORDS, "--max-steps", "4")
     assert e.value.code == 2
-    assert f"error: {bad}: none of its 3 checkpoints verifies" in capsys.readouterr().err
+    assert f"error: {x}: none of its 3 checkpoints verifies" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        run_main(ckpt, tmp_path / "c", RECORDS, "--max-steps", "4", "--ckpt.resume", str(bad / "step-0000003"))
+        run_main(ckpt, tmp_path / "c", RECORDS, "--max-steps", "4", "--ckpt.resume", str(x / "step-0000003"))
     assert e.value.code == 2
-    assert f"error: --ckpt.resume {bad}/step-0000003: damaged checkpoint: {SHARD}: missing" in capsys.readouterr().err
+    assert f"error: --ckpt.resume {x}/step-0000003: damaged checkpoint: {SHARD}: missing" in capsys.readouterr().err
 
 
 def test_failed_save_names_the_folder_and_keeps_the_last_good_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
