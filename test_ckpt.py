@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 
-import train
 from test_paths import run_main
 from test_train import ckpt, one_thread, random_demo_vae, read_dcp  # noqa: F401 (fixtures)
 
