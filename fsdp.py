@@ -57,7 +57,13 @@ def init_distributed(device: str = "auto", timeout_min: float = 30) -> Dist:
     backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
     timeout = timedelta(minutes=timeout_min)
     if "RANK" in env:
-        dist.init_process_group(backend, timeout=timeout, device_id=dev if cuda else None)
+        store, restart = None, env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0":  # restarted by torchrun --max-restarts: the dead attempt's gloo addresses are still in
+            # torchrun's store under the same keys, and a rank that reads one connects to a dead peer
+            store = dist.PrefixStore(f"restart{restart}/", dist.TCPStore(
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                device_id=dev if cuda else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(rank, world, local_rank, local_world, dev)
