@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -55,7 +57,13 @@ def init_distributed(device: str = "auto", timeout_min: float = 30) -> Dist:
     backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
     timeout = timedelta(minutes=timeout_min)
     if "RANK" in env:
-        dist.init_process_group(backend, timeout=timeout, device_id=dev if cuda else None)
+        store, restart = None, env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0":  # restarted by torchrun --max-restarts: the dead attempt's gloo addresses are still in
+            # torchrun's store under the same keys, and a rank that reads one connects to a dead peer
+            store = dist.PrefixStore(f"restart{restart}/", dist.TCPStore(
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                device_id=dev if cuda else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(rank, world, local_rank, local_world, dev)
@@ -233,20 +241,81 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def crc32_file(path: str) -> str:
+    """CRC-32 of a file, read in 16 MB chunks: zlib runs at ~2.5 GB/s on one core, so the disk sets the pace."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def file_table(path: str, crc: bool) -> dict[str, dict]:
+    """Every file of a step folder but meta.json: its size, and its CRC-32 with `crc` (meta.json)."""
+    table = {}
+    for name in sorted(os.listdir(path)):
+        if name != "meta.json":
+            table[name] = {"size": os.path.getsize(os.path.join(path, name))}
+            if crc:
+                table[name]["crc32"] = crc32_file(os.path.join(path, name))
+    return table
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """What is wrong with a checkpoint folder, or None: meta.json readable, every file it lists present
+    with its size (and CRC-32, if it was saved with --ckpt.verify hash), DCP's index readable. Catches
+    a shard truncated by a full disk or an interrupted copy before torch's unpickler meets it."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            files = json.load(f).get("files", {})  # {}: saved before meta.json listed its files
+    except (OSError, ValueError) as e:
+        return f"meta.json: cannot read it ({e})"
+    for name, want in files.items():
+        p = os.path.join(path, name)
+        if not os.path.exists(p):
+            return f"{name}: missing"
+        if os.path.getsize(p) != want["size"]:
+            return f"{name}: {os.path.getsize(p)} bytes, meta.json says {want['size']}"
+        if "crc32" in want and crc32_file(p) != want["crc32"]:
+            return f"{name}: CRC-32 {crc32_file(p)}, meta.json says {want['crc32']}"
+    try:
+        dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # the unpickler raises anything from EOFError to UnpicklingError
+        return f".metadata: DCP cannot read it ({type(e).__name__}: {e})"
+    return None
+
+
 def resume_point(output_dir: str, resume: str, d: Dist) -> str | None:
     """The checkpoint to resume from ('auto', 'none' or a path: --ckpt.resume), decided on rank 0 and
     broadcast: with a node-local output_dir, ranks deciding alone would load different steps (or none)
-    and hang in the first collective. Every rank then checks that it can read it; if one cannot, all
-    stop together with an error naming the checkpoint and the ranks."""
+    and hang in the first collective. 'auto' takes the newest complete checkpoint that verifies
+    (`verify_checkpoint`), logging each one it skips; if checkpoints exist but none verifies it stops
+    rather than silently start over. Every rank then checks that it can read the choice; if one
+    cannot, all stop together with an error naming the checkpoint and the ranks."""
     choice = [None]
     if d.rank == 0:
         if resume == "auto":  # a folder name, looked up in each rank's output_dir
-            found = list_checkpoints(output_dir)
-            choice = [(None, os.path.basename(found[-1][1]) if found else None)]
+            choice, found = [(None, None)], list_checkpoints(output_dir)
+            for _, path in reversed(found):
+                problem = verify_checkpoint(path)
+                if problem is None:
+                    choice = [(None, os.path.basename(path))]
+                    break
+                print(f"checkpoint {path} is damaged, skipped: {problem}", flush=True)
+            else:
+                if found:
+                    choice = [(f"{output_dir}: none of its {len(found)} checkpoints verifies (see the lines "
+                               f"above): repair or move them away, or start from the base with --ckpt.resume none",
+                               None)]
+                elif os.path.isdir(output_dir) and any(STEP_DIR.match(n) for n in os.listdir(output_dir)):
+                    print(f"warning: {output_dir} has only incomplete checkpoints (saves that died before meta.json): "
+                          f"starting from the base", flush=True)
         elif resume == "none":
             choice = [(None, None)]
         elif not os.path.exists(os.path.join(resume, "meta.json")):
             choice = [(f"--ckpt.resume {resume}: not a complete checkpoint (no meta.json)", None)]
+        elif problem := verify_checkpoint(resume):
+            choice = [(f"--ckpt.resume {resume}: damaged checkpoint: {problem}", None)]
         else:
             choice = [(None, os.path.abspath(resume))]
     dist.broadcast_object_list(choice, src=0)
@@ -273,10 +342,17 @@ def trained_state_dict(model: nn.Module) -> dict:
 
 
 def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
-                    trainer: dict, rank_state: dict, d: Dist, args_json: dict, meta: dict):
+                    trainer: dict, rank_state: dict, d: Dist, args_json: dict, meta: dict,
+                    verify: str = "size", keep_last: int = 0, async_group=None) -> Future | None:
     """One DCP checkpoint: "model" and "ema" (official keys of what training changes, fp32 shards, no
     FSDP/wrapper prefixes), "optim" (keyed by parameter name, so it reshards), "trainer" (step,
-    scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG state."""
+    scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG state.
+
+    meta.json comes last, listing every file with its size (and CRC-32 with verify="hash"); only then
+    are checkpoints beyond `keep_last` pruned, so the newest good one survives a failed save. With
+    `async_group` (a gloo group of its own, so the writer's collectives never interleave with
+    training's) the state is copied to host memory here and written in the background: the returned
+    future finishes the checkpoint, and must be waited on before the next save and at the end."""
     model_sd = trained_state_dict(model)
     sd = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt), "trainer": json.dumps(trainer),
           f"rank{d.rank}": json.dumps(rank_state), f"rng{d.rank}": torch.get_rng_state()}
@@ -285,13 +361,65 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     if d.rank == 0 and os.path.exists(os.path.join(path, "meta.json")):
         os.remove(os.path.join(path, "meta.json"))  # overwriting: incomplete until rewritten
     dist.barrier()
-    dcp.save(sd, checkpoint_id=path)
-    if d.rank == 0:
-        with open(os.path.join(path, "args.json"), "w") as f:
-            json.dump(args_json, f, indent=1)
-        with open(os.path.join(path, "meta.json"), "w") as f:
-            json.dump({**meta, "world_size": d.world_size, "git": git_rev(), "torch": torch.__version__}, f, indent=1)
-    dist.barrier()
+    meta = {**meta, "world_size": d.world_size, "git": git_rev(), "torch": torch.__version__}
+
+    def finish(write):
+        try:
+            write()
+            if d.rank == 0:
+                with open(os.path.join(path, "args.json"), "w") as f:
+                    json.dump(args_json, f, indent=1)
+                files = file_table(path, verify == "hash")
+                with open(os.path.join(path, "meta.json.tmp"), "w") as f:  # renamed: never half a meta.json
+                    json.dump({**meta, "files": files}, f, indent=1)
+                os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+                prune_checkpoints(os.path.dirname(path), keep_last)
+        except (OSError, CheckpointException) as e:
+            if d.rank == 0:  # free what the failed save took (a full disk); without meta.json it is no checkpoint
+                shutil.rmtree(path, ignore_errors=True)
+            raise OSError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
+
+    if async_group is None:
+        done = Future()
+        try:
+            finish(lambda: dcp.save(sd, checkpoint_id=path))
+            done.set_result(None)
+        except OSError as e:
+            done.set_exception(e)
+        return wait_saved(done, d)
+    try:
+        staged = dcp.async_save(sd, checkpoint_id=path, process_group=async_group)
+    except (OSError, CheckpointException) as e:
+        raise OSError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
+    pool = ThreadPoolExecutor(1)
+    done = pool.submit(finish, staged.result)
+    pool.shutdown(wait=False)
+    return done
+
+
+def wait_saved(pending: Future | None, d: Dist) -> None:
+    """Wait for a save to complete. Rank 0 writes meta.json, so only it may fail late (a full disk): its
+    outcome is broadcast and every rank stops with its message instead of hanging in the next collective."""
+    if pending is None:
+        return None
+    outcome = [None]
+    try:
+        pending.result()
+    except OSError as e:
+        outcome = [str(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise OSError(outcome[0])
+    return None
+
+
+def dcp_error(e: BaseException) -> str:
+    """The first underlying error of a failed DCP save or load (it wraps every rank's in a CheckpointException)."""
+    if isinstance(e, CheckpointException):
+        for rank, failure in sorted(e.failures.items()):
+            inner = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+            return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return f"{type(e).__name__}: {e}"
 
 
 def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
@@ -319,7 +447,11 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
         if not any(k.startswith("ema.") for k in keys):
             raise ValueError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
         sd["ema"] = {k: ema[k] for k in ema}  # loaded in place into the fp32 shards
-    dcp.load(sd, checkpoint_id=path)
+    try:
+        dcp.load(sd, checkpoint_id=path)
+    except CheckpointException as e:  # a shard damaged in a way its size does not show (--ckpt.verify hash would)
+        raise ValueError(f"{path}: DCP cannot read it ({dcp_error(e)}): move it away to resume from the one "
+                         f"before, or resume with --ckpt.resume none") from None
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, opt, optim_sd)
     if f"rng{d.rank}" in sd:
@@ -328,7 +460,7 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
 
 
 def prune_checkpoints(output_dir: str, keep_last: int):
-    """Delete all but the newest `keep_last` complete checkpoints (rank 0 only)."""
+    """Delete all but the newest `keep_last` complete checkpoints (rank 0 only, after a save completes)."""
     if keep_last > 0:
         for _, path in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)

@@ -20,11 +20,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import tyro
 
 import data as data_lib
 import fsdp
@@ -76,7 +77,14 @@ class CkptConfig:
     keep_last: int = 3
     """keep only the newest this many checkpoints (0: keep all)"""
     resume: str = "auto"
-    """'auto': the newest complete checkpoint in output_dir, if any; 'none'; or a step-NNNNNNN path"""
+    """'auto': the newest complete checkpoint in output_dir that verifies (a damaged one is skipped with
+    a line naming its file), if any; 'none': start from --model; or a step-NNNNNNN path"""
+    verify: Literal["size", "hash"] = "size"
+    """what meta.json records of every checkpoint file and a resume checks: its size (free), or also its
+    CRC-32 (reads every byte at save and at resume, at disk speed)"""
+    async_: Annotated[bool, tyro.conf.arg(name="async")] = False
+    """copy the state to host memory and write it in the background (DCP async_save); the next save and
+    the end of training wait for it. Costs a second copy of the trained state in host memory"""
 
 
 @dataclass
@@ -191,7 +199,6 @@ def demo_args() -> Args:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    import tyro
     argv = sys.argv[1:] if argv is None else argv
     demo = not any(a == "--model" or a.startswith("--model=") for a in argv)
     return tyro.cli(Args, args=argv, default=demo_args() if demo else Args(),
@@ -901,7 +908,7 @@ def train(args: Args, d: fsdp.Dist):
     loader = data_lib.PackLoader(args.data, d.rank, d.world_size)
     tok = loader.dataset.tok
     val_packs = build_val_packs(args, ae, d) if args.eval.data and args.eval.every else []
-    step = 0
+    step, pending = 0, None  # pending: the async save still being written
     if resume:
         trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
         step = trainer["step"]
@@ -926,6 +933,7 @@ def train(args: Args, d: fsdp.Dist):
     # ce, mse, n_ce, n_mse, tokens, flops, data-wait seconds, then MSE sums and counts per t bucket
     window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
     t_log, t_start, start = time.time(), time.time(), step
+    async_group = dist.new_group(backend="gloo") if args.ckpt.async_ else None  # the background writer's own
     while step < args.max_steps:
         batches, t_data = [], time.time()
         for _ in range(args.optim.grad_accum):
@@ -938,9 +946,10 @@ def train(args: Args, d: fsdp.Dist):
         s = train_step(model, ae, opt, batches, step, args, d)
         if s is None:
             log(f"step {step}: the data ran out (--data.epochs); saving and stopping")
+            pending = fsdp.wait_saved(pending, d)  # its meta.json says whether this step is saved
             if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
-                save(args, d, step, model, opt, sched, ema, loader, args_json, metrics)  # not over a complete one
-            return
+                pending = save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group)
+            break
         sched.step()
         if ema is not None:
             fsdp.ema_update(ema, model, args.optim.ema_decay)
@@ -981,24 +990,30 @@ def train(args: Args, d: fsdp.Dist):
             done = int(30 * step / args.max_steps)
             print(f"\rstep {step}/{args.max_steps} [{'#' * done}{'.' * (30 - done)}]", end="", flush=True)
         if (args.ckpt.every and step % args.ckpt.every == 0) or step == args.max_steps:
-            save(args, d, step, model, opt, sched, ema, loader, args_json, metrics)
+            pending = save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group)
         if eval_now:
             for line in evaluate(model, ae, tok, args, step, d):
                 log(f"sample @ {step}: " + line.replace("\n", " | "))
             for _, image in loggers:
                 image("samples", os.path.join(args.output_dir, "samples", f"step-{step:07d}", "grid.png"), step)
+    fsdp.wait_saved(pending, d)  # the run ends when its last checkpoint is complete
 
 
-def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics):
+def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group):
+    """Save step `step` (after the previous async save, `pending`, is complete); returns the new pending one."""
     t = time.time()
-    path = fsdp.step_dir(args.output_dir, step)
-    fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
-                         dict(data=loader.state_dict()), d, args_json,
-                         dict(step=step, base=args.model, frozen_crc32=model.frozen_crc32))
+    pending = fsdp.wait_saved(pending, d)
+    t_wait, path = time.time() - t, fsdp.step_dir(args.output_dir, step)
+    pending = fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
+                                   dict(data=loader.state_dict()), d, args_json,
+                                   dict(step=step, base=args.model, frozen_crc32=model.frozen_crc32),
+                                   args.ckpt.verify, args.ckpt.keep_last, async_group)
     if d.rank == 0:
-        fsdp.prune_checkpoints(args.output_dir, args.ckpt.keep_last)
+        how = "staged" if pending else "saved"  # the stall training sees: waiting for the last one + this one
+        print(f"{how} {path}: training stalled {time.time() - t:.2f}s (waiting for the previous save {t_wait:.2f}s)",
+              flush=True)
         plot_losses(metrics, os.path.join(args.output_dir, "loss.png"))
-        print(f"saved {path} in {time.time() - t:.1f}s")
+    return pending
 
 
 if __name__ == "__main__":

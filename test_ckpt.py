@@ -1,0 +1,194 @@
+"""Checkpoints a user can trust (fsdp.py save/verify/resume, train.py save): a damaged newest checkpoint
+is named and skipped, a failed save names its folder and leaves nothing that looks complete, an async
+save writes what a synchronous one does, and torchrun --max-restarts resumes by itself. Tiny model, one
+process (gloo world of 1) except the torchrun test. Each test names the bug it catches."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_paths import run_main
+from test_train import ckpt, one_thread, random_demo_vae, read_dcp  # noqa: F401 (fixtures)
+
+RECORDS = ["vqa", "t2i", "edit", "text"]
+SHARD = "__0_0.distcp"  # rank 0's DCP data file
+
+
+def state(step_dir, tmp) -> dict:
+    """Everything a checkpoint holds (model, optim, ema, trainer, data and RNG state), flattened."""
+    sd = read_dcp(str(step_dir), str(tmp / "read.pt"))
+    flat = {}
+    def walk(x, key):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{key}.{k}")
+        else:
+            flat[key] = x
+    walk(sd, "")
+    return flat
+
+
+def assert_same(got: dict, want: dict):
+    """Bit-identical, but for the saved global RNG: training never draws from it (train.keyed_generator),
+    so it holds whatever earlier tests in this process left there."""
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if k.startswith(".rng"):
+            continue
+        assert torch.equal(got[k], v) if torch.is_tensor(v) else got[k] == v, k
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def flip(path):  # same size, one byte changed in the middle: only a hash sees it
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_damaged_checkpoints_are_named_skipped_and_the_run_ends_bit_identical(ckpt, tmp_path, capsys):
+    """Run a saves steps 1-3 (--ckpt.verify hash). Copy x: step 3's shard truncated, step 2's deleted;
+    copy y: step 3's shard with one byte flipped (same size), step 2's DCP index overwritten with
+    same-size garbage and its CRCs dropped (the default --ckpt.verify size). Auto resume names each
+    folder, file and problem, continues from step 1, and its step 3 equals run a's bit for bit (model,
+    optimizer, trainer and data state). Every checkpoint damaged: an error, not a silent restart; an
+    explicit damaged path: an error naming it. Catches resume loading a damaged shard (torch's raw
+    EOFError), skipping it silently, falling back to the base instead of step 1, or a hash not checked."""
+    run_main(ckpt, tmp_path / "a", RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0",
+             "--ckpt.verify", "hash")
+    want = state(tmp_path / "a" / "step-0000003", tmp_path)
+    x, y = tmp_path / "x", tmp_path / "y"
+    for out in (x, y):
+        shutil.copytree(tmp_path / "a", out)
+    truncate(x / "step-0000003" / SHARD)
+    os.remove(x / "step-0000002" / SHARD)
+    flip(y / "step-0000003" / SHARD)
+    meta = json.load(open(y / "step-0000002" / "meta.json"))
+    for f in meta["files"].values():
+        f.pop("crc32")
+    json.dump(meta, open(y / "step-0000002" / "meta.json", "w"))
+    with open(y / "step-0000002" / ".metadata", "r+b") as f:
+        f.write(b"\0" * os.path.getsize(y / "step-0000002" / ".metadata"))
+    capsys.readouterr()
+    for out, says in ((x, ["bytes, meta.json says", f"{SHARD}: missing"]),
+                      (y, [f"{SHARD}: CRC-32", ".metadata: DCP cannot read it"])):
+        run_main(ckpt, out, RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0")
+        log = capsys.readouterr().out
+        for step, problem in zip((3, 2), says):
+            line = f"checkpoint {out}/step-{step:07d} is damaged, skipped: "
+            assert line in log and problem in log.split(line)[1].splitlines()[0], log
+        assert f"resumed from {out}/step-0000001 at step 1" in log
+        assert_same(state(out / "step-0000003", tmp_path), want)
+
+    for step in (1, 2, 3):  # x has steps 1-3 again, all good: damage them all
+        os.remove(x / f"step-{step:07d}" / SHARD)
+    with pytest.raises(SystemExit) as e:
+        run_main(ckpt, x, RECORDS, "--max-steps", "4")
+    assert e.value.code == 2
+    assert f"error: {x}: none of its 3 checkpoints verifies" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_main(ckpt, tmp_path / "c", RECORDS, "--max-steps", "4", "--ckpt.resume", str(x / "step-0000003"))
+    assert e.value.code == 2
+    assert f"error: --ckpt.resume {x}/step-0000003: damaged checkpoint: {SHARD}: missing" in capsys.readouterr().err
+
+
+def test_failed_save_names_the_folder_and_keeps_the_last_good_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
+    """A save that cannot write (a file where the step folder goes; a full disk, simulated by DCP's file
+    writer raising ENOSPC) stops the run with exit 2 and one line naming the folder; it leaves no folder
+    with meta.json, and --ckpt.keep-last 1 has not deleted step 1 (the last good one) for it. Catches a
+    raw CheckpointException traceback, a meta.json written after a failed write, and pruning before
+    the new checkpoint is complete."""
+    import torch.distributed.checkpoint.filesystem as fs
+    blocked = tmp_path / "blocked"
+    os.makedirs(blocked)
+    (blocked / "step-0000002").write_text("")  # not a folder: DCP cannot create its files in it
+    real = fs._write_item
+    def full(transforms, stream, *a, **k):  # step 1 writes, step 2 meets a full disk
+        if "step-0000002" in str(getattr(stream, "name", "")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(transforms, stream, *a, **k)
+    for out in (blocked, tmp_path / "full"):
+        if out != blocked:
+            monkeypatch.setattr(fs, "_write_item", full)
+        with pytest.raises(SystemExit) as e:
+            run_main(ckpt, out, RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "1")
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: saving the checkpoint {out}/step-0000002 failed: " in err, err
+        assert ("No space left" if out != blocked else "File exists") in err, err
+        assert os.path.exists(out / "step-0000001" / "meta.json")
+        assert not os.path.exists(out / "step-0000002" / "meta.json")
+        assert [n for n in os.listdir(out) if n.startswith("step-")] in (["step-0000001"], ["step-0000001", "step-0000002"])
+
+
+def test_async_save_writes_what_a_sync_save_writes(ckpt, tmp_path, capsys):
+    """--ckpt.async: every checkpoint (steps 1-3, each staged while the previous one may still be written)
+    holds the same tensors and states as a synchronous run's, meta.json lists the same files, and the
+    run ends only once the last is complete. Catches the background write racing the next optimizer
+    step (a checkpoint of step 2 holding step 3's weights), meta.json written before the shards, and
+    the end of training not waiting."""
+    common = ("--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0", "--ckpt.verify", "hash")
+    run_main(ckpt, tmp_path / "sync", RECORDS, *common)
+    run_main(ckpt, tmp_path / "async", RECORDS, *common, "--ckpt.async")
+    assert "staged" in capsys.readouterr().out
+    for step in (1, 2, 3):
+        name = f"step-{step:07d}"
+        assert_same(state(tmp_path / "async" / name, tmp_path), state(tmp_path / "sync" / name, tmp_path))
+        files = [json.load(open(tmp_path / run / name / "meta.json"))["files"] for run in ("sync", "async")]
+        assert files[0].keys() == files[1].keys() and SHARD in files[0]
+        # the same size (the bytes differ: the staged copies serialise in another order) and a CRC-32 each
+        assert files[0][SHARD]["size"] == files[1][SHARD]["size"] and all("crc32" in f for f in files[1].values())
+
+
+DIE = """import os, sys
+import fsdp, train
+save = fsdp.save_checkpoint
+def save_then_die(path, *a, **k):
+    save(path, *a, **k)
+    # the first attempt's rank 1 dies right after the step-2 checkpoint of the run "elastic"
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1" and \\
+            path.endswith(os.path.join("elastic", "step-0000002")):
+        os._exit(1)
+fsdp.save_checkpoint = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.environ.get("BAGEL_SLOW_TESTS") != "1", reason="~100 s on 2 busy cores (three 2-process "
+                    "starts under torchrun): BAGEL_SLOW_TESTS=1 runs it")
+def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path):
+    """2 ranks under torchrun --max-restarts 1: an uninterrupted job "ref", then the job "elastic" whose
+    rank 1 dies after the step-2 checkpoint; torchrun restarts both workers, "elastic" resumes from
+    step 2 by itself, and its step-3 checkpoint equals the uninterrupted run's. Catches a restart that starts over from the base, or
+    resumes from a partial checkpoint, or a job that needs a manual step."""
+    from test_paths import write_jsonl
+    from test_train import RECORDS as RECS, data_config
+    script = tmp_path / "die.py"
+    script.write_text(DIE)
+    data = write_jsonl(tmp_path / "data.jsonl", [RECS[k] for k in RECORDS * 2])
+    args = ["--model", ckpt, "--data", data, "--precision", "fp32", "--no-activation-checkpointing",
+            "--optim.warmup-steps", "0", "--max-steps", "3", "--ckpt.every", "1", "--data.num-workers", "0",
+            "--eval.every", "0", "--timeout-min", "4"]
+    cfg = data_config()  # the tiny model's image sizes (as test_paths.run_main)
+    args += [f"--data.{k.replace('_', '-')}={getattr(cfg, k)}" for k in
+             ("vit_min_size", "vit_max_size", "vae_min_size", "vae_max_size", "packing_length")]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+                "--standalone", str(script)]
+    for out in ("ref", "elastic"):  # two jobs: a second train.main in one torchrun worker can hang at start
+        r = subprocess.run(torchrun + args + ["--output-dir", out], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=200)
+        assert r.returncode == 0, r.stderr[-8000:]
+    assert "resumed from elastic/step-0000002 at step 2" in r.stdout, r.stdout[-3000:]
+    assert_same(state(tmp_path / "elastic" / "step-0000003", tmp_path),
+                state(tmp_path / "ref" / "step-0000003", tmp_path))
