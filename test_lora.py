@@ -18,7 +18,7 @@ import sample
 import train
 from model import POS_TABLES, AutoEncoder, Bagel, add_lora, is_lora
 from test_smoke import TINY, golden_batch
-from test_train import (EMA, _all_modalities, ckpt, full_state, one_thread, params_full,  # noqa: F401 (fixtures)
+from test_train import (EMA, _all_modalities, ckpt, full_state, one_thread, params_full, start_run, step_run,  # noqa: F401 (fixtures)
                         random_demo_vae, world1)
 
 RANK = 4
@@ -109,14 +109,8 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
     args = dataclasses.replace(lora_args(ckpt, targets="all", alpha=3.0, dropout=0.1), activation_checkpointing=True)
     mesh, ae, path = fsdp.make_mesh(world1, 0), AutoEncoder.from_pretrained(ckpt), str(tmp_path / "step-0000001")
 
-    def start(load):
-        model = train.build_model(args, world1, mesh, load=load)
-        opt, _ = train.make_optimizer(model, args.optim, 10)
-        return model, opt, fsdp.ema_init(model)
-
-    def step(model, opt, ema, s):
-        train.train_step(model, ae, opt, [_all_modalities()], s, args, world1)
-        fsdp.ema_update(ema, model, EMA)
+    start = lambda load: start_run(args, world1, mesh, load)
+    step = lambda model, opt, ema, s: step_run(model, ae, opt, ema, s, args, world1)
 
     # dropout draws from the global RNG (saved per rank in checkpoints); the activation-checkpoint
     # recompute must replay its masks: the same step without checkpointing gives the same adapters

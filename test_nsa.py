@@ -161,6 +161,17 @@ def run(params, q0, k0, v, gates, sample_lens, split_lens=None, modes=None, pos=
     return nsa.attention(lay, q, k, v, NSAInputs(params, gates, k0, cos, sin), return_idx=True)
 
 
+def ref_per_sample(q, k, v, gates, params, c, lens, splits=None):
+    """`nsa_ref` run sample by sample over a pack: (output [N, H, D], selected blocks, samples joined)."""
+    outs, idxs, s0 = [], [], 0
+    for n, sp in zip(lens, splits or [None] * len(lens)):
+        o, i = nsa_ref(q[s0:s0 + n], k[s0:s0 + n], v[s0:s0 + n], gates[s0:s0 + n], params, c, max(lens), sp)
+        outs.append(o)
+        idxs.append(i)
+        s0 += n
+    return torch.cat(outs), torch.cat(idxs, 1)
+
+
 def grads(tensors, params=None):
     ts = list(tensors) + ([p for p in params.parameters()] if params is not None else [])
     return [None if t.grad is None else t.grad.clone() for t in ts]
@@ -191,15 +202,9 @@ def test_causal_pack_matches_reference(compress_type, hq, hkv, cfg):
     mine = grads((q, k, v, gates), params)
     for t in [q, k, v, gates, *params.parameters()]:
         t.grad = None
-    outs, idxs, s0 = [], [], 0
-    for n in lens:
-        o, i = nsa_ref(q[s0:s0 + n], k[s0:s0 + n], v[s0:s0 + n], gates[s0:s0 + n], params, c, max(lens))
-        outs.append(o)
-        idxs.append(i)
-        s0 += n
-    ref = torch.cat(outs)
+    ref, ref_idx = ref_per_sample(q, k, v, gates, params, c, lens)
     (ref * w).sum().backward()
-    assert torch.equal(idx.long(), torch.cat(idxs, 1))
+    assert torch.equal(idx.long(), ref_idx)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert not out[37:40, :, :].eq(0).all()  # the short sample still gets slc + swa
     for a, b in zip(mine, grads((q, k, v, gates), params)):
@@ -274,16 +279,9 @@ def test_mixed_pack_matches_reference():
     mine = grads((q, k, v, gates), params)
     for t in [q, k, v, gates, *params.parameters()]:
         t.grad = None
-    outs, idxs, s0 = [], [], 0
-    for n, splits in zip(sl, _sample_splits(*MIXED)):
-        r = slice(s0, s0 + n)
-        o, i = nsa_ref(q[r], k[r], v[r], gates[r], params, c, max(sl), splits)
-        outs.append(o)
-        idxs.append(i)
-        s0 += n
-    ref = torch.cat(outs)
+    ref, ref_idx = ref_per_sample(q, k, v, gates, params, c, sl, _sample_splits(*MIXED))
     (ref * w).sum().backward()
-    assert torch.equal(idx.long(), torch.cat(idxs, 1))
+    assert torch.equal(idx.long(), ref_idx)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(mine, grads((q, k, v, gates), params)):
         if a is None or b is None:

@@ -421,6 +421,19 @@ def test_frozen_weights_are_bf16_without_grad_optimizer_state_or_ema(ckpt, world
             assert torch.equal(p.full_tensor(), official[k].to(torch.bfloat16)), k
 
 
+def start_run(args, d, mesh, load: bool):
+    """Model, optimizer and EMA of a one-process run, as train.train builds them."""
+    model = train.build_model(args, d, mesh, load=load)
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    return model, opt, fsdp.ema_init(model)
+
+
+def step_run(model, ae, opt, ema, s: int, args, d):
+    """Optimizer step `s` on the all-modalities pack, then the EMA update."""
+    train.train_step(model, ae, opt, [_all_modalities()], s, args, d)
+    fsdp.ema_update(ema, model, EMA)
+
+
 def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(ckpt, world1, tmp_path):
     """A --freeze und checkpoint (bf16 compute, AdamW, EMA) lacks the frozen weights, resumes bit-exactly
     (they come from the base), refuses a base whose frozen weights changed, and exports the full key
@@ -431,14 +444,8 @@ def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(c
                       optim=train.OptimConfig(lr=1e-3, warmup_steps=0, ema_decay=EMA))
     mesh, ae, path = fsdp.make_mesh(world1, 0), AutoEncoder.from_pretrained(ckpt), str(tmp_path / "step-0000001")
 
-    def start(args, load):
-        model = train.build_model(args, world1, mesh, load=load)
-        opt, _ = train.make_optimizer(model, args.optim, 10)
-        return model, opt, fsdp.ema_init(model)
-
-    def step(model, opt, ema, s):
-        train.train_step(model, ae, opt, [_all_modalities()], s, args, world1)
-        fsdp.ema_update(ema, model, EMA)
+    start = lambda args, load: start_run(args, world1, mesh, load)
+    step = lambda model, opt, ema, s: step_run(model, ae, opt, ema, s, args, world1)
 
     model, opt, ema = start(args, True)
     step(model, opt, ema, 0)

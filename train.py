@@ -357,8 +357,6 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
             p.requires_grad_(not any(FREEZE[part](name) for part in args.freeze))
         if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
             p.data = p.data.to(dtype)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
     fsdp.shard_model(model, mesh, dtype, args.activation_checkpointing, args.compile, args.cpu_offload,
                      args.reshard_after_forward)
     model.to_empty(device="cpu" if args.cpu_offload else d.device)
