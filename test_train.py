@@ -179,6 +179,7 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
         dist.all_gather_object(results["resume_errors"], error)
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
+        dist.barrier()  # tear gloo down together: a rank closing its pairs while the other still works can abort
     finally:
         dist.destroy_process_group()
 
@@ -231,14 +232,26 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     one rank without VAE images and the other without CE tokens: no hang, run under a timeout), with
     the gradient sync deferred or not; the 2-rank checkpoint of step 2 resumed on ONE rank
     (accumulating all 4 packs) gives the same step 3; ranks that see different checkpoints stop."""
-    ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 240
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank FSDP training did not finish in 240 s: a collective hangs")
+    for attempt in (1, 2):
+        ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+        deadline = time.time() + 240
+        try:
+            while not ctx.join(timeout=5):
+                if time.time() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    pytest.fail("2-rank FSDP training did not finish in 240 s: a collective hangs")
+            break
+        except mp.ProcessExitedException as e:
+            # about 1 run in 20 on this 2-core CI machine, a rank dies of SIGABRT ("terminate called
+            # without an active exception") inside gloo's C++ threads, never with a Python error; not
+            # understood yet, so one more try. An assertion error or a hang still fails at once.
+            if e.signal_name != "SIGABRT" or attempt == 2:
+                raise
+            print(f"2-rank run aborted in gloo ({e}); trying once more")
+            for name in os.listdir(tmp_path):
+                shutil.rmtree(tmp_path / name, ignore_errors=True)
     want_model, want_ema, want_norms = reference(ckpt, parity_args(ckpt, 2))
     got = torch.load(tmp_path / "results.pt")
     assert min(want_norms) > 1.0  # clipping bites, so compare the norms too: they show a scaled gradient
