@@ -207,13 +207,13 @@ def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], att
                    device, layout: dict | None = None) -> AttnPlan:
     """`layout`: the batch's `packing.attention_layout` (built by the data workers); None builds it
     here, on the host, as for an upstream batch. Either way nothing is read back from the device."""
-    if kind == "nsa":
-        return AttnPlan("nsa", nsa=nsa.plan(sample_lens, split_lens, attn_modes, device))
-    if kind not in ("sdpa", "flex"):
+    if kind not in ("sdpa", "flex", "nsa"):
         raise ValueError(f"attn must be 'sdpa', 'flex' or 'nsa', got {kind!r}")
     lay = layout or packing.attention_layout(sample_lens, split_lens, attn_modes)
     if len(lay["sample"]) != sum(sample_lens) + -sum(sample_lens) % lay["block"]:
         raise ValueError(f"attention_layout covers {len(lay['sample'])} tokens, the pack has {sum(sample_lens)}")
+    if kind == "nsa":
+        return AttnPlan("nsa", nsa=nsa.plan(sample_lens, split_lens, attn_modes, device, lay))
     if kind == "flex":
         return AttnPlan("flex", block_mask=packing.flex_block_mask(lay, device), padded_len=len(lay["sample"]))
     keys = lay["sdpa_keys"].to(device, non_blocking=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -140,23 +141,26 @@ class NSAInputs(NamedTuple):
 
 @dataclass
 class Layout:
-    """Per-token facts of one pack, built once per forward (`plan`)."""
+    """Per-token facts of one pack (`plan`): device tensors for the masks, host arrays for sizes."""
     bounds: list  # [n_samples + 1] cumulative sample starts (LMMS Engine passed [0, l1, l2, ...])
-    sample: torch.Tensor  # [N] long, from packing.token_layout
+    sample: torch.Tensor  # [Np] long, as packing.attention_layout (padded past the pack's N tokens)
     split: torch.Tensor
     mode: torch.Tensor
-    start: torch.Tensor  # [N] first token of the token's split
-    end: torch.Tensor  # [N] one past its last token
+    start: torch.Tensor  # [Np] first token of the token's split
+    end: torch.Tensor  # [Np] one past its last token
+    reach: np.ndarray  # [Np] host: the query sees no key at or past reach
+    anchor: np.ndarray  # [Np] host: the last token of its sliding window
     all_causal: bool
 
 
-def plan(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], device=None) -> Layout:
-    sample, split, mode = packing.token_layout(sample_lens, split_lens, attn_modes, device)
-    lens = torch.tensor(split_lens, dtype=torch.long)
-    ends = lens.cumsum(0)
-    bounds = [0] + torch.tensor(sample_lens).cumsum(0).tolist()
-    return Layout(bounds, sample, split, mode, (ends - lens)[split.cpu()].to(split.device), ends[split.cpu()].to(split.device),
-                  all(m == "causal" for m in attn_modes))
+def plan(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], device=None,
+         layout: dict | None = None) -> Layout:
+    """From the batch's `packing.attention_layout` (built by the data workers), or built here on the
+    host: device tensors are copied in, every size stays a host int, nothing is read back (issue 12)."""
+    lay = layout or packing.attention_layout(sample_lens, split_lens, attn_modes)
+    to = lambda k: lay[k].to(device, non_blocking=True)
+    return Layout(np.cumsum([0] + list(sample_lens)).tolist(), *map(to, ("sample", "split", "mode", "start", "end")),
+                  lay["reach"], lay["anchor"], all(m == "causal" for m in attn_modes))
 
 
 def _rotate(x, cos, sin):
@@ -191,15 +195,15 @@ def _probs(s, mask):
 class Masks(NamedTuple):
     """What the rows of one chunk may see in each branch (built once, no grad, by `_select`)."""
     cmp: torch.Tensor  # [C, m] compressed tokens 0..m-1 whose K tokens are all allowed
-    blocks: torch.Tensor  # [U] every block some row of the chunk selected (sorted): gathered once
-    slc: torch.Tensor  # [C, Hkv, U*B] the tokens of those blocks that the row selected and may see
+    slc: torch.Tensor  # [C, Hkv, hi] the tokens of its selected blocks that the row may see
     lo: int  # window keys are sample positions lo..hi-1
-    hi: int
+    hi: int  # no row sees a key at or past hi: slc reads keys 0..hi-1
     swa: torch.Tensor  # [C, hi-lo]
 
 
-def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int):
-    """No grad. For query rows t (global) of the sample [s0, s1): the selected blocks [Hkv, C, k_eff]
+def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int, lo: int, hi: int):
+    """No grad. For query rows t (global) of the sample [s0, s1), whose keys lie in [0, hi) and
+    windows in [lo, hi) of the sample (host ints from the layout): the selected blocks [Hkv, C, k_eff]
     (sorted, -1 padded on the right, as the library) and the Masks of the three branches, all from
     one evaluation of packing.allowed over the sample's keys."""
     L, C, M = s1 - s0, t.shape[0], ck.shape[0]
@@ -211,7 +215,6 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int):
     start, end = lay.start[t] - s0, lay.end[t] - s0
     # `allowed` needs k <= q or the same split, so no key past hi can be allowed to these rows:
     # evaluate it on [0, hi) only (half the work on causal text) and only score windows inside it
-    hi = int(torch.where(img, end, tl + 1).max())
     r = torch.arange(hi, device=t.device)
     ok = packing.allowed(t[:, None], s0 + r[None], lay.sample, lay.split, lay.mode)  # [C, hi]
     m_in = min(M, (hi - K) // S + 1 if hi >= K else 0)  # windows that end before hi
@@ -243,30 +246,22 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int):
     idx = torch.where(val == float("-inf"), nb, idx).sort(-1).values
     idx = torch.where(idx == nb, -1, idx)
     idx = F.pad(idx, (0, k_eff - idx.shape[-1]), value=-1)  # [Hkv, C, k_eff]
-    # slc: the union of the chunk's selected blocks (consecutive queries mostly share theirs), and
-    # per row and KV head the allowed tokens of the blocks it selected (token granularity)
-    sel = idx.transpose(0, 1)  # [C, Hkv, k]
-    u = torch.unique(sel[sel >= 0])
-    hit = (sel[..., None] == u).any(-2)  # [C, Hkv, U]
-    pos = (u[:, None] * B + torch.arange(B, device=t.device)).flatten()  # [U*B]
-    slc = hit.repeat_interleave(B, -1) & ((pos < hi) & ok[:, pos.clamp(max=hi - 1)])[:, None]
+    # slc: per row and KV head the allowed tokens of the blocks it selected (token granularity), as
+    # a mask over keys [0, hi). Gathering only the chunk's selected blocks would need their number on
+    # the host: a sync per chunk and layer (torch.unique); this mask has a size the layout gives
+    sel = torch.where(idx < 0, nb, idx).transpose(0, 1)  # [C, Hkv, k]
+    hit = ok.new_zeros(C, hkv, nb + 1).scatter_(-1, sel, True)[..., :nb]  # [C, Hkv, nb]
+    slc = hit[..., None].expand(-1, -1, -1, B).flatten(2)[..., :hi] & ok[:, None]
     # swa: the last w+1 allowed tokens; an image query counts them from its image's first token (the
     # same context for every token of an order-free image) and also sees all of its image, as dense BAGEL
     anchor = torch.where(img, start, tl)[:, None]
-    lo = int((anchor - w).min().clamp_min(0))
     near = (r[lo:] >= anchor - w) & (r[lo:] <= anchor)
-    return idx, Masks(vis, u, slc, lo, hi, ok[:, lo:] & (near | mine[:, lo:]))
+    return idx, Masks(vis, slc, lo, hi, ok[:, lo:] & (near | mine[:, lo:]))
 
 
-def _blocks(x: torch.Tensor, B: int) -> torch.Tensor:
-    """[L, Hkv, D] -> [nb, Hkv * B * D], zero-padded to whole blocks: row b is block b."""
-    return F.pad(x, (0, 0, 0, 0, 0, -x.shape[0] % B)).view(-1, B, *x.shape[1:]).transpose(1, 2).flatten(1)
-
-
-def _branches(qc, gc, ck, cv, ks, vs, kb, vb, m: Masks):
+def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
     """Gated sum of the three branches for a chunk of query rows qc [C, Hq, D] of one sample;
-    ks/vs [L, Hkv, D] the sample's rotated keys and values, kb/vb the same as `_blocks`, ck/cv
-    [M, Hkv, D] its compressed ones. Each branch is one fused SDPA call. A row with no allowed key
+    ks/vs [L, Hkv, D] the sample's rotated keys and values, ck/cv [M, Hkv, D] its compressed ones. Each branch is one fused SDPA call. A row with no allowed key
     gives 0, as in the library; only cmp has such rows (a selected block holds an allowed token, the
     window the query itself)."""
     C, hq, d = qc.shape
@@ -284,12 +279,10 @@ def _branches(qc, gc, ck, cv, ks, vs, kb, vb, m: Masks):
         o_cmp = torch.where(empty, 0, o_cmp)
     else:  # e.g. a sample shorter than kernel_size: no compressed tokens
         o_cmp = q1.new_zeros(q1.shape[1:])
-    # slc: the chunk's selected blocks gathered once, each row masked to its own (its backward is an
-    # index_add of whole blocks, not a scatter per token and query)
-    U = m.blocks.shape[0]
-    kg, vg = (x.index_select(0, m.blocks).view(U, hkv, -1, d).transpose(0, 1).flatten(1, 2)[None] for x in (kb, vb))
+    # slc: keys [0, hi), each row masked to the blocks it selected
+    kh, vh = (x[:m.hi].transpose(0, 1)[None] for x in (ks, vs))
     mask = m.slc.permute(1, 0, 2)[:, None].expand(hkv, hq // hkv, C, -1).reshape(1, hq, C, -1)
-    o_slc = sdpa(q1, kg, vg, attn_mask=mask, enable_gqa=True)[0] if U else q1.new_zeros(q1.shape[1:])
+    o_slc = sdpa(q1, kh, vh, attn_mask=mask, enable_gqa=True)[0]
     kw, vw = (x[m.lo:m.hi].transpose(0, 1)[None] for x in (ks, vs))
     o_swa = sdpa(q1, kw, vw, attn_mask=m.swa[None, None], enable_gqa=True)[0]
     gc = gc.to(qc.dtype)
@@ -326,18 +319,20 @@ def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: 
         if c.compress_rope and ck.shape[0]:
             first = s0 + torch.arange(ck.shape[0], device=k.device) * c.kernel_stride
             ck = _rotate(ck, x.cos[first], x.sin[first])
-        kb, vb = _blocks(k[s0:s1], B), _blocks(v[s0:s1], B)
         # rows per chunk: keep the largest temporary in budget: the slc mask (bool, over at most the
-        # whole sample), the cmp probabilities, the window
-        span = int(((lay.end - lay.start)[s0:s1] * (lay.mode[s0:s1] != packing.CAUSAL)).max())  # largest image
+        # whole sample), the cmp probabilities, the window (an image query's spans its whole image)
+        span = int((lay.reach - lay.anchor)[s0:s1].max())
         per_row = max(hq * L // 4, 2 * hq * ck.shape[0], hq * (c.window_size + span + 64))
         rows = max(8, min(256, CHUNK_ELEMS // per_row))
         for t0 in range(max(s0, q_start), s1, rows):
             t = torch.arange(t0, min(t0 + rows, s1), device=q.device)
             qc, gc = q[t0 - q_start:t0 - q_start + len(t)], x.gates[t0 - q_start:t0 - q_start + len(t)]
+            t1 = t0 + len(t)  # this chunk's keys lie in [0, hi) of the sample, its windows in [lo, hi)
+            hi = int(lay.reach[t0:t1].max()) - s0
+            lo = max(0, int(lay.anchor[t0:t1].min()) - s0 - c.window_size)
             with torch.no_grad():
-                idx, masks = _select(qc.detach(), ck.detach(), t, s0, s1, lay, c, k_eff)
-            args = (qc, gc, ck, cv, k[s0:s1], v[s0:s1], kb, vb, masks)
+                idx, masks = _select(qc.detach(), ck.detach(), t, s0, s1, lay, c, k_eff, lo, hi)
+            args = (qc, gc, ck, cv, k[s0:s1], v[s0:s1], masks)
             # recompute each chunk in the backward: keeps gathered blocks and probabilities out of memory
             outs.append(checkpoint(_branches, *args, use_reentrant=False) if grad else _branches(*args))
             idxs.append(idx)

@@ -68,6 +68,9 @@ def test_block_tables_equal_the_dense_mask():
                                                                        "full_kv_indices")), BLOCK_SIZE=block)
         for k in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
             assert torch.equal(lay[k][None, None], getattr(ref, k)), k
+        # NSA's reach: one past the last key the query sees
+        n = sum(lens)
+        assert torch.equal(torch.from_numpy(lay["reach"][:n]), n - mask[:n, :n].flip(1).int().argmax(1))
         # the per-token rows the mask_mod reads, and the sdpa plan: each split's keys are its dense row
         assert torch.equal(lay["split"][:sum(lens)], torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(split_lens)))
         for q0, q1, k0, k1, gathered, causal in lay["sdpa_jobs"]:
@@ -183,3 +186,25 @@ def test_a_micro_step_has_no_host_sync(device, monkeypatch):
         model(**batch)
     print(f"sync ops: sdpa fwd+bwd {Counter(fwd_bwd.ops)}, flex fwd {Counter(flex.ops)}")
     assert fwd_bwd.ops == [] and flex.ops == []
+
+
+def test_an_nsa_micro_step_has_no_host_sync():
+    """The same micro-step with --attn nsa (the pure-PyTorch path, forward + backward through its
+    checkpointed chunks): its layout comes from the batch, every size from host ints."""
+    import dataclasses
+    from nsa import NSAConfig
+    cfg = dataclasses.replace(TINY, nsa=NSAConfig(block_size=4, kernel_size=4, kernel_stride=2, topk=3, window_size=5))
+    torch.manual_seed(0)
+    model = Bagel(cfg)
+    batch = micro_batch("cpu")
+    with SyncCounter() as fwd_bwd:
+        out = model(**batch)
+        (out["ce"].mean() + out["mse"].mean()).backward()
+    print(f"sync ops: nsa fwd+bwd {Counter(fwd_bwd.ops)}")
+    assert model.language_model.model.layers[0].self_attn.nsa.g_proj.weight.grad.any()  # NSA really ran
+    assert fwd_bwd.ops == []
+    # the counter cannot see .tolist() or .cpu() of a CPU tensor; on the meta device, which holds no
+    # values, each of them raises: the same micro-step runs there with nothing read back
+    model, batch = model.to("meta"), micro_batch("meta")
+    out = model(**batch)
+    (out["ce"].mean() + out["mse"].mean()).backward()
