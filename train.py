@@ -416,12 +416,46 @@ def keyed_generator(seed: int, step: int, pack: int, stream: int, device) -> tor
     return torch.Generator(device=device).manual_seed((int(s[0]) << 31 | int(s[1])) & (2**63 - 1))
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch: dict, device, used_on=None) -> dict:
     """Tensors (the attention layout's too) to `device`. From the loader's pinned memory the copies
-    do not block the host, which runs on and queues the next kernels (issue 12)."""
-    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else \
-        {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+    do not block the host, which runs on and queues the next kernels (issue 12). `used_on`: the CUDA
+    stream that will read the tensors when they are copied on another one (record_stream, so the
+    allocator does not hand their memory out while that stream may still read it)."""
+    def move(v):
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if used_on is not None:
+                v.record_stream(used_on)
+            return v
+        return {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
     return move(batch)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device)
+
+
+def take(it, n: int, loader, device: torch.device) -> tuple[list[dict], dict, float, object]:
+    """One step's packs, taken a step ahead so that their host -> device copies overlap the step
+    before (issue 12): the next `n` packs of `it` (fewer when the data ran out), the loader state once
+    they are consumed (what a checkpoint of their step must hold, not the state after the packs
+    prefetched behind them, or a resume would skip those), the seconds waited for them, and on CUDA
+    the event after their copies (which ran on a side stream) that the compute stream must wait for.
+    On CPU there is nothing to overlap: the packs are just taken early."""
+    t, batches = time.time(), []
+    for _ in range(n):
+        try:
+            batches.append(next(it))
+        except StopIteration:
+            break
+    state, wait = loader.state_dict(), time.time() - t
+    if device.type != "cuda":
+        return batches, state, wait, None
+    compute, side = torch.cuda.current_stream(device), copy_stream(device)
+    with torch.cuda.stream(side):
+        batches = [to_device(b, device, compute) for b in batches]
+    return batches, state, wait, side.record_event()
 
 
 def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: int, args: Args,
@@ -438,8 +472,8 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     if counts[2] > 0:
         return None
     n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
-    # every micro-batch's copy is queued now (pinned, non-blocking): the host runs on to queue the
-    # kernels, and nothing in the micro-steps below waits for the device (test_hotpath.py)
+    # every micro-batch's copy is queued now (pinned, non-blocking; already done by `take` in train):
+    # the host runs on to queue the kernels, and nothing in the micro-steps below waits for the device
     batches = [to_device(b, dev) for b in batches]
     sums = torch.zeros(2, device=dev)
     by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
@@ -928,25 +962,24 @@ def train(args: Args, d: fsdp.Dist):
     bar = d.rank == 0 and sys.stdout.isatty()
     peak = peak_flops(d.device)
     it = iter(loader)
+    ahead = take(it, args.optim.grad_accum, loader, d.device)
     # ce, mse, n_ce, n_mse, tokens, flops, data-wait seconds, then MSE sums and counts per t bucket
     window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
     t_log, t_start, start = time.time(), time.time(), step
     async_group = dist.new_group(backend="gloo") if args.ckpt.async_ else None  # the background writer's own
     while step < args.max_steps:
-        batches, t_data = [], time.time()
-        for _ in range(args.optim.grad_accum):
-            try:
-                batches.append(next(it))
-            except StopIteration:
-                break
-        window[6] += time.time() - t_data
+        batches, data_state, wait, copied = ahead
+        window[6] += wait
+        if copied is not None:
+            torch.cuda.current_stream(d.device).wait_event(copied)
+        ahead = take(it, args.optim.grad_accum, loader, d.device)  # copies overlap this step
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
         if s is None:
             log(f"step {step}: the data ran out (--data.epochs); saving and stopping")
             pending = fsdp.wait_saved(pending, d)  # its meta.json says whether this step is saved
             if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
-                pending = save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group)
+                pending = save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group)
             break
         sched.step()
         if ema is not None:
@@ -988,7 +1021,7 @@ def train(args: Args, d: fsdp.Dist):
             done = int(30 * step / args.max_steps)
             print(f"\rstep {step}/{args.max_steps} [{'#' * done}{'.' * (30 - done)}]", end="", flush=True)
         if (args.ckpt.every and step % args.ckpt.every == 0) or step == args.max_steps:
-            pending = save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group)
+            pending = save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group)
         if eval_now:
             for line in evaluate(model, ae, tok, args, step, d):
                 log(f"sample @ {step}: " + line.replace("\n", " | "))
@@ -997,13 +1030,14 @@ def train(args: Args, d: fsdp.Dist):
     fsdp.wait_saved(pending, d)  # the run ends when its last checkpoint is complete
 
 
-def save(args, d, step, model, opt, sched, ema, loader, args_json, metrics, pending, async_group):
-    """Save step `step` (after the previous async save, `pending`, is complete); returns the new pending one."""
+def save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group):
+    """Save step `step` (after the previous async save, `pending`, is complete); returns the new pending one.
+    `data_state`: the loader's state after the packs of `step`, not after those prefetched (`take`)."""
     t = time.time()
     pending = fsdp.wait_saved(pending, d)
     t_wait, path = time.time() - t, fsdp.step_dir(args.output_dir, step)
     pending = fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
-                                   dict(data=loader.state_dict()), d, args_json,
+                                   dict(data=data_state), d, args_json,
                                    dict(step=step, base=args.model, frozen_crc32=model.frozen_crc32),
                                    args.ckpt.verify, args.ckpt.keep_last, async_group)
     if d.rank == 0:
