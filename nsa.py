@@ -25,13 +25,14 @@ backward (checkpoint), so memory is O(tokens), never tokens x tokens. On CUDA, a
 to the library's Triton ops when it is importable; everything else falls back, logging why.
 `python bench.py --what nsa` measures one attention against dense sdpa.
 """
+import bisect
+import itertools
 import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -148,9 +149,15 @@ class Layout:
     mode: torch.Tensor
     start: torch.Tensor  # [Np] first token of the token's split
     end: torch.Tensor  # [Np] one past its last token
-    reach: np.ndarray  # [Np] host: the query sees no key at or past reach
-    anchor: np.ndarray  # [Np] host: the last token of its sliding window
+    splits: list  # host: (first token, one past the last, image?) of every split, in pack order
     all_causal: bool
+
+    def reach(self, t: int) -> tuple[int, int]:
+        """Host ints for token t: one past the last key it may see, and the last token of its sliding
+        window. Both only grow along a sample (an image's end is at most the next split's start), so
+        a chunk of queries t0..t1-1 reaches keys up to reach(t1 - 1) and windows from reach(t0)."""
+        a, b, image = self.splits[bisect.bisect_right(self.splits, (t, math.inf)) - 1]
+        return (b, a) if image else (t + 1, t)
 
 
 def plan(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], device=None,
@@ -159,8 +166,10 @@ def plan(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], d
     host: device tensors are copied in, every size stays a host int, nothing is read back (issue 12)."""
     lay = layout or packing.attention_layout(sample_lens, split_lens, attn_modes)
     to = lambda k: lay[k].to(device, non_blocking=True)
-    return Layout(np.cumsum([0] + list(sample_lens)).tolist(), *map(to, ("sample", "split", "mode", "start", "end")),
-                  lay["reach"], lay["anchor"], all(m == "causal" for m in attn_modes))
+    ends = itertools.accumulate(split_lens)
+    splits = [(e - n, e, m != "causal") for n, e, m in zip(split_lens, ends, attn_modes)]
+    return Layout(list(itertools.accumulate(sample_lens, initial=0)), *map(to, ("sample", "split", "mode", "start", "end")),
+                  splits, all(m == "causal" for m in attn_modes))
 
 
 def _rotate(x, cos, sin):
@@ -321,15 +330,15 @@ def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: 
             ck = _rotate(ck, x.cos[first], x.sin[first])
         # rows per chunk: keep the largest temporary in budget: the slc mask (bool, over at most the
         # whole sample), the cmp probabilities, the window (an image query's spans its whole image)
-        span = int((lay.reach - lay.anchor)[s0:s1].max())
+        span = max([b - a for a, b, image in lay.splits if image and s0 <= a < s1], default=0)
         per_row = max(hq * L // 4, 2 * hq * ck.shape[0], hq * (c.window_size + span + 64))
         rows = max(8, min(256, CHUNK_ELEMS // per_row))
         for t0 in range(max(s0, q_start), s1, rows):
             t = torch.arange(t0, min(t0 + rows, s1), device=q.device)
             qc, gc = q[t0 - q_start:t0 - q_start + len(t)], x.gates[t0 - q_start:t0 - q_start + len(t)]
             t1 = t0 + len(t)  # this chunk's keys lie in [0, hi) of the sample, its windows in [lo, hi)
-            hi = int(lay.reach[t0:t1].max()) - s0
-            lo = max(0, int(lay.anchor[t0:t1].min()) - s0 - c.window_size)
+            hi = lay.reach(t1 - 1)[0] - s0
+            lo = max(0, lay.reach(t0)[1] - s0 - c.window_size)
             with torch.no_grad():
                 idx, masks = _select(qc.detach(), ck.detach(), t, s0, s1, lay, c, k_eff, lo, hi)
             args = (qc, gc, ck, cv, k[s0:s1], v[s0:s1], masks)

@@ -374,9 +374,6 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
       sdpa_keys   int64 [K]: the gathered key positions
       vit_seqlens patches per ViT image (host ints: the ViT attention splits by them)
       start, end  int64 [Np]: per token, its split's first and one-past-last token (for nsa.py)
-      reach, anchor  numpy int64 [Np], host only: a query sees no key at or past `reach` (its split's
-                  end for an image, itself + 1 for text); its sliding window ends at `anchor` (its
-                  image's first token, or itself). nsa.py sizes each chunk of queries from them.
     """
     check_splits(sample_lens, split_lens, attn_modes)
     n = sum(sample_lens)
@@ -444,9 +441,7 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
     per_token = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
                  (("sample", sample[split_of]), ("split", split_of), ("mode", mode[split_of]),
                   ("start", start[split_of]), ("end", end[split_of]))}
-    text, t = mode[split_of] == CAUSAL, np.arange(total)
     return dict(**per_token, **tables, block=block, sdpa_jobs=jobs,
-                reach=np.where(text, t + 1, end[split_of]), anchor=np.where(text, t, start[split_of]),
                 sdpa_keys=torch.from_numpy(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)),
                 vit_seqlens=[int(s) for s in vit_seqlens])
 

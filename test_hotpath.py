@@ -8,6 +8,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+import nsa
 import packing
 from model import Bagel
 from test_smoke import TINY
@@ -68,9 +69,9 @@ def test_block_tables_equal_the_dense_mask():
                                                                        "full_kv_indices")), BLOCK_SIZE=block)
         for k in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
             assert torch.equal(lay[k][None, None], getattr(ref, k)), k
-        # NSA's reach: one past the last key the query sees
-        n = sum(lens)
-        assert torch.equal(torch.from_numpy(lay["reach"][:n]), n - mask[:n, :n].flip(1).int().argmax(1))
+        # NSA's chunk bounds: one past the last key a query sees
+        n, nsa_lay = sum(lens), nsa.plan(lens, split_lens, modes, layout=lay)
+        assert [nsa_lay.reach(t)[0] for t in range(n)] == (n - mask[:n, :n].flip(1).int().argmax(1)).tolist()
         # the per-token rows the mask_mod reads, and the sdpa plan: each split's keys are its dense row
         assert torch.equal(lay["split"][:sum(lens)], torch.repeat_interleave(torch.arange(len(split_lens)), torch.tensor(split_lens)))
         for q0, q1, k0, k1, gathered, causal in lay["sdpa_jobs"]:
