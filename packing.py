@@ -377,6 +377,9 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
     """
     check_splits(sample_lens, split_lens, attn_modes)
     n = sum(sample_lens)
+    if n == 0:  # the loader never makes one: every record has an assistant item of >= 2 tokens
+        raise ValueError(f"a pack of zero tokens (sample_lens {list(sample_lens)}): nothing to attend over "
+                         "(flex cannot run on it); build packs from at least one sample")
     pad = -n % block
     # the split table, pad included: start, end, mode and sample start of every split
     lens = np.array(list(split_lens) + ([pad] if pad else []), dtype=np.int64)

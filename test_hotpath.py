@@ -82,12 +82,16 @@ def test_block_tables_equal_the_dense_mask():
 
 
 def test_bad_layout_is_a_clear_error():
+    from model import plan_attention
     with pytest.raises(ValueError, match="crosses a sample boundary"):
         packing.attention_layout([5, 5], [3, 7], ["causal", "causal"])
     with pytest.raises(ValueError, match="unknown attn_modes"):
         packing.attention_layout([5], [5], ["bidirectional"])
+    # an empty pack, from collate (the data workers) or a hand-built batch without a layout
+    for make in (lambda: packing.collate([]), lambda: plan_attention("flex", [], [], [], "cpu")):
+        with pytest.raises(ValueError, match="a pack of zero tokens"):
+            make()
     lay = packing.attention_layout([200], [200], ["causal"])
-    from model import plan_attention
     with pytest.raises(ValueError, match="attention_layout covers 256 tokens, the pack has 300"):
         plan_attention("sdpa", [300], [300], ["causal"], "cpu", lay)
 
