@@ -113,6 +113,8 @@ def mixed_pack(a: Args) -> dict:
 
 def child(a: Args):
     attn, mode = a.child.split(",")
+    if attn == "gpu":
+        return gpu_part(a, mode)
     if a.what == "nsa":
         dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
         return print(json.dumps(measure_nsa(attn, int(mode), dtype, a.device)))
@@ -156,65 +158,114 @@ def time_step(model: Bagel, batch: dict, mode: str, repeats: int, device: str) -
 
 SEVEN_B = dict(width=3584, heads=28, kv_heads=4, ffn=18944, vit_width=1152, vit_layers=1)  # BAGEL-7B layers
 NSA_TOKENS = (8192, 32768)
+# seconds per part of the GPU check, start-up included: 4.4 min in all, so the one command stays
+# under 5 minutes. Each part is a process of its own, killed at its budget (a clean stop even inside
+# a compile or a kernel); the rows it printed by then count, the rest are reported as cut.
+GPU_BUDGET = {"parity": 70, "7B shapes": 135, "one attention": 60}
+
+
+def gpu_part(a: Args, part: str):
+    """One part of the GPU check (a child process of `bench_gpu`): prints one JSON line per row,
+    {"row": [what, result, ok]}, as each finishes. A row that raises is a failed row, not a crash."""
+    from test_smoke import CASES, golden_batch, tiny_bagel  # the golden packs and the tests' tiny BAGEL
+    dev = a.device
+    cuda = dev.startswith("cuda")
+
+    def run(what: str, fn):
+        try:
+            text, ok = fn()
+        except Exception as e:  # noqa: BLE001  report and go on: the other rows still count
+            text, ok = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}", False
+        if cuda:
+            torch.cuda.empty_cache()
+        print(json.dumps({"row": [what, text, ok]}), flush=True)
+
+    def parity(model, b, tol):
+        got = {}
+        for attn in ("sdpa", "flex"):
+            model.attn = attn
+            model.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(cuda):  # CPU: no flex backward, forward only
+                out = model(**b)
+                if cuda:
+                    (out["ce"].float().sum() + out["mse"].float().sum()).backward()
+            got[attn] = [out["ce"], out["mse"]] + [p.grad for p in model.parameters() if p.grad is not None]
+        err = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp(min=1e-6)).item()
+                  for x, y in zip(got["flex"], got["sdpa"]) if y.numel())
+        return f"losses + {len(got['sdpa']) - 2} grads: max err {err:.1e} of the largest value", \
+            err < tol and len(got["flex"]) == len(got["sdpa"])
+
+    def step(c, attn, built: list):
+        if not built:  # one model and pack for both backends
+            built += [build(c), mixed_pack(c)]
+        model, batch = built
+        model.attn = attn
+        r = time_step(model, batch, "fwdbwd" if cuda or attn == "sdpa" else "fwd", 2, dev)
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        return (f"{r['mode']} {r['tokens']} tok, {r['samples']} samples | {r['seconds'] * 1e3:.1f} ms | "
+                f"{r['tok_s']:,.0f} tok/s | mfu {mfu} | peak {r['peak_gb']:.1f} GiB"), True
+
+    def one(kind, n):
+        r = measure_nsa(kind, n, torch.bfloat16 if cuda else torch.float32, dev)
+        return f"fwd+bwd {r['seconds'] * 1e3:.1f} ms | peak {r['peak_gb']:.2f} GiB", True
+
+    if part == "parity":  # bf16 first: its tolerance is the open question
+        for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-3)):  # tol: of the largest |value|
+            model = tiny_bagel().to(dev, dtype)
+            for case in CASES:
+                b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in golden_batch(case).items()}
+                run(f"flex vs sdpa {str(dtype)[6:]} {case}", lambda: parity(model, b, tol))
+    elif part == "7B shapes":
+        shapes = dataclasses.replace(a, **SEVEN_B, dtype="bf16") if cuda else a  # CPU: the given (small) sizes
+        for layers in (1, 4):
+            for n in a.tokens:
+                c, built = dataclasses.replace(shapes, layers=layers, tokens=(n,)), []
+                for attn in ("flex", "sdpa"):
+                    run(f"{layers} layer(s) of width {c.width}, {n} tok, {attn}", lambda: step(c, attn, built))
+                del built
+    else:
+        for n in NSA_TOKENS if cuda else a.tokens:
+            for kind in ("sdpa", "flex", "nsa", "nsa-torch") if cuda else ("sdpa", "nsa"):
+                run(f"Hq=7 Hkv=1 D=128, {n} tok, {kind}", lambda: one(kind, n))
 
 
 def bench_gpu(a: Args):
-    """The prepared GPU check, one process, a few minutes on one H200 (progress is printed as it
-    goes, so a cut-off run still reports): (1) sdpa vs flex on the golden packs, outputs and every
-    gradient, fp32 and bf16; (2) BAGEL-7B layer shapes, 1 and 4 layers, fwd+bwd at the --tokens
-    sizes, sdpa and flex: time, tokens/s, MFU, peak memory; (3) one attention, sdpa / flex / NSA
-    library / NSA PyTorch. No GPU has run it yet: it is written to run first time, not tested so."""
-    from test_smoke import CASES, golden_batch, tiny_bagel  # the golden packs and the tests' tiny BAGEL
-    dev = a.device  # "cpu" is a dry run of the code: no flex backward there, so no gradients
-    cuda = dev.startswith("cuda")
-    say = lambda *x: print(*x, flush=True)
-    say(f"GPU check on {torch.cuda.get_device_name(dev) if cuda else dev}, torch {torch.__version__}")
-    fails = []
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):  # tol: of the largest |value|
-        model = tiny_bagel().to(dev, dtype)
-        for case in CASES:
-            b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in golden_batch(case).items()}
-            got = {}
-            for attn in ("sdpa", "flex"):
-                model.attn = attn
-                model.zero_grad(set_to_none=True)
-                with torch.set_grad_enabled(cuda):
-                    out = model(**b)
-                    if cuda:
-                        (out["ce"].float().sum() + out["mse"].float().sum()).backward()
-                got[attn] = [out["ce"], out["mse"]] + [p.grad for p in model.parameters() if p.grad is not None]
-            err = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp(min=1e-6)).item()
-                      for x, y in zip(got["flex"], got["sdpa"]) if y.numel())
-            ok = err < tol and len(got["flex"]) == len(got["sdpa"])
-            fails += [] if ok else [f"{case} {dtype}"]
-            say(f"parity {str(dtype)[6:]:8s} {case:26s} flex vs sdpa (losses + {len(got['sdpa']) - 2} grads): "
-                f"max err {err:.1e} of the largest value | {'ok' if ok else 'FAIL'}")
-    seven_b = dataclasses.replace(a, **SEVEN_B, device=dev, dtype="bf16" if cuda else "fp32")
-    for layers in (1, 4):
-        for n in a.tokens:
-            c = dataclasses.replace(seven_b, layers=layers, tokens=(n,))
-            model, batch = build(c), mixed_pack(c)
-            for attn in ("sdpa", "flex"):
-                model.attn = attn
-                try:
-                    r = time_step(model, batch, "fwdbwd" if cuda or attn == "sdpa" else "fwd", 2, dev)
-                except Exception as e:  # report and go on: the other rows still count
-                    say(f"{layers} layers {n:6d} {attn}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                    fails.append(f"{layers} layers {n} {attn}")
-                    continue
-                say(f"7B shapes, {layers} layer(s), {attn:4s} {r['mode']} | {r['tokens']} tok, {r['samples']} samples | "
-                    f"{r['seconds'] * 1e3:7.1f} ms | {r['tok_s']:9,.0f} tok/s | mfu {r.get('mfu') or 0:.1%} | peak {r['peak_gb']:.1f} GiB")
-            del model, batch
-    for n in NSA_TOKENS:
-        for kind in ("sdpa", "flex", "nsa", "nsa-torch") if cuda else ("sdpa", "nsa"):
-            try:
-                r = measure_nsa(kind, n, torch.bfloat16 if cuda else torch.float32, dev)
-                say(f"one attention Hq=7 Hkv=1 D=128, {n:6d} tokens, {kind:9s} fwd+bwd | {r['seconds'] * 1e3:8.1f} ms | "
-                    f"peak {r['peak_gb']:.2f} GiB")
-            except Exception as e:
-                say(f"one attention {n} {kind}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    say("GPU check: " + ("all parity checks passed" if not fails else f"FAILED: {fails}"))
-
+    """The prepared GPU check: one command, < 5 minutes on one H200 (GPU_BUDGET), rows printed as
+    they finish and a summary table at the end: (1) sdpa vs flex on the golden packs, outputs and
+    every gradient, bf16 and fp32; (2) BAGEL-7B layer shapes, 1 and 4 layers, fwd+bwd at the --tokens
+    sizes, flex and sdpa: time, tokens/s, MFU, peak memory; (3) one attention, sdpa / flex / NSA
+    library / NSA PyTorch. No GPU has run it yet. `--device cpu` is a dry run of the same code with
+    the command line's (small) model sizes and --tokens in place of the 7B shapes and NSA_TOKENS, and
+    forward parity only (no flex backward on CPU)."""
+    import threading
+    cuda = a.device.startswith("cuda")
+    print(f"GPU check on {torch.cuda.get_device_name(a.device) if cuda else a.device}, torch {torch.__version__}, "
+          f"budget per part (s) {GPU_BUDGET}", flush=True)
+    rows, t_all = [], time.time()
+    for part, budget in GPU_BUDGET.items():
+        t = time.time()
+        proc = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--child", f"gpu,{part}"],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        timer = threading.Timer(budget, proc.kill)
+        timer.start()
+        for line in proc.stdout:
+            if line.startswith('{"row"'):
+                what, text, ok = json.loads(line)["row"]
+                rows.append((part, what, "ok" if ok else "FAIL", text))
+                print(f"{part} | {what} | {rows[-1][2]} | {text}", flush=True)
+        proc.wait()
+        timer.cancel()
+        if proc.returncode:
+            why = f"cut at its {budget} s budget" if proc.returncode == -9 else f"exited with code {proc.returncode}"
+            rows.append((part, "(the rows after the last above)", "cut" if proc.returncode == -9 else "FAIL", why))
+        print(f"{part}: {time.time() - t:.0f} s of {budget} s", flush=True)
+    w = max(len(r[1]) for r in rows)
+    print(f"\nsummary ({time.time() - t_all:.0f} s)")
+    for part, what, status, text in rows:
+        print(f"{part:13s} | {what:{w}s} | {status:4s} | {text}")
+    fails = [f"{part}: {what}" for part, what, status, _ in rows if status == "FAIL"]
+    cut = [part for part, _, status, _ in rows if status == "cut"]
+    print("GPU check: " + (f"FAILED: {fails}" if fails else "no failures") + (f"; cut by the budget: {cut}" if cut else ""))
 
 
 def bench_data(a: Args):
