@@ -213,3 +213,23 @@ def test_an_nsa_micro_step_has_no_host_sync():
     model, batch = model.to("meta"), micro_batch("meta")
     out = model(**batch)
     (out["ce"].mean() + out["mse"].mean()).backward()
+
+
+def test_take_keeps_the_data_state_of_its_own_packs(tmp_path):
+    """The training loop takes a step's packs one step ahead (train.take), so when it saves step s
+    the loader has already given out the packs of s + 1. The state saved must be the one taken with
+    the packs of s: a loader resumed from it yields exactly the prefetched packs of s + 1."""
+    import data
+    import train
+    from test_data import same_batch, small_cfg, text_data
+    cfg = small_cfg(data=(text_data(tmp_path, 30),), packing_length=128, epochs=None)
+    loader, cpu = data.PackLoader(cfg), torch.device("cpu")
+    it = iter(loader)
+    packs, state, _, copied = train.take(it, 2, loader, cpu)
+    ahead = train.take(it, 2, loader, cpu)[0]  # prefetched while the step of `packs` runs
+    assert len(packs) == 2 and copied is None and state["consumed"] == 2 and loader.state_dict()["consumed"] == 4
+    fresh = data.PackLoader(cfg)
+    fresh.load_state_dict(state)
+    it2 = iter(fresh)
+    for want in ahead:
+        same_batch(next(it2), want)
