@@ -142,7 +142,7 @@ class NSAInputs(NamedTuple):
 
 @dataclass
 class Layout:
-    """Per-token facts of one pack (`plan`): device tensors for the masks, host arrays for sizes."""
+    """Per-token facts of one pack (`plan`): device tensors for the masks, host ints for sizes."""
     bounds: list  # [n_samples + 1] cumulative sample starts (LMMS Engine passed [0, l1, l2, ...])
     sample: torch.Tensor  # [Np] long, as packing.attention_layout (padded past the pack's N tokens)
     split: torch.Tensor
@@ -270,9 +270,9 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int, lo: int, hi: int):
 
 def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
     """Gated sum of the three branches for a chunk of query rows qc [C, Hq, D] of one sample;
-    ks/vs [L, Hkv, D] the sample's rotated keys and values, ck/cv [M, Hkv, D] its compressed ones. Each branch is one fused SDPA call. A row with no allowed key
-    gives 0, as in the library; only cmp has such rows (a selected block holds an allowed token, the
-    window the query itself)."""
+    ks/vs [L, Hkv, D] the sample's rotated keys and values, ck/cv [M, Hkv, D] its compressed ones.
+    Each branch is one fused SDPA call. A row with no allowed key gives 0, as in the library; only
+    cmp has such rows (a selected block holds an allowed token, the window the query itself)."""
     C, hq, d = qc.shape
     hkv = ks.shape[1]
     sdpa = F.scaled_dot_product_attention
@@ -342,7 +342,7 @@ def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: 
             with torch.no_grad():
                 idx, masks = _select(qc.detach(), ck.detach(), t, s0, s1, lay, c, k_eff, lo, hi)
             args = (qc, gc, ck, cv, k[s0:s1], v[s0:s1], masks)
-            # recompute each chunk in the backward: keeps gathered blocks and probabilities out of memory
+            # recompute each chunk in the backward: keeps its masks, scores and probabilities out of memory
             outs.append(checkpoint(_branches, *args, use_reentrant=False) if grad else _branches(*args))
             idxs.append(idx)
     out = torch.cat(outs) if outs else q.new_zeros(0, hq, d)
