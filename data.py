@@ -39,6 +39,10 @@ from packing import Geometry, SpecialTokens
 DATA_EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json files in HF save_to_disk dirs
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
+RECORD_FIELDS = ("messages", "images", "videos", "image", "captions")  # all parse_record reads
+# a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
+# a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; bench.py --what data)
+PARQUET_BATCH_BYTES = 1 << 20
 VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # upstream ImageTransform default (data/transforms.py)
 VIT_MAX_PIXELS = 2_007_040  # upstream data/configs/example.yaml, VLM SFT ViT transform
 # --data.skip-bad is for the odd broken record: a source that is mostly bad stops the run instead
@@ -590,6 +594,12 @@ class DataFile:
             self.offsets = index_lines(path)
         self._open()
         self.unit_rows = self._unit_rows()
+        # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
+        # for a file with none of them lists its fields)
+        self.columns = None
+        if self.ext in (".parquet", ".arrow"):
+            names = self._h.schema_arrow.names if self.ext == ".parquet" else self._h[0].schema.names if self._h else []
+            self.columns = [c for c in names if c in RECORD_FIELDS] or None
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
 
     def __getstate__(self):  # open handles stay in the process that opened them
@@ -603,8 +613,10 @@ class DataFile:
         try:
             if self.ext == ".parquet":
                 # pre_buffer (pyarrow's default) keeps the last row group read by each open file in
-                # its read-ahead cache, so memory would grow with the number of files (bench.py)
-                self._h = pq.ParquetFile(p, pre_buffer=False)
+                # its read-ahead cache, so memory would grow with the number of files; without
+                # buffer_size a column chunk is read whole into one more buffer before its pages
+                # are decoded: a peak of ~4 row groups instead of ~2 (bench.py --what data)
+                self._h = pq.ParquetFile(p, pre_buffer=False, buffer_size=1 << 20)
             elif self.ext == ".arrow":
                 src = pa.memory_map(p)
                 try:  # Arrow IPC file format (random access)...
@@ -642,9 +654,12 @@ class DataFile:
         self._open()
         a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
         if self.ext == ".parquet":
-            return self._h.read_row_group(unit)
+            md = self._h.metadata.row_group(unit)
+            batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
+            return pa.Table.from_batches(list(self._h.iter_batches(
+                batch, row_groups=[unit], columns=self.columns, use_threads=False)))
         if self.ext == ".arrow":
-            return self._h[unit]
+            return self._h[unit].select(self.columns) if self.columns else self._h[unit]
         if self.ext == ".json":
             return self._h[a:b]
         with open(self.path, "rb") as fh:
@@ -725,7 +740,8 @@ class Source:
         if self._order[0] != (epoch, u):
             self._order = ((epoch, u), np.random.default_rng([self.seed, self.index, epoch, u]).permutation(n))
         if self._unit[0] != u:
-            self._unit = (None, None)  # free the old unit before reading the new one
+            self._unit = (None, None)  # free the old unit before reading the new one, and hand
+            pa.default_memory_pool().release_unused()  # back what decoding it took (mimalloc keeps it)
             self._unit = (u, self.files[fi].load(ui))
         where, rec = self.files[fi].record(self._unit[1], ui, int(self._order[1][place]))
         return where, self.folders[fi], rec

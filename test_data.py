@@ -693,8 +693,12 @@ def unit_file(container, tmp_path, n_units, rows, monkeypatch):
 
 def count_row_group_reads(monkeypatch) -> list[int]:
     """The row groups pyarrow reads from now on, in order."""
-    reads, real = [], pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    reads, real = [], pq.ParquetFile.iter_batches
+
+    def counted(self, *a, row_groups=None, **k):
+        reads.extend(row_groups if row_groups is not None else range(self.num_row_groups))
+        return real(self, *a, row_groups=row_groups, **k)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
     return reads
 
 
@@ -761,6 +765,43 @@ def test_jsonl_is_indexed_once_per_process_tree(tmp_path, monkeypatch):
                                         epochs=None)))
     [next(it) for _ in range(4)]
     assert log.read_text().split() == [str(os.getpid())]
+
+
+POOLS = []  # memory pools of test_parquet_memory_is_bounded: alive until exit (pyarrow frees into them)
+
+
+def test_parquet_memory_is_bounded(tmp_path):
+    """One shard streams 8 parquet files of 2 row groups (units) of 16 rows, each row 64 kB of
+    incompressible bytes in the `images` column records use and 64 kB in a column they do not.
+    Counted exactly at pyarrow's memory pools (RSS is noisy): between two records pyarrow holds at
+    most one unit (no read-ahead cache per open file, no unit kept per file, no unused column), and
+    while it decodes one the reader peaks under 2.5 units. All of it is freed with the dataset."""
+    unit = 16 * 2**16  # bytes of the used column in one row group
+    for f in range(8):
+        msgs = [json.dumps(good()["messages"])] * 32
+        pq.write_table(pa.table({"messages": msgs, "images": [[os.urandom(2**16)] for _ in range(32)],
+                                 "unused": [os.urandom(2**16) for _ in range(32)]}),
+                       tmp_path / f"{f}.parquet", row_group_size=16, compression="none")
+    # the reader allocates from the default pool set here: a proxy of our own counts its peak; the
+    # read-ahead cache allocates from the process-wide pool below it (counted in `held`)
+    base = pa.default_memory_pool()
+    reader = pa.proxy_memory_pool(base)
+    POOLS.append(reader)
+    pa.set_memory_pool(reader)
+    try:
+        start = base.bytes_allocated()
+        ds = data.PackedDataset(small_cfg(data=(str(tmp_path),), packing_length=4096))
+        st, held = ds.stream(), []
+        for key in iter(st.next_key, None):
+            ds.sources[0].read(key)
+            held.append(base.bytes_allocated() - start)
+        assert len(held) == 256
+        assert max(held) < 1.1 * unit, f"pyarrow holds {max(held) / unit:.2f} units between records"
+        assert reader.max_memory() < 2.5 * unit, f"decoding a unit peaks at {reader.max_memory() / unit:.2f} units"
+        del ds, st
+        assert base.bytes_allocated() == start
+    finally:
+        pa.set_memory_pool(base)
 
 
 # --------------------------------------------------------------------------------------------------
