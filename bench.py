@@ -335,7 +335,8 @@ def worker_rss(tmp: str, n_files: int, mb: int, distinct: int = 8):
     print(f"one data worker, {n_files} parquet files ({min(n_files, distinct)} distinct, the rest hard links) x 2 "
           f"row groups of {mb} MB ({n_files * 2 * mb / 1024:.1f} GB) | {r['samples']} samples in {r['seconds']:.1f} s | "
           f"peak RSS {r['base_mb']:.0f} MB at start + {r['peak_mb'] - r['base_mb']:.0f} MB while streaming "
-          f"({(r['peak_mb'] - r['base_mb']) / mb:.1f} row groups) | pyarrow: peak {r['arrow_peak_mb']:.0f} MB, "
+          f"({(r['peak_mb'] - r['base_mb']) / mb:.1f} row groups), + {r['end_mb'] - r['base_mb']:.0f} MB at the end | "
+          f"pyarrow: peak {r['arrow_peak_mb']:.0f} MB, "
           f"{r['arrow_end_mb']:.0f} MB at the end")
 
 
@@ -354,6 +355,7 @@ def stream_rss(folder: str):
     for pack, _, _ in ds.stream():
         n += len(pack)
     print(json.dumps({"samples": n, "seconds": time.perf_counter() - t, "base_mb": base, "peak_mb": mb("VmHWM"),
+                      "end_mb": mb("VmRSS"),
                       "arrow_peak_mb": (pa.default_memory_pool().max_memory() - arrow) / 2**20,
                       "arrow_end_mb": (pa.total_allocated_bytes() - arrow) / 2**20}))
 

@@ -1055,6 +1055,27 @@ class PackLoader:
                                bad=[0] * len(srcs), packs=0, samples=0, tokens=0, skips={},
                                open=waiting[first + v::n_new]) for v in range(nw)}
 
+    def rows_left(self) -> int:
+        """Records of this rank's shards, up to --data.epochs, that no consumed pack holds: rows not
+        read yet, and samples waiting in open packs or in packs a worker made but the loop did not
+        take. A finite run stops when the first rank runs out (ranks step together), so the other
+        ranks' rows left are not trained on; train.py logs their sum."""
+        if self.cfg.epochs is None:
+            raise ValueError("rows_left: an endless stream (--data.epochs None) has no rows left")
+        srcs, nw = self.dataset.sources, max(self.cfg.num_workers, 1)
+        n_shards, left = self.dataset.world_size * nw, 0
+        for v in range(nw):
+            sh = self.shards.get(v) or dict(pos=[[0, 0, 0]] * len(srcs), plans=[None] * len(srcs), open=[])
+            left += sum(len(p) for p in sh["open"])
+            for i, src in enumerate(srcs):
+                e, j, place = sh["pos"][i]
+                for epoch in range(e, self.cfg.epochs):
+                    plan = sh["plans"][i] if epoch == e and sh["plans"][i] is not None else \
+                        src.plan(epoch, self.dataset.rank * nw + v, n_shards)
+                    skip = j if epoch == e else 0
+                    left += sum(b - a for _, a, b in plan[skip:]) - (place if epoch == e and j < len(plan) else 0)
+        return left
+
     def stats(self) -> dict:
         """Totals over this rank's consumed packs: fill, padding, samples/pack, skips per reason."""
         packs = sum(s["packs"] for s in self.shards.values())

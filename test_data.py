@@ -751,6 +751,27 @@ def test_fewer_units_than_shards(tmp_path, monkeypatch):
     assert sorted(reads) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+@pytest.mark.parametrize("lines,epochs", [(4, 2), (1024, 1)])
+def test_rows_left_when_a_finite_run_stops(tmp_path, monkeypatch, lines, epochs):
+    """2 ranks x 2 workers stop after uneven numbers of packs, some shards run dry: rows_left of the
+    ranks adds up to the records the consumed packs lack (counted from the packs' samples). Units
+    of 4 lines with 2 epochs: shards in different epochs; 1024: units cut into row ranges."""
+    monkeypatch.setattr(data, "LINES_PER_UNIT", lines)
+    cfg = small_cfg(data=(text_data(tmp_path, 50, "a.jsonl") + ":2", text_data(tmp_path, 30, "b.jsonl")),
+                    packing_length=128, num_workers=2, epochs=epochs)
+    used, left = 0, 0
+    for rank, stops in enumerate([(3, 1000), (0, 7)]):  # packs taken per worker; 1000: until it runs dry
+        loader = data.PackLoader(cfg, rank, 2)
+        for w, stop in enumerate(stops):
+            for k, (pack, _, state) in enumerate(loader.dataset.stream(w, 2)):
+                if k == stop:
+                    break
+                used += len(pack)
+                loader.shards[w] = state
+        left += loader.rows_left()
+    assert 0 < used < 80 * epochs and used + left == 80 * epochs
+
+
 def test_jsonl_is_indexed_once_per_process_tree(tmp_path, monkeypatch):
     """The line offsets of a .jsonl file are computed in the parent; DataLoader workers inherit them."""
     log = tmp_path / "index.log"
