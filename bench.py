@@ -63,10 +63,10 @@ class Args:
     """fwd: no-grad forward; fwdbwd: forward + backward (not for flex on CPU: no backward there)"""
     repeats: int = 3
     seed: int = 0
-    data_files: int = 32
-    """--what data: parquet files one worker streams for its peak RSS (the issue's case: 200)"""
-    data_row_group_mb: int = 16
-    """--what data: row group size of those files in MB (the issue's case: 64)"""
+    data_files: int = 200
+    """--what data: parquet files one worker streams for its peak RSS (8 written, the rest hard links)"""
+    data_row_group_mb: int = 64
+    """--what data: row group size of those files in MB"""
     child: str = ""
     """internal: run one measurement (attn,mode) and print JSON"""
 

@@ -740,8 +740,7 @@ class Source:
         if self._order[0] != (epoch, u):
             self._order = ((epoch, u), np.random.default_rng([self.seed, self.index, epoch, u]).permutation(n))
         if self._unit[0] != u:
-            self._unit = (None, None)  # free the old unit before reading the new one, and hand
-            pa.default_memory_pool().release_unused()  # back what decoding it took (mimalloc keeps it)
+            self._unit = (None, None)  # free the old unit before reading the new one
             self._unit = (u, self.files[fi].load(ui))
         where, rec = self.files[fi].record(self._unit[1], ui, int(self._order[1][place]))
         return where, self.folders[fi], rec
