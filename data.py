@@ -615,7 +615,7 @@ class DataFile:
                 # pre_buffer (pyarrow's default) keeps the last row group read by each open file in
                 # its read-ahead cache, so memory would grow with the number of files; without
                 # buffer_size a column chunk is read whole into one more buffer before its pages
-                # are decoded: a peak of ~4 row groups instead of ~2 (bench.py --what data)
+                # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
                 self._h = pq.ParquetFile(p, pre_buffer=False, buffer_size=1 << 20)
             elif self.ext == ".arrow":
                 src = pa.memory_map(p)
