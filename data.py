@@ -595,11 +595,12 @@ class DataFile:
         self._open()
         self.unit_rows = self._unit_rows()
         # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
-        # for a file with none of them lists its fields)
+        # for a file without `messages` or `image` + `captions` lists its fields)
         self.columns = None
         if self.ext in (".parquet", ".arrow"):
             names = self._h.schema_arrow.names if self.ext == ".parquet" else self._h[0].schema.names if self._h else []
-            self.columns = [c for c in names if c in RECORD_FIELDS] or None
+            cols = [c for c in names if c in RECORD_FIELDS]
+            self.columns = cols if "messages" in cols or {"image", "captions"} <= set(cols) else None
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
 
     def __getstate__(self):  # open handles stay in the process that opened them

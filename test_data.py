@@ -751,6 +751,14 @@ def test_fewer_units_than_shards(tmp_path, monkeypatch):
     assert sorted(reads) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_unused_columns_are_not_read_but_listed_in_errors(tmp_path):
+    """Parquet reads only the columns a record can use; a file whose records cannot parse still
+    lists all of its fields in the error (here a T2I table with the caption column misnamed)."""
+    pq.write_table(pa.table({"image": [png_bytes("t2i")], "text": ["a cat"]}), tmp_path / "t2i.parquet")
+    with pytest.raises(data.BadSample, match=r"t2i.parquet: row 0: no 'messages' field \(fields: \['image', 'text'\]\)"):
+        all_packs(small_cfg(data=(str(tmp_path / "t2i.parquet"),)))
+
+
 @pytest.mark.parametrize("lines,epochs", [(4, 2), (1024, 1)])
 def test_rows_left_when_a_finite_run_stops(tmp_path, monkeypatch, lines, epochs):
     """2 ranks x 2 workers stop after uneven numbers of packs, some shards run dry: rows_left of the
