@@ -751,6 +751,20 @@ def test_fewer_units_than_shards(tmp_path, monkeypatch):
     assert sorted(reads) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_parquet_decode_peak_in_a_fresh_process(tmp_path):
+    """The peak of pyarrow's process-wide pool while a worker decodes a 16 MB row group (16 rows of
+    1 MB), in a fresh process so that the peak is this decode's alone: about 2 row groups (the page
+    and the table), not 4 (the column chunk read whole first, without the read buffer)."""
+    import subprocess
+    pq.write_table(pa.table({"images": [[os.urandom(2**20)] for _ in range(32)]}), tmp_path / "big.parquet",
+                   row_group_size=16, compression="none")
+    code = (f"import data, pyarrow as pa; f = data.DataFile({str(tmp_path / 'big.parquet')!r}); "
+            f"t = f.load(1); print(pa.default_memory_pool().max_memory() / 2**24, t.num_rows)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    peak, rows = out.stdout.split()
+    assert rows == "16" and float(peak) < 2.5, f"decoding a row group peaks at {float(peak):.2f} row groups"
+
+
 def test_unused_columns_are_not_read_but_listed_in_errors(tmp_path):
     """Parquet reads only the columns a record can use; a file whose records cannot parse still
     lists all of its fields in the error (here a T2I table with the caption column misnamed)."""
