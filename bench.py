@@ -63,10 +63,10 @@ class Args:
     """fwd: no-grad forward; fwdbwd: forward + backward (not for flex on CPU: no backward there)"""
     repeats: int = 3
     seed: int = 0
-    data_files: int = 32
-    """--what data: parquet files one worker streams for its peak RSS (the issue's case: 200)"""
-    data_row_group_mb: int = 16
-    """--what data: row group size of those files in MB (the issue's case: 64)"""
+    data_files: int = 200
+    """--what data: parquet files one worker streams for its peak RSS (8 written, the rest hard links)"""
+    data_row_group_mb: int = 64
+    """--what data: row group size of those files in MB"""
     child: str = ""
     """internal: run one measurement (attn,mode) and print JSON"""
 
@@ -330,7 +330,7 @@ def fill_with_edits(budget: int, seed: int = 0):
 
 
 def row_groups_per_shard(tmp: str, ranks: int = 4, workers: int = 2, groups: int = 16):
-    """Counts ParquetFile.read_row_group calls of each shard over one epoch (a dataset per shard,
+    """Counts the row groups ParquetFile.iter_batches decodes of each shard over one epoch (a dataset per shard,
     as each DataLoader worker is its own process)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -339,8 +339,8 @@ def row_groups_per_shard(tmp: str, ranks: int = 4, workers: int = 2, groups: int
     rows = [{"messages": json.dumps([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}])}
             for i in range(groups * 8)]
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8)
-    real, reads = pq.ParquetFile.read_row_group, []
-    pq.ParquetFile.read_row_group = lambda self, i, *x, **k: reads.append(i) or real(self, i, *x, **k)
+    real, reads = pq.ParquetFile.iter_batches, []
+    pq.ParquetFile.iter_batches = lambda self, *x, row_groups, **k: reads.extend(row_groups) or real(self, *x, row_groups=row_groups, **k)
     per_shard = []
     try:
         for r in range(ranks):
@@ -351,25 +351,31 @@ def row_groups_per_shard(tmp: str, ranks: int = 4, workers: int = 2, groups: int
                     pass
                 per_shard.append(len(reads) - n)
     finally:
-        pq.ParquetFile.read_row_group = real
+        pq.ParquetFile.iter_batches = real
     print(f"row groups read per shard per epoch: {groups} row groups, {ranks} ranks x {workers} workers | "
           f"min {min(per_shard)} max {max(per_shard)} | ideal {groups / (ranks * workers):g} | "
           f"dataset read {sum(per_shard) / groups:g}x per epoch")
 
 
-def worker_rss(tmp: str, n_files: int, mb: int):
-    """Writes n_files parquet files of 2 row groups of `mb` MB (16 rows, each a text record + an
-    incompressible mb/16 MB binary column, as image bytes would be) and streams them all in a fresh
-    process (one data worker): peak RSS over that process's baseline after start-up."""
+def worker_rss(tmp: str, n_files: int, mb: int, distinct: int = 8):
+    """Writes `distinct` parquet files of 2 row groups of `mb` MB (16 rows, each a text record + an
+    incompressible mb/16 MB image in the `images` column, which its messages do not use), hard-links
+    them up to n_files (disk: the issue's 200 x 128 MB would be 25 GB; every file is still opened
+    and read on its own), and streams them all in a fresh process (one data worker): peak RSS and
+    peak pyarrow allocation over that process's baseline after start-up."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     folder = os.path.join(tmp, "rss")
     os.makedirs(folder)
     for f in range(n_files):
+        path = os.path.join(folder, f"{f:04d}.parquet")
+        if f >= distinct:
+            os.link(os.path.join(folder, f"{f % distinct:04d}.parquet"), path)
+            continue
         msgs = [json.dumps([{"role": "user", "content": f"q{f} {i}"}, {"role": "assistant", "content": "a"}])
                 for i in range(32)]
-        t = pa.table({"messages": msgs, "pad": [os.urandom(mb * 2**20 // 16) for _ in range(32)]})
-        pq.write_table(t, os.path.join(folder, f"{f:04d}.parquet"), row_group_size=16, compression="none")
+        t = pa.table({"messages": msgs, "images": [[os.urandom(mb * 2**20 // 16)] for _ in range(32)]})
+        pq.write_table(t, path, row_group_size=16, compression="none")
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import bench; bench.stream_rss({folder!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -377,13 +383,17 @@ def worker_rss(tmp: str, n_files: int, mb: int):
         print(f"worker RSS failed: {out.stderr.strip().splitlines()[-1]}")
         return
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"one data worker, {n_files} parquet files x 2 row groups of {mb} MB ({n_files * 2 * mb / 1024:.1f} GB) | "
-          f"{r['samples']} samples in {r['seconds']:.1f} s | peak RSS {r['base_mb']:.0f} MB at start + "
-          f"{r['peak_mb'] - r['base_mb']:.0f} MB while streaming")
+    print(f"one data worker, {n_files} parquet files ({min(n_files, distinct)} distinct, the rest hard links) x 2 "
+          f"row groups of {mb} MB ({n_files * 2 * mb / 1024:.1f} GB) | {r['samples']} samples in {r['seconds']:.1f} s | "
+          f"peak RSS {r['base_mb']:.0f} MB at start + {r['peak_mb'] - r['base_mb']:.0f} MB while streaming "
+          f"({(r['peak_mb'] - r['base_mb']) / mb:.1f} row groups), + {r['end_mb'] - r['base_mb']:.0f} MB at the end | "
+          f"pyarrow: peak {r['arrow_peak_mb']:.0f} MB, "
+          f"{r['arrow_end_mb']:.0f} MB at the end")
 
 
 def stream_rss(folder: str):
     """(In a fresh process) one shard streams every record of `folder` once; prints JSON."""
+    import pyarrow as pa
     from data import DataConfig, PackedDataset
 
     def mb(field):  # VmRSS: now; VmHWM: the peak since the reset below
@@ -392,10 +402,13 @@ def stream_rss(folder: str):
     ds = PackedDataset(DataConfig(data=(folder,), model=TOK_DIR, epochs=1, num_workers=0))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak: the imports' transient peak is not the data's (Linux)
-    base, t, n = mb("VmRSS"), time.perf_counter(), 0
+    base, t, n, arrow = mb("VmRSS"), time.perf_counter(), 0, pa.total_allocated_bytes()
     for pack, _, _ in ds.stream():
         n += len(pack)
-    print(json.dumps({"samples": n, "seconds": time.perf_counter() - t, "base_mb": base, "peak_mb": mb("VmHWM")}))
+    print(json.dumps({"samples": n, "seconds": time.perf_counter() - t, "base_mb": base, "peak_mb": mb("VmHWM"),
+                      "end_mb": mb("VmRSS"),
+                      "arrow_peak_mb": (pa.default_memory_pool().max_memory() - arrow) / 2**20,
+                      "arrow_end_mb": (pa.total_allocated_bytes() - arrow) / 2**20}))
 
 
 def jpeg_throughput(tmp: str, budget: int):

@@ -39,6 +39,10 @@ from packing import Geometry, SpecialTokens
 DATA_EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json files in HF save_to_disk dirs
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
+RECORD_FIELDS = ("messages", "images", "videos", "image", "captions")  # all parse_record reads
+# a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
+# a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; bench.py --what data)
+PARQUET_BATCH_BYTES = 1 << 20
 VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # upstream ImageTransform default (data/transforms.py)
 VIT_MAX_PIXELS = 2_007_040  # upstream data/configs/example.yaml, VLM SFT ViT transform
 # --data.skip-bad is for the odd broken record: a source that is mostly bad stops the run instead
@@ -590,6 +594,13 @@ class DataFile:
             self.offsets = index_lines(path)
         self._open()
         self.unit_rows = self._unit_rows()
+        # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
+        # for a file without `messages` or `image` + `captions` lists its fields)
+        self.columns = None
+        if self.ext in (".parquet", ".arrow"):
+            names = self._h.schema_arrow.names if self.ext == ".parquet" else self._h[0].schema.names if self._h else []
+            cols = [c for c in names if c in RECORD_FIELDS]
+            self.columns = cols if "messages" in cols or {"image", "captions"} <= set(cols) else None
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
 
     def __getstate__(self):  # open handles stay in the process that opened them
@@ -603,8 +614,10 @@ class DataFile:
         try:
             if self.ext == ".parquet":
                 # pre_buffer (pyarrow's default) keeps the last row group read by each open file in
-                # its read-ahead cache, so memory would grow with the number of files (bench.py)
-                self._h = pq.ParquetFile(p, pre_buffer=False)
+                # its read-ahead cache, so memory would grow with the number of files; without
+                # buffer_size a column chunk is read whole into one more buffer before its pages
+                # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
+                self._h = pq.ParquetFile(p, pre_buffer=False, buffer_size=1 << 20)
             elif self.ext == ".arrow":
                 src = pa.memory_map(p)
                 try:  # Arrow IPC file format (random access)...
@@ -642,9 +655,12 @@ class DataFile:
         self._open()
         a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
         if self.ext == ".parquet":
-            return self._h.read_row_group(unit)
+            md = self._h.metadata.row_group(unit)
+            batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
+            return pa.Table.from_batches(list(self._h.iter_batches(
+                batch, row_groups=[unit], columns=self.columns, use_threads=False)))
         if self.ext == ".arrow":
-            return self._h[unit]
+            return self._h[unit].select(self.columns) if self.columns else self._h[unit]
         if self.ext == ".json":
             return self._h[a:b]
         with open(self.path, "rb") as fh:
@@ -1038,6 +1054,27 @@ class PackLoader:
                                plans=[rs[first + v::n_new] for rs in left], tried=[0] * len(srcs),
                                bad=[0] * len(srcs), packs=0, samples=0, tokens=0, skips={},
                                open=waiting[first + v::n_new]) for v in range(nw)}
+
+    def rows_left(self) -> int:
+        """Records of this rank's shards, up to --data.epochs, that no consumed pack holds: rows not
+        read yet, and samples waiting in open packs or in packs a worker made but the loop did not
+        take. A finite run stops when the first rank runs out (ranks step together), so the other
+        ranks' rows left are not trained on; train.py logs their sum."""
+        if self.cfg.epochs is None:
+            raise ValueError("rows_left: an endless stream (--data.epochs None) has no rows left")
+        srcs, nw = self.dataset.sources, max(self.cfg.num_workers, 1)
+        n_shards, left = self.dataset.world_size * nw, 0
+        for v in range(nw):
+            sh = self.shards.get(v) or dict(pos=[[0, 0, 0]] * len(srcs), plans=[None] * len(srcs), open=[])
+            left += sum(len(p) for p in sh["open"])
+            for i, src in enumerate(srcs):
+                e, j, place = sh["pos"][i]
+                for epoch in range(e, self.cfg.epochs):
+                    plan = sh["plans"][i] if epoch == e and sh["plans"][i] is not None else \
+                        src.plan(epoch, self.dataset.rank * nw + v, n_shards)
+                    skip = j if epoch == e else 0
+                    left += sum(b - a for _, a, b in plan[skip:]) - (place if epoch == e and j < len(plan) else 0)
+        return left
 
     def stats(self) -> dict:
         """Totals over this rank's consumed packs: fill, padding, samples/pack, skips per reason."""

@@ -693,8 +693,12 @@ def unit_file(container, tmp_path, n_units, rows, monkeypatch):
 
 def count_row_group_reads(monkeypatch) -> list[int]:
     """The row groups pyarrow reads from now on, in order."""
-    reads, real = [], pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    reads, real = [], pq.ParquetFile.iter_batches
+
+    def counted(self, *a, row_groups=None, **k):
+        reads.extend(row_groups if row_groups is not None else range(self.num_row_groups))
+        return real(self, *a, row_groups=row_groups, **k)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
     return reads
 
 
@@ -747,6 +751,49 @@ def test_fewer_units_than_shards(tmp_path, monkeypatch):
     assert sorted(reads) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_parquet_decode_peak_in_a_fresh_process(tmp_path):
+    """The peak of pyarrow's process-wide pool while a worker decodes a 16 MB row group (16 rows of
+    1 MB), in a fresh process so that the peak is this decode's alone: about 2 row groups (the page
+    and the table), not 4 (the column chunk read whole first, without the read buffer)."""
+    import subprocess
+    pq.write_table(pa.table({"images": [[os.urandom(2**20)] for _ in range(32)]}), tmp_path / "big.parquet",
+                   row_group_size=16, compression="none")
+    code = (f"import data, pyarrow as pa; f = data.DataFile({str(tmp_path / 'big.parquet')!r}); "
+            f"t = f.load(1); print(pa.default_memory_pool().max_memory() / 2**24, t.num_rows)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    peak, rows = out.stdout.split()
+    assert rows == "16" and float(peak) < 2.5, f"decoding a row group peaks at {float(peak):.2f} row groups"
+
+
+def test_unused_columns_are_not_read_but_listed_in_errors(tmp_path):
+    """Parquet reads only the columns a record can use; a file whose records cannot parse still
+    lists all of its fields in the error (here a T2I table with the caption column misnamed)."""
+    pq.write_table(pa.table({"image": [png_bytes("t2i")], "text": ["a cat"]}), tmp_path / "t2i.parquet")
+    with pytest.raises(data.BadSample, match=r"t2i.parquet: row 0: no 'messages' field \(fields: \['image', 'text'\]\)"):
+        all_packs(small_cfg(data=(str(tmp_path / "t2i.parquet"),)))
+
+
+@pytest.mark.parametrize("lines,epochs", [(4, 2), (1024, 1)])
+def test_rows_left_when_a_finite_run_stops(tmp_path, monkeypatch, lines, epochs):
+    """2 ranks x 2 workers stop after uneven numbers of packs, some shards run dry: rows_left of the
+    ranks adds up to the records the consumed packs lack (counted from the packs' samples). Units
+    of 4 lines with 2 epochs: shards in different epochs; 1024: units cut into row ranges."""
+    monkeypatch.setattr(data, "LINES_PER_UNIT", lines)
+    cfg = small_cfg(data=(text_data(tmp_path, 50, "a.jsonl") + ":2", text_data(tmp_path, 30, "b.jsonl")),
+                    packing_length=128, num_workers=2, epochs=epochs)
+    used, left = 0, 0
+    for rank, stops in enumerate([(3, 1000), (0, 7)]):  # packs taken per worker; 1000: until it runs dry
+        loader = data.PackLoader(cfg, rank, 2)
+        for w, stop in enumerate(stops):
+            for k, (pack, _, state) in enumerate(loader.dataset.stream(w, 2)):
+                if k == stop:
+                    break
+                used += len(pack)
+                loader.shards[w] = state
+        left += loader.rows_left()
+    assert 0 < used < 80 * epochs and used + left == 80 * epochs
+
+
 def test_jsonl_is_indexed_once_per_process_tree(tmp_path, monkeypatch):
     """The line offsets of a .jsonl file are computed in the parent; DataLoader workers inherit them."""
     log = tmp_path / "index.log"
@@ -761,6 +808,43 @@ def test_jsonl_is_indexed_once_per_process_tree(tmp_path, monkeypatch):
                                         epochs=None)))
     [next(it) for _ in range(4)]
     assert log.read_text().split() == [str(os.getpid())]
+
+
+POOLS = []  # memory pools of test_parquet_memory_is_bounded: alive until exit (pyarrow frees into them)
+
+
+def test_parquet_memory_is_bounded(tmp_path):
+    """One shard streams 8 parquet files of 2 row groups (units) of 16 rows, each row 64 kB of
+    incompressible bytes in the `images` column records use and 64 kB in a column they do not.
+    Counted exactly at pyarrow's memory pools (RSS is noisy): between two records pyarrow holds at
+    most one unit (no read-ahead cache per open file, no unit kept per file, no unused column), and
+    while it decodes one the reader peaks under 2.5 units. All of it is freed with the dataset."""
+    unit = 16 * 2**16  # bytes of the used column in one row group
+    for f in range(8):
+        msgs = [json.dumps(good()["messages"])] * 32
+        pq.write_table(pa.table({"messages": msgs, "images": [[os.urandom(2**16)] for _ in range(32)],
+                                 "unused": [os.urandom(2**16) for _ in range(32)]}),
+                       tmp_path / f"{f}.parquet", row_group_size=16, compression="none")
+    # the reader allocates from the default pool set here: a proxy of our own counts its peak; the
+    # read-ahead cache allocates from the process-wide pool below it (counted in `held`)
+    base = pa.default_memory_pool()
+    reader = pa.proxy_memory_pool(base)
+    POOLS.append(reader)
+    pa.set_memory_pool(reader)
+    try:
+        start = base.bytes_allocated()
+        ds = data.PackedDataset(small_cfg(data=(str(tmp_path),), packing_length=4096))
+        st, held = ds.stream(), []
+        for key in iter(st.next_key, None):
+            ds.sources[0].read(key)
+            held.append(base.bytes_allocated() - start)
+        assert len(held) == 256
+        assert max(held) < 1.1 * unit, f"pyarrow holds {max(held) / unit:.2f} units between records"
+        assert reader.max_memory() < 2.5 * unit, f"decoding a unit peaks at {reader.max_memory() / unit:.2f} units"
+        del ds, st
+        assert base.bytes_allocated() == start
+    finally:
+        pa.set_memory_pool(base)
 
 
 # --------------------------------------------------------------------------------------------------

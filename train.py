@@ -975,8 +975,11 @@ def train(args: Args, d: fsdp.Dist):
         ahead = take(it, args.optim.grad_accum, loader, d.device)  # copies overlap this step
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
-        if s is None:
-            log(f"step {step}: the data ran out (--data.epochs); saving and stopping")
+        if s is None:  # ranks step together, so the others' rows left (and this step's packs) go untrained
+            left = torch.tensor(loader.rows_left() + sum(len(b["sample_lens"]) for b in batches), device=d.device)
+            dist.all_reduce(left)
+            log(f"step {step}: the data ran out (--data.epochs); {int(left):,} records that ranks still held "
+                f"are not trained on; saving and stopping")
             pending = fsdp.wait_saved(pending, d)  # its meta.json says whether this step is saved
             if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
                 pending = save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group)
