@@ -975,8 +975,9 @@ def train(args: Args, d: fsdp.Dist):
         ahead = take(it, args.optim.grad_accum, loader, d.device)  # copies overlap this step
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
-        if s is None:  # ranks step together, so the others' rows left (and this step's packs) go untrained
-            left = torch.tensor(loader.rows_left() + sum(len(b["sample_lens"]) for b in batches), device=d.device)
+        if s is None:  # ranks step together, so the others' rows left (and this step's and the next's packs) go untrained
+            untrained = batches + ahead[0]  # the loader counts the packs taken ahead as consumed
+            left = torch.tensor(loader.rows_left() + sum(len(b["sample_lens"]) for b in untrained), device=d.device)
             dist.all_reduce(left)
             log(f"step {step}: the data ran out (--data.epochs); {int(left):,} records that ranks still held "
                 f"are not trained on; saving and stopping")
