@@ -34,7 +34,7 @@ from data import DataConfig
 from nsa import NSAConfig
 from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader, Context,
                    LLMConfig, ViTConfig, add_lora, checkpoint_index, generate_image, generate_text, is_lora,
-                   latent_to_pil, read_config, resolve, save_pretrained)
+                   latent_to_pil, lora_target, read_config, resolve, save_pretrained)
 
 # -------------------------------------------------------------------------------------------------
 # arguments
@@ -351,10 +351,10 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
         add_lora(model, lo.rank, lo.alpha or 2 * lo.rank, lo.dropout, lo.targets, lo.vit)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     for name, p in model.named_parameters():
+        frozen = any(FREEZE[part](name) for part in args.freeze)
         if lo.rank:  # only the adapters train, and NSA's weights when they are new (a dense base)
-            p.requires_grad_(is_lora(name) or ("nsa" in over and ".self_attn.nsa." in name))
-        else:
-            p.requires_grad_(not any(FREEZE[part](name) for part in args.freeze))
+            frozen = frozen or not (is_lora(name) or ("nsa" in over and ".self_attn.nsa." in name))
+        p.requires_grad_(not frozen)
         if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
             p.data = p.data.to(dtype)
     fsdp.shard_model(model, mesh, dtype, args.activation_checkpointing, args.compile, args.cpu_offload,
@@ -815,8 +815,6 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
         raise ValueError(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
                          f"(0: off), alpha > 0 and dropout in [0, 1)")
-    if lo.rank and lo.targets == "und" and "und" in args.freeze and not lo.vit:
-        raise ValueError("--lora.targets und with --freeze und: the und expert gets no gradient, nothing would train")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
@@ -841,6 +839,14 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     names = [n for n, _ in net.named_parameters()]
     if all(any(FREEZE[part](n) for part in args.freeze) for n in names):
         raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
+    # an adapter in a frozen part would never change (--freeze und cuts the gradient of the und expert,
+    # the ViT and the connector): refused rather than carried along at zero
+    lost = [n[:-len(".weight")] for n in names if lo.rank and n.endswith(".weight") and
+            lora_target(n[:-len(".weight")], lo.targets, lo.vit) and any(FREEZE[part](n) for part in args.freeze)]
+    if lost:
+        raise ValueError(f"--lora.targets {lo.targets}{' --lora.vit' if lo.vit else ''} with --freeze {' '.join(args.freeze)}: "
+                         f"{len(lost)} adapted linears (e.g. {lost[0]}) are in a frozen part and would never train: "
+                         f"adapt only parts that train (with --freeze und: --lora.targets gen, no --lora.vit)")
     off = tuple(p + "." for p in TOP_LEVEL if not hasattr(net, p))  # parts switched off are not loaded
     for m, index, skip in ((net, bagel_index, off), (ae, ae_index, ())):
         reader = CheckpointReader({k: tuple(v.shape) for k, v in m.state_dict().items() if k not in POS_TABLES},
