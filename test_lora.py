@@ -267,15 +267,32 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
         sample.main(["--model", ckpt, "--adapter", str(tmp_path), "--question", "hi", *common])
 
 
-def test_demo_lora_lowers_both_losses(tmp_path):
-    """`python train.py --lora.rank 4` (16 steps, not 300): both losses fall clearly."""
+def test_demo_lora_lowers_both_losses_and_resumes_only_with_its_options(tmp_path, capsys):
+    """`python train.py --lora.rank 4` (16 steps, not 300): both losses fall clearly. Its checkpoint
+    resumes only with the same rank, alpha, targets and --lora.vit: otherwise an error line naming
+    both, before anything loads (not DCP's shape error)."""
     out = str(tmp_path / "demo")
-    train.main(["--lora.rank", "4", "--output-dir", out, "--max-steps", "16", "--log-every", "8",
-                "--eval.every", "0", "--ckpt.every", "0", "--data.packing-length", "160"])
+    argv = ["--output-dir", out, "--max-steps", "16", "--log-every", "8", "--eval.every", "0", "--ckpt.every", "0",
+            "--data.packing-length", "160"]
+    train.main(["--lora.rank", "4", *argv])
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     # margins: measured 4.06 -> 3.19 and 1.42 -> 1.26; with the adapters not updating, the data alone
     # moved them by under 2% (4.14 -> 4.12, 1.45 -> 1.42)
     assert rows[-1]["ce"] < 0.9 * rows[0]["ce"] and rows[-1]["mse"] < 0.95 * rows[0]["mse"], rows
+
+    step = os.path.join(out, "step-0000016")
+    with pytest.raises(SystemExit):
+        train.main(["--lora.rank", "8", *argv, "--max-steps", "17"])
+    assert (f"error: {step}: saved by a run with --lora.rank 4 --lora.alpha 8 --lora.targets all, but this run has "
+            f"--lora.rank 8 --lora.alpha 16 --lora.targets all: resume with") in capsys.readouterr().err
+    args = train.parse_args(["--lora.rank", "4", "--lora.dropout", "0.1", *argv])
+    train.check_lora_resume(step, args)  # the same adapters (dropout may change)
+    for lora, this_run in ((train.LoRAConfig(4, targets="gen"), "--lora.targets gen"),
+                           (train.LoRAConfig(4, targets="all", vit=True), "--lora.targets all --lora.vit"),
+                           (train.LoRAConfig(4, alpha=4.0, targets="all"), "--lora.alpha 4 "),
+                           (train.LoRAConfig(0), "no LoRA")):
+        with pytest.raises(ValueError, match=f"step-0000016: saved by a run with --lora.rank 4 .*this run has .*{this_run}"):
+            train.check_lora_resume(step, dataclasses.replace(args, lora=lora))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -365,6 +365,26 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     return model
 
 
+def lora_options(lo: dict) -> str:
+    if not lo.get("rank"):
+        return "no LoRA"
+    return (f"--lora.rank {lo['rank']} --lora.alpha {lo.get('alpha') or 2 * lo['rank']:g} --lora.targets {lo['targets']}"
+            + " --lora.vit" * bool(lo["vit"]))
+
+
+def check_lora_resume(path: str, args: Args):
+    """The adapters' shapes and scale are the checkpoint's: resuming with another rank, targets, --lora.vit
+    or LoRA on/off would die inside DCP with a shape error, and another alpha would silently train
+    another function. Compared with the run that saved it (its args.json) before anything loads;
+    --lora.dropout may change."""
+    with open(os.path.join(path, "args.json")) as f:
+        saved = lora_options(json.load(f).get("lora") or {})
+    if saved != lora_options(dataclasses.asdict(args.lora)):
+        raise ValueError(f"{path}: saved by a run with {saved}, but this run has {lora_options(dataclasses.asdict(args.lora))}: "
+                         f"resume with the checkpoint's LoRA options, or start over (--ckpt.resume none, or another "
+                         f"--output-dir)")
+
+
 def param_table(model: Bagel, ae: AutoEncoder) -> str:
     groups = {"llm und": lambda k: k.startswith("language_model.") and "moe_gen" not in k,
               "llm gen (moe_gen)": lambda k: "moe_gen" in k,
@@ -899,6 +919,8 @@ def train(args: Args, d: fsdp.Dist):
         f"{args.precision} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
 
     resume = fsdp.resume_point(args.output_dir, args.ckpt.resume, d)
+    if resume:
+        check_lora_resume(resume, args)
 
     t0 = time.time()
     model = build_model(args, d, mesh, load=resume is None)
