@@ -6,11 +6,12 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
 
 import convert_weights
@@ -265,6 +266,19 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
     assert outs[0]["text"] == outs[1]["text"]
     with pytest.raises(SystemExit, match="not a LoRA adapter folder"):
         sample.main(["--model", ckpt, "--adapter", str(tmp_path), "--question", "hi", *common])
+
+    # the base is checked by its bytes, not its path: a moved copy passes, a changed weight stops
+    moved, changed = tmp_path / "moved", tmp_path / "changed"
+    shutil.copytree(ckpt, moved)
+    sample.load_adapter(Bagel.from_pretrained(str(moved)), adapter, str(moved))
+    shutil.copytree(ckpt, changed)
+    weights = load_file(str(changed / "ema.safetensors"))
+    weights["connector.fc1.weight"][3, 2] += 1e-2
+    save_file(weights, str(changed / "ema.safetensors"))
+    with pytest.raises(SystemExit, match=f"--adapter {adapter} was trained on {ckpt}, whose weights have CRC-32 "
+                                         f"{model.frozen_crc32}, but the weights of --model {changed} have [0-9a-f]{{8}}: use"):
+        sample.main(["--model", str(changed), "--adapter", adapter, "--question", "hi", *common])
+    sample.load_adapter(Bagel.from_pretrained(str(changed)), adapter, str(changed), check_base=False)
 
 
 def test_demo_lora_lowers_both_losses_and_resumes_only_with_its_options(tmp_path, capsys):
