@@ -14,11 +14,12 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
 
+import bench
 import convert_weights
 import fsdp
 import sample
 import train
-from model import POS_TABLES, AutoEncoder, Bagel, add_lora, is_lora
+from model import POS_TABLES, AutoEncoder, Bagel, LLMConfig, add_lora, is_lora
 from test_smoke import TINY, golden_batch
 from test_nsa import SMALL
 from test_train import (EMA, _all_modalities, ckpt, full_state, grads, one_thread, params_full, random_demo_vae,  # noqa: F401 (fixtures)
@@ -307,6 +308,17 @@ def test_demo_lora_lowers_both_losses_and_resumes_only_with_its_options(tmp_path
                            (train.LoRAConfig(0), "no LoRA")):
         with pytest.raises(ValueError, match=f"step-0000016: saved by a run with --lora.rank 4 .*this run has .*{this_run}"):
             train.check_lora_resume(step, dataclasses.replace(args, lora=lora))
+
+
+def test_memory_table_counts_adapters_by_the_formula():
+    """`bench.py --what memory`, the rank-16 gen row: r (in + out) per adapted linear, written out from
+    BAGEL-7B-MoT's LLM config: per decoder layer q and o (h -> h), k and v (h -> kv), gate and up
+    (h -> f), down (f -> h); 16 bytes each (fp32 master, gradient, AdamW's two moments)."""
+    c, r = LLMConfig(), 16
+    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    lora = c.num_hidden_layers * r * (2 * (h + h) + 2 * (h + kv) + 2 * (h + f) + (f + h))
+    row = bench.bench_memory([("gen", False, r)])[2].split()
+    assert row[:6] == ["gen", "16", str(7 * c.num_hidden_layers), f"{lora / 1e6:.2f}M", f"{16 * lora / 1e9:.2f}", "GB"], row
 
 
 @pytest.mark.parametrize("flags, message", [
