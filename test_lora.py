@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 import bench
 import convert_weights
 import fsdp
+import model as model_lib
 import sample
 import train
 from model import POS_TABLES, AutoEncoder, Bagel, LLMConfig, add_lora, is_lora
@@ -173,6 +174,10 @@ def test_nsa_with_lora_trains_adapters_and_nsa_and_resumes(ckpt, world1, tmp_pat
         assert torch.equal(after[k], first[k]) == (k not in trained), k
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     assert {k[len("model."):] for k in saved if k.startswith("model.")} == trained | set(POS_TABLES)
+    # with --freeze und too, NSA's und gate gets no gradient (und rows detached): frozen, as without LoRA
+    frozen = {fsdp.fqn(n) for n, p in train.build_model(dataclasses.replace(args, freeze=("und",)), world1, mesh)
+              .named_parameters() if not p.requires_grad}
+    assert trained & frozen == {k for k in trained if k.endswith((".nsa.g_proj.weight", ".nsa.g_proj.bias"))} != set()
 
     model, opt, ema = start_run(args, world1, mesh, False)
     fsdp.load_checkpoint(path, model, opt, ema, world1, model.frozen_crc32)
@@ -310,13 +315,15 @@ def test_demo_lora_lowers_both_losses_and_resumes_only_with_its_options(tmp_path
             train.check_lora_resume(step, dataclasses.replace(args, lora=lora))
 
 
-def test_memory_table_counts_adapters_by_the_formula():
+def test_memory_table_counts_adapters_by_the_formula(monkeypatch):
     """`bench.py --what memory`, the rank-16 gen row: r (in + out) per adapted linear, written out from
     BAGEL-7B-MoT's LLM config: per decoder layer q and o (h -> h), k and v (h -> kv), gate and up
     (h -> f), down (f -> h); 16 bytes each (fp32 master, gradient, AdamW's two moments)."""
     c, r = LLMConfig(), 16
     h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
     lora = c.num_hidden_layers * r * (2 * (h + h) + 2 * (h + kv) + 2 * (h + f) + (f + h))
+    # the sin-cos tables are buffers, not parameters: 80% of the build time on the meta device, skipped
+    monkeypatch.setattr(model_lib, "sincos_2d", lambda grid, dim: torch.zeros(grid * grid, dim))
     row = bench.bench_memory([("gen", False, r)])[2].split()
     assert row[:6] == ["gen", "16", str(7 * c.num_hidden_layers), f"{lora / 1e6:.2f}M", f"{16 * lora / 1e9:.2f}", "GB"], row
 

@@ -352,7 +352,7 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     for name, p in model.named_parameters():
         frozen = any(FREEZE[part](name) for part in args.freeze)
-        if lo.rank:  # only the adapters train, and NSA's weights when they are new (a dense base)
+        if lo.rank:  # only the adapters train, and NSA's weights when they are new (a dense base), unless --freeze'd
             frozen = frozen or not (is_lora(name) or ("nsa" in over and ".self_attn.nsa." in name))
         p.requires_grad_(not frozen)
         if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
@@ -379,10 +379,9 @@ def check_lora_resume(path: str, args: Args):
     --lora.dropout may change."""
     with open(os.path.join(path, "args.json")) as f:
         saved = lora_options(json.load(f).get("lora") or {})
-    if saved != lora_options(dataclasses.asdict(args.lora)):
-        raise ValueError(f"{path}: saved by a run with {saved}, but this run has {lora_options(dataclasses.asdict(args.lora))}: "
-                         f"resume with the checkpoint's LoRA options, or start over (--ckpt.resume none, or another "
-                         f"--output-dir)")
+    if saved != (now := lora_options(dataclasses.asdict(args.lora))):
+        raise ValueError(f"{path}: saved by a run with {saved}, but this run has {now}: resume with the checkpoint's "
+                         f"LoRA options, or start over (--ckpt.resume none, or another --output-dir)")
 
 
 def param_table(model: Bagel, ae: AutoEncoder) -> str:
