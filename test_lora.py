@@ -1,11 +1,13 @@
 """LoRA tests (CPU, the tiny checkpoint of test_train.py): `python -m pytest -q test_lora.py`.
 
 References are written here from the formula y = x W^T + b + x A^T B^T alpha/r: the base model
-alone (step 0), W + B A alpha/r folded by hand (the merged export), and a single-process run (FSDP)."""
+alone (step 0), W + B A alpha/r folded by hand (the merged export), adapters by hand inside upstream's
+freeze_und forward (test_train's), and a single-process run (FSDP)."""
 import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -281,8 +283,8 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
     weights = load_file(str(changed / "ema.safetensors"))
     weights["connector.fc1.weight"][3, 2] += 1e-2
     save_file(weights, str(changed / "ema.safetensors"))
-    with pytest.raises(SystemExit, match=f"--adapter {adapter} was trained on {ckpt}, whose weights have CRC-32 "
-                                         f"{model.frozen_crc32}, but the weights of --model {changed} have [0-9a-f]{{8}}: use"):
+    with pytest.raises(SystemExit, match=re.escape(f"--adapter {adapter} was trained on {ckpt}, whose weights have CRC-32 "
+                                                   f"{model.frozen_crc32}, but the weights of --model {changed} have ")):
         sample.main(["--model", str(changed), "--adapter", adapter, "--question", "hi", *common])
     sample.load_adapter(Bagel.from_pretrained(str(changed)), adapter, str(changed), check_base=False)
 
