@@ -9,14 +9,17 @@
     python bench.py --what nsa --device cuda --dtype bf16 --tokens 8192 32768 65536  # + flex, library
     python bench.py --what host --tokens 8192 16384 32768 --layers 1 --width 3584 --heads 28 --kv-heads 4 --ffn 18944
     python bench.py --what gpu --tokens 8192 16384 32768    # the prepared GPU check (README)
+    python bench.py --what memory                     # BAGEL-7B-MoT GPU memory, LoRA and full (computed)
 
 Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
 peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
 """
+import copy
 import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -29,20 +32,21 @@ import torch
 import tyro
 
 import packing
-from model import AEConfig, Bagel, BagelConfig, LLMConfig, ViTConfig
+from model import AEConfig, AutoEncoder, Bagel, BagelConfig, LLMConfig, ViTConfig, add_lora, is_lora
 from train import peak_flops, step_flops
 
 TOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "golden", "tokenizer")
 
 @dataclass
 class Args:
-    what: Literal["model", "data", "video", "nsa", "host", "gpu"] = "model"
+    what: Literal["model", "data", "video", "nsa", "host", "gpu", "memory"] = "model"
     """model: the packed forward/backward; data: packing fill, parquet reads per shard, a data
     worker's memory and throughput; video: one data worker's time per 720p clip and tokens per video
     sample at the defaults; nsa: one NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1,
     D=128: one KV group of BAGEL-7B); host: the host work per micro-step (data worker and training
     process), outside kernels; gpu: the prepared GPU check (golden-pack parity, 7B-shape table, NSA),
-    see the README"""
+    see the README; memory: BAGEL-7B-MoT's GPU memory for LoRA and full fine-tuning, computed from
+    its shapes (the README's table)"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -574,8 +578,61 @@ def bench_host(a: Args):
               f"{plans['flex']:5.2f} ms ({a.device}) | meta sdpa fwd+bwd {step_ms:6.0f} ms, {ops} aten ops")
 
 
+GB = 1e9
+MEMORY_ROWS = [(t, False, r) for t in ("gen", "all") for r in (1, 8, 16, 64)] + [("all", True, 16), ("all", True, 64)]
+
+
+def activation_gb(c: LLMConfig, tokens: int) -> float:
+    """bf16 activations of one pack under activation checkpointing, estimated from the shapes: every
+    decoder layer's input (kept for the recompute), plus the one layer recomputed in backward, per
+    token: its norms' inputs and outputs (4h), q, k and v after projection, norm and RoPE (3(h + 2kv)),
+    the attention output (h), the MLP's gate, up, act(gate) and product (4f), and the gradient through
+    it (2h). Leaves out the ViT's, the CE logits (fp32, vocab x CE tokens) and LoRA's rank-wide tensors."""
+    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    per_token = c.num_hidden_layers * h + 4 * h + 3 * (h + 2 * kv) + h + 4 * f + 2 * h
+    return 2 * tokens * per_token / GB
+
+
+def bench_memory(rows=MEMORY_ROWS) -> list[str]:
+    """Computed, not measured: GPU memory of a BAGEL-7B-MoT fine-tune from its shapes on the meta
+    device. A LoRA run holds the base in bf16 (2 bytes a parameter) and 16 bytes per adapter
+    parameter (fp32 master, gradient, AdamW's two moments); a full fine-tune 16 bytes per parameter;
+    the fp32 VAE comes on top, whole on every GPU. Per GPU on 8: the rest sharded 8 ways."""
+    with torch.device("meta"):
+        base, ae = Bagel(BagelConfig()), AutoEncoder(AEConfig())
+    n_base = sum(p.numel() for p in base.parameters())
+    bf16, vae = 2 * n_base / GB, 4 * sum(p.numel() for p in ae.parameters()) / GB
+    lines = [f"BAGEL-7B-MoT: {n_base / 1e9:.3f}B parameters, {bf16:.2f} GB in bf16; the VAE {vae:.2f} GB in fp32",
+             "targets     rank  adapted linears  LoRA params  LoRA state   1 GPU  per GPU on 8"]
+    for targets, vit, rank in rows:  # (und equals gen: the two experts have the same shapes)
+        model = copy.deepcopy(base)
+        n = len(add_lora(model, rank, 2 * rank, 0.0, targets, vit))
+        state = 16 * sum(p.numel() for k, p in model.named_parameters() if is_lora(k)) / GB
+        lines.append(f"{targets + ' + vit' * vit:10s} {rank:5d} {n:16d} {state / 16 * 1e3:11.2f}M {state:7.2f} GB "
+                     f"{bf16 + state + vae:5.1f} GB {(bf16 + state) / 8 + vae:9.1f} GB")
+    lines.append(f"full fine-tune: {8 * bf16 + vae:.1f} GB on 1 GPU, {bf16 + vae:.1f} GB per GPU on 8")
+    # FSDP holds gathered bf16 copies: the root unit and lm_head for the whole step, and a layer
+    # with the next one prefetched
+    unit = lambda k: (re.match(r"(language_model\.model\.layers\.\d+|vit_model\.vision_model\.encoder\.layers\.\d+|"
+                               r"language_model\.lm_head)\.", k) or [None, "root"])[1]
+    units = {}
+    for k, p in base.named_parameters():
+        units[unit(k)] = units.get(unit(k), 0) + p.numel()
+    held = 2 * (units.pop("root") + units.pop("language_model.lm_head")) / GB
+    layers = 2 * 2 * max(units.values()) / GB
+    acts = {t: activation_gb(base.config.llm, t) for t in (4096, 8192, 16384)}
+    lines.append("activations per pack with checkpointing (bf16, estimated): " +
+                 ", ".join(f"{t // 1024}k tokens {v:.1f} GB" for t, v in acts.items()) +
+                 f"; FSDP's gathered copies: {held:.2f} GB root + lm_head, {layers:.2f} GB two layers")
+    for line in lines:
+        print(line)
+    return lines
+
+
 def main():
     a = tyro.cli(Args)
+    if a.what == "memory":
+        return bench_memory()
     if a.child:
         return child(a)
     if a.what == "data":

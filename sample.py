@@ -14,6 +14,7 @@ global renorm; editing cfg text 4, image 2, interval (0, 1], text_channel renorm
 import json
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -23,7 +24,8 @@ from PIL import Image
 
 import data as data_lib
 import packing
-from model import AutoEncoder, Bagel, Context, add_lora, generate_image, generate_text, latent_to_pil, resolve
+from model import (AutoEncoder, Bagel, Context, add_lora, checkpoint_index, generate_image, generate_text,
+                   latent_to_pil, resolve)
 
 # the reference inferencer's think-mode system prompts (the released model was trained with them)
 THINK_UND = ("You should first think about the reasoning process in the mind and then provide the user with the "
@@ -40,6 +42,9 @@ class Args:
     """checkpoint directory (official or HF layout), or a Hugging Face Hub id (ORG/NAME)"""
     adapter: str = ""
     """a LoRA adapter folder (convert_weights.py STEP DIR --lora-only) applied unmerged on top of --model"""
+    check_base: bool = True
+    """with --adapter: stop unless --model holds the weights the adapter was trained on (the CRC-32 of
+    their bytes, recorded in adapter_config.json; reads the base once more, ~20 s for BAGEL-7B)"""
     prompt: str = ""
     """what to draw, or the edit instruction when --image is given"""
     image: str = ""
@@ -69,17 +74,36 @@ class Args:
     dtype: Literal["bf16", "fp32"] = "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def load_adapter(model: Bagel, folder: str, base: str):
-    """Add the LoRA adapters of `folder` (adapter_config.json + adapter.safetensors) to `model`, strictly."""
+def base_crc32(model: Bagel, path: str) -> str:
+    """CRC-32 of the stored bytes of every weight of `path` that `model` loads (adapters are no base
+    weights), in the model's parameter order: what a LoRA run records of its frozen base
+    (fsdp.load_pretrained), whatever the folder's name, layout or the dtype sampled in."""
+    from convert_weights import safetensors_sources
+    index = checkpoint_index(path)[0]
+    sources = safetensors_sources({k: index[k] for k, _ in model.named_parameters() if k in index})
+    crc = 0
+    for k in sources:
+        crc = zlib.crc32(sources[k].read().reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
+def load_adapter(model: Bagel, folder: str, base: str, check_base: bool = True):
+    """Add the LoRA adapters of `folder` (adapter_config.json + adapter.safetensors) to `model`, strictly.
+    An adapter is a change to one set of weights: on another base it computes what nobody trained, with
+    no error to show it, so a base whose bytes differ from the training run's stops here (a moved or
+    renamed copy of the same base passes)."""
     from safetensors.torch import load_file
     try:
         with open(os.path.join(folder, "adapter_config.json")) as f:
             cfg = json.load(f)
         weights = load_file(os.path.join(folder, "adapter.safetensors"))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"sample.py: --adapter {folder}: not a LoRA adapter folder ({e})") from None
-    if os.path.realpath(cfg.get("base", base)) != os.path.realpath(base):
-        print(f"warning: --adapter {folder} was trained on {cfg['base']}, not on --model {base}")
+        trained_on, want_crc = cfg["base"], cfg["base_frozen_crc32"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"sample.py: --adapter {folder}: not a LoRA adapter folder ({type(e).__name__}: {e})") from None
+    if check_base and (crc := base_crc32(model, base)) != want_crc:
+        raise SystemExit(f"sample.py: --adapter {folder} was trained on {trained_on}, whose weights have CRC-32 "
+                         f"{want_crc}, but the weights of --model {base} have {crc}: use the base it was trained on "
+                         f"(--no-check-base to run it anyway)")
     names = add_lora(model, cfg["rank"], cfg["alpha"], 0.0, cfg["targets"], cfg["vit"])
     dev = model.language_model.lm_head.weight.device
     want = {n + s for n in names for s in (".lora_a", ".lora_b")}
@@ -110,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     model = Bagel.from_pretrained(a.model, dtype=dtype, device=dev).eval()
     if a.adapter:
-        load_adapter(model, a.adapter, a.model)
+        load_adapter(model, a.adapter, a.model, a.check_base)
     if a.prompt and not model.config.visual_gen:
         raise SystemExit(f"sample.py: {a.model} has no generation part (visual_gen false in its config): it cannot draw")
     if a.image and a.question and not model.config.visual_und:

@@ -1,25 +1,32 @@
 """LoRA tests (CPU, the tiny checkpoint of test_train.py): `python -m pytest -q test_lora.py`.
 
 References are written here from the formula y = x W^T + b + x A^T B^T alpha/r: the base model
-alone (step 0), W + B A alpha/r folded by hand (the merged export), and a single-process run (FSDP)."""
+alone (step 0), W + B A alpha/r folded by hand (the merged export), adapters by hand inside upstream's
+freeze_und forward (test_train's), and a single-process run (FSDP)."""
 import dataclasses
+import functools
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
 
+import bench
 import convert_weights
 import fsdp
+import model as model_lib
 import sample
 import train
-from model import POS_TABLES, AutoEncoder, Bagel, add_lora, is_lora
+from model import POS_TABLES, AutoEncoder, Bagel, LLMConfig, add_lora, is_lora
 from test_smoke import TINY, golden_batch
-from test_train import (EMA, _all_modalities, ckpt, full_state, one_thread, params_full, start_run, step_run,  # noqa: F401 (fixtures)
-                        random_demo_vae, world1)
+from test_nsa import SMALL
+from test_train import (EMA, _all_modalities, ckpt, full_state, grads, one_thread, params_full, random_demo_vae,  # noqa: F401 (fixtures)
+                        start_run, step_run, upstream_freeze_und_llm, world1)
 
 RANK = 4
 
@@ -46,25 +53,30 @@ def test_targets_follow_the_expert_names():
             assert set(add_lora(model, RANK, 2 * RANK, 0.0, targets, with_vit)) == want | (vit if with_vit else set())
 
 
+def build_and_forward(args: train.Args, d) -> tuple[Bagel, tuple[torch.Tensor, torch.Tensor]]:
+    """train.build_model(args) and its per-token CE and MSE on the all-modalities pack (no grad)."""
+    model = train.build_model(args, d, fsdp.make_mesh(d, 0))
+    b = _all_modalities()
+    with torch.no_grad():
+        b["padded_latent"] = AutoEncoder.from_pretrained(args.model).encode(b.pop("padded_images"),
+                                                                            generator=torch.Generator().manual_seed(0))
+        out = model(**b, generator=torch.Generator().manual_seed(1))
+    for m in model.modules():  # a no-grad forward leaves the root unit gathered
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model, (out["ce"], out["mse"])
+
+
 def test_step_0_equals_the_base_and_only_adapters_train(ckpt, world1):
     """bf16 compute: with B = 0 the LoRA model's losses equal the base model's bit for bit; every base
     weight is frozen in bf16 (no grad, no optimizer state, no EMA), the adapters are fp32 masters
     with state; A starts non-zero (Kaiming) and identical on a rebuild (every rank's init agrees)."""
-    ae = AutoEncoder.from_pretrained(ckpt)
-    losses = {}
-    for rank in (0, RANK):
-        args = dataclasses.replace(lora_args(ckpt, targets="all", vit=True), lora=train.LoRAConfig(rank=rank, targets="all", vit=True))
-        model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
-        b = _all_modalities()
-        with torch.no_grad():
-            b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=torch.Generator().manual_seed(0))
-            out = model(**b, generator=torch.Generator().manual_seed(1))
-        for m in model.modules():  # a no-grad forward leaves the root unit gathered
-            if isinstance(m, FSDPModule):
-                m.reshard()
-        losses[rank] = (out["ce"], out["mse"])
-    assert torch.equal(losses[0][0], losses[RANK][0]) and torch.equal(losses[0][1], losses[RANK][1])
+    args = lora_args(ckpt, targets="all", vit=True)
+    _, base = build_and_forward(dataclasses.replace(args, lora=train.LoRAConfig()), world1)
+    model, lora = build_and_forward(args, world1)
+    assert torch.equal(base[0], lora[0]) and torch.equal(base[1], lora[1])
 
+    ae = AutoEncoder.from_pretrained(ckpt)
     opt, _ = train.make_optimizer(model, args.optim, 10)
     ema = fsdp.ema_init(model)
     first = params_full(model)
@@ -88,6 +100,92 @@ def test_step_0_equals_the_base_and_only_adapters_train(ckpt, world1):
             assert torch.equal(after[k], official[k].to(torch.bfloat16)), k
     again = params_full(train.build_model(args, world1, fsdp.make_mesh(world1, 0)))
     assert all(torch.equal(again[k], v) for k, v in first.items())
+
+
+class LoRAByHand(torch.nn.Module):
+    """y = x W^T + b + x A^T B^T scale, straight from the formula (the reference for LoRALinear)."""
+
+    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
+        super().__init__()
+        self.base, self.a, self.b, self.scale = base, torch.nn.Parameter(a), torch.nn.Parameter(b), scale
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.T) @ self.b.T * self.scale
+
+
+def test_freeze_und_with_lora_gives_upstreams_gradients_to_the_gen_adapters(ckpt, world1):
+    """--freeze und --lora.targets gen (fp32, one SGD step at lr 1: the update is the gradient)
+    against upstream's freeze_und forward (test_train's reference, und activations detached) on the
+    base with the adapters written by hand, B random so that A gets a gradient too: every gen adapter
+    moves by the reference's gradient (1e-6), nothing else is trainable or moves."""
+    optim = train.OptimConfig(name="sgd", lr=1.0, betas=(0.0, 0.95), warmup_steps=0, grad_clip=0)
+    args = train.Args(model=ckpt, precision="fp32", freeze=("und",), optim=optim, lora=train.LoRAConfig(rank=RANK))
+    model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".lora_b"):
+                p.to_local().normal_(std=0.1, generator=g)  # one rank: its shard is the whole tensor
+    before = params_full(model)
+    opt, _ = train.make_optimizer(model, args.optim, 10)
+    train.train_step(model, AutoEncoder.from_pretrained(ckpt), opt, [_all_modalities()], 0, args, world1)
+    after = params_full(model)
+
+    ref = Bagel.from_pretrained(ckpt)
+    adapted = {k[:-len(".lora_a")] for k in before if k.endswith(".lora_a")}
+    assert adapted and all("_moe_gen." in m + "." for m in adapted)
+    for m in adapted:  # alpha defaults to 2 * rank: scale 2
+        parent, _, child = m.rpartition(".")
+        setattr(ref.get_submodule(parent), child, LoRAByHand(ref.get_submodule(m), before[m + ".lora_a"].clone(),
+                                                             before[m + ".lora_b"].clone(), 2.0))
+    ref.language_model.model.forward = functools.partial(upstream_freeze_und_llm, ref.language_model.model)
+    want = grads(ref, ckpt, _all_modalities())
+    for n, p in model.named_parameters():
+        k = fsdp.fqn(n)
+        assert p.requires_grad == is_lora(k), k
+        if is_lora(k):
+            ref_grad = want[k[:-len(".lora_a")] + "." + k[-1]]
+            assert ref_grad.abs().max() > 0 and (before[k] - after[k] - ref_grad).abs().max() <= 1e-6, k
+        else:
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_nsa_with_lora_trains_adapters_and_nsa_and_resumes(ckpt, world1, tmp_path):
+    """--attn nsa on a dense base with LoRA (bf16, AdamW, EMA): step 0 equals the same model without
+    adapters bit for bit; the adapters and NSA's new weights (fp32) are all that train and all the
+    checkpoint holds; a resume is bit-exact."""
+    args = dataclasses.replace(lora_args(ckpt), attn="nsa", nsa=SMALL)
+    _, base = build_and_forward(dataclasses.replace(args, lora=train.LoRAConfig()), world1)
+    _, lora = build_and_forward(args, world1)
+    assert torch.equal(base[0], lora[0]) and torch.equal(base[1], lora[1])
+
+    mesh, ae, path = fsdp.make_mesh(world1, 0), AutoEncoder.from_pretrained(ckpt), str(tmp_path / "step-0000001")
+    model, opt, ema = start_run(args, world1, mesh, True)
+    first = params_full(model)
+    step_run(model, ae, opt, ema, 0, args, world1)
+    fsdp.save_checkpoint(path, model, opt, ema, {"step": 1}, {}, world1, dataclasses.asdict(args),
+                         {"step": 1, "base": ckpt, "frozen_crc32": model.frozen_crc32})
+    step_run(model, ae, opt, ema, 1, args, world1)
+    after, want = params_full(model), full_state(model, ema)
+    trained = {k for k in first if is_lora(k) or ".self_attn.nsa." in k}
+    assert any(".self_attn.nsa." in k for k in trained)
+    for n, p in model.named_parameters():
+        k = fsdp.fqn(n)
+        assert p.requires_grad == (k in trained) and (p in opt.state) == (k in trained), k
+        assert p.dtype == (torch.float32 if k in trained else torch.bfloat16), k
+        assert torch.equal(after[k], first[k]) == (k not in trained), k
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    assert {k[len("model."):] for k in saved if k.startswith("model.")} == trained | set(POS_TABLES)
+    # with --freeze und too, NSA's und gate gets no gradient (und rows detached): frozen, as without LoRA
+    frozen = {fsdp.fqn(n) for n, p in train.build_model(dataclasses.replace(args, freeze=("und",)), world1, mesh)
+              .named_parameters() if not p.requires_grad}
+    assert trained & frozen == {k for k in trained if k.endswith((".nsa.g_proj.weight", ".nsa.g_proj.bias"))} != set()
+
+    model, opt, ema = start_run(args, world1, mesh, False)
+    fsdp.load_checkpoint(path, model, opt, ema, world1, model.frozen_crc32)
+    step_run(model, ae, opt, ema, 1, args, world1)
+    for w, g in zip(want, full_state(model, ema)):
+        assert w.keys() == g.keys() and all(torch.equal(v, g[k]) for k, v in w.items())
 
 
 def merged_by_hand(base: dict, lora: dict, scale: float) -> dict:
@@ -177,23 +275,69 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
     with pytest.raises(SystemExit, match="not a LoRA adapter folder"):
         sample.main(["--model", ckpt, "--adapter", str(tmp_path), "--question", "hi", *common])
 
+    # the base is checked by its bytes, not its path: a moved copy passes, a changed weight stops
+    moved, changed = tmp_path / "moved", tmp_path / "changed"
+    shutil.copytree(ckpt, moved)
+    sample.load_adapter(Bagel.from_pretrained(str(moved)), adapter, str(moved))
+    shutil.copytree(ckpt, changed)
+    weights = load_file(str(changed / "ema.safetensors"))
+    weights["connector.fc1.weight"][3, 2] += 1e-2
+    save_file(weights, str(changed / "ema.safetensors"))
+    with pytest.raises(SystemExit, match=re.escape(f"--adapter {adapter} was trained on {ckpt}, whose weights have CRC-32 "
+                                                   f"{model.frozen_crc32}, but the weights of --model {changed} have ")):
+        sample.main(["--model", str(changed), "--adapter", adapter, "--question", "hi", *common])
+    sample.load_adapter(Bagel.from_pretrained(str(changed)), adapter, str(changed), check_base=False)
 
-def test_demo_lora_lowers_both_losses(tmp_path):
-    """`python train.py --lora.rank 4` (16 steps, not 300): both losses fall clearly."""
+
+def test_demo_lora_lowers_both_losses_and_resumes_only_with_its_options(tmp_path, capsys):
+    """`python train.py --lora.rank 4` (16 steps, not 300): both losses fall clearly. Its checkpoint
+    resumes only with the same rank, alpha, targets and --lora.vit: otherwise an error line naming
+    both, before anything loads (not DCP's shape error)."""
     out = str(tmp_path / "demo")
-    train.main(["--lora.rank", "4", "--output-dir", out, "--max-steps", "16", "--log-every", "8",
-                "--eval.every", "0", "--ckpt.every", "0", "--data.packing-length", "160"])
+    argv = ["--output-dir", out, "--max-steps", "16", "--log-every", "8", "--eval.every", "0", "--ckpt.every", "0",
+            "--data.packing-length", "160"]
+    train.main(["--lora.rank", "4", *argv])
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     # margins: measured 4.06 -> 3.19 and 1.42 -> 1.26; with the adapters not updating, the data alone
     # moved them by under 2% (4.14 -> 4.12, 1.45 -> 1.42)
     assert rows[-1]["ce"] < 0.9 * rows[0]["ce"] and rows[-1]["mse"] < 0.95 * rows[0]["mse"], rows
 
+    step = os.path.join(out, "step-0000016")
+    with pytest.raises(SystemExit):
+        train.main(["--lora.rank", "8", *argv, "--max-steps", "17"])
+    assert (f"error: {step}: saved by a run with --lora.rank 4 --lora.alpha 8 --lora.targets all, but this run has "
+            f"--lora.rank 8 --lora.alpha 16 --lora.targets all: resume with") in capsys.readouterr().err
+    args = train.parse_args(["--lora.rank", "4", "--lora.dropout", "0.1", *argv])
+    train.check_lora_resume(step, args)  # the same adapters (dropout may change)
+    for lora, this_run in ((train.LoRAConfig(4, targets="gen"), "--lora.targets gen"),
+                           (train.LoRAConfig(4, targets="all", vit=True), "--lora.targets all --lora.vit"),
+                           (train.LoRAConfig(4, alpha=4.0, targets="all"), "--lora.alpha 4 "),
+                           (train.LoRAConfig(0), "no LoRA")):
+        with pytest.raises(ValueError, match=f"step-0000016: saved by a run with --lora.rank 4 .*this run has .*{this_run}"):
+            train.check_lora_resume(step, dataclasses.replace(args, lora=lora))
+
+
+def test_memory_table_counts_adapters_by_the_formula(monkeypatch):
+    """`bench.py --what memory`, the rank-16 gen row: r (in + out) per adapted linear, written out from
+    BAGEL-7B-MoT's LLM config: per decoder layer q and o (h -> h), k and v (h -> kv), gate and up
+    (h -> f), down (f -> h); 16 bytes each (fp32 master, gradient, AdamW's two moments)."""
+    c, r = LLMConfig(), 16
+    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    lora = c.num_hidden_layers * r * (2 * (h + h) + 2 * (h + kv) + 2 * (h + f) + (f + h))
+    # the sin-cos tables are buffers, not parameters: 80% of the build time on the meta device, skipped
+    monkeypatch.setattr(model_lib, "sincos_2d", lambda grid, dim: torch.zeros(grid * grid, dim))
+    row = bench.bench_memory([("gen", False, r)])[2].split()
+    assert row[:6] == ["gen", "16", str(7 * c.num_hidden_layers), f"{lora / 1e6:.2f}M", f"{16 * lora / 1e9:.2f}", "GB"], row
+
 
 @pytest.mark.parametrize("flags, message", [
     (["--lora.rank", "-1"], "--lora.rank -1 .*need a rank >= 0"),
     (["--lora.rank", "4", "--lora.dropout", "1.0"], "dropout in \\[0, 1\\)"),
-    (["--lora.rank", "4", "--lora.targets", "und", "--freeze", "und"], "the und expert gets no gradient"),
+    (["--lora.rank", "4", "--lora.targets", "all", "--freeze", "und"],
+     "--lora.targets all with --freeze und: 14 adapted linears .*layers.0.self_attn.q_proj.* would never train"),
+    (["--lora.rank", "4", "--lora.vit", "--freeze", "und"], "--lora.vit with --freeze und: 14 adapted linears .*vit_model"),
+    (["--lora.rank", "4", "--lora.targets", "und", "--lora.vit", "--freeze", "vit"], "--freeze vit: 12 adapted"),
 ])
-def test_bad_lora_options_are_user_errors(flags, message, world1):
+def test_bad_lora_options_are_user_errors(flags, message, ckpt, world1):
     with pytest.raises(ValueError, match=message):
-        train.check_args(train.parse_args(flags), world1)
+        train.check_args(train.parse_args(flags + ["--model", ckpt]), world1)

@@ -34,7 +34,7 @@ from data import DataConfig
 from nsa import NSAConfig
 from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader, Context,
                    LLMConfig, ViTConfig, add_lora, checkpoint_index, generate_image, generate_text, is_lora,
-                   latent_to_pil, read_config, resolve, save_pretrained)
+                   latent_to_pil, lora_target, read_config, resolve, save_pretrained)
 
 # -------------------------------------------------------------------------------------------------
 # arguments
@@ -351,10 +351,10 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
         add_lora(model, lo.rank, lo.alpha or 2 * lo.rank, lo.dropout, lo.targets, lo.vit)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     for name, p in model.named_parameters():
-        if lo.rank:  # only the adapters train, and NSA's weights when they are new (a dense base)
-            p.requires_grad_(is_lora(name) or ("nsa" in over and ".self_attn.nsa." in name))
-        else:
-            p.requires_grad_(not any(FREEZE[part](name) for part in args.freeze))
+        frozen = any(FREEZE[part](name) for part in args.freeze)
+        if lo.rank:  # only the adapters train, and NSA's weights when they are new (a dense base), unless --freeze'd
+            frozen = frozen or not (is_lora(name) or ("nsa" in over and ".self_attn.nsa." in name))
+        p.requires_grad_(not frozen)
         if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
             p.data = p.data.to(dtype)
     fsdp.shard_model(model, mesh, dtype, args.activation_checkpointing, args.compile, args.cpu_offload,
@@ -363,6 +363,25 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     frozen = {fsdp.fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
     model.frozen_crc32 = fsdp.load_pretrained(model, args.model, d, None if load else frozen)
     return model
+
+
+def lora_options(lo: dict) -> str:
+    if not lo.get("rank"):
+        return "no LoRA"
+    return (f"--lora.rank {lo['rank']} --lora.alpha {lo.get('alpha') or 2 * lo['rank']:g} --lora.targets {lo['targets']}"
+            + " --lora.vit" * bool(lo["vit"]))
+
+
+def check_lora_resume(path: str, args: Args):
+    """The adapters' shapes and scale are the checkpoint's: resuming with another rank, targets, --lora.vit
+    or LoRA on/off would die inside DCP with a shape error, and another alpha would silently train
+    another function. Compared with the run that saved it (its args.json) before anything loads;
+    --lora.dropout may change."""
+    with open(os.path.join(path, "args.json")) as f:
+        saved = lora_options(json.load(f).get("lora") or {})
+    if saved != (now := lora_options(dataclasses.asdict(args.lora))):
+        raise ValueError(f"{path}: saved by a run with {saved}, but this run has {now}: resume with the checkpoint's "
+                         f"LoRA options, or start over (--ckpt.resume none, or another --output-dir)")
 
 
 def param_table(model: Bagel, ae: AutoEncoder) -> str:
@@ -849,8 +868,6 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
         raise ValueError(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
                          f"(0: off), alpha > 0 and dropout in [0, 1)")
-    if lo.rank and lo.targets == "und" and "und" in args.freeze and not lo.vit:
-        raise ValueError("--lora.targets und with --freeze und: the und expert gets no gradient, nothing would train")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
@@ -875,6 +892,14 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     names = [n for n, _ in net.named_parameters()]
     if all(any(FREEZE[part](n) for part in args.freeze) for n in names):
         raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
+    # an adapter in a frozen part would never change (--freeze und cuts the gradient of the und expert,
+    # the ViT and the connector): refused rather than carried along at zero
+    lost = [n[:-len(".weight")] for n in names if lo.rank and n.endswith(".weight") and
+            lora_target(n[:-len(".weight")], lo.targets, lo.vit) and any(FREEZE[part](n) for part in args.freeze)]
+    if lost:
+        raise ValueError(f"--lora.targets {lo.targets}{' --lora.vit' if lo.vit else ''} with --freeze {' '.join(args.freeze)}: "
+                         f"{len(lost)} adapted linears (e.g. {lost[0]}) are in a frozen part and would never train: "
+                         f"adapt only parts that train (with --freeze und: --lora.targets gen, no --lora.vit)")
     off = tuple(p + "." for p in TOP_LEVEL if not hasattr(net, p))  # parts switched off are not loaded
     for m, index, skip in ((net, bagel_index, off), (ae, ae_index, ())):
         reader = CheckpointReader({k: tuple(v.shape) for k, v in m.state_dict().items() if k not in POS_TABLES},
@@ -927,6 +952,8 @@ def train(args: Args, d: fsdp.Dist):
         f"{args.precision} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
 
     resume = fsdp.resume_point(args.output_dir, args.ckpt.resume, d)
+    if resume:
+        check_lora_resume(resume, args)
 
     t0 = time.time()
     model = build_model(args, d, mesh, load=resume is None)
