@@ -26,7 +26,7 @@ from model import AutoEncoder, Bagel
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
-    """Tiny ops: threads only wait on each other; and no demo VAE fit (~40 s, not tested here)."""
+    """Tiny ops: threads only wait on each other; and no demo VAE fit (~15 s, not tested here)."""
     monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)
     n = torch.get_num_threads()
     torch.set_num_threads(1)

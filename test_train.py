@@ -547,7 +547,7 @@ DEMO = ["--log-every", "1", "--data.packing-length", "160", "--optim.schedule", 
 
 @pytest.fixture(autouse=True)
 def random_demo_vae(monkeypatch):
-    monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)  # fitting the demo VAE takes ~40 s; not what these tests test
+    monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)  # fitting the demo VAE takes ~15 s; not what these tests test
 
 
 def read_dcp(path: str, out: str) -> dict:

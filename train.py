@@ -211,14 +211,15 @@ def parse_args(argv: list[str] | None = None) -> Args:
 DEMO_SHAPES = ("circle", "square", "triangle")
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
 DEMO_PROMPTS = ("a red circle", "a blue square", "a yellow triangle")
-DEMO_SIZE = 32  # pixels: a 4x4 grid of generated latent patches (VAE stride 4, patch 2), as at 64 px with FLUX's 8
+DEMO_SIZE = 32  # pixels: 4x4 generated latent patches (demo VAE stride 4, patch 2)
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
 def draw_shape(shape: str, colour: str, size: int = DEMO_SIZE, rng: random.Random | None = None):
     """A coloured shape on white, jittered a little in size and position: with more jitter (radius
     0.25-0.4 of the side, centre +-10%) the demo's 300 steps drew blobs of the right colour; with
-    this much they draw the shapes (README, the demo)."""
+    this much they draw the shapes (README, the demo). 32 pixels rather than 64: the demo VAE's fit
+    costs a quarter, and the model still generates 4x4 latent patches."""
     from PIL import Image, ImageDraw
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), (255, 255, 255))
@@ -268,9 +269,10 @@ def fit_demo_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0) -> flo
     files = sorted(os.listdir(images))
     x_all = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(images, f)).convert("RGB"))).permute(2, 0, 1)
                          for f in files]).float() / 127.5 - 1  # [N, 3, H, W]
-    # the shape's pixels weigh 4x the white background's: with equal weights the fit sat for ~150
-    # steps on a white image with a grey blob, and where it left that plateau depended on float
-    # rounding (2 threads instead of 1 ended at wrong colours)
+    # the shape's pixels weigh 4x the white background's. Unweighted, the fit lingers on a white
+    # image with a grey blob, and where it leaves it depends on float rounding (the 64-pixel fit
+    # before took ~150 of 300 steps, and on 2 threads ended at wrong colours); weighted, 150 steps
+    # reconstruct held-out shapes, to the same loss on 1 or 2 threads (README, the demo)
     weight = 1 + 3 * (x_all < 0.9).any(1, keepdim=True).float()  # [N, 1, H, W]
     g, opt = torch.Generator().manual_seed(seed), torch.optim.Adam(ae.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))  # 10 warmup steps
