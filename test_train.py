@@ -252,7 +252,8 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     """2-rank FSDP2 and HSDP == a plain 1-process loop after 3 SGD steps (grad accumulation, clipping,
     one rank without VAE images and the other without CE tokens: no hang, run under a timeout), with
     the gradient sync deferred or not; the 2-rank checkpoint of step 2 resumed on ONE rank
-    (accumulating all 4 packs) gives the same step 3; ranks that see different checkpoints stop."""
+    (accumulating all 4 packs) gives the same step 3; ranks that see different checkpoints stop;
+    validation on 2 ranks gives 1 rank's val_ce / val_mse / val_mse_by_t."""
     for attempt in (1, 2):
         write_val_data(str(tmp_path))
         ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,

@@ -309,7 +309,9 @@ def make_demo_checkpoint(path: str, images: str, seed: int = 0) -> str:
                       num_key_value_heads=2, vocab_size=64),
         vit=ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                       image_size=112),
-        vae=AEConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=16),  # FLUX's layout, 3 levels
+        # the FLUX ae's layout with 3 levels (stride 4: 32-pixel images give 8x8 latents, as 64 pixels
+        # at FLUX's stride 8) of 32 channels, the fewest its GroupNorm's 32 groups allow
+        vae=AEConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=16),
         max_latent_size=8, vit_max_num_patch_per_side=8)
     torch.manual_seed(seed)  # only here, before any training code runs: the demo's random init
     # PyTorch's init throughout, llm2vae too (not upstream's zero, Bagel.init_weights): a frozen zero
