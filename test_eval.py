@@ -3,6 +3,8 @@
 The references are written here from the definitions: the stratified grid t = (i + 0.5) / n, the
 time shift s*t / (1 + (s-1)*t), token means of a plain (unsharded, fp32) Bagel's per-token losses."""
 import dataclasses
+import glob
+import io
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ from model import AutoEncoder, Bagel
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
-    """Tiny ops: threads only wait on each other; and no demo VAE fit (~40 s, not tested here)."""
+    """Tiny ops: threads only wait on each other; and no demo VAE fit (~15 s, not tested here)."""
     monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -75,7 +77,7 @@ def test_val_timesteps_are_a_stratified_grid_and_cfg_dropout_is_off(demo, shift)
     seen = torch.unique(t[t > 0]).double()  # one value per noisy image, repeated over its latent tokens
     n = len(seen)
     assert n >= 6 and torch.allclose(seen, (torch.arange(n, dtype=torch.float64) + 0.5) / n, atol=1e-6)
-    assert (t > 0).sum() == n * 16  # 64-pixel images: 4 x 4 latent tokens each, all noisy, one t each
+    assert (t > 0).sum() == n * 16  # 32-pixel images: 4 x 4 latent tokens each, all noisy, one t each
     # CFG dropout 1.0 in the training data config drops every prompt there; the val packs keep them
     keep = train.build_val_packs(val_args(demo, dropout=0.0, timestep_shift=shift), ae, d)
     for (_, a, _), (_, b, _) in zip(packs, keep):
@@ -212,6 +214,75 @@ def test_loggers_get_the_metrics_rows_and_the_sample_grids(runs):
     assert scalars == flat
     w, h = Image.open(want[0][1][1]).size
     assert [c for c in tb if c[0] == "image"] == [("image", s, "samples", (h, w, 3), "HWC") for s in (2, 4)]
+
+
+def wandb_history(path: str) -> list[dict]:
+    """The history rows of an offline wandb run, read from its .wandb file: a 7-byte file header,
+    then LevelDB-log records (crc 4 bytes, length 2, type 1 = whole, 2/3/4 = first/middle/last
+    piece) in 32 KiB blocks, each record a wandb_internal_pb2.Record protobuf."""
+    from wandb.proto import wandb_internal_pb2
+    buf = open(path, "rb").read()
+    assert buf[:4] == b":W&B"
+    pos, piece, rows = 7, b"", []
+    while pos + 7 <= len(buf):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is zero padding
+            pos += 32768 - pos % 32768
+            continue
+        n, kind = int.from_bytes(buf[pos + 4:pos + 6], "little"), buf[pos + 6]
+        piece, pos = piece + buf[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            r = wandb_internal_pb2.Record()
+            r.ParseFromString(piece)
+            piece = b""
+            if r.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def installed(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.skipif(not (installed("wandb") and installed("tensorboard")), reason="pip install wandb tensorboard")
+def test_real_wandb_and_tensorboard_log_the_metrics_rows(demo, tmp_path, monkeypatch):
+    """The installed packages (wandb offline): read back, their scalars are metrics.jsonl's (float32
+    in TensorBoard) and their images the sample grids."""
+    import wandb
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for k, v in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_DISABLE_GIT="true",
+                     WANDB_DISABLE_CODE="true").items():
+        monkeypatch.setenv(k, v)
+    run = str(tmp_path / "run")
+    shutil.copytree(demo[0], os.path.join(run, "base"))
+    shutil.copytree(os.path.dirname(demo[1]), os.path.join(run, "demo_data"))
+    train.main(DEMO + ["--output-dir", run, "--max-steps", "3", "--wandb", "proj", "--tensorboard"])
+    wandb.finish()  # what wandb's exit hook does at the end of `python train.py`
+    rows = {r["step"]: train.flat_scalars(r) for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))}
+    assert sorted(rows) == [2, 3] and "val_ce" in rows[2] and "ce" in rows[3]  # eval-only row, then a full one
+    grids = {s: np.asarray(Image.open(os.path.join(run, "samples", f"step-{s:07d}", "grid.png")).convert("RGB"))
+             for s in (2, 3)}
+
+    acc = EventAccumulator(os.path.join(run, "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tb = {}
+    for tag in acc.Tags()["scalars"]:
+        for e in acc.Scalars(tag):
+            tb.setdefault(e.step, {})[tag] = e.value
+    assert tb == {s: {k: float(np.float32(v)) for k, v in row.items()} for s, row in rows.items()}
+    images = {e.step: np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for e in acc.Images("samples")}
+    assert sorted(images) == [2, 3] and all(np.array_equal(images[s], grids[s]) for s in (2, 3))
+
+    (path,) = glob.glob(os.path.join(run, "wandb", "offline-run-*", "run-*.wandb"))
+    history = wandb_history(path)
+    logged = {}
+    for h in history:
+        logged.setdefault(h["_step"], {}).update({k: v for k, v in h.items() if not k.startswith(("_", "samples/"))})
+    assert logged == rows  # floats survive wandb's JSON exactly
+    files = {h["_step"]: h["samples/path"] for h in history if "samples/path" in h}
+    assert sorted(files) == [2, 3]
+    for s, f in files.items():
+        img = np.asarray(Image.open(os.path.join(os.path.dirname(path), "files", f)).convert("RGB"))
+        assert np.array_equal(img, grids[s])
 
 
 def test_plots_have_the_expected_size(runs):

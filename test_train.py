@@ -2,6 +2,7 @@
 
 The distributed test spawns 2 processes and compares FSDP2 (and HSDP) training against an
 independent single-process loop with SGD: Adam would hide a gradient scaled by the world size."""
+import base64
 import dataclasses
 import functools
 import io
@@ -175,6 +176,7 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
             error = None
         except ValueError as e:
             error = str(e)
+        results["val"] = validation(val_args(args, out), d)
         results["resume_errors"] = [None] * 2
         dist.all_gather_object(results["resume_errors"], error)
         if rank == 0:
@@ -182,6 +184,25 @@ def _worker(rank: int, port: int, ckpt: str, out: str):
         dist.barrier()  # tear gloo down together: a rank closing its pairs while the other still works can abort
     finally:
         dist.destroy_process_group()
+
+
+def write_val_data(folder: str):
+    """RECORDS twice as val.jsonl (images as data: URIs): 5 packs at packing length 64."""
+    with open(os.path.join(folder, "val.jsonl"), "w") as f:
+        for r in [*RECORDS.values()] * 2:
+            f.write(json.dumps(r, default=lambda b: "data:image/png;base64," + base64.b64encode(b).decode()) + "\n")
+
+
+def val_args(args: train.Args, folder: str) -> train.Args:
+    """Validation on the first 3 packs of val.jsonl: on 2 ranks, rank 1 adds an uncounted filler."""
+    return dataclasses.replace(args, data=dataclasses.replace(args.data, packing_length=64),
+                               eval=dataclasses.replace(args.eval, data=(os.path.join(folder, "val.jsonl"),), packs=3))
+
+
+def validation(args: train.Args, d) -> dict:
+    """val_ce / val_mse / val_mse_by_t of the base weights, on the FSDP-sharded model as train.train runs it."""
+    model = train.build_model(args, d, fsdp.make_mesh(d, 0))
+    return train.validate(model, train.build_val_packs(args, AutoEncoder.from_pretrained(args.model), d), args, d)
 
 
 def reference(ckpt: str, args: train.Args) -> tuple[dict, dict, list]:
@@ -231,8 +252,10 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     """2-rank FSDP2 and HSDP == a plain 1-process loop after 3 SGD steps (grad accumulation, clipping,
     one rank without VAE images and the other without CE tokens: no hang, run under a timeout), with
     the gradient sync deferred or not; the 2-rank checkpoint of step 2 resumed on ONE rank
-    (accumulating all 4 packs) gives the same step 3; ranks that see different checkpoints stop."""
+    (accumulating all 4 packs) gives the same step 3; ranks that see different checkpoints stop;
+    validation on 2 ranks gives 1 rank's val_ce / val_mse / val_mse_by_t."""
     for attempt in (1, 2):
+        write_val_data(str(tmp_path))
         ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,
                                  start_method="spawn")
         deadline = time.time() + 240
@@ -277,6 +300,7 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
         model, ema, norms = run_steps(parity_args(ckpt, accum=4), d, fsdp.make_mesh(d, 0), lambda s: sum(make_batches(s), []),
                                       range(SAVE_AT, STEPS), resume=str(tmp_path / "step-0000002"))
         lora = run_steps(lora_parity_args(ckpt, 4), d, fsdp.make_mesh(d, 0), lambda s: sum(make_batches(s), []), range(STEPS))
+        val = validation(val_args(parity_args(ckpt, 2), str(tmp_path)), d)
     finally:
         dist.destroy_process_group()
     assert_close(model, got["fsdp"][0], 1e-6)
@@ -287,6 +311,15 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     assert_close(got["lora"][1], lora[1], 1e-6)
     assert got["lora"][2] == pytest.approx(lora[2], rel=1e-6) and min(lora[2]) > 0
     assert sum(k.endswith(".lora_b") and bool(v.any()) for k, v in lora[0].items()) > 10  # the adapters trained
+    # validation on 2 ranks == on 1 (rank 1 validates pack 1 and an uncounted filler). A pack's
+    # per-token MSE is bit-identical (the same fp32 weights, gathered whole; keyed noise), so only
+    # the float64 summation order differs; its CE is fp32 rounding apart, as the ranks compute it in
+    # other chunks (CE_CHUNK = 4 there)
+    flat = train.flat_scalars(val)
+    assert flat["val_ce"] > 0 and flat["val_mse"] > 0 and len(flat) > 3  # and at least 2 quarters of t
+    got_val = train.flat_scalars(got["val"])
+    assert got_val.pop("val_ce") == pytest.approx(flat.pop("val_ce"), rel=1e-6)
+    assert got_val == pytest.approx(flat, rel=1e-12, abs=0)
 
 
 def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):
@@ -515,7 +548,7 @@ DEMO = ["--log-every", "1", "--data.packing-length", "160", "--optim.schedule", 
 
 @pytest.fixture(autouse=True)
 def random_demo_vae(monkeypatch):
-    monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)  # fitting the demo VAE takes ~40 s; not what these tests test
+    monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)  # fitting the demo VAE takes ~15 s; not what these tests test
 
 
 def read_dcp(path: str, out: str) -> dict:
