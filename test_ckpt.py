@@ -56,38 +56,65 @@ def flip(path):  # same size, one byte changed in the middle: only a hash sees i
         f.write(bytes([b[0] ^ 0xFF]))
 
 
+def drop_crcs(step_dir):  # as if saved under the default --ckpt.verify size
+    meta = json.load(open(step_dir / "meta.json"))
+    for f in meta["files"].values():
+        f.pop("crc32")
+    json.dump(meta, open(step_dir / "meta.json", "w"))
+
+
+def garble_item(step_dir, key: str, shard: str = SHARD):
+    """Zero the start of one saved item (its zip header) in place: sizes unchanged, DCP cannot read it."""
+    import torch.distributed.checkpoint as dcp
+    items = dcp.FileSystemReader(str(step_dir)).read_metadata().storage_data
+    where = next(v for k, v in items.items() if k.fqn == key and v.relative_path == shard)
+    with open(step_dir / shard, "r+b") as f:
+        f.seek(where.offset)
+        f.write(b"\0" * 16)
+
+
 def test_damaged_checkpoints_are_named_skipped_and_the_run_ends_bit_identical(ckpt, tmp_path, capsys):
-    """Run a saves steps 1-3 (--ckpt.verify hash). Copy x: step 3's shard truncated, step 2's deleted;
+    """Run a saves steps 1-3 (--ckpt.verify hash, EMA). Copy x: step 3's shard truncated, step 2's deleted;
     copy y: step 3's shard with one byte flipped (same size), step 2's DCP index overwritten with
-    same-size garbage and its CRCs dropped (the default --ckpt.verify size). Auto resume names each
-    folder, file and problem, continues from step 1, and its step 3 equals run a's bit for bit (model,
-    optimizer, trainer and data state). Every checkpoint damaged: an error, not a silent restart; an
-    explicit damaged path: an error naming it. Catches resume loading a damaged shard (torch's raw
-    EOFError), skipping it silently, falling back to the base instead of step 1, or a hash not checked."""
-    run_main(ckpt, tmp_path / "a", RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0",
-             "--ckpt.verify", "hash")
+    same-size garbage and its CRCs dropped (the default --ckpt.verify size); copy z, CRCs dropped: in
+    step 3's shard the item DCP loads last (the last EMA tensor) garbled at the same size, so it passes
+    verification and fails halfway through the load. Auto resume names each folder, file and problem,
+    continues from step 1 (x, y) or 2 (z), and its step 3 equals run a's bit for bit (model, optimizer,
+    EMA, trainer and data state). Every checkpoint damaged: an error, not a silent restart; an explicit
+    damaged path (failing verification, or the load): an error naming it. Catches resume loading a
+    damaged shard (torch's raw EOFError), skipping it silently, falling back to the base instead of
+    step 1, a hash not checked, a load error stopping the run, and state half-loaded from the
+    damaged checkpoint left in the model, optimizer or EMA."""
+    common = ("--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0", "--optim.ema-decay", "0.5")
+    run_main(ckpt, tmp_path / "a", RECORDS, *common, "--ckpt.verify", "hash")
     want = state(tmp_path / "a" / "step-0000003", tmp_path)
-    x, y = tmp_path / "x", tmp_path / "y"
-    for out in (x, y):
+    x, y, z = tmp_path / "x", tmp_path / "y", tmp_path / "z"
+    for out in (x, y, z):
         shutil.copytree(tmp_path / "a", out)
     truncate(x / "step-0000003" / SHARD)
     os.remove(x / "step-0000002" / SHARD)
     flip(y / "step-0000003" / SHARD)
-    meta = json.load(open(y / "step-0000002" / "meta.json"))
-    for f in meta["files"].values():
-        f.pop("crc32")
-    json.dump(meta, open(y / "step-0000002" / "meta.json", "w"))
+    drop_crcs(y / "step-0000002")
     with open(y / "step-0000002" / ".metadata", "r+b") as f:
         f.write(b"\0" * os.path.getsize(y / "step-0000002" / ".metadata"))
+    drop_crcs(z / "step-0000003")
+    last_ema = [k for k in want if k.startswith(".ema.") and "pos_embed" not in k][-1][1:]  # (tables: not loaded)
+    garble_item(z / "step-0000003", last_ema)
     capsys.readouterr()
-    for out, says in ((x, ["bytes, meta.json says", f"{SHARD}: missing"]),
-                      (y, [f"{SHARD}: CRC-32", ".metadata: DCP cannot read it"])):
-        run_main(ckpt, out, RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0")
+    with pytest.raises(SystemExit) as e:  # before z's run rewrites its step 3
+        run_main(ckpt, tmp_path / "c", RECORDS, *common, "--ckpt.resume", str(z / "step-0000003"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --ckpt.resume {z}/step-0000003: damaged checkpoint: {SHARD}: DCP cannot read it (" in err, err
+    for out, says in ((x, {3: "bytes, meta.json says", 2: f"{SHARD}: missing"}),
+                      (y, {3: f"{SHARD}: CRC-32", 2: ".metadata: DCP cannot read it"}),
+                      (z, {3: f"{SHARD}: DCP cannot read it (UnpicklingError"})):
+        run_main(ckpt, out, RECORDS, *common)
         log = capsys.readouterr().out
-        for step, problem in zip((3, 2), says):
+        for step, problem in says.items():
             line = f"checkpoint {out}/step-{step:07d} is damaged, skipped: "
             assert line in log and problem in log.split(line)[1].splitlines()[0], log
-        assert f"resumed from {out}/step-0000001 at step 1" in log
+        assert f"resumed from {out}/step-{3 - len(says):07d} at step {3 - len(says)}" in log, log
         assert_same(state(out / "step-0000003", tmp_path), want)
 
     for step in (1, 2, 3):  # x has steps 1-3 again, all good: damage them all
@@ -95,7 +122,7 @@ def test_damaged_checkpoints_are_named_skipped_and_the_run_ends_bit_identical(ck
     with pytest.raises(SystemExit) as e:
         run_main(ckpt, x, RECORDS, "--max-steps", "4")
     assert e.value.code == 2
-    assert f"error: {x}: none of its 3 checkpoints verifies" in capsys.readouterr().err
+    assert f"error: {x}: none of its 3 checkpoints verifies and loads" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         run_main(ckpt, tmp_path / "c", RECORDS, "--max-steps", "4", "--ckpt.resume", str(x / "step-0000003"))
     assert e.value.code == 2

@@ -907,8 +907,16 @@ def train(args: Args, d: fsdp.Dist):
     tok = loader.dataset.tok
     val_packs = build_val_packs(args, ae, d) if args.eval.data and args.eval.every else []
     step, pending = 0, None  # pending: the async save still being written
+    while resume:  # a checkpoint that verified can still fail to load: then the one before it (auto)
+        try:
+            trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
+            break
+        except fsdp.Damaged as e:
+            if args.ckpt.resume != "auto":
+                raise ValueError(f"--ckpt.resume {resume}: damaged checkpoint: {e}") from None
+            log(f"checkpoint {resume} is damaged, skipped: {e}")
+            resume = fsdp.resume_point(args.output_dir, "auto", d, before=os.path.basename(resume))
     if resume:
-        trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
         step = trainer["step"]
         sched.load_state_dict(trainer["sched"])
         states = [r["data"] for r in ranks]
