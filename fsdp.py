@@ -490,7 +490,9 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
         if d.rank in e.failures:  # only this rank's reader knows the file it failed in
             own = e.failures[d.rank]
             own = own[0] if isinstance(own, tuple) else own  # (exception, traceback)
-            problem = f"{reader.last + ': ' if reader.last else ''}DCP cannot read it ({type(own).__name__}: {own})"
+            # the unpickler's core, not torch.load's advice to retry with weights_only=False (on garbled bytes)
+            why = (str(own).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0]
+            problem = f"{reader.last + ': ' if reader.last else ''}DCP cannot read it ({type(own).__name__}: {why})"
     agree(problem, d)
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, opt, optim_sd)
