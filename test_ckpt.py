@@ -179,9 +179,9 @@ def test_async_save_writes_what_a_sync_save_writes(ckpt, tmp_path, capsys):
 
 
 def elastic_worker(argv: list[str], ref: str):
-    """One worker of the job below: train.main(argv). In the first attempt, once step 3 is saved (async),
-    rank 0 moves it to `ref` (an uninterrupted run's step 3), rank 1 garbles its own shard of step 2 at
-    the same size (its RNG state, which rank 0 never reads), and rank 1 dies."""
+    """One worker of the job below: train.main(argv). In the first attempt, once step 2 is saved (async),
+    rank 0 copies it to `ref` (an uninterrupted run's step 2), then rank 1 garbles its own shard of it at
+    the same size (its RNG state, which rank 0 never reads) and dies."""
     import torch.distributed as dist
     import fsdp
     import train
@@ -190,37 +190,35 @@ def elastic_worker(argv: list[str], ref: str):
     save = fsdp.save_checkpoint
     def save_then_die(path, *a, **k):
         pending = save(path, *a, **k)
-        if path.endswith("step-0000003"):
+        if path.endswith("step-0000002"):
             pending.result()  # the background write is complete
             if rank == 0:
-                os.rename(path, ref)
-            else:
-                garble_item(Path(path).parent / "step-0000002", "rng1", "__1_0.distcp")
+                shutil.copytree(path, ref)
             dist.barrier()
             if rank == 1:
+                garble_item(Path(path), "rng1", "__1_0.distcp")
                 os._exit(1)
-            return None
         return pending
     if first:
-        fsdp.save_checkpoint = save_then_die  # (this worker process only)
+        fsdp.save_checkpoint = save_then_die  # (in this worker process only)
     train.main(argv + (["--ckpt.async"] if first else []))
 
 
 def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, monkeypatch):
     """2 ranks under torchrun's agent with --max-restarts 1 (elastic_launch, the function behind the
-    torchrun command, with forked workers: no 5 s of imports per worker). The first attempt saves steps 1-3
-    with --ckpt.async; then rank 1 garbles its shard of step 2 and dies, and step 3 is moved away (kept
-    as the reference). The agent restarts both workers; they find step 2 (it verifies: sizes unchanged),
-    fail to load it on rank 1 only, agree to skip it, resume from step 1 and save step 3 synchronously:
-    bit-identical to the uninterrupted async step 3. Catches a restart that starts over from the base
-    or needs a manual step, ranks not agreeing on a load failure (one trains on, one falls back: a
-    hang), state half-loaded from step 2 left on rank 0, and a 2-rank async save differing from a sync one."""
+    torchrun command, with forked workers: no 5 s of imports per worker). The first attempt saves steps 1
+    and 2 with --ckpt.async; then rank 1 garbles its shard of step 2 and dies. The agent restarts both
+    workers; they find step 2 (it verifies: sizes unchanged), fail to load it on rank 1 only, agree to
+    skip it, resume from step 1 and save step 2 synchronously: bit-identical to the first attempt's
+    uninterrupted async step 2. Catches a restart that starts over from the base or needs a manual step,
+    ranks not agreeing on a load failure (one trains on, one falls back: a hang), state half-loaded from
+    step 2 left on rank 0, and a 2-rank async save differing from a sync one."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     import train
     argv, out, ref = [], tmp_path / "elastic", str(tmp_path / "ref")
     with monkeypatch.context() as m:  # run_main's arguments and data, not run
         m.setattr(train, "main", argv.extend)
-        run_main(ckpt, out, RECORDS, "--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0",
+        run_main(ckpt, out, RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "0",
                  "--timeout-min", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "")  # elastic_launch sets it in this process
@@ -231,4 +229,4 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, 
     line = f"checkpoint {out}/step-0000002 is damaged, skipped: rank 1: __1_0.distcp: DCP cannot read it"
     assert line in log and f"resumed from {out}/step-0000001 at step 1" in log, log[-3000:]
     assert "staged" in log  # the first attempt saved async
-    assert_same(state(out / "step-0000003", tmp_path), state(ref, tmp_path))
+    assert_same(state(out / "step-0000002", tmp_path), state(ref, tmp_path))
