@@ -131,32 +131,51 @@ def test_damaged_checkpoints_are_named_skipped_and_the_run_ends_bit_identical(ck
 
 
 def test_failed_save_names_the_folder_and_keeps_the_last_good_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
-    """A save that cannot write (a file where the step folder goes; a full disk, simulated by DCP's file
-    writer raising ENOSPC) stops the run with exit 2 and one line naming the folder; it leaves no folder
-    with meta.json, and --ckpt.keep-last 1 has not deleted step 1 (the last good one) for it. Catches a
-    raw CheckpointException traceback, a meta.json written after a failed write, and pruning before
-    the new checkpoint is complete."""
+    """A save that cannot write stops the run with exit 2 and one line naming the folder: a file where the
+    step folder goes; a full disk (DCP's file writer raising ENOSPC); a read-only --output-dir (made so
+    before step 2, which is then saved by an unprivileged user: root writes anywhere). It leaves no
+    folder with meta.json, and --ckpt.keep-last 1 has not deleted step 1 (the last good one) for it.
+    Catches a raw CheckpointException traceback, a meta.json written after a failed write, and pruning
+    before the new checkpoint is complete."""
+    import tempfile
     import torch.distributed.checkpoint.filesystem as fs
+    import fsdp
     blocked = tmp_path / "blocked"
     os.makedirs(blocked)
     (blocked / "step-0000002").write_text("")  # not a folder: DCP cannot create its files in it
-    real = fs._write_item
+    real_write, real_save = fs._write_item, fsdp.save_checkpoint
     def full(transforms, stream, *a, **k):  # step 1 writes, step 2 meets a full disk
         if "step-0000002" in str(getattr(stream, "name", "")):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(transforms, stream, *a, **k)
-    for out in (blocked, tmp_path / "full"):
-        if out != blocked:
-            monkeypatch.setattr(fs, "_write_item", full)
-        with pytest.raises(SystemExit) as e:
-            run_main(ckpt, out, RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "1")
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert f"error: saving the checkpoint {out}/step-0000002 failed: " in err, err
-        assert ("No space left" if out != blocked else "File exists") in err, err
-        assert os.path.exists(out / "step-0000001" / "meta.json")
-        assert not os.path.exists(out / "step-0000002" / "meta.json")
-        assert [n for n in os.listdir(out) if n.startswith("step-")] in (["step-0000001"], ["step-0000001", "step-0000002"])
+        return real_write(transforms, stream, *a, **k)
+    def read_only(path, *a, **k):
+        if path.endswith("step-0000002"):
+            os.chmod(os.path.dirname(path), 0o555)
+            if os.geteuid() == 0:
+                os.seteuid(65534)  # nobody; the effective uid only, so it can be undone
+        try:
+            return real_save(path, *a, **k)
+        finally:
+            os.seteuid(os.getuid())
+    ro = Path(tempfile.mkdtemp())  # not under tmp_path: its parents let no other user through
+    try:
+        for out, says in ((blocked, "File exists"), (tmp_path / "full", "No space left"), (ro, "Permission denied")):
+            if out == tmp_path / "full":
+                monkeypatch.setattr(fs, "_write_item", full)
+            if out == ro:
+                monkeypatch.setattr(fs, "_write_item", real_write)
+                monkeypatch.setattr(fsdp, "save_checkpoint", read_only)
+            with pytest.raises(SystemExit) as e:
+                run_main(ckpt, out, RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "1")
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"error: saving the checkpoint {out}/step-0000002 failed: " in err and says in err, err
+            assert os.path.exists(out / "step-0000001" / "meta.json")
+            assert not os.path.exists(out / "step-0000002" / "meta.json")
+            assert [n for n in os.listdir(out) if n.startswith("step-")] in (["step-0000001"], ["step-0000001", "step-0000002"])
+    finally:
+        os.chmod(ro, 0o755)
+        shutil.rmtree(ro)
 
 
 def test_async_save_writes_what_a_sync_save_writes(ckpt, tmp_path, capsys):
@@ -166,7 +185,9 @@ def test_async_save_writes_what_a_sync_save_writes(ckpt, tmp_path, capsys):
     step (a checkpoint of step 2 holding step 3's weights), meta.json written before the shards, and
     the end of training not waiting."""
     common = ("--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0", "--ckpt.verify", "hash")
+    os.makedirs(tmp_path / "sync" / "step-0000009")  # a save killed before meta.json: the run starts from the base
     run_main(ckpt, tmp_path / "sync", RECORDS, *common)
+    assert f"warning: {tmp_path}/sync has only incomplete checkpoints" in capsys.readouterr().out
     run_main(ckpt, tmp_path / "async", RECORDS, *common, "--ckpt.async")
     assert "staged" in capsys.readouterr().out
     for step in (1, 2, 3):
