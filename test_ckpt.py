@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -240,10 +241,16 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, 
         run_main(ckpt, out, RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "0",
                  "--timeout-min", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "")  # elastic_launch sets it in this process
+    # the agent runs in this process: it sets this variable and handlers for these signals; undo both after
+    monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, max_restarts=1, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id="elastic", start_method="fork", monitor_interval=0.1)
-    elastic_launch(config, elastic_worker)(argv, ref)
+    try:
+        elastic_launch(config, elastic_worker)(argv, ref)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     log = capfd.readouterr().out
     line = f"checkpoint {out}/step-0000002 is damaged, skipped: rank 1: __1_0.distcp: DCP cannot read it"
     assert line in log and f"resumed from {out}/step-0000001 at step 1" in log, log[-3000:]
