@@ -3,8 +3,8 @@ is named and skipped, a failed save names its folder and leaves nothing that loo
 save writes what a synchronous one does, and torchrun --max-restarts resumes by itself. Tiny model, one
 process (gloo world of 1) except the torchrun test. Each test names the bug it catches."""
 import errno
-import gc
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -246,16 +246,14 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, 
     monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, max_restarts=1, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", run_id="elastic", start_method="fork", monitor_interval=0.1)
-    # a forked worker inherits this process's garbage, e.g. gloo groups of earlier tests kept by FSDP's
-    # reference cycles: one that its GC collects waits forever in ~ProcessGroupGloo for threads that were
-    # not forked (seen once: a hang). Frozen objects are never collected.
-    gc.collect()
-    gc.freeze()
+                          rdzv_endpoint="localhost:0", run_id="elastic", start_method="forkserver", monitor_interval=0.1)
+    # workers forked from a fresh server that imported train once: forked from this process, they would
+    # inherit earlier tests' gloo groups, whose destructor waits forever for threads that were not forked
+    # (seen: a hang); spawned, each would import torch again (+12 s)
+    multiprocessing.set_forkserver_preload(["train", "test_ckpt"])
     try:
         elastic_launch(config, elastic_worker)(argv, ref)
     finally:
-        gc.unfreeze()
         for s, h in handlers.items():
             signal.signal(s, h)
     log = capfd.readouterr().out
