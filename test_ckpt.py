@@ -227,7 +227,7 @@ def elastic_worker(argv: list[str], ref: str):
 
 def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, monkeypatch):
     """2 ranks under torchrun's agent with --max-restarts 1 (elastic_launch, the function behind the
-    torchrun command, with forked workers: no 5 s of imports per worker). The first attempt saves steps 1
+    torchrun command, its workers forked from a server that imported train once). The first attempt saves steps 1
     and 2 with --ckpt.async; then rank 1 garbles its shard of step 2 and dies. The agent restarts both
     workers; they find step 2 (it verifies: sizes unchanged), fail to load it on rank 1 only, agree to
     skip it, resume from step 1 and save step 2 synchronously: bit-identical to the first attempt's
