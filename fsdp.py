@@ -285,18 +285,21 @@ def verify_checkpoint(path: str) -> str | None:
     return None
 
 
-def resume_point(output_dir: str, resume: str, d: Dist) -> str | None:
+def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = None) -> str | None:
     """The checkpoint to resume from ('auto', 'none' or a path: --ckpt.resume), decided on rank 0 and
     broadcast: with a node-local output_dir, ranks deciding alone would load different steps (or none)
     and hang in the first collective. 'auto' takes the newest complete checkpoint that verifies
-    (`verify_checkpoint`), logging each one it skips; if checkpoints exist but none verifies it stops
-    rather than silently start over. Every rank then checks that it can read the choice; if one
-    cannot, all stop together with an error naming the checkpoint and the ranks."""
+    (`verify_checkpoint`) and is older than the folder `before` (the one that then failed to load),
+    logging each one it skips; if checkpoints exist but none is left it stops rather than silently
+    start over. Every rank then checks that it can read the choice; if one cannot, all stop together
+    with an error naming the checkpoint and the ranks."""
     choice = [None]
     if d.rank == 0:
         if resume == "auto":  # a folder name, looked up in each rank's output_dir
             choice, found = [(None, None)], list_checkpoints(output_dir)
             for _, path in reversed(found):
+                if before and os.path.basename(path) >= before:  # step-NNNNNNN: names sort as steps
+                    continue
                 problem = verify_checkpoint(path)
                 if problem is None:
                     choice = [(None, os.path.basename(path))]
@@ -304,8 +307,8 @@ def resume_point(output_dir: str, resume: str, d: Dist) -> str | None:
                 print(f"checkpoint {path} is damaged, skipped: {problem}", flush=True)
             else:
                 if found:
-                    choice = [(f"{output_dir}: none of its {len(found)} checkpoints verifies (see the lines "
-                               f"above): repair or move them away, or start from the base with --ckpt.resume none",
+                    choice = [(f"{output_dir}: none of its {len(found)} checkpoints verifies and loads (see the "
+                               f"lines above): repair or move them away, or start from the base with --ckpt.resume none",
                                None)]
                 elif os.path.isdir(output_dir) and any(STEP_DIR.match(n) for n in os.listdir(output_dir)):
                     print(f"warning: {output_dir} has only incomplete checkpoints (saves that died before meta.json): "
@@ -422,15 +425,49 @@ def dcp_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+class Damaged(ValueError):
+    """A checkpoint that verified but cannot be loaded; the message names the file (if known) and the problem."""
+
+
+class _Reader(dcp.FileSystemReader):
+    """DCP's reader, remembering the file it read last: its read errors (an unpickler's) do not name it.
+    `_slice_file` is called once per item read; should torch rename it, the file is just not named."""
+    last = None
+
+    def _slice_file(self, file, sinfo):
+        self.last = sinfo.relative_path
+        return super()._slice_file(file, sinfo)
+
+
+def agree(problem: str | None, d: Dist) -> None:
+    """Raise Damaged on every rank if any rank met a problem (the first one's): all ranks move on
+    together, and none waits in a collective that the others have left."""
+    problems = [None] * d.world_size
+    dist.all_gather_object(problems, problem)
+    for r, p in enumerate(problems):
+        if p:
+            raise Damaged(p if d.world_size == 1 else f"rank {r}: {p}")
+
+
 def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
                     d: Dist, frozen_crc32: str | None = None) -> tuple[dict, list[dict]]:
     """Restore model, optimizer and EMA in place from a DCP checkpoint saved at any world size; the
     frozen parameters are already loaded from the base, whose CRC (`load_pretrained`) must be the
     one the checkpoint was saved with. Returns (trainer state, the data states of every rank that
-    saved it)."""
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
+    saved it).
+
+    Raises Damaged on every rank if any rank cannot read it (bytes garbled at an unchanged size pass
+    --ckpt.verify size). Model, optimizer and EMA may then hold part of it: a later load of another
+    checkpoint overwrites every tensor this one wrote (DCP loads every key or fails), and nothing else
+    (scheduler, data, RNG) is set before the load has succeeded on every rank."""
+    reader, meta, problem = _Reader(path), None, None
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        keys = reader.read_metadata().state_dict_metadata
+    except Exception as e:  # rank 0 verified both, but a rank on another node may see other bytes
+        problem = f"{'.metadata' if meta else 'meta.json'}: cannot read it ({type(e).__name__}: {e})"
+    agree(problem, d)
     old_world, saved_crc = meta.get("world_size"), meta.get("frozen_crc32")
     if frozen_crc32 is not None and saved_crc is not None and saved_crc != frozen_crc32:
         raise ValueError(f"{path}: saved by a run whose frozen weights had CRC-32 {saved_crc}, but the base "
@@ -448,10 +485,15 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
             raise ValueError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
         sd["ema"] = {k: ema[k] for k in ema}  # loaded in place into the fp32 shards
     try:
-        dcp.load(sd, checkpoint_id=path)
-    except CheckpointException as e:  # a shard damaged in a way its size does not show (--ckpt.verify hash would)
-        raise ValueError(f"{path}: DCP cannot read it ({dcp_error(e)}): move it away to resume from the one "
-                         f"before, or resume with --ckpt.resume none") from None
+        dcp.load(sd, storage_reader=reader)
+    except CheckpointException as e:  # raised on every rank, listing each failed rank's error
+        if d.rank in e.failures:  # only this rank's reader knows the file it failed in
+            own = e.failures[d.rank]
+            own = own[0] if isinstance(own, tuple) else own  # (exception, traceback)
+            # the unpickler's core, not torch.load's advice to retry with weights_only=False (on garbled bytes)
+            why = (str(own).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0]
+            problem = f"{reader.last + ': ' if reader.last else ''}DCP cannot read it ({type(own).__name__}: {why})"
+    agree(problem, d)
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, opt, optim_sd)
     if f"rng{d.rank}" in sd:

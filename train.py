@@ -77,11 +77,12 @@ class CkptConfig:
     keep_last: int = 3
     """keep only the newest this many checkpoints (0: keep all)"""
     resume: str = "auto"
-    """'auto': the newest complete checkpoint in output_dir that verifies (a damaged one is skipped with
-    a line naming its file), if any; 'none': start from --model; or a step-NNNNNNN path"""
+    """'auto': the newest complete checkpoint in output_dir that verifies and loads (a damaged one is
+    skipped with a line naming its file), if any; 'none': start from --model; or a step-NNNNNNN path"""
     verify: Literal["size", "hash"] = "size"
     """what meta.json records of every checkpoint file and a resume checks: its size (free), or also its
-    CRC-32 (reads every byte at save and at resume, at disk speed)"""
+    CRC-32 (reads every byte at save and at resume, at disk speed; the only check that sees bytes garbled
+    inside a tensor)"""
     async_: Annotated[bool, tyro.conf.arg(name="async")] = False
     """copy the state to host memory and write it in the background (DCP async_save); the next save and
     the end of training wait for it. Costs a second copy of the trained state in host memory"""
@@ -977,8 +978,16 @@ def train(args: Args, d: fsdp.Dist):
     tok = loader.dataset.tok
     val_packs = build_val_packs(args, ae, d) if args.eval.data and args.eval.every else []
     step, pending = 0, None  # pending: the async save still being written
+    while resume:  # a checkpoint that verified can still fail to load: then the one before it (auto)
+        try:
+            trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
+            break
+        except fsdp.Damaged as e:
+            if args.ckpt.resume != "auto":
+                raise ValueError(f"--ckpt.resume {resume}: damaged checkpoint: {e}") from None
+            log(f"checkpoint {resume} is damaged, skipped: {e}")
+            resume = fsdp.resume_point(args.output_dir, "auto", d, before=os.path.basename(resume))
     if resume:
-        trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
         step = trainer["step"]
         sched.load_state_dict(trainer["sched"])
         states = [r["data"] for r in ranks]
