@@ -963,7 +963,7 @@ def train(args: Args, d: fsdp.Dist):
 
     resume = fsdp.resume_point(args.output_dir, args.ckpt.resume, d)
     if resume:
-        check_lora_resume(resume, args)
+        check_lora_resume(resume, args)  # before anything is built: a mismatch is a shape error deep in DCP
 
     t0 = time.time()
     model = build_model(args, d, mesh, load=resume is None)
@@ -987,6 +987,8 @@ def train(args: Args, d: fsdp.Dist):
                 raise ValueError(f"--ckpt.resume {resume}: damaged checkpoint: {e}") from None
             log(f"checkpoint {resume} is damaged, skipped: {e}")
             resume = fsdp.resume_point(args.output_dir, "auto", d, before=os.path.basename(resume))
+            if resume:
+                check_lora_resume(resume, args)
     if resume:
         step = trainer["step"]
         sched.load_state_dict(trainer["sched"])
