@@ -3,6 +3,7 @@ is named and skipped, a failed save names its folder and leaves nothing that loo
 save writes what a synchronous one does, and torchrun --max-restarts resumes by itself. Tiny model, one
 process (gloo world of 1) except the torchrun test. Each test names the bug it catches."""
 import errno
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -251,9 +252,11 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, 
     # inherit earlier tests' gloo groups, whose destructor waits forever for threads that were not forked
     # (seen: a hang); spawned, each would import torch again (+12 s)
     multiprocessing.set_forkserver_preload(["train", "test_ckpt"])
+    faulthandler.dump_traceback_later(300, exit=True)  # a hang fails the suite instead of blocking it (~10 s normally)
     try:
         elastic_launch(config, elastic_worker)(argv, ref)
     finally:
+        faulthandler.cancel_dump_traceback_later()
         for s, h in handlers.items():
             signal.signal(s, h)
     log = capfd.readouterr().out
