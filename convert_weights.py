@@ -278,6 +278,7 @@ def write_adapter(src: str, dst: str, trained: dict[str, Source], run: dict, bas
         write_json(os.path.join(tmp, "adapter_config.json"),
                    {"rank": lo["rank"], "alpha": lo.get("alpha") or 2 * lo["rank"], "targets": lo["targets"],
                     "vit": lo["vit"], "base": base, "base_frozen_crc32": meta.get("frozen_crc32"),
+                    "visual_und": run.get("visual_und"), "visual_gen": run.get("visual_gen"),  # (None: the base's)
                     "step": meta.get("step")})
     print(f"done: {dst}: adapter of {len(lora)} tensors, {sum(math.prod(s.shape) for s in lora.values()) / 1e6:.3f}M parameters")
     return dst

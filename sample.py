@@ -15,7 +15,7 @@ import json
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -74,13 +74,18 @@ class Args:
     dtype: Literal["bf16", "fp32"] = "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def base_crc32(model: Bagel, path: str) -> str:
+def base_crc32(model: Bagel, path: str, parts: dict | None = None) -> str:
     """CRC-32 of the stored bytes of every weight of `path` that `model` loads (adapters are no base
     weights), in the model's parameter order: what a LoRA run records of its frozen base
-    (fsdp.load_pretrained), whatever the folder's name, layout or the dtype sampled in."""
+    (fsdp.load_pretrained), whatever the folder's name, layout or the dtype sampled in. `parts`: the
+    run's visual_und / visual_gen; a part it switched off held no weights of its record."""
     from convert_weights import safetensors_sources
     index = checkpoint_index(path)[0]
-    sources = safetensors_sources({k: index[k] for k, _ in model.named_parameters() if k in index})
+    off = {k: v for k, v in (parts or {}).items() if v is not None}
+    with torch.device("meta"):  # the names of the training run's model
+        names = {k for k, _ in Bagel(replace(model.config, **off)).named_parameters()} if off else None
+    sources = safetensors_sources({k: index[k] for k, _ in model.named_parameters()
+                                   if k in index and (names is None or k in names)})
     crc = 0
     for k in sources:
         crc = zlib.crc32(sources[k].read().reshape(-1).view(torch.uint8).numpy(), crc)
@@ -100,7 +105,8 @@ def load_adapter(model: Bagel, folder: str, base: str, check_base: bool = True):
         trained_on, want_crc = cfg["base"], cfg["base_frozen_crc32"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"sample.py: --adapter {folder}: not a LoRA adapter folder ({type(e).__name__}: {e})") from None
-    if check_base and (crc := base_crc32(model, base)) != want_crc:
+    parts = {k: cfg.get(k) for k in ("visual_und", "visual_gen")}
+    if check_base and (crc := base_crc32(model, base, parts)) != want_crc:
         raise SystemExit(f"sample.py: --adapter {folder} was trained on {trained_on}, whose weights have CRC-32 "
                          f"{want_crc}, but the weights of --model {base} have {crc}: use the base it was trained on "
                          f"(--no-check-base to run it anyway)")

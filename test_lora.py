@@ -244,6 +244,7 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert set(lora) == lora_keys and all(v.dtype == torch.float32 for v in lora.values())
     assert cfg["rank"] == RANK and cfg["alpha"] == 3.0 and cfg["targets"] == "all" and cfg["base_frozen_crc32"] == model.frozen_crc32
+    assert cfg["visual_und"] is None and cfg["visual_gen"] is None  # the run's parts: the base's own
     base = Bagel.from_pretrained(ckpt).state_dict()
     ref = merged_by_hand(base, lora, 3.0 / RANK)
     merged = Bagel.from_pretrained(exp)
@@ -315,6 +316,19 @@ def test_demo_lora_lowers_both_losses_and_resumes_only_with_its_options(tmp_path
                            (train.LoRAConfig(0), "no LoRA")):
         with pytest.raises(ValueError, match=f"step-0000016: saved by a run with --lora.rank 4 .*this run has .*{this_run}"):
             train.check_lora_resume(step, dataclasses.replace(args, lora=lora))
+
+
+def test_base_check_covers_the_weights_the_run_built(ckpt, world1):
+    """A LoRA run with --visual-und False (or --visual-gen False) builds no ViT (no generation part),
+    so its recorded base CRC covers fewer weights: sample.py's check must cover the same ones, from the
+    parts recorded in adapter_config.json, or it refuses the right base. Reference: the training
+    run's own CRC (fsdp.load_pretrained)."""
+    full = Bagel.from_pretrained(ckpt)
+    for und, gen in ((False, None), (None, False)):
+        args = dataclasses.replace(lora_args(ckpt, targets="gen"), visual_und=und, visual_gen=gen)
+        crc = train.build_model(args, world1, fsdp.make_mesh(world1, 0)).frozen_crc32
+        assert sample.base_crc32(full, ckpt, {"visual_und": und, "visual_gen": gen}) == crc
+        assert sample.base_crc32(full, ckpt) != crc  # all of the base's weights: the check's old false alarm
 
 
 def test_memory_table_counts_adapters_by_the_formula(monkeypatch):
