@@ -163,7 +163,7 @@ class Layout:
 def plan(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], device=None,
          layout: dict | None = None) -> Layout:
     """From the batch's `packing.attention_layout` (built by the data workers), or built here on the
-    host: device tensors are copied in, every size stays a host int, nothing is read back (issue 12)."""
+    host: device tensors are copied in, every size stays a host int, nothing is read back."""
     lay = layout or packing.attention_layout(sample_lens, split_lens, attn_modes)
     to = lambda k: lay[k].to(device, non_blocking=True)
     ends = itertools.accumulate(split_lens)

@@ -361,7 +361,7 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
                      vit_seqlens: list[int] = (), block: int = FLEX_BLOCK) -> dict:
     """Everything the attention needs that depends only on the pack's layout, as host data: built on
     the CPU by `collate` (so in the DataLoader worker) and shipped with the batch, so the training
-    process does no host work and no host-device sync for it (issue 12). The model builds it itself
+    process does no host work and no host-device sync for it. The model builds it itself
     for a batch without it (upstream batches, inference).
 
       sample, split, mode: int64 [Np], per token of the pack padded to a multiple of `block` (the

@@ -1,4 +1,4 @@
-"""The GPU hot path (issue 12): attention structures built by the data workers, exact against a
+"""The GPU hot path: attention structures built by the data workers, exact against a
 dense mask written from the rule; no op that waits for the device in a training micro-step."""
 import random
 from collections import Counter

@@ -291,7 +291,7 @@ def test_mixed_pack_matches_reference():
 
 
 def test_image_queries_spend_free_slots_outside_their_image():
-    """A T2I sample as in issue #17 (24-token prompt, 42-token noisy image; block 8) and an edit sample
+    """A T2I sample (24-token prompt, 42-token noisy image; block 8) and an edit sample
     (source VAE and ViT images, instruction, noisy target): every image row's free top-k slots go to
     blocks holding something it may see outside its own image (the prompt, the source images) while
     such blocks remain; only then to blocks of its own image."""

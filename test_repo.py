@@ -5,8 +5,10 @@ import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # pointers to documents a reader of the repo does not have: a sibling `shared/` folder, its `spec/`
-# files, or section numbers of those specs
-OUTSIDE = re.compile(r"\.\./shared|\bshared/spec|\bspec/|spec §|§\s?\d|\.\./DESIGN\.md|lmms_engine\.md|bagel\.md|nsa\.md|anchors\.md")
+# files, section numbers of those specs, or our own tracker's issue numbers (upstream's, named with
+# their project as in "Bagel #157", are public)
+OUTSIDE = re.compile(r"\.\./shared|\bshared/spec|\bspec/|spec §|§\s?\d|\.\./DESIGN\.md|lmms_engine\.md|bagel\.md|nsa\.md|anchors\.md"
+                     r"|\b[Ii]ssues? #?\d")
 
 
 def tracked_files() -> list[str]:

@@ -447,7 +447,7 @@ def keyed_generator(seed: int, step: int, pack: int, stream: int, device) -> tor
 
 def to_device(batch: dict, device, used_on=None) -> dict:
     """Tensors (the attention layout's too) to `device`. From the loader's pinned memory the copies
-    do not block the host, which runs on and queues the next kernels (issue 12). `used_on`: the CUDA
+    do not block the host, which runs on and queues the next kernels. `used_on`: the CUDA
     stream that will read the tensors when they are copied on another one (record_stream, so the
     allocator does not hand their memory out while that stream may still read it)."""
     def move(v):
@@ -467,7 +467,7 @@ def copy_stream(device: torch.device) -> "torch.cuda.Stream":
 
 def take(it, n: int, loader, device: torch.device) -> tuple[list[dict], dict, float, object]:
     """One step's packs, taken a step ahead so that their host -> device copies overlap the step
-    before (issue 12): the next `n` packs of `it` (fewer when the data ran out), the loader state once
+    before: the next `n` packs of `it` (fewer when the data ran out), the loader state once
     they are consumed (what a checkpoint of their step must hold, not the state after the packs
     prefetched behind them, or a resume would skip those), the seconds waited for them, and on CUDA
     the event after their copies (which ran on a side stream) that the compute stream must wait for.
