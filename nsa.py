@@ -352,7 +352,7 @@ def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: 
 
 
 def attend_context(q, cache: tuple, x: NSAInputs, splits: list[tuple[int, str]]):
-    """Inference (model.Context): q [n, Hq, D] is the newest block, `cache` = (k, v, k_raw, cos, sin)
+    """Inference (sample.Context): q [n, Hq, D] is the newest block, `cache` = (k, v, k_raw, cos, sin)
     over the whole context including it, `splits` the context's (length, mode) blocks."""
     k, v, k_raw, cos, sin = cache
     lens, modes = [n for n, _ in splits], [m for _, m in splits]

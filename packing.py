@@ -130,7 +130,7 @@ def grid_ids(h: int, w: int, side: int) -> list[int]:
 
 
 def vit_tokens(image: torch.Tensor, p: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ViT image for inference (model.Context.add_vit_image): its patches and position ids."""
+    """One ViT image for inference (sample.Context.add_vit_image): its patches and position ids."""
     return patchify(image, p), torch.tensor(grid_ids(image.shape[1] // p, image.shape[2] // p, side))
 
 

@@ -11,6 +11,7 @@ A training checkpoint (output_dir/step-N/) is converted first: python convert_we
 Guidance defaults follow the task, as upstream: text-to-image cfg text 4, image 1, interval (0.4, 1],
 global renorm; editing cfg text 4, image 2, interval (0, 1], text_channel renorm.
 """
+import copy
 import json
 import os
 import time
@@ -18,14 +19,192 @@ import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 from PIL import Image
+from torch.nn.attention.bias import causal_lower_right
 
 import data as data_lib
+import nsa
 import packing
-from model import (AutoEncoder, Bagel, Context, add_lora, checkpoint_index, generate_image, generate_text,
-                   latent_to_pil, resolve)
+from model import (AutoEncoder, Bagel, add_lora, checkpoint_index, patchify_latent, resolve, shift_timesteps,
+                   unpatchify_latent)
+
+# -------------------------------------------------------------------------------------------------
+# inference (DESIGN.md#inference): a KV-cached context, text decoding, flow sampling with text CFG
+
+class Context:
+    """A conversation prefix held as a KV cache (keys/values after QK-norm and RoPE, per layer).
+
+    `tokens` maps the names bos, eos, vision_start, vision_end to ids (looked up in the tokenizer by
+    the caller: <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>)."""
+
+    def __init__(self, model: Bagel, tokens: dict[str, int]):
+        self.model, self.tokens = model, tokens
+        self.kv: list = [None] * model.config.llm.num_hidden_layers
+        self.rope = 0  # next RoPE id (DESIGN.md#inference)
+        self.splits: list[tuple[int, str]] = []  # (length, "causal" | "full") of the cached blocks (NSA's mask)
+        self.dev = model.language_model.lm_head.weight.device
+
+    def run(self, seq, pos, gen_rows, causal: bool, update: bool = True):
+        """Run block `seq` [n, hidden] after the cache; it sees all of the cache and itself (causally
+        or fully). `gen_rows`: rows routed to the generation expert. Returns normed hidden [n, hidden]."""
+        new = []
+        splits = self.splits + [(seq.shape[0], "causal" if causal else "full")]
+
+        def attend(i, q, k, v, extra=None):
+            cur = (k, v) if extra is None else (k, v, extra.k_raw, extra.cos, extra.sin)  # NSA caches 3 more
+            if self.kv[i] is not None:
+                cur = tuple(torch.cat([a, b]) for a, b in zip(self.kv[i], cur))
+            new.append(cur)
+            k, v = cur[:2]
+            if extra is not None:  # the training NSA over the whole context, this block's queries
+                return nsa.attend_context(q, cur, extra, splits)
+            mask = causal_lower_right(q.shape[0], k.shape[0]) if causal and q.shape[0] > 1 else None
+            qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+
+        gen = torch.as_tensor(gen_rows, dtype=torch.long, device=self.dev)
+        is_gen = torch.zeros(seq.shape[0], dtype=torch.bool, device=self.dev)
+        is_gen[gen] = True
+        und = torch.nonzero(~is_gen).squeeze(1)
+        h = self.model.language_model.model(seq, pos, und, gen, attend)
+        if update:
+            self.kv, self.splits = new, splits
+        return h
+
+    def fork(self) -> "Context":
+        """A copy that can grow on its own (the cached tensors are shared: they are never modified)."""
+        c = copy.copy(self)
+        c.kv, c.splits = list(self.kv), list(self.splits)
+        return c
+
+    def _embed(self, ids):
+        return self.model.language_model.model.embed_tokens(torch.tensor(ids, device=self.dev))
+
+    @torch.no_grad()
+    def add_text(self, ids: list[int]):
+        """`<|im_start|> text <|im_end|>`, causal, consecutive RoPE ids."""
+        ids = [self.tokens["bos"]] + list(ids) + [self.tokens["eos"]]
+        self.run(self._embed(ids), torch.arange(self.rope, self.rope + len(ids), device=self.dev), [], causal=True)
+        self.rope += len(ids)
+
+    @torch.no_grad()
+    def add_vit_image(self, patches: torch.Tensor, pos_ids: torch.Tensor):
+        """An understanding image: patchified pixels [n, 3*p*p] and their ids r*side+c (see data.py)."""
+        m, t = self.model, self.tokens
+        dtype = m.connector.fc1.weight.dtype
+        x = m.vit_model.vision_model(patches.to(self.dev, dtype), pos_ids.to(self.dev), [patches.shape[0]])
+        x = m.connector(x) + m.vit_pos_embed(pos_ids.to(self.dev)).to(dtype)
+        seq = torch.cat([self._embed([t["vision_start"]]), x, self._embed([t["vision_end"]])])
+        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), [], causal=False)
+        self.rope += 1  # one RoPE id per image, markers included (DESIGN.md#positions)
+
+    def _latent_block(self, x, t, h: int, w: int):
+        """[vision_start, h*w latent tokens, vision_end] embedded at time t (DESIGN.md#flow)."""
+        m, tok = self.model, self.tokens
+        dtype = m.vae2llm.weight.dtype
+        ids = (torch.arange(h, device=self.dev)[:, None] * m.config.max_latent_size + torch.arange(w, device=self.dev)).flatten()
+        tt = torch.full((h * w,), float(t), device=self.dev)
+        lat = m.vae2llm(x.to(dtype)) + m.time_embedder(tt).to(dtype) + m.latent_pos_embed(ids).to(dtype)
+        return torch.cat([self._embed([tok["vision_start"]]), lat, self._embed([tok["vision_end"]])])
+
+    @torch.no_grad()
+    def add_vae_image(self, latent: torch.Tensor):
+        """A clean conditioning image (editing): VAE latent [z, H/8, W/8], gen expert, t = 0 (DESIGN.md#flow)."""
+        p = self.model.config.latent_patch_size
+        h, w = latent.shape[1] // p, latent.shape[2] // p
+        seq = self._latent_block(patchify_latent(latent.to(self.dev), h, w, p), 0.0, h, w)
+        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), list(range(1, h * w + 1)), causal=False)
+        self.rope += 1
+
+
+@torch.no_grad()
+def generate_text(ctx: Context, max_new_tokens: int = 64, temperature: float = 0.0,
+                  generator: torch.Generator | None = None) -> list[int]:
+    """Decode after `ctx` (DESIGN.md#inference): start with <|im_start|>, greedy when temperature is 0, stop at
+    <|im_end|>. The answer is appended to the context, so a conversation can go on."""
+    m, tok, out = ctx.model, ctx.tokens, []
+    cur = tok["bos"]
+    for _ in range(max_new_tokens):
+        h = ctx.run(ctx._embed([cur]), torch.tensor([ctx.rope], device=ctx.dev), [], causal=True)
+        logits = m.language_model.lm_head(h[-1]).float()
+        ctx.rope += 1
+        if temperature > 0:
+            if generator is None:
+                raise ValueError("temperature > 0 needs a torch.Generator (reproducible sampling)")
+            cur = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
+        else:
+            cur = int(logits.argmax())
+        if cur == tok["eos"]:
+            break
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def generate_image(ctx: Context, cfg_ctx: Context | None, height: int, width: int, steps: int = 50,
+                   timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
+                   cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_min: float = 0.0, *,
+                   generator: torch.Generator, cfg_img_ctx: Context | None = None, cfg_img_scale: float = 1.0,
+                   cfg_renorm_type: str = "global") -> torch.Tensor:
+    """Rectified-flow sampling from t=1 (noise) to 0 (DESIGN.md#inference) -> VAE latent [z, height/8, width/8].
+
+    `cfg_ctx` is the conversation without its last text (for T2I: an empty Context), `cfg_img_ctx`
+    the conversation without its images (editing). Guidance applies while t is inside cfg_interval
+    and, as in the reference, only when cfg_text_scale > 1 (image CFG included). cfg_renorm_type:
+    "global" / "channel" rescale the guided velocity to at most the norm of the conditional one
+    (over everything / per token); "text_channel" renormalises the text-guided velocity per token,
+    then applies image CFG on top (the reference's editing default)."""
+    if cfg_renorm_type not in ("global", "channel", "text_channel"):
+        raise ValueError(f"cfg_renorm_type {cfg_renorm_type!r}: expected global, channel or text_channel")
+    m = ctx.model
+    c, ds = m.config, m.config.latent_patch_size * m.config.vae.downsample
+    if height % ds or width % ds or max(height, width) // ds > c.max_latent_size:
+        raise ValueError(f"image size {height}x{width}: must be multiples of {ds} and at most "
+                         f"{c.max_latent_size * ds} px per side (max_latent_size={c.max_latent_size})")
+    h, w = height // ds, width // ds
+    x = torch.randn(h * w, c.latent_channels, generator=generator, device=generator.device).to(ctx.dev)
+    ts = shift_timesteps(torch.linspace(1, 0, steps), timestep_shift)
+    gen_rows = list(range(1, h * w + 1))
+
+    def velocity(cx, t):
+        pos_c = torch.full((h * w + 2,), cx.rope, device=ctx.dev)  # the image takes the next RoPE id
+        hid = cx.run(cx._latent_block(x, t, h, w), pos_c, gen_rows, causal=False, update=False)
+        return m.llm2vae(hid[1:-1]).float()
+
+    def renorm(v, ref, per_token: bool):
+        dim = dict(dim=-1, keepdim=True) if per_token else {}
+        return v * (ref.norm(**dim) / (v.norm(**dim) + 1e-8)).clamp(min=cfg_renorm_min, max=1.0)
+
+    for i in range(steps - 1):
+        t, dt = float(ts[i]), float(ts[i] - ts[i + 1])
+        v = velocity(ctx, t)
+        if cfg_ctx is not None and cfg_text_scale > 1.0 and cfg_interval[0] < t <= cfg_interval[1]:
+            v_txt0 = velocity(cfg_ctx, t)
+            v_img0 = velocity(cfg_img_ctx, t) if cfg_img_ctx is not None and cfg_img_scale > 1.0 else None
+            guided = v_txt0 + cfg_text_scale * (v - v_txt0)
+            if cfg_renorm_type == "text_channel":
+                guided = renorm(guided, v, per_token=True)
+            if v_img0 is not None:
+                guided = v_img0 + cfg_img_scale * (guided - v_img0)
+            v = guided if cfg_renorm_type == "text_channel" else renorm(guided, v, cfg_renorm_type == "channel")
+        x = x - v * dt  # v = eps - x0 points towards noise; step towards data
+    return unpatchify_latent(x, h, w, c.latent_patch_size)
+
+
+@torch.no_grad()
+def latent_to_pil(ae: AutoEncoder, latent: torch.Tensor):
+    """Decode one latent [z, H/8, W/8] to a PIL image."""
+    img = (ae.decode(latent[None].to(next(ae.parameters()).dtype)) * 0.5 + 0.5).clamp(0, 1)[0]
+    return Image.fromarray((img.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8))
+
+
+# -------------------------------------------------------------------------------------------------
+# the command line
+
 
 # the reference inferencer's think-mode system prompts (the released model was trained with them)
 THINK_UND = ("You should first think about the reasoning process in the mind and then provide the user with the "

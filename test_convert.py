@@ -292,7 +292,7 @@ def test_build_from_parts(tmp_path):
     BAGEL that model.py loads strictly: both experts hold the LLM's weights (QK-norms at 1), lm_head the
     tied embedding, the ViT equals SigLIP without its last layer, llm2vae is zero, and it trains."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-    from test_smoke import PARITY_TOL, _text_pack, hidden, patchify_image, qwen3_twin, siglip_twin
+    from test_smoke import PARITY_TOL, _text_pack, hidden, patchify_image, qwen3_twin
     llm_dir, vit_dir, vae_dir = (str(tmp_path / n) for n in ("qwen", "siglip", "vae"))
     qwen = randomize(Qwen2ForCausalLM(Qwen2Config(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import packing
-from model import Context, generate_image
+from sample import Context, generate_image
 from test_smoke import TINY, TOKENS, golden_batch, patchify_image, tiny_bagel
 
 SHIFT = 3.0  # s != 1, so the shift formula is not the identity

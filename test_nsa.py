@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import nsa
 import packing
-from model import Bagel, Context, generate_text, read_config, rope_cos_sin, rotate_half
+from model import Bagel, read_config, rope_cos_sin, rotate_half
+from sample import Context, generate_text
 from nsa import NSAConfig, NSAInputs
 from test_smoke import GOLDEN, TINY, TOKENS, golden_batch, hidden, patchify_image, tiny_ae, tiny_bagel, write_official
 

@@ -5,7 +5,6 @@ Each test names the bug it catches. Tiny model, 1-3 steps, one process (gloo wor
 import base64
 import json
 import os
-import re
 
 import pytest
 import torch

@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import packing
-from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, Context, LLMConfig, ViTConfig, generate_image,
-                   generate_text, latent_to_pil, packed_attention, patchify_latent, plan_attention,
-                   read_config, config_files, save_pretrained, sincos_2d, unpatchify_latent)
+from model import (AEConfig, AutoEncoder, Bagel, BagelConfig, LLMConfig, ViTConfig, packed_attention, patchify_latent,
+                   plan_attention, read_config, config_files, save_pretrained, sincos_2d, unpatchify_latent)
+from sample import Context, generate_image, generate_text, latent_to_pil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "testdata", "golden")

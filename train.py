@@ -32,9 +32,10 @@ import fsdp
 import packing
 from data import DataConfig
 from nsa import NSAConfig
-from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader, Context,
-                   LLMConfig, ViTConfig, add_lora, checkpoint_index, generate_image, generate_text, is_lora,
-                   latent_to_pil, lora_target, read_config, resolve, save_pretrained)
+from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader,
+                   LLMConfig, ViTConfig, add_lora, checkpoint_index, is_lora, lora_target, read_config, resolve,
+                   save_pretrained)
+from sample import Context, generate_image, generate_text, latent_to_pil
 
 # -------------------------------------------------------------------------------------------------
 # arguments
