@@ -818,9 +818,12 @@ class LoRALinear(nn.Linear):
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
         self.lora_b = nn.Parameter(torch.empty(self.out_features, rank, device=dev))
 
-    def init_lora(self, generator: torch.Generator | None = None):
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(self.lora_b)
+    def initial(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) before training, on the CPU: A Kaiming-uniform like nn.Linear's weight, drawn from
+        `lora_generator(name)`; B zero."""
+        a = torch.empty(self.lora_a.shape)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=lora_generator(name))
+        return a, torch.zeros(self.lora_b.shape)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
@@ -844,7 +847,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         parent, _, child = name.rpartition(".")
         lin = LoRALinear(model.get_submodule(parent).get_submodule(child), rank, alpha, dropout)
         if not lin.weight.is_meta:
-            lin.init_lora(lora_generator(name))
+            with torch.no_grad():
+                for p, v in zip((lin.lora_a, lin.lora_b), lin.initial(name)):
+                    p.copy_(v)
         setattr(model.get_submodule(parent), child, lin)
     return names
 
@@ -1055,8 +1060,7 @@ def fresh_tensors(model: nn.Module, device, fresh_nsa: bool) -> dict[str, torch.
             twin = nsa.NSA(mod.config, mod.g_proj.in_features, mod.nq, mod.nkv, mod.d)
             out.update({f"{name}.{k}": v.to(device) for k, v in twin.state_dict().items()})
         elif isinstance(mod, LoRALinear):
-            a, b = torch.empty(mod.lora_a.shape), torch.zeros(mod.lora_b.shape)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=lora_generator(name))
+            a, b = mod.initial(name)
             out.update({name + ".lora_a": a.to(device), name + ".lora_b": b.to(device)})
     return out
 
