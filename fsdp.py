@@ -333,7 +333,7 @@ def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = Non
     dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
     if any(bad):
         raise ValueError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
-                         f"must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
+                         "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
     return path
 
 
