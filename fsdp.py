@@ -276,8 +276,8 @@ def verify_checkpoint(path: str) -> str | None:
             return f"{name}: missing"
         if os.path.getsize(p) != want["size"]:
             return f"{name}: {os.path.getsize(p)} bytes, meta.json says {want['size']}"
-        if "crc32" in want and crc32_file(p) != want["crc32"]:
-            return f"{name}: CRC-32 {crc32_file(p)}, meta.json says {want['crc32']}"
+        if "crc32" in want and (crc := crc32_file(p)) != want["crc32"]:
+            return f"{name}: CRC-32 {crc}, meta.json says {want['crc32']}"
     try:
         dcp.FileSystemReader(path).read_metadata()
     except Exception as e:  # the unpickler raises anything from EOFError to UnpicklingError
@@ -333,7 +333,7 @@ def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = Non
     dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
     if any(bad):
         raise ValueError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
-                         f"must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
+                         "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
     return path
 
 

@@ -345,12 +345,17 @@ FREEZE = {  # --freeze part -> which official keys it covers
 }
 
 
+def config_overrides(args: Args) -> dict:
+    """The config fields these args set over the checkpoint's (read_config), for `check_args` and `build_model` alike."""
+    return {k: v for k, v in (("visual_und", args.visual_und), ("visual_gen", args.visual_gen),
+                              ("timestep_shift", args.timestep_shift)) if v is not None}
+
+
 def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     """Meta build -> freeze (frozen weights in the compute dtype) -> shard -> allocate this rank's
     shards -> rank-0 load + broadcast: everything, or when resuming (load=False) only the frozen
     weights, which checkpoints do not store. `model.frozen_crc32` identifies them (meta.json)."""
-    over = {k: v for k, v in (("visual_und", args.visual_und), ("visual_gen", args.visual_gen),
-                              ("timestep_shift", args.timestep_shift)) if v is not None}
+    over = config_overrides(args)
     if args.attn == "nsa" and read_config(args.model).nsa is None:
         over["nsa"] = args.nsa  # NSA parameters on a dense checkpoint: created fresh at load
     with torch.device("meta"):
@@ -895,8 +900,7 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if not os.path.isdir(model):
         raise FileNotFoundError(f"--model {args.model}: no such folder")
     model = os.path.abspath(model)  # args.json tells convert_weights.py
-    cfg = read_config(model, **{k: v for k, v in (("visual_und", args.visual_und), ("visual_gen", args.visual_gen),
-                                                   ("timestep_shift", args.timestep_shift)) if v is not None})
+    cfg = read_config(model, **config_overrides(args))
     bagel_index, ae_index = checkpoint_index(model)  # every weight file present, its header readable
     with torch.device("meta"):
         net, ae = Bagel(cfg), AutoEncoder(cfg.vae)
