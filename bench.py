@@ -459,7 +459,6 @@ def bench_video(a: Args):
     transform, against decoding every frame; then tokens of a video-QA sample at the default sizes."""
     import tempfile
     import av
-    import numpy as np
     from data import DataConfig, load_tokenizer, load_video, record_to_items, special_tokens, transform
     torch.set_num_threads(1)
     cfg = DataConfig(model=TOK_DIR, video_min_frames=12, video_max_frames=12)

@@ -644,9 +644,10 @@ def convert(args: Args) -> str:
         if args.lora_only:
             return write_adapter(src, dst, trained, run, base)
         sources.update(trained)
-        if lora_scale(run):
-            sources = merge_lora(sources, lora_scale(run))
-            print(f"{src}: LoRA adapters merged into their weights (W + B A * {lora_scale(run):g}, fp32)")
+        scale = lora_scale(run)
+        if scale:
+            sources = merge_lora(sources, scale)
+            print(f"{src}: LoRA adapters merged into their weights (W + B A * {scale:g}, fp32)")
     elif args.lora_only:
         raise ValueError(f"{src}: --lora-only needs a training checkpoint (output_dir/step-N) of a LoRA run")
     weights, extras = plan(config, sources, args.plain)

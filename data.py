@@ -16,7 +16,6 @@ import binascii
 import copy
 import io
 import json
-import math
 import os
 import random
 import sys

@@ -273,7 +273,7 @@ def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
     ks/vs [L, Hkv, D] the sample's rotated keys and values, ck/cv [M, Hkv, D] its compressed ones.
     Each branch is one fused SDPA call. A row with no allowed key gives 0, as in the library; only
     cmp has such rows (a selected block holds an allowed token, the window the query itself)."""
-    C, hq, d = qc.shape
+    C, hq, _ = qc.shape
     hkv = ks.shape[1]
     sdpa = F.scaled_dot_product_attention
     q1 = qc.transpose(0, 1)[None]  # [1, Hq, C, D]
