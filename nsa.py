@@ -351,12 +351,10 @@ def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: 
     return out
 
 
-def attend_context(q, cache: tuple, x: NSAInputs, splits: list[tuple[int, str]]):
+def attend_context(q, cache: tuple, x: NSAInputs, lay: Layout):
     """Inference (sample.Context): q [n, Hq, D] is the newest block, `cache` = (k, v, k_raw, cos, sin)
-    over the whole context including it, `splits` the context's (length, mode) blocks."""
+    over the whole context including it, `lay` the context's plan (one context = one sample)."""
     k, v, k_raw, cos, sin = cache
-    lens, modes = [n for n, _ in splits], [m for _, m in splits]
-    lay = plan([sum(lens)], lens, modes, q.device)
     return attention(lay, q, k, v, x._replace(k_raw=k_raw, cos=cos, sin=sin), q_start=k.shape[0] - q.shape[0])
 
 

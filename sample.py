@@ -53,6 +53,9 @@ class Context:
         or fully). `gen_rows`: rows routed to the generation expert. Returns normed hidden [n, hidden]."""
         new = []
         splits = self.splits + [(seq.shape[0], "causal" if causal else "full")]
+        if self.model.config.nsa is not None:  # NSA's plan of the context: once per block, not per layer
+            lens, modes = [n for n, _ in splits], [m for _, m in splits]
+            lay = nsa.plan([sum(lens)], lens, modes, self.dev)
 
         def attend(i, q, k, v, extra=None):
             cur = (k, v) if extra is None else (k, v, extra.k_raw, extra.cos, extra.sin)  # NSA caches 3 more
@@ -61,7 +64,7 @@ class Context:
             new.append(cur)
             k, v = cur[:2]
             if extra is not None:  # the training NSA over the whole context, this block's queries
-                return nsa.attend_context(q, cur, extra, splits)
+                return nsa.attend_context(q, cur, extra, lay)
             mask = causal_lower_right(q.shape[0], k.shape[0]) if causal and q.shape[0] > 1 else None
             qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
             return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
