@@ -303,8 +303,9 @@ def fill_with_edits(budget: int, seed: int = 0):
             w, h = resize_shape(w, h, c.vit_max_size, c.vit_min_size, 14, VIT_MAX_PIXELS)
             return (w // 14) * (h // 14) + 2, None
         vae = resize_shape(w, h, c.vae_max_size, c.vae_min_size, 16, VAE_MAX_PIXELS)
-        vits = {k: resize_shape(w, h, mx, mn, 14, VAE_MAX_PIXELS) for k, mx, mn in
-                (("new", c.edit_vit_max_size, c.edit_vit_min_size), ("old", c.vit_max_size, c.vit_min_size))}
+        vits = {k: resize_shape(w, h, mx, mn, 14, px) for k, mx, mn, px in
+                (("new", c.edit_vit_max_size, c.edit_vit_min_size, c.edit_vit_max_pixels),
+                 ("old", c.vit_max_size, c.vit_min_size, c.vit_max_pixels))}  # old: sized like understanding
         return (vae[0] // 16) * (vae[1] // 16) + 2, {k: (w // 14) * (h // 14) + 2 for k, (w, h) in vits.items()}
 
     samples = []  # (tokens with edit ViT 224-518, tokens with the old 378-980)
