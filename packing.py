@@ -15,6 +15,11 @@ CAUSAL, FULL, NOISE = 0, 1, 2
 MODE_IDS = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
 
 
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a path, a record): the CLIs print it as one `error:` line.
+    Anything else is a bug and keeps its traceback. Lives here because every file imports packing."""
+
+
 def check_splits(sample_lens: list[int], split_lens: list[int], attn_modes: list[str]):
     """The three lists of a pack's split table agree with each other."""
     if sum(sample_lens) != sum(split_lens):
