@@ -22,14 +22,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
+import packing
 from model import (TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, checkpoint_index,
-                   fresh_tensors, sincos_2d)
+                   fresh_tensors, read_config, sincos_2d)
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
 
@@ -250,91 +252,188 @@ def crc32_file(path: str) -> str:
     return f"{crc:08x}"
 
 
-def file_table(path: str, crc: bool) -> dict[str, dict]:
-    """Every file of a step folder but meta.json: its size, and its CRC-32 with `crc` (meta.json)."""
-    table = {}
-    for name in sorted(os.listdir(path)):
-        if name != "meta.json":
+def shares(names: list[str], sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Which rank checks which files of a step folder: DCP's `__{r}_{i}.distcp` go to rank r (the one that
+    wrote them, and at an unchanged world size the one that reads them), the rest (index, args.json,
+    shards of ranks beyond this world) to whichever rank has the fewest bytes so far: every rank reads
+    about the same amount at once, not rank 0 everything while the others wait."""
+    own, load = [[] for _ in range(world)], [0] * world
+    rest = []
+    for name in names:
+        m = re.fullmatch(r"__(\d+)_\d+\.distcp", name)
+        if m and int(m.group(1)) < world:
+            own[int(m.group(1))].append(name)
+            load[int(m.group(1))] += sizes[name]
+        else:
+            rest.append(name)
+    for name in sorted(rest, key=lambda n: -sizes[n]):
+        r = load.index(min(load))
+        own[r].append(name)
+        load[r] += sizes[name]
+    return own
+
+
+def file_table(path: str, crc: bool, d: Dist, group=None) -> dict[str, dict]:
+    """Every file of a step folder but meta.json: its size, and its CRC-32 with `crc` (for meta.json),
+    each rank hashing its share (`shares`) in parallel; the whole table on rank 0 (None on the others).
+    A rank that cannot read its share (a full disk, a vanished file) makes rank 0 raise its OSError."""
+    sizes = [None]
+    if d.rank == 0:  # one listing for all: ranks listing alone could disagree on a file and skip it
+        sizes = [{n: os.path.getsize(os.path.join(path, n)) for n in sorted(os.listdir(path))
+                  if n not in ("meta.json", "meta.json.tmp")}]
+    dist.broadcast_object_list(sizes, src=0, group=group)
+    sizes, problem, table = sizes[0], None, {}
+    try:
+        for name in shares(sorted(sizes), sizes, d.world_size)[d.rank]:
             table[name] = {"size": os.path.getsize(os.path.join(path, name))}
             if crc:
                 table[name]["crc32"] = crc32_file(os.path.join(path, name))
-    return table
+    except OSError as e:
+        problem = f"rank {d.rank}: {e}"
+    tables = [None] * d.world_size
+    dist.all_gather_object(tables, (problem, table), group=group)
+    if d.rank:
+        return None
+    for problem, _ in tables:
+        if problem:
+            raise OSError(problem)
+    return dict(sorted((k, v) for _, t in tables for k, v in t.items()))
 
 
-def verify_checkpoint(path: str) -> str | None:
+def verify_checkpoint(path: str, d: Dist | None = None) -> str | None:
     """What is wrong with a checkpoint folder, or None: meta.json readable, every file it lists present
     with its size (and CRC-32, if it was saved with --ckpt.verify hash), DCP's index readable. Catches
-    a shard truncated by a full disk or an interrupted copy before torch's unpickler meets it."""
+    a shard truncated by a full disk or an interrupted copy before torch's unpickler meets it. With `d`,
+    every rank checks its share of the files (`shares`) and all get the first problem any rank found."""
+    problem = None
     try:
         with open(os.path.join(path, "meta.json")) as f:
             files = json.load(f).get("files", {})  # {}: saved before meta.json listed its files
     except (OSError, ValueError) as e:
-        return f"meta.json: cannot read it ({e})"
-    for name, want in files.items():
-        p = os.path.join(path, name)
+        problem, files = f"meta.json: cannot read it ({e})", {}
+    rank, world = (d.rank, d.world_size) if d else (0, 1)
+    for name in shares(sorted(files), {n: f["size"] for n, f in files.items()}, world)[rank]:
+        if problem:
+            break
+        p, want = os.path.join(path, name), files[name]
         if not os.path.exists(p):
-            return f"{name}: missing"
-        if os.path.getsize(p) != want["size"]:
-            return f"{name}: {os.path.getsize(p)} bytes, meta.json says {want['size']}"
-        if "crc32" in want and (crc := crc32_file(p)) != want["crc32"]:
-            return f"{name}: CRC-32 {crc}, meta.json says {want['crc32']}"
-    try:
-        dcp.FileSystemReader(path).read_metadata()
-    except Exception as e:  # the unpickler raises anything from EOFError to UnpicklingError
-        return f".metadata: DCP cannot read it ({type(e).__name__}: {e})"
-    return None
+            problem = f"{name}: missing"
+        elif os.path.getsize(p) != want["size"]:
+            problem = f"{name}: {os.path.getsize(p)} bytes, meta.json says {want['size']}"
+        elif "crc32" in want and (crc := crc32_file(p)) != want["crc32"]:
+            problem = f"{name}: CRC-32 {crc}, meta.json says {want['crc32']}"
+    if rank == 0 and not problem:
+        try:
+            dcp.FileSystemReader(path).read_metadata()
+        except Exception as e:  # the unpickler raises anything from EOFError to UnpicklingError
+            problem = f".metadata: DCP cannot read it ({type(e).__name__}: {e})"
+    if d is None:
+        return problem
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next((p if world == 1 else f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
 
 
 def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = None) -> str | None:
-    """The checkpoint to resume from ('auto', 'none' or a path: --ckpt.resume), decided on rank 0 and
-    broadcast: with a node-local output_dir, ranks deciding alone would load different steps (or none)
-    and hang in the first collective. 'auto' takes the newest complete checkpoint that verifies
-    (`verify_checkpoint`) and is older than the folder `before` (the one that then failed to load),
+    """The checkpoint to resume from ('auto', 'none' or a path: --ckpt.resume). Rank 0 lists the
+    candidates and broadcasts them: with a node-local output_dir, ranks deciding alone would load
+    different steps (or none) and hang in the first collective. Every rank then checks that it can
+    read a candidate (if one cannot, all stop together with an error naming the checkpoint and the
+    ranks) and verifies its share of the files (`verify_checkpoint`). 'auto' takes the newest complete
+    checkpoint that verifies and is older than the folder `before` (the one that then failed to load),
     logging each one it skips; if checkpoints exist but none is left it stops rather than silently
-    start over. Every rank then checks that it can read the choice; if one cannot, all stop together
-    with an error naming the checkpoint and the ranks."""
-    choice = [None]
+    start over."""
+    plan = [None]
     if d.rank == 0:
-        if resume == "auto":  # a folder name, looked up in each rank's output_dir
-            choice, found = [(None, None)], list_checkpoints(output_dir)
-            for _, path in reversed(found):
-                if before and os.path.basename(path) >= before:  # step-NNNNNNN: names sort as steps
-                    continue
-                problem = verify_checkpoint(path)
-                if problem is None:
-                    choice = [(None, os.path.basename(path))]
-                    break
-                print(f"checkpoint {path} is damaged, skipped: {problem}", flush=True)
-            else:
-                if found:
-                    choice = [(f"{output_dir}: none of its {len(found)} checkpoints verifies and loads (see the "
-                               f"lines above): repair or move them away, or start from the base with --ckpt.resume none",
-                               None)]
-                elif os.path.isdir(output_dir) and any(STEP_DIR.match(n) for n in os.listdir(output_dir)):
-                    print(f"warning: {output_dir} has only incomplete checkpoints (saves that died before meta.json): "
-                          f"starting from the base", flush=True)
+        if resume == "auto":  # folder names, looked up in each rank's output_dir
+            found = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
+            plan = [(None, [n for n in reversed(found) if not before or n < before], len(found))]  # names sort as steps
+            if not found and os.path.isdir(output_dir) and any(STEP_DIR.match(n) for n in os.listdir(output_dir)):
+                print(f"warning: {output_dir} has only incomplete checkpoints (saves that died before meta.json): "
+                      f"starting from the base", flush=True)
         elif resume == "none":
-            choice = [(None, None)]
+            plan = [(None, [], 0)]
         elif not os.path.exists(os.path.join(resume, "meta.json")):
-            choice = [(f"--ckpt.resume {resume}: not a complete checkpoint (no meta.json)", None)]
-        elif problem := verify_checkpoint(resume):
-            choice = [(f"--ckpt.resume {resume}: damaged checkpoint: {problem}", None)]
+            plan = [(f"--ckpt.resume {resume}: not a complete checkpoint (no meta.json)", [], 0)]
         else:
-            choice = [(None, os.path.abspath(resume))]
-    dist.broadcast_object_list(choice, src=0)
-    error, name = choice[0]
+            plan = [(None, [os.path.abspath(resume)], 1)]
+    dist.broadcast_object_list(plan, src=0)
+    error, names, found = plan[0]
     if error:
         raise ValueError(error)
-    if name is None:
-        return None
-    path = os.path.join(output_dir, name)  # an absolute path (an explicit --ckpt.resume) stays itself
-    missing = [f for f in ("meta.json", ".metadata") if not os.access(os.path.join(path, f), os.R_OK)]
-    bad = [None] * d.world_size
-    dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
-    if any(bad):
-        raise ValueError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
-                         "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
-    return path
+    for name in names:
+        path = os.path.join(output_dir, name)  # an absolute path (an explicit --ckpt.resume) stays itself
+        missing = [f for f in ("meta.json", ".metadata") if not os.access(os.path.join(path, f), os.R_OK)]
+        bad = [None] * d.world_size
+        dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
+        if bad[0] is None and any(bad):  # (a file rank 0 lacks too is damage: verify_checkpoint names it)
+            raise ValueError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
+                             "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
+        problem = verify_checkpoint(path, d)
+        if problem is None:
+            return path
+        if resume != "auto":
+            raise ValueError(f"--ckpt.resume {resume}: damaged checkpoint: {problem}")
+        if d.rank == 0:
+            print(f"checkpoint {path} is damaged, skipped: {problem}", flush=True)
+    if found and resume == "auto":
+        raise ValueError(f"{output_dir}: none of its {found} checkpoints verifies and loads (see the lines above): "
+                         f"repair or move them away, or start from the base with --ckpt.resume none")
+    return None
+
+
+class OptionsDiffer(packing.UserError, ValueError):
+    """A sound checkpoint saved by a run whose model options differ from this run's: loading it would fail
+    (other tensors) or train another function. Never a reason to skip it for an older one (saved alike)."""
+
+
+def lora_options(lo: dict) -> str:
+    if not lo.get("rank"):
+        return "no LoRA"
+    return (f"--lora.rank {lo['rank']} --lora.alpha {lo.get('alpha') or 2 * lo['rank']:g} --lora.targets {lo['targets']}"
+            + " --lora.vit" * bool(lo["vit"]))
+
+
+def model_options(args: dict, cfg) -> dict[str, str]:
+    """The options of a run (its args as args.json holds them) that decide which tensors its checkpoints
+    hold and what they compute, each as the flags that set it; unset ones are the base config's (`cfg`).
+    --lora.dropout, --precision and the like may change across a resume, so they are not here."""
+    nsa = args.get("attn") == "nsa" or cfg.nsa is not None
+    freeze = " ".join(sorted(args.get("freeze") or ()))
+    opts = {"attn": "--attn nsa" if nsa else "dense attention (sdpa or flex)",
+            "lora": lora_options(args.get("lora") or {}),
+            "freeze": f"--freeze {freeze}" if freeze else "no --freeze"}
+    for part in ("visual_und", "visual_gen"):
+        opts[part] = f"--{part.replace('_', '-')} {getattr(cfg, part) if args.get(part) is None else args[part]}"
+    if nsa and cfg.nsa is None:  # NSA added to a dense base: its weights' shapes and meaning are the run's --nsa.*
+        opts.update({f"nsa.{k}": f"--nsa.{k.replace('_', '-')} {v}" for k, v in (args.get("nsa") or {}).items()})
+    return opts
+
+
+def check_options(path: str, args: dict) -> None:
+    """Raise OptionsDiffer if the run that saved checkpoint `path` (its args.json) had other model options
+    (`model_options`) than this run (`args`, as args.json holds them): before anything is built, naming
+    each option with both values, instead of a shape or missing-key error deep in DCP read as damage."""
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # verify_checkpoint reports an unreadable args.json; load_checkpoint compares the tensors
+    cfg = read_config(args["model"])  # unset options mean the same base config for both runs
+    was, now = model_options(saved, cfg), model_options(args, cfg)
+    diff = [k for k in {**was, **now} if was.get(k) != now.get(k)]
+    if "attn" in diff:  # the NSA settings of a run without NSA do not count
+        diff = [k for k in diff if not k.startswith("nsa.")]
+    if not diff:
+        return
+    hint = ""
+    if was.get("attn") != now["attn"] and now["attn"] == "--attn nsa":
+        hint = (f" To train NSA from this dense checkpoint, export it (python convert_weights.py {path} DIR) and "
+                f"start a run from that: --model DIR --attn nsa, with another --output-dir.")
+    raise OptionsDiffer(f"{path}: saved by a run with {', '.join(was.get(k, '-') for k in diff)}, but this run has "
+                        f"{', '.join(now.get(k, '-') for k in diff)}: the checkpoint is fine, the options differ. "
+                        f"Resume with the checkpoint's options, or start over (--ckpt.resume none, or another "
+                        f"--output-dir).{hint}")
 
 
 def trained_state_dict(model: nn.Module) -> dict:
@@ -344,18 +443,34 @@ def trained_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
 
 
+@dataclass
+class AsyncSaver:
+    """What --ckpt.async keeps from one save to the next: a gloo group of its own (the background writer's
+    collectives never interleave with training's) and DCP's stager, whose host copies of the state are
+    allocated at the first save and refilled at every later one (pinned when CUDA is present, for fast
+    copies from the device). The stager caches by source storage, which training updates in place."""
+    group: dist.ProcessGroup
+    stager: DefaultStager
+
+
+def async_saver(d: Dist) -> AsyncSaver:
+    pin = d.device.type == "cuda"  # pinning needs CUDA; on CPU the same buffers are reused, unpinned
+    return AsyncSaver(dist.new_group(backend="gloo"), DefaultStager(StagingOptions(
+        use_pinned_memory=pin, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False)))
+
+
 def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
                     trainer: dict, rank_state: dict, d: Dist, args_json: dict, meta: dict,
-                    verify: str = "size", keep_last: int = 0, async_group=None) -> Future | None:
+                    verify: str = "size", keep_last: int = 0, saver: AsyncSaver | None = None) -> Future | None:
     """One DCP checkpoint: "model" and "ema" (official keys of what training changes, fp32 shards, no
     FSDP/wrapper prefixes), "optim" (keyed by parameter name, so it reshards), "trainer" (step,
     scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG state.
 
-    meta.json comes last, listing every file with its size (and CRC-32 with verify="hash"); only then
-    are checkpoints beyond `keep_last` pruned, so the newest good one survives a failed save. With
-    `async_group` (a gloo group of its own, so the writer's collectives never interleave with
-    training's) the state is copied to host memory here and written in the background: the returned
-    future finishes the checkpoint, and must be waited on before the next save and at the end."""
+    meta.json comes last, listing every file with its size (and CRC-32 with verify="hash", each rank
+    hashing its share: `file_table`); only then are checkpoints beyond `keep_last` pruned, so the newest
+    good one survives a failed save. With `saver` (`async_saver`) the state is copied to its host
+    buffers here and written in the background: the returned future finishes the checkpoint, and must
+    be waited on before the next save and at the end."""
     model_sd = trained_state_dict(model)
     sd = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt), "trainer": json.dumps(trainer),
           f"rank{d.rank}": json.dumps(rank_state), f"rng{d.rank}": torch.get_rng_state()}
@@ -366,36 +481,41 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     dist.barrier()
     meta = {**meta, "world_size": d.world_size, "git": git_rev(), "torch": torch.__version__}
 
-    def finish(write):
+    def finish(write, group):
         try:
             write()
             if d.rank == 0:
                 with open(os.path.join(path, "args.json"), "w") as f:
                     json.dump(args_json, f, indent=1)
-                files = file_table(path, verify == "hash")
+            files = file_table(path, verify == "hash", d, group)
+            if d.rank == 0:
                 with open(os.path.join(path, "meta.json.tmp"), "w") as f:  # renamed: never half a meta.json
                     json.dump({**meta, "files": files}, f, indent=1)
                 os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
-                prune_checkpoints(os.path.dirname(path), keep_last)
         except (OSError, CheckpointException) as e:
             if d.rank == 0:  # free what the failed save took (a full disk); without meta.json it is no checkpoint
                 shutil.rmtree(path, ignore_errors=True)
             raise OSError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
 
-    if async_group is None:
+    def prune():  # rank 0, once the checkpoint is complete and the other ranks are not waiting for it
+        if d.rank == 0:
+            prune_checkpoints(os.path.dirname(path), keep_last, path)
+
+    if saver is None:
         done = Future()
         try:
-            finish(lambda: dcp.save(sd, checkpoint_id=path))
+            finish(lambda: dcp.save(sd, checkpoint_id=path), None)
             done.set_result(None)
         except OSError as e:
             done.set_exception(e)
-        return wait_saved(done, d)
+        wait_saved(done, d)
+        return prune()
     try:
-        staged = dcp.async_save(sd, checkpoint_id=path, process_group=async_group)
+        staged = dcp.async_save(sd, checkpoint_id=path, process_group=saver.group, async_stager=saver.stager)
     except (OSError, CheckpointException) as e:
         raise OSError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
     pool = ThreadPoolExecutor(1)
-    done = pool.submit(finish, staged.result)
+    done = pool.submit(lambda: (finish(staged.result, saver.group), prune()))
     pool.shutdown(wait=False)
     return done
 
@@ -470,10 +590,24 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     agree(problem, d)
     old_world, saved_crc = meta.get("world_size"), meta.get("frozen_crc32")
     if frozen_crc32 is not None and saved_crc is not None and saved_crc != frozen_crc32:
-        raise ValueError(f"{path}: saved by a run whose frozen weights had CRC-32 {saved_crc}, but the base "
-                         f"{meta.get('base')!r} and --freeze of this run give {frozen_crc32}: resume with the "
-                         f"same --model and --freeze (the checkpoint does not store frozen weights)")
+        raise OptionsDiffer(f"{path}: saved by a run whose frozen weights had CRC-32 {saved_crc}, but the base "
+                            f"{meta.get('base')!r} and --freeze of this run give {frozen_crc32}: resume with the "
+                            f"same --model and --freeze (the checkpoint does not store frozen weights)")
     model_sd, optim_sd = trained_state_dict(model), get_optimizer_state_dict(model, opt)
+    # the index names every tensor saved: one this model lacks or shapes otherwise is a change of options
+    # or of --model that check_options could not see, not damage (DCP would call it a missing key)
+    want = {k: tuple(v.shape) for k, v in model_sd.items()}
+    have = {k[len("model."):]: tuple(m.size) for k, m in keys.items() if k.startswith("model.") and hasattr(m, "size")}
+    if want != have:
+        lack, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+        shape = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+        raise OptionsDiffer(f"{path}: " + "; ".join(x for x in (
+            lack and f"lacks {len(lack)} tensors this run trains (e.g. {lack[0]})",
+            extra and f"holds {len(extra)} tensors this run does not train (e.g. {extra[0]})",
+            shape and f"{len(shape)} tensors have other shapes (e.g. {shape[0]}: {have[shape[0]]} saved, "
+                      f"{want[shape[0]]} here)") if x) +
+            f": it was saved with other model options or another --model (its args.json has them); the checkpoint "
+            f"is fine. Resume with its options, or start over (--ckpt.resume none, or another --output-dir)")
     sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
     if old_world == d.world_size and f"rng{d.rank}" in keys:
         sd[f"rng{d.rank}"] = torch.get_rng_state()
@@ -482,7 +616,7 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     sd.update({f"rank{r}": "" for r in range(old_world or 0) if f"rank{r}" in keys})
     if ema is not None:
         if not any(k.startswith("ema.") for k in keys):
-            raise ValueError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
+            raise OptionsDiffer(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
         sd["ema"] = {k: ema[k] for k in ema}  # loaded in place into the fp32 shards
     try:
         dcp.load(sd, storage_reader=reader)
@@ -501,8 +635,21 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     return json.loads(sd["trainer"]), [json.loads(sd[f"rank{r}"]) for r in range(old_world or 0) if f"rank{r}" in sd]
 
 
-def prune_checkpoints(output_dir: str, keep_last: int):
-    """Delete all but the newest `keep_last` complete checkpoints (rank 0 only, after a save completes)."""
+def prune_checkpoints(output_dir: str, keep_last: int, writing: str | None = None):
+    """Delete all but the newest `keep_last` complete checkpoints (rank 0 only, after a save completes),
+    and, whatever `keep_last`, every folder without meta.json older than the newest complete one: a save
+    that died (a crash-looping job would fill the disk with them). The folder being written (`writing`)
+    and any newer one are left alone."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        return
+    done = {p for _, p in found}
+    for name in sorted(os.listdir(output_dir)):
+        path, m = os.path.join(output_dir, name), STEP_DIR.match(name)
+        if m and int(m.group(1)) < found[-1][0] and path not in done and path != writing and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}: an incomplete checkpoint (no meta.json, a save that died) older than "
+                  f"{found[-1][1]}", flush=True)
     if keep_last > 0:
-        for _, path in list_checkpoints(output_dir)[:-keep_last]:
+        for _, path in found[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)

@@ -87,7 +87,7 @@ def test_damaged_checkpoints_are_named_skipped_and_the_run_ends_bit_identical(ck
     damaged shard (torch's raw EOFError), skipping it silently, falling back to the base instead of
     step 1, a hash not checked, a load error stopping the run, and state half-loaded from the
     damaged checkpoint left in the model, optimizer or EMA."""
-    common = ("--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0", "--optim.ema-decay", "0.5")
+    common = ("--max-steps", "3", "--ckpt.every", "1", "--ckpt.keep-last", "0", "--optim.ema-decay", "0.75")
     run_main(ckpt, tmp_path / "a", RECORDS, *common, "--ckpt.verify", "hash")
     want = state(tmp_path / "a" / "step-0000003", tmp_path)
     x, y, z = tmp_path / "x", tmp_path / "y", tmp_path / "z"
@@ -264,3 +264,62 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, 
     assert line in log and f"resumed from {out}/step-0000001 at step 1" in log, log[-3000:]
     assert "staged" in log  # the first attempt saved async
     assert_same(state(out / "step-0000002", tmp_path), state(ref, tmp_path))
+
+
+def snapshot(out) -> dict:
+    """Every checkpoint file's bytes (CRC-32) and modification time: what 'untouched' means."""
+    import fsdp
+    return {str(p): (fsdp.crc32_file(str(p)), p.stat().st_mtime_ns) for p in sorted(Path(out).glob("step-*/*"))}
+
+
+def test_changed_options_are_named_and_never_called_damage(ckpt, tmp_path, capsys, monkeypatch):
+    """A dense checkpoint (steps 1-2) resumed with --attn nsa, --visual-und False or --freeze vit: exit 2
+    and one line naming each option with the checkpoint's and this run's value (for NSA: how to start
+    it from the dense checkpoint), never 'damaged', no fallback to step 1, every checkpoint file
+    untouched. With that check bypassed, the load itself sees the NSA tensors missing from the index
+    and says the same kind of thing (not DCP's missing key as damage). Catches changed options read
+    as damage (and the older checkpoints skipped or deleted for it), a value misnamed, and the NSA
+    settings compared when only one run has NSA."""
+    import fsdp
+    out = tmp_path / "dense"
+    run_main(ckpt, out, RECORDS, "--max-steps", "2", "--ckpt.every", "1", "--ckpt.keep-last", "0")
+    before = snapshot(out)
+    step = out / "step-0000002"
+    nsa = ("--attn", "nsa", "--nsa.block-size", "32", "--nsa.topk", "4", "--nsa.window-size", "64")
+    for flags, says in ((nsa, "dense attention (sdpa or flex), but this run has --attn nsa: the checkpoint is fine"),
+                        (("--visual-und", "False"), "--visual-und True, but this run has --visual-und False: "),
+                        (("--freeze", "vit", "connector"), "no --freeze, but this run has --freeze connector vit: ")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(ckpt, out, RECORDS, "--max-steps", "3", *flags)
+        assert e.value.code == 2
+        err, log = capsys.readouterr()[::-1]
+        assert f"error: {step}: saved by a run with {says}" in err, err
+        assert "damaged" not in err + log and "resumed" not in log, err + log
+        if flags == nsa:
+            assert f"export it (python convert_weights.py {step} DIR) and start a run from that: --model DIR --attn nsa" in err
+        assert snapshot(out) == before
+    monkeypatch.setattr(fsdp, "check_options", lambda *a: None)  # as if args.json did not tell
+    with pytest.raises(SystemExit) as e:
+        run_main(ckpt, out, RECORDS, "--max-steps", "3", *nsa)
+    err, log = capsys.readouterr()[::-1]
+    assert e.value.code == 2 and f"error: {step}: lacks " in err and ".self_attn.nsa." in err, err
+    assert "saved with other model options or another --model" in err and "damaged" not in err + log, err + log
+    assert snapshot(out) == before
+
+
+def test_incomplete_folders_older_than_the_newest_checkpoint_are_pruned(ckpt, tmp_path, capsys):
+    """Saves that died before meta.json (steps 1 and 3, as a crash-looping job leaves them) are removed, with
+    a line each, once a newer checkpoint is complete; one newer than the newest complete checkpoint (it
+    could be a save in progress: step 9) stays, and --ckpt.keep-last still keeps the newest complete
+    ones. Catches incomplete folders never pruned (the disk fills), a folder newer than the last good
+    checkpoint deleted, and the pruning silent."""
+    out = tmp_path / "run"
+    for step in (1, 3, 9):
+        os.makedirs(out / f"step-{step:07d}")
+        (out / f"step-{step:07d}" / SHARD).write_bytes(b"x" * 10)
+    run_main(ckpt, out, RECORDS, "--max-steps", "4", "--ckpt.every", "2", "--ckpt.keep-last", "1")
+    log = capsys.readouterr().out
+    for step in (1, 3):
+        assert f"removed {out}/step-{step:07d}: an incomplete checkpoint (no meta.json" in log, log
+    assert sorted(n for n in os.listdir(out) if n.startswith("step-")) == ["step-0000004", "step-0000009"]

@@ -381,25 +381,6 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     return model
 
 
-def lora_options(lo: dict) -> str:
-    if not lo.get("rank"):
-        return "no LoRA"
-    return (f"--lora.rank {lo['rank']} --lora.alpha {lo.get('alpha') or 2 * lo['rank']:g} --lora.targets {lo['targets']}"
-            + " --lora.vit" * bool(lo["vit"]))
-
-
-def check_lora_resume(path: str, args: Args):
-    """The adapters' shapes and scale are the checkpoint's: resuming with another rank, targets, --lora.vit
-    or LoRA on/off would die inside DCP with a shape error, and another alpha would silently train
-    another function. Compared with the run that saved it (its args.json) before anything loads;
-    --lora.dropout may change."""
-    with open(os.path.join(path, "args.json")) as f:
-        saved = lora_options(json.load(f).get("lora") or {})
-    if saved != (now := lora_options(dataclasses.asdict(args.lora))):
-        raise ValueError(f"{path}: saved by a run with {saved}, but this run has {now}: resume with the checkpoint's "
-                         f"LoRA options, or start over (--ckpt.resume none, or another --output-dir)")
-
-
 def param_table(model: Bagel, ae: AutoEncoder) -> str:
     groups = {"llm und": lambda k: k.startswith("language_model.") and "moe_gen" not in k,
               "llm gen (moe_gen)": lambda k: "moe_gen" in k,
@@ -968,7 +949,7 @@ def train(args: Args, d: fsdp.Dist):
 
     resume = fsdp.resume_point(args.output_dir, args.ckpt.resume, d)
     if resume:
-        check_lora_resume(resume, args)  # before anything is built: a mismatch is a shape error deep in DCP
+        fsdp.check_options(resume, args_json)  # before anything is built: a mismatch is a shape error deep in DCP
 
     t0 = time.time()
     model = build_model(args, d, mesh, load=resume is None)
@@ -993,7 +974,7 @@ def train(args: Args, d: fsdp.Dist):
             log(f"checkpoint {resume} is damaged, skipped: {e}")
             resume = fsdp.resume_point(args.output_dir, "auto", d, before=os.path.basename(resume))
             if resume:
-                check_lora_resume(resume, args)
+                fsdp.check_options(resume, args_json)
     if resume:
         step = trainer["step"]
         sched.load_state_dict(trainer["sched"])
@@ -1018,7 +999,7 @@ def train(args: Args, d: fsdp.Dist):
     # ce, mse, n_ce, n_mse, tokens, flops, data-wait seconds, then MSE sums and counts per t bucket
     window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
     t_log, t_start, start = time.time(), time.time(), step
-    async_group = dist.new_group(backend="gloo") if args.ckpt.async_ else None  # the background writer's own
+    async_group = fsdp.async_saver(d) if args.ckpt.async_ else None  # the background writer's group and buffers
     while step < args.max_steps:
         batches, data_state, wait, copied = ahead
         window[6] += wait
