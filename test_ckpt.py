@@ -7,6 +7,7 @@ import faulthandler
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from test_paths import run_main
-from test_train import ckpt, one_thread, random_demo_vae, read_dcp  # noqa: F401 (fixtures)
+from test_train import ckpt, free_port, one_thread, random_demo_vae, read_dcp  # noqa: F401 (fixtures)
 
 RECORDS = ["vqa", "t2i", "edit", "text"]
 SHARD = "__0_0.distcp"  # rank 0's DCP data file
@@ -323,3 +324,55 @@ def test_incomplete_folders_older_than_the_newest_checkpoint_are_pruned(ckpt, tm
     for step in (1, 3):
         assert f"removed {out}/step-{step:07d}: an incomplete checkpoint (no meta.json" in log, log
     assert sorted(n for n in os.listdir(out) if n.startswith("step-")) == ["step-0000004", "step-0000009"]
+
+
+def share_worker(rank: int, port: int, folder: str):
+    """One of 2 gloo ranks: each writes its own DCP file, `fsdp.file_table` hashes them, rank 0 writes
+    meta.json; `fsdp.verify_checkpoint` before and after rank 1 flips a byte of its file. Which files each
+    rank hashed (save, then verify) and both verdicts go to folder/rank{r}.json."""
+    import sys
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    import fsdp
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    d = fsdp.init_distributed("cpu", timeout_min=1)
+    hashed, real = [], fsdp.crc32_file
+    fsdp.crc32_file = lambda p: hashed.append(os.path.basename(p)) or real(p)
+    step = os.path.join(folder, "step-0000001")
+    try:
+        dcp.save({f"t{rank}": torch.full((1000,), float(rank))}, checkpoint_id=step)  # __{rank}_0.distcp
+        files = fsdp.file_table(step, True, d)
+        if rank == 0:
+            json.dump({"files": files}, open(os.path.join(step, "meta.json"), "w"))
+        dist.barrier()
+        out = {"saved": sorted(hashed)}
+        hashed.clear()
+        out["verdicts"] = [fsdp.verify_checkpoint(step, d)]
+        out["read"] = sorted(hashed)
+        if rank == 1:
+            flip(Path(step) / "__1_0.distcp")
+        dist.barrier()
+        out["verdicts"].append(fsdp.verify_checkpoint(step, d))
+        json.dump(out, open(os.path.join(folder, f"rank{rank}.json"), "w"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # as test_train's 2-rank worker: skip an interpreter exit that can abort inside gloo
+
+
+def test_each_rank_hashes_and_verifies_its_own_files(tmp_path):
+    """2 gloo ranks, --ckpt.verify hash: at the save and at the check before a resume each rank reads its
+    own DCP file (rank 0 also the index), every file once; a byte flipped in rank 1's file is found by
+    rank 1 and both ranks get the same verdict naming rank, file and CRCs (the one-rank verdicts of the
+    damaged-checkpoint test above are unchanged). Catches rank 0 reading every byte while the others
+    wait, a file nobody checks, and ranks disagreeing on the verdict (one resumes, one skips: a hang)."""
+    import torch.multiprocessing as mp
+    mp.start_processes(share_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    got = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert got[0]["saved"] == got[0]["read"] == [".metadata", SHARD]
+    assert got[1]["saved"] == got[1]["read"] == ["__1_0.distcp"]
+    for g in got:
+        assert g["verdicts"][0] is None
+        assert re.fullmatch(r"rank 1: __1_0\.distcp: CRC-32 \w{8}, meta.json says \w{8}", g["verdicts"][1]), g
