@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from test_paths import run_main
-from test_train import ckpt, free_port, one_thread, random_demo_vae, read_dcp  # noqa: F401 (fixtures)
+from test_train import ckpt, free_port, one_thread, random_demo_vae, read_dcp, world1  # noqa: F401 (fixtures)
 
 RECORDS = ["vqa", "t2i", "edit", "text"]
 SHARD = "__0_0.distcp"  # rank 0's DCP data file
@@ -376,3 +376,41 @@ def test_each_rank_hashes_and_verifies_its_own_files(tmp_path):
     for g in got:
         assert g["verdicts"][0] is None
         assert re.fullmatch(r"rank 1: __1_0\.distcp: CRC-32 \w{8}, meta.json says \w{8}", g["verdicts"][1]), g
+
+
+def test_async_save_refills_the_buffers_of_the_first(ckpt, world1, tmp_path):
+    """--ckpt.async: the second save copies the state (model, AdamW moments, EMA) into the host buffers the
+    first one allocated, not into new ones; what it writes is its own step's state. Catches a stager made
+    anew at each save (a fresh host copy of the trained state every time) and a cache that outlives the
+    source tensors' values (the second checkpoint holding the first's state)."""
+    import dataclasses
+    import fsdp
+    import train
+    from model import AutoEncoder
+    from test_train import parity_args, start_run, step_run
+    args = dataclasses.replace(parity_args(ckpt, 1), optim=train.OptimConfig(lr=1e-3, warmup_steps=0, ema_decay=0.75))
+    model, opt, ema = start_run(args, world1, fsdp.make_mesh(world1, 0), True)
+    ae = AutoEncoder.from_pretrained(ckpt)
+    saver = fsdp.async_saver(world1)
+    staged, stage = [], saver.stager.stage
+    saver.stager.stage = lambda sd, **k: staged.append(stage(sd, **k)) or staged[-1]
+    for s in (1, 2):
+        step_run(model, ae, opt, ema, s, args, world1)
+        fsdp.wait_saved(fsdp.save_checkpoint(str(tmp_path / f"step-{s:07d}"), model, opt, ema, {"step": s}, {}, world1,
+                                             {"model": ckpt}, {}, saver=saver), world1)
+    ptrs = []
+    for sd in staged:
+        flat = {}
+        def walk(x, key):
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    walk(v, f"{key}.{k}")
+            elif torch.is_tensor(x) and x.numel() > 1 and not key.startswith(".rng"):  # (RNG: new each save)
+                flat[key] = (x.to_local() if hasattr(x, "to_local") else x).data_ptr()
+        walk(sd, "")
+        ptrs.append(flat)
+    assert len(ptrs[1]) > 10 and any(".exp_avg" in k for k in ptrs[1]) and any(k.startswith(".ema.") for k in ptrs[1])
+    assert ptrs[0] == ptrs[1]
+    saved = state(tmp_path / "step-0000002", tmp_path)
+    for k, v in fsdp.trained_state_dict(model).items():
+        assert torch.equal(saved[f".model.{k}"], v.full_tensor() if hasattr(v, "full_tensor") else v), k
