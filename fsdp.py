@@ -279,9 +279,14 @@ def file_table(path: str, crc: bool, d: Dist, group=None) -> dict[str, dict]:
     A rank that cannot read its share (a full disk, a vanished file) makes rank 0 raise its OSError."""
     sizes = [None]
     if d.rank == 0:  # one listing for all: ranks listing alone could disagree on a file and skip it
-        sizes = [{n: os.path.getsize(os.path.join(path, n)) for n in sorted(os.listdir(path))
-                  if n not in ("meta.json", "meta.json.tmp")}]
+        try:
+            sizes = [{n: os.path.getsize(os.path.join(path, n)) for n in sorted(os.listdir(path))
+                      if n not in ("meta.json", "meta.json.tmp")}]
+        except OSError as e:
+            sizes = [f"rank 0: {e}"]
     dist.broadcast_object_list(sizes, src=0, group=group)
+    if isinstance(sizes[0], str):  # every rank stops here, none waits in the gather below
+        raise OSError(sizes[0])
     sizes, problem, table = sizes[0], None, {}
     try:
         for name in shares(sorted(sizes), sizes, d.world_size)[d.rank]:
@@ -509,7 +514,8 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
         except OSError as e:
             done.set_exception(e)
         wait_saved(done, d)
-        return prune()
+        prune()
+        return None
     try:
         staged = dcp.async_save(sd, checkpoint_id=path, process_group=saver.group, async_stager=saver.stager)
     except (OSError, CheckpointException) as e:
