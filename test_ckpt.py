@@ -1,7 +1,9 @@
 """Checkpoints a user can trust (fsdp.py save/verify/resume, train.py save): a damaged newest checkpoint
-is named and skipped, a failed save names its folder and leaves nothing that looks complete, an async
-save writes what a synchronous one does, and torchrun --max-restarts resumes by itself. Tiny model, one
-process (gloo world of 1) except the torchrun test. Each test names the bug it catches."""
+is named and skipped, a checkpoint of other model options is named as that (never as damage), a failed
+save names its folder and leaves nothing that looks complete, an async save writes what a synchronous
+one does into buffers it reuses, each rank hashes its own files, dead saves are pruned, and torchrun
+--max-restarts resumes by itself. Tiny model, one process (gloo world of 1) except the torchrun and
+hashing tests (2 ranks). Each test names the bug it catches."""
 import errno
 import faulthandler
 import json
