@@ -34,7 +34,7 @@ from test_smoke import tiny_ae, tiny_bagel, write_official
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
-STEPS, SAVE_AT, EMA = 3, 2, 0.75  # 3 optimizer steps; checkpoint after 2; EMA decay (far from 1 to be visible, and != 1 - decay)
+STEPS, SAVE_AT, EMA = 3, 2, 0.75  # 3 optimizer steps; checkpoint after 2; EMA decay (far from 1: visible; != 1 - decay)
 TOL = 1e-5
 
 
