@@ -25,7 +25,7 @@ TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
 # the tiny model's geometry (8 ViT patches and 8 latents per side), one CPU step, no samples
 SMALL = ["--data.vit-min-size", "14", "--data.vit-max-size", "112", "--data.vae-min-size", "16",
          "--data.vae-max-size", "128", "--data.num-workers", "0", "--eval.every", "0", "--max-steps", "1",
-         "--precision", "fp32", "--no-activation-checkpointing", "--attn", "sdpa"]
+         "--dtype", "fp32", "--no-activation-checkpointing", "--attn", "sdpa"]
 GOOD = {"messages": [{"role": "user", "content": "Say hello."},
                      {"role": "assistant", "content": "Hello there, friend."}]}
 NO_IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "gone.png"}},
@@ -73,7 +73,7 @@ def test_bad_model_folders_name_the_file(ckpt, tmp_path, capsys, no_load):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a BAGEL checkpoint: expected llm_config.json" in run(str(empty))
-    assert "--model /no/such/folder: no such folder" in run("/no/such/folder")
+    assert "--model /no/such/folder: no such directory" in run("/no/such/folder")
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / "ae.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a truncated header
@@ -94,10 +94,10 @@ def test_bad_data_stops_before_the_model_loads(ckpt, tmp_path, capsys, no_load):
     assert "/no/such.parquet: no such file or directory" in run("--data", "/no/such.parquet")
     assert "unknown data file type" in run("--data", jsonl(tmp_path / "d.csv", [GOOD]))
     bad = jsonl(tmp_path / "bad.jsonl", [NO_IMAGE])
-    assert f"{bad}: row 0: messages[0].content[0]: image file not found" in run("--data", bad)
+    assert f"{bad}: line 1: messages[0].content[0]: image file not found" in run("--data", bad)
     good = jsonl(tmp_path / "good.jsonl", [GOOD])
-    assert f"{good}: row 0: sample has" in run("--data", good, "--data.packing-length", "8")  # too small
-    assert f"{bad}: row 0" in run("--data", good, bad)  # the first record of every source
+    assert f"{good}: line 1: sample has" in run("--data", good, "--data.packing-length", "8")  # too small
+    assert f"{bad}: line 1" in run("--data", good, bad)  # the first record of every source
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -105,9 +105,9 @@ def test_bad_data_stops_before_the_model_loads(ckpt, tmp_path, capsys, no_load):
     (["--attn", "flex"], "--attn flex has no backward on CPU"),
     (["--visual-gen", "False", "--freeze", "llm", "vit", "connector"],
      "--freeze llm vit connector leaves nothing to train"),
-    (["--shard-size", "3"], "shard_size=3 does not divide the world size 1"),
+    (["--shard-size", "3"], "--shard-size 3 does not divide the world size 1"),
     (["--ckpt.resume", "/no/step-0000100"], "--ckpt.resume /no/step-0000100: not a complete checkpoint"),
-    (["--eval.every", "5", "--eval.image", "/no/cat.jpg"], "--eval.image /no/cat.jpg: cannot read the image"),
+    (["--eval.every", "5", "--eval.size", "64", "--eval.image", "/no/cat.jpg"], "--eval.image /no/cat.jpg: cannot read the image"),
     (["--eval.every", "5", "--eval.size", "100"], "--eval.size 100: must be a multiple of 16 and at most 128"),
     (["--output-dir", "FILE/out"], "--output-dir FILE/out: cannot write there (Not a directory)"),
 ])
@@ -121,11 +121,33 @@ def test_bad_options_name_the_option(ckpt, tmp_path, capsys, monkeypatch, no_loa
 
 def test_bugs_keep_their_traceback_and_debug_shows_user_errors_whole(ckpt, tmp_path, monkeypatch):
     argv = ["--model", ckpt, "--output-dir", str(tmp_path / "out"), *SMALL]
-    with pytest.raises(ValueError, match="no data"):
+    with pytest.raises(train.packing.UserError, match="no data"):
         train.main(argv + ["--debug"])
-    monkeypatch.setattr(train.data_lib, "PackedDataset", lambda *a: 1 / 0)
+    monkeypatch.setattr(train.data_lib, "PackedDataset", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         train.main(argv + ["--data", jsonl(tmp_path / "d.jsonl", [GOOD])])
+
+
+def test_every_option_conflict_in_one_error(ckpt, tmp_path, capsys, no_load):
+    """BAGEL-7B-MoT's image sizes on the tiny model, a bad --shard-size and a missing data file: one error
+    lists them all, each with the flag as typed and a value that works."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", ckpt, "--data", str(tmp_path / "gone.jsonl"), "--output-dir", str(tmp_path / "out"),
+                    "--dtype", "fp32", "--attn", "sdpa", "--shard-size", "3", "--eval.every", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines() == [
+        "error: 6 problems:",
+        "  --shard-size 3 does not divide the world size 1: use a divisor of it, e.g. the ranks per node (HSDP: "
+        "shard within a node, replicate across nodes), or 0 to shard over all ranks",
+        "  --data.vit-max-size 980 gives 70 tokens per side, more than the model's vit_max_num_patch_per_side=8: "
+        "set --data.vit-max-size 112 or less",
+        "  --data.vit-min-size 378 is larger than --data.vit-max-size 112: set --data.vit-min-size 112 or less",
+        "  --data.vae-max-size 1024 gives 64 tokens per side, more than the model's max_latent_size=8: "
+        "set --data.vae-max-size 128 or less",
+        "  --data.vae-min-size 512 is larger than --data.vae-max-size 128: set --data.vae-min-size 128 or less",
+        f"  {tmp_path}/gone.jsonl: no such file or directory"]
 
 
 def test_a_bad_record_in_a_dataloader_worker_is_one_line(ckpt, tmp_path, capsys):
@@ -134,12 +156,12 @@ def test_a_bad_record_in_a_dataloader_worker_is_one_line(ckpt, tmp_path, capsys)
     path = tmp_path / "d.jsonl"
     jsonl(path, [NO_IMAGE] * 4)
     where = data.find_sources([str(path)])[0].read((0, 0, 0, 0))[0]  # the record start-up checks
-    first = int(where.rsplit("row ", 1)[1])
+    first = int(where.rsplit("line ", 1)[1]) - 1
     jsonl(path, [GOOD if i == first else NO_IMAGE for i in range(4)])
     line = user_error(capsys, ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), *SMALL,
                                "--data.num-workers", "1", "--data.packing-length", "512"])
-    assert line.startswith(f"error: {path}: row ") and "messages[0].content[0]: image file not found" in line
-    assert f"row {first}:" not in line and "DataLoader worker" not in line
+    assert line.startswith(f"error: {path}: line ") and "messages[0].content[0]: image file not found" in line
+    assert f"line {first + 1}:" not in line and "DataLoader worker" not in line
 
 
 def test_hub_id_errors_say_how_to_get_it(ckpt, tmp_path, capsys, monkeypatch):
@@ -147,12 +169,15 @@ def test_hub_id_errors_say_how_to_get_it(ckpt, tmp_path, capsys, monkeypatch):
             "--output-dir", str(tmp_path / "out"), *SMALL]
     monkeypatch.chdir(tmp_path)  # no folder someorg/bagel-tiny here
     hub_stub(monkeypatch, None)
-    assert "someorg/bagel-tiny: no such folder; as a Hugging Face Hub id it is downloaded by huggingface_hub: " \
+    assert "someorg/bagel-tiny: no such directory; as a Hugging Face Hub id it is downloaded by huggingface_hub: " \
            "pip install huggingface_hub" in user_error(capsys, argv)
 
     def offline(repo, **kw):
         raise OSError("no network\n(twice)")
     hub_stub(monkeypatch, offline)
+    # a path that does not exist is no hub id: ./x, ~/x, or x/y where the folder x exists here
+    for path in ("./bagel/export", "~/bagel", "out/export"):
+        assert user_error(capsys, [*argv[:1], path, *argv[2:]]) == f"error: --model {path}: no such directory"
     assert "downloading it from the Hugging Face Hub failed: OSError: no network (twice)" in user_error(capsys, argv)
 
 

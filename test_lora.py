@@ -119,7 +119,7 @@ def test_freeze_und_with_lora_gives_upstreams_gradients_to_the_gen_adapters(ckpt
     base with the adapters written by hand, B random so that A gets a gradient too: every gen adapter
     moves by the reference's gradient (1e-6), nothing else is trainable or moves."""
     optim = train.OptimConfig(name="sgd", lr=1.0, betas=(0.0, 0.95), warmup_steps=0, grad_clip=0)
-    args = train.Args(model=ckpt, precision="fp32", freeze=("und",), optim=optim, lora=train.LoRAConfig(rank=RANK))
+    args = train.Args(model=ckpt, dtype="fp32", freeze=("und",), optim=optim, lora=train.LoRAConfig(rank=RANK))
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

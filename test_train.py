@@ -86,7 +86,7 @@ def parity_args(ckpt: str, accum: int, **kw) -> train.Args:
     activation checkpointing, fp32 compute so that 1e-5 is meaningful."""
     optim = train.OptimConfig(name="sgd", lr=0.05, warmup_steps=0, grad_clip=1.0, grad_accum=accum, ema_decay=EMA)
     ev = train.EvalConfig(prompts=("two birds",), question="What is this?", size=32, steps=2)
-    return train.Args(model=ckpt, precision="fp32", activation_checkpointing=True, optim=optim, eval=ev,
+    return train.Args(model=ckpt, dtype="fp32", activation_checkpointing=True, optim=optim, eval=ev,
                       data=data_config(), **kw)
 
 
@@ -336,7 +336,7 @@ def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):
     bf16 masters ~2% move); the VAE gets no gradient and does not change (bug P3); the global RNG is
     never used."""
     optim = train.OptimConfig(lr=1e-6, warmup_steps=0)
-    args = train.Args(model=ckpt, precision="bf16", activation_checkpointing=False, optim=optim)
+    args = train.Args(model=ckpt, dtype="bf16", activation_checkpointing=False, optim=optim)
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     ae = AutoEncoder.from_pretrained(ckpt)
     opt, _ = train.make_optimizer(model, args.optim, 10)
@@ -409,7 +409,7 @@ def upstream_freeze_und_llm(llm, x, pos, und, gen, attend, *_):
 def sgd_update(ckpt, world1, batch, freeze=(), detach_only=False) -> dict:
     """One train_step with plain SGD at lr 1 and no clipping: before - after is the gradient."""
     optim = train.OptimConfig(name="sgd", lr=1.0, betas=(0.0, 0.95), warmup_steps=0, grad_clip=0)
-    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=True, freeze=freeze, optim=optim)
+    args = train.Args(model=ckpt, dtype="fp32", activation_checkpointing=True, freeze=freeze, optim=optim)
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     model.freeze_und = model.freeze_und or detach_only  # upstream: detached, but every parameter trainable
     opt, _ = train.make_optimizer(model, args.optim, 10)
@@ -535,7 +535,7 @@ def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(c
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(ckpt, world1):
-    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=False)
+    args = train.Args(model=ckpt, dtype="fp32", activation_checkpointing=False)
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     ae = AutoEncoder.from_pretrained(ckpt)
     opt, _ = train.make_optimizer(model, args.optim, 10)

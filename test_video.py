@@ -295,7 +295,7 @@ def test_bad_clip(reason, part, msg, clips, tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in [good, video_qa(part), good]))
     yml = tmp_path / "bad.yaml"
     yml.write_text(json.dumps({"datasets": [{"path": "bad.jsonl", "data_folder": str(clips)}]}))
-    with pytest.raises(data.BadSample, match=rf"bad.jsonl: row 1: messages\[0\].content\[0\].*{msg}") as e:
+    with pytest.raises(data.BadSample, match=rf"bad.jsonl: line 2: messages\[0\].content\[0\].*{msg}") as e:
         list(data.PackedDataset(small_cfg(data=(str(yml),), packing_length=400)).stream())
     assert e.value.reason == reason
     packs = list(data.PackedDataset(small_cfg(data=(str(yml),), packing_length=400, skip_bad=True)).stream())
