@@ -185,7 +185,7 @@ def test_sample_and_convert_take_hub_ids(ckpt, tmp_path, monkeypatch):
     calls = []
     hub_stub(monkeypatch, lambda repo, **kw: calls.append(repo) or ckpt)
     monkeypatch.chdir(tmp_path)
-    out = convert_weights.convert(convert_weights.Args(src="someorg/bagel-tiny", dst=str(tmp_path / "exp")))
+    out = convert_weights.convert(convert_weights.Args(model="someorg/bagel-tiny", output_dir=str(tmp_path / "exp")))
     assert os.path.exists(os.path.join(out, "ema.safetensors"))
     assert "text" in sample.main(["--model", "someorg/bagel-tiny", "--question", "hi", "--max-new-tokens", "2",
                                   "--device", "cpu", "--dtype", "fp32"])

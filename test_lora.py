@@ -238,8 +238,8 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
         assert {k[len(part) + 1:] for k in saved if k.startswith(part + ".")} == lora_keys | set(POS_TABLES), part
 
     # merged export (fp32) against the formula; the saved EMA is what it exports
-    exp = convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "merged"), dtype="fp32"))
-    adapter = convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "adapter"), lora_only=True))
+    exp = convert_weights.convert(convert_weights.Args(model=path, output_dir=str(tmp_path / "merged"), dtype="fp32"))
+    adapter = convert_weights.convert(convert_weights.Args(model=path, output_dir=str(tmp_path / "adapter"), lora_only=True))
     lora = load_file(os.path.join(adapter, "adapter.safetensors"))
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert set(lora) == lora_keys and all(v.dtype == torch.float32 for v in lora.values())

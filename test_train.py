@@ -520,7 +520,7 @@ def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(c
     for part in ("model", "ema"):
         keys = {k[len(part) + 1:] for k in saved if k.startswith(part + ".")}
         assert keys == set(base) - frozen, part
-    exported = Bagel.from_pretrained(convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "exp"), dtype="fp32")))
+    exported = Bagel.from_pretrained(convert_weights.convert(convert_weights.Args(model=path, output_dir=str(tmp_path / "exp"), dtype="fp32")))
     assert set(exported.state_dict()) == set(base)
     assert all(torch.equal(exported.state_dict()[k], base[k]) for k in frozen)
 
@@ -721,10 +721,10 @@ def test_nsa_on_a_dense_checkpoint_trains_and_exports(tmp_path):
     ckpt = read_dcp(step, str(tmp_path / "c.pt"))
     nsa_keys = [k for k in ckpt["model"] if ".self_attn.nsa." in k]
     assert nsa_keys and all(torch.isfinite(ckpt["model"][k]).all() for k in nsa_keys)
-    exported = convert_weights.convert(convert_weights.Args(src=step, dst=str(tmp_path / "exp"), dtype="fp32", check=True))
+    exported = convert_weights.convert(convert_weights.Args(model=step, output_dir=str(tmp_path / "exp"), dtype="fp32", check=True))
     model = Bagel.from_pretrained(exported)
     assert model.config.nsa is not None and model.config.nsa.block_size == 32
     for k in nsa_keys:
         assert torch.equal(model.state_dict()[k], ckpt["ema"][k]), k
-    plain = convert_weights.convert(convert_weights.Args(src=step, dst=str(tmp_path / "plain"), plain=True, check=True))
+    plain = convert_weights.convert(convert_weights.Args(model=step, output_dir=str(tmp_path / "plain"), plain=True, check=True))
     assert Bagel.from_pretrained(plain).config.nsa is None
