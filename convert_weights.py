@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from model import (POS_TABLES, AutoEncoder, Bagel, PositionEmbedding, _json, checkpoint_index, config_files,
                    layout, load_weights, read_config, resolve, sincos_2d)
 import packing
+from data import IMAGE_SIZES, SIZE_FIELDS
 from nsa import NSAConfig
 
 
@@ -283,7 +284,8 @@ def write_adapter(src: str, dst: str, trained: dict[str, Source], run: dict, bas
                    {"rank": lo["rank"], "alpha": lo.get("alpha") or 2 * lo["rank"], "targets": lo["targets"],
                     "vit": lo["vit"], "base": base, "base_frozen_crc32": meta.get("frozen_crc32"),
                     "visual_und": run.get("visual_und"), "visual_gen": run.get("visual_gen"),  # (None: the base's)
-                    "step": meta.get("step")})
+                    "step": meta.get("step"),
+                    "image_sizes": {k: run["data"][k] for k in SIZE_FIELDS if k in run.get("data", {})}})
     print(f"done: {dst}: adapter of {len(lora)} tensors, {sum(math.prod(s.shape) for s in lora.values()) / 1e6:.3f}M parameters")
     return dst
 
@@ -677,6 +679,8 @@ def convert(args: Args) -> str:
 
     with staging(dst) as tmp:
         copied = copy_other_files(base, tmp)
+        if run.get("data"):  # the run's image sizes: sample.py resizes its inputs as training did
+            write_json(os.path.join(tmp, IMAGE_SIZES), {k: run["data"][k] for k in SIZE_FIELDS if k in run["data"]})
         if not {"tokenizer.json", "vocab.json"} & set(copied):
             print(f"warning: {base} has no tokenizer files (tokenizer.json or vocab.json): none copied")
         items = [(k, s, dtypes[k]) for k, s in weights.items()]

@@ -166,6 +166,23 @@ def match_model(cfg: DataConfig, model_config) -> DataConfig:
                    visual_und=c.visual_und, visual_gen=c.visual_gen)
 
 
+# the options that size images (the --data.*-size and *-pixels flags): an export records its run's in IMAGE_SIZES
+IMAGE_SIZES = "image_sizes.json"
+SIZE_FIELDS = ("vae_max_size", "vae_min_size", "vae_max_pixels", "vit_max_size", "vit_min_size", "vit_max_pixels",
+               "edit_vit_max_size", "edit_vit_min_size", "edit_vit_max_pixels")
+
+
+def sampling_config(model_config, trained: dict | None = None) -> DataConfig:
+    """The image sizes to feed a trained model: the run's (`trained`: its SIZE_FIELDS, from the export's
+    image_sizes.json) or, without a record, the defaults, each capped at what the model's position
+    tables hold; the geometry is the model's. Sampling then resizes with `transform`, as training did."""
+    cfg = match_model(DataConfig(**{k: v for k, v in (trained or {}).items() if k in SIZE_FIELDS}), model_config)
+    vit, vae = cfg.vit_max_num_patch_per_side * cfg.vit_patch_size, cfg.max_latent_size * cfg.latent_downsample
+    return replace(cfg, vit_max_size=min(cfg.vit_max_size, vit), vit_min_size=min(cfg.vit_min_size, vit),
+                   edit_vit_max_size=min(cfg.edit_vit_max_size, vit), edit_vit_min_size=min(cfg.edit_vit_min_size, vit),
+                   vae_max_size=min(cfg.vae_max_size, vae), vae_min_size=min(cfg.vae_min_size, vae))
+
+
 class BadSample(ValueError):
     """A record we cannot train on. `reason` is the counter name used with skip_bad."""
 

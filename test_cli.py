@@ -192,6 +192,46 @@ def test_sample_and_convert_take_hub_ids(ckpt, tmp_path, monkeypatch):
     assert calls == ["someorg/bagel-tiny"] * 2
 
 
+def test_sample_with_defaults_sizes_images_as_training(ckpt, tmp_path, capsys, monkeypatch):
+    """sample.py on the tiny checkpoint with no --size draws the largest it holds; with an export's record of
+    its run's sizes (a demo-like export), it draws at the run's largest and feeds the ViT what training did,
+    through data.resize_shape (changing that rule changes sample.py's input); user mistakes are `error:` lines."""
+    from PIL import Image
+    common = ["--steps", "2", "--max-new-tokens", "2", "--dtype", "fp32", "--device", "cpu"]
+    out = sample.main(["--model", ckpt, "--prompt", "a red circle", "--output", str(tmp_path / "a.png"), *common])
+    assert Image.open(out["image"]).size == (128, 128)  # 8 latents x stride 16
+    demo = tmp_path / "demo"
+    shutil.copytree(ckpt, demo)
+    (demo / data.IMAGE_SIZES).write_text(json.dumps({"vit_max_size": 56, "vit_min_size": 28, "vae_max_size": 32,
+                                                     "vae_min_size": 16}))
+    out = sample.main(["--model", str(demo), "--prompt", "a red circle", "--output", str(tmp_path / "b.png"), *common])
+    assert Image.open(out["image"]).size == (32, 32)
+    Image.new("RGB", (32, 32), (40, 80, 220)).save(tmp_path / "in.png")
+    seen = []
+    monkeypatch.setattr(sample.Context, "add_vit_image", lambda self, patches, pos: seen.append(len(patches)))
+    ask = ["--image", str(tmp_path / "in.png"), "--question", "what shape is this ?", *common]
+    sample.main(["--model", str(demo), *ask])
+    assert seen == [4]  # 32 px -> 28 px, as training resized it: 2x2 patches of 14 (the fixture alone: 112 px, 64)
+    monkeypatch.setattr(data, "resize_shape", lambda w, h, *a, **k: (14, 14))  # another rule: sample.py follows
+    sample.main(["--model", str(demo), *ask])
+    assert seen == [4, 1]
+    monkeypatch.undo()
+    for argv, says in ((["--model", ckpt, "--image", str(tmp_path / "gone.png"), "--question", "hi"],
+                        f"error: --image {tmp_path}/gone.png: cannot read the image (No such file or directory)"),
+                       (["--model", str(tmp_path / "gone"), "--question", "hi"],
+                        f"error: --model {tmp_path}/gone: no such directory"),
+                       (["--model", ckpt, "--prompt", "x", "--size", "100"],
+                        "error: --size 100: must be a multiple of 16 (the model's latent stride) and at most 128 px "
+                        "(max_latent_size 8 strides)")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        assert str(e.value) == says
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    assert "a multiple of the model's latent stride" in " ".join(capsys.readouterr().out.replace("│", " ").split())
+
+
 # one rank of the hub test, as its own process: huggingface_hub is a stub that logs its calls and
 # "downloads" a copy of the tiny checkpoint
 HUB_RANK = """

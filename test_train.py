@@ -728,3 +728,8 @@ def test_nsa_on_a_dense_checkpoint_trains_and_exports(tmp_path):
         assert torch.equal(model.state_dict()[k], ckpt["ema"][k]), k
     plain = convert_weights.convert(convert_weights.Args(model=step, output_dir=str(tmp_path / "plain"), plain=True, check=True))
     assert Bagel.from_pretrained(plain).config.nsa is None
+    # sample.py with its defaults on the demo's export: drawn at the run's largest size, which the export records
+    import sample
+    assert json.load(open(os.path.join(exported, data.IMAGE_SIZES)))["vae_max_size"] == 32
+    out = sample.main(["--model", exported, "--prompt", "a red circle", "--steps", "2", "--output", str(tmp_path / "s.png")])
+    assert Image.open(out["image"]).size == (32, 32)
