@@ -310,7 +310,7 @@ def test_build_from_parts(tmp_path):
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, os.path.join(vae_dir, "ae.safetensors"))
     json.dump(config_files(TINY)["ae_config.json"], open(os.path.join(vae_dir, "ae_config.json"), "w"))
 
-    out = convert(Args(model=llm_dir, dst=str(tmp_path / "bagel"), vit_model=vit_dir, vae_model=vae_dir, max_latent_size=8,
+    out = convert(Args(model=llm_dir, output_dir=str(tmp_path / "bagel"), vit_model=vit_dir, vae_model=vae_dir, max_latent_size=8,
                        dtype="fp32", check=True))
     model = Bagel.from_pretrained(out)
     c = model.config
@@ -344,7 +344,7 @@ def test_build_from_parts(tmp_path):
     (out_["ce"].mean() + out_["mse"].mean()).backward()
     assert torch.isfinite(out_["ce"]).all() and model.connector.fc1.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="needs --vit-model"):
-        convert(Args(model=llm_dir, dst=str(tmp_path / "x"), vae_model=vae_dir))
+        convert(Args(model=llm_dir, output_dir=str(tmp_path / "x"), vae_model=vae_dir))
     assert not os.path.exists(tmp_path / "x")
 
 

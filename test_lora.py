@@ -353,5 +353,5 @@ def test_memory_table_counts_adapters_by_the_formula(monkeypatch):
     (["--lora.rank", "4", "--lora.targets", "und", "--lora.vit", "--freeze", "vit"], "--freeze vit: 12 adapted"),
 ])
 def test_bad_lora_options_are_user_errors(flags, message, ckpt, world1):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(train.packing.UserError, match=message):
         train.check_args(train.parse_args(flags + ["--model", ckpt]), world1)
