@@ -224,7 +224,7 @@ class Args:
     model: str
     """checkpoint directory (official or HF layout), or a Hugging Face Hub id (ORG/NAME)"""
     adapter: str = ""
-    """a LoRA adapter folder (convert_weights.py STEP DIR --lora-only) applied unmerged on top of --model"""
+    """a LoRA adapter folder (convert_weights.py --model STEP --output-dir DIR --lora-only) applied unmerged on top of --model"""
     check_base: bool = True
     """with --adapter: stop unless --model holds the weights the adapter was trained on (the CRC-32 of
     their bytes, recorded in adapter_config.json; reads the base once more, ~20 s for BAGEL-7B)"""

@@ -18,7 +18,7 @@ import convert_weights
 import data
 import sample
 import train
-from test_train import ckpt  # noqa: F401 (a fixture: the tiny checkpoint with the golden tokenizer)
+from test_train import ckpt, world1  # noqa: F401 (fixtures: the tiny checkpoint with the golden tokenizer, one rank)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
@@ -281,3 +281,29 @@ def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == dict(model=want, files=sorted(os.listdir(ckpt))), rank
+
+
+def test_readme_commands_of_the_other_clis_parse():
+    """Every sample.py / convert_weights.py / data.py command in README.md parses (a renamed flag would not)."""
+    import shlex
+    import tyro
+    text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
+    mods = {"sample.py": sample, "convert_weights.py": convert_weights, "data.py": data}
+    cmds = [shlex.split(line.split("#")[0].strip()) for line in text.splitlines()
+            if line.strip().startswith(tuple(f"python {m}" for m in mods))]
+    assert len(cmds) >= 10
+    for argv in cmds:
+        tyro.cli(mods[argv[1]].Args, args=argv[2:])
+
+
+def test_each_note_prints_once(ckpt, tmp_path, capfd, world1):
+    """The checkpoint's geometry line and the data's read-units note (here: 1 unit for 2 worker shards) each
+    print once, with the shard count of the run: the start-up checks and then the run's loader."""
+    args = train.check_args(train.parse_args(["--model", ckpt, "--data", jsonl(tmp_path / "d.jsonl", [GOOD] * 4),
+                                              "--output-dir", str(tmp_path / "out"), *SMALL, "--data.num-workers", "2"]),
+                            world1)
+    data.PackLoader(args.data, world1.rank, world1.world_size)  # what train() builds
+    out, err = capfd.readouterr()
+    assert (out + err).count("model geometry: ViT patch 14, 8 patches per side; latent stride 16, 8 latents") == 1
+    notes = [line for line in (out + err).splitlines() if "read units" in line]
+    assert len(notes) == 1 and "1 read units (row groups, record batches or 1024-line blocks) for 2 shards" in notes[0]
