@@ -545,10 +545,10 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
     # fail rather than feed the model inputs it has no module for (LMMS Engine bug D2)
     if gen and not cfg.visual_gen:
         raise BadSample("needs_visual_gen", f"{where}: an assistant image is a generation target, but "
-                        f"visual_gen is off")
+                        f"visual_gen is off (--visual-gen False, or the checkpoint's config)")
     if not gen and not cfg.visual_und and any(kind in ("image", "video") for _, _, kind, _ in parts):
         raise BadSample("needs_visual_und", f"{where}: an input image needs the ViT, but visual_und "
-                        f"is off")
+                        f"is off (--visual-und False, or the checkpoint's config)")
     expanded = []  # a video part becomes its sampled frames, each a (PIL image, label)
     for f, role, kind, value in parts:
         if kind == "video":

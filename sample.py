@@ -257,7 +257,8 @@ class Args:
     temperature: float = 0.0
     """0: greedy text"""
     seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "auto"
+    """auto: cuda when available, else cpu (as train.py's --device); or a torch device such as cuda:1"""
     dtype: Literal["bf16", "fp32"] = "bf16" if torch.cuda.is_available() else "fp32"
 
 
@@ -359,7 +360,8 @@ def run(a: Args) -> dict:
         raise packing.UserError(f"--size {a.size}: must be a multiple of {ds} (the model's latent stride) and at most "
                                 f"{c.max_latent_size * ds} px (max_latent_size {c.max_latent_size} strides)")
     edit = bool(a.image and a.prompt)
-    dev, dtype = torch.device(a.device), {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     t0 = time.time()
     model = Bagel.from_pretrained(a.model, dtype=dtype, device=dev).eval()
     if a.adapter:
@@ -367,7 +369,7 @@ def run(a: Args) -> dict:
     ae = AutoEncoder.from_pretrained(a.model, dtype=dtype, device=dev).eval()
     tok = data_lib.load_tokenizer(a.model)
     tokens = asdict(data_lib.special_tokens(tok))
-    print(f"loaded {a.model} in {time.time() - t0:.1f}s ({a.device}, {a.dtype}); images sized as "
+    print(f"loaded {a.model} in {time.time() - t0:.1f}s ({dev}, {a.dtype}); images sized as "
           f"{'its training run' if trained else 'the training defaults'}: ViT {geo.vit_min_size}-{geo.vit_max_size} px, "
           f"VAE {geo.vae_min_size}-{geo.vae_max_size} px")
 
