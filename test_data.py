@@ -590,7 +590,7 @@ def test_epochs_reshuffle(tmp_path):
     ds = data.PackedDataset(cfg)
     st = ds.stream()
     keys = iter(st.next_key, None)  # the sample stream before packing
-    rows = [ds.sources[0].read(k)[0] for k in keys]  # "file: row r"
+    rows = [ds.sources[0].read(k)[0] for k in keys]  # "file: line n"
     assert len(rows) == 80 and st.next_key() is None
     first, second = rows[:40], rows[40:]
     assert len(set(first)) == 40 and sorted(first) == sorted(second) and first != second
@@ -722,8 +722,8 @@ def count_row_group_reads(monkeypatch) -> list[int]:
     return reads
 
 
-def row_of(where):
-    return int(where.rsplit("row ", 1)[1])
+def row_of(where):  # "file: row r", or "file: line r + 1" for jsonl (these files have no blank lines)
+    return int(where.rsplit("row ", 1)[1]) if "row " in where else int(where.rsplit("line ", 1)[1]) - 1
 
 
 @pytest.mark.parametrize("container", ["parquet", "arrow", "jsonl"])
@@ -883,8 +883,8 @@ def test_1024_edits_fit_the_defaults(tmp_path, tok, monkeypatch, capsys):
              {"role": "user", "content": "now mirror it"}, {"role": "assistant", "content": [img]}]
     (tmp_path / "big.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in (edit, multi)))
     monkeypatch.setattr(sys, "argv", ["data.py", "--data", str(tmp_path / "big.jsonl"), "--model", str(TOK_DIR),
-                                      "--inspect", "2", "--epochs", "1", "--text-cond-dropout", "0",
-                                      "--vit-cond-dropout", "0", "--vae-cond-dropout", "0"])
+                                      "--inspect", "2", "--data.epochs", "1", "--data.text-cond-dropout", "0",
+                                      "--data.vit-cond-dropout", "0", "--data.vae-cond-dropout", "0"])
     data.main()
     out = capsys.readouterr().out
     texts = [["now mirror it"], ["what is in this picture?", "a smooth grey gradient from the top left corner",
