@@ -183,6 +183,16 @@ def sampling_config(model_config, trained: dict | None = None) -> DataConfig:
                    vae_max_size=min(cfg.vae_max_size, vae), vae_min_size=min(cfg.vae_min_size, vae))
 
 
+def draw_size_problem(flag: str, size: int, model_config) -> str | None:
+    """Why the model cannot draw `size` x `size` images (None: it can), for the flag that asked."""
+    c = model_config
+    ds = c.vae.downsample * c.latent_patch_size
+    if size % ds or not 0 < size // ds <= c.max_latent_size:
+        return (f"{flag} {size}: must be a multiple of {ds} (the model's latent stride) and at most "
+                f"{c.max_latent_size * ds} px (max_latent_size {c.max_latent_size} strides)")
+    return None
+
+
 class BadSample(ValueError):
     """A record we cannot train on. `reason` is the counter name used with skip_bad."""
 

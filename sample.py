@@ -353,12 +353,10 @@ def run(a: Args) -> dict:
         raise packing.UserError(f"--model {a.model} has no ViT (visual_und false in its config): it cannot see --image")
     trained = trained_sizes(a.model, a.adapter)
     geo = data_lib.sampling_config(c, trained)  # images are sized by training's rule (data.transform) and sizes
-    ds = c.latent_patch_size * c.vae.downsample
     if a.size is None:
-        a.size = geo.vae_max_size // ds * ds
-    if a.prompt and not a.image and (a.size % ds or not 0 < a.size // ds <= c.max_latent_size):
-        raise packing.UserError(f"--size {a.size}: must be a multiple of {ds} (the model's latent stride) and at most "
-                                f"{c.max_latent_size * ds} px (max_latent_size {c.max_latent_size} strides)")
+        a.size = geo.vae_max_size // geo.latent_downsample * geo.latent_downsample
+    if a.prompt and not a.image and (why := data_lib.draw_size_problem("--size", a.size, c)):
+        raise packing.UserError(why)
     edit = bool(a.image and a.prompt)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]

@@ -108,7 +108,7 @@ def test_bad_data_stops_before_the_model_loads(ckpt, tmp_path, capsys, no_load):
     (["--shard-size", "3"], "--shard-size 3 does not divide the world size 1"),
     (["--ckpt.resume", "/no/step-0000100"], "--ckpt.resume /no/step-0000100: not a complete checkpoint"),
     (["--eval.every", "5", "--eval.size", "64", "--eval.image", "/no/cat.jpg"], "--eval.image /no/cat.jpg: cannot read the image"),
-    (["--eval.every", "5", "--eval.size", "100"], "--eval.size 100: must be a multiple of 16 and at most 128"),
+    (["--eval.every", "5", "--eval.size", "100"], "--eval.size 100: must be a multiple of 16 (the model's latent stride) and at most 128 px"),
     (["--output-dir", "FILE/out"], "--output-dir FILE/out: cannot write there (Not a directory)"),
 ])
 def test_bad_options_name_the_option(ckpt, tmp_path, capsys, monkeypatch, no_load, argv, says):

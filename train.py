@@ -866,7 +866,7 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
     dist.all_gather_object(unseen, missing)
     for rank, paths in enumerate(unseen):
         if paths:
-            raise ValueError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
+            raise packing.UserError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
                              f"shares (for a hub id: HF_HOME)")
     return args
 
@@ -933,10 +933,8 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
             bad.append(f"--lora.targets {lo.targets}{' --lora.vit' if lo.vit else ''} with --freeze {' '.join(args.freeze)}: "
                        f"{len(lost)} adapted linears (e.g. {lost[0]}) are in a frozen part and would never train: "
                        f"adapt only parts that train (with --freeze und: --lora.targets gen, no --lora.vit)")
-        ds = cfg.vae.downsample * cfg.latent_patch_size
-        if args.eval.every and cfg.visual_gen and (args.eval.size % ds or args.eval.size // ds > cfg.max_latent_size):
-            bad.append(f"--eval.size {args.eval.size}: must be a multiple of {ds} and at most "
-                       f"{cfg.max_latent_size * ds} (the model's max_latent_size={cfg.max_latent_size})")
+        if args.eval.every and cfg.visual_gen and (why := data_lib.draw_size_problem("--eval.size", args.eval.size, cfg)):
+            bad.append(why)
         # the data must match the model: geometry, tokenizer and switched-off parts come from its config
         data = data_lib.match_model(dataclasses.replace(args.data, model=args.data.model or model, seed=args.seed), cfg)
         bad += data.problems()
