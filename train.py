@@ -866,8 +866,8 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
     dist.all_gather_object(unseen, missing)
     for rank, paths in enumerate(unseen):
         if paths:
-            raise packing.UserError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
-                             f"shares (for a hub id: HF_HOME)")
+            raise packing.UserError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem "
+                                    f"every node shares (for a hub id: HF_HOME)")
     return args
 
 
