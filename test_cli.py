@@ -307,3 +307,19 @@ def test_each_note_prints_once(ckpt, tmp_path, capfd, world1):
     assert (out + err).count("model geometry: ViT patch 14, 8 patches per side; latent stride 16, 8 latents") == 1
     notes = [line for line in (out + err).splitlines() if "read units" in line]
     assert len(notes) == 1 and "1 read units (row groups, record batches or 1024-line blocks) for 2 shards" in notes[0]
+
+
+def test_nsa_options_on_an_nsa_checkpoint_are_refused(tmp_path, capsys, no_load):
+    """An NSA checkpoint's settings are its own (its weights were trained with them): --nsa.* that differ
+    would be silently overwritten, so they are an error."""
+    from test_nsa import TINY_NSA
+    from test_smoke import tiny_ae, tiny_bagel, write_official
+    path = tmp_path / "nsa"
+    write_official(path, tiny_bagel(config=TINY_NSA), tiny_ae())
+    for f in os.listdir(TOK_DIR):
+        shutil.copy(os.path.join(TOK_DIR, f), path)
+    argv = ["--model", str(path), "--data", jsonl(tmp_path / "d.jsonl", [GOOD]), "--output-dir", str(tmp_path / "out"),
+            *SMALL[:-2]]  # (attn auto: nsa)
+    line = user_error(capsys, argv + ["--nsa.topk", str(TINY_NSA.nsa.topk + 1)])
+    assert line.startswith(f"error: --nsa.*: {path} has NSA weights trained with its own settings (NSAConfig(")
+    assert line.endswith("drop the --nsa.* options")

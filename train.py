@@ -922,6 +922,9 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
         bad.append(str(e))
         cfg = None
     if cfg is not None:
+        if cfg.nsa is not None and args.nsa != NSAConfig() and args.nsa != cfg.nsa:  # its weights fix them
+            bad.append(f"--nsa.*: {args.model} has NSA weights trained with its own settings ({cfg.nsa}): "
+                       f"drop the --nsa.* options")
         names = [n for n, _ in net.named_parameters()]
         if all(any(FREEZE[part](n) for part in args.freeze) for n in names):
             bad.append(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
