@@ -1,10 +1,10 @@
 """Convert BAGEL checkpoints: official layout <-> HF layout, and training checkpoints -> either.
 
-    python convert_weights.py BAGEL-7B-MoT out/bagel-hf --to hf            # official -> hf (sharded)
-    python convert_weights.py BAGEL-7B-MoT-ver.LE out/bagel                  # hf -> official
-    python convert_weights.py out/run/step-0001000 out/export --check       # training checkpoint (DCP) -> official
-    python convert_weights.py Qwen2.5-0.5B-Instruct out/bagel-0.5b --vit siglip-so400m-14-980 --vae flux/ae.safetensors
-                                                                             # a new BAGEL from its parts (pre-training)
+    python convert_weights.py --model BAGEL-7B-MoT --output-dir out/bagel-hf --to hf     # official -> hf (sharded)
+    python convert_weights.py --model BAGEL-7B-MoT-ver.LE --output-dir out/bagel           # hf -> official
+    python convert_weights.py --model out/run/step-0001000 --output-dir out/export --check # training checkpoint (DCP) -> official
+    python convert_weights.py --model Qwen2.5-0.5B-Instruct --output-dir out/bagel-0.5b \
+        --vit-model siglip-so400m-14-980 --vae-model flux/ae.safetensors               # a new BAGEL from its parts (pre-training)
 
 Layouts: DESIGN.md#checkpoints (official: ByteDance-Seed/BAGEL-7B-MoT; hf: lmms-lab/BAGEL-7B-MoT-ver.LE,
 which we could not read; the assumptions are the ones model.py's reader makes, see `hf_config`).
@@ -15,8 +15,8 @@ Everything streams, one tensor at a time, so a 14B checkpoint converts on a 24 G
 - training checkpoints are read key by key with DCP's reader into preallocated tensors;
 - outputs are written by `write_safetensors`, which writes the header first (shapes and dtypes are
   known from the sources' headers) and then each tensor's bytes as it arrives.
-Peak memory is about twice the largest tensor. Output goes to DST.tmp-PID, renamed to DST only once
-complete (and checked, with --check), so a failed conversion never leaves a DST that looks finished.
+Peak memory is about twice the largest tensor. Output goes to OUTPUT_DIR.tmp-PID, renamed to OUTPUT_DIR only
+once complete (and checked, with --check), so a failed conversion never leaves one that looks finished.
 
 The full key set is always written: from a training checkpoint, whatever the run did not save (frozen
 or switched-off parts) comes from its base checkpoint. Parameters the official model lacks (e.g. NSA's
@@ -44,41 +44,43 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from model import (POS_TABLES, AutoEncoder, Bagel, PositionEmbedding, _json, checkpoint_index, config_files,
                    layout, load_weights, read_config, resolve, sincos_2d)
+import packing
+from data import IMAGE_SIZES, SIZE_FIELDS
 from nsa import NSAConfig
 
 
 @dataclass
 class Args:
-    src: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="SRC")]]
+    model: str
     """checkpoint to read: official layout, HF layout, a training checkpoint output_dir/step-N/ (DCP), or a Hugging Face Hub id (ORG/NAME)"""
-    dst: tyro.conf.Positional[Annotated[str, tyro.conf.arg(metavar="DST")]]
-    """directory to create (written as DST.tmp-PID, renamed to DST when complete)"""
+    output_dir: str
+    """directory to create (written as OUTPUT_DIR.tmp-PID, renamed to OUTPUT_DIR when complete)"""
     to: Literal["official", "hf"] = "official"
     """output layout: official (json configs, ema.safetensors, ae.safetensors) or hf (config.json, model-*.safetensors shards + index, VAE under vae_model.)"""
     weights: Literal["ema", "model"] = "ema"
     """ema: ema.safetensors (what upstream's inferencer reads), from a training checkpoint's EMA, or its model if it kept none; model: its raw model, as model.safetensors"""
     dtype: Literal["bf16", "fp32"] | None = None
     """dtype of the BAGEL tensors written. Default: a layout conversion (official <-> hf) keeps each tensor's stored dtype; a training checkpoint export and a new BAGEL from parts write bf16, as the release. The VAE always keeps its stored dtype"""
-    shard_size: str = "5GB"
+    max_shard_size: str = "5GB"
     """largest shard of the hf layout (GB = 1e9 bytes, GiB = 2**30); a bigger tensor gets a shard of its own"""
     base: str | None = None
     """base checkpoint of a training run (default: "model" in its args.json): configs, tokenizer, ae.safetensors, and every tensor the run did not save (e.g. the ViT of a visual_und=False run)"""
     plain: bool = False
     """drop parameters the official model does not have (e.g. NSA's .nsa. weights): a plain official export"""
     lora_only: bool = False
-    """from a LoRA run's checkpoint: write only the adapter (adapter.safetensors, fp32, + adapter_config.json) for `sample.py --model BASE --adapter DST`, instead of the merged model"""
+    """from a LoRA run's checkpoint: write only the adapter (adapter.safetensors, fp32, + adapter_config.json) for `sample.py --model BASE --adapter OUTPUT_DIR`, instead of the merged model"""
     check: bool = False
-    """before DST is renamed into place, load it strictly with model.py (meta device: names, shapes) and compare every tensor, read back by safetensors, with its source bit for bit"""
+    """before OUTPUT_DIR is renamed into place, load it strictly with model.py (meta device: names, shapes) and compare every tensor, read back by safetensors, with its source bit for bit"""
     overwrite: bool = False
-    """replace DST if it exists"""
-    vit: str | None = None
-    """with a Qwen2 LLM as SRC: the SigLIP checkpoint directory (HF) or hub id of a new BAGEL built from parts"""
-    vae: str | None = None
-    """with a Qwen2 LLM as SRC: the FLUX VAE, ae.safetensors or a directory holding it (+ ae_config.json)"""
+    """replace OUTPUT_DIR if it exists"""
+    vit_model: str | None = None
+    """with a Qwen2 LLM as --model: the SigLIP checkpoint directory (HF) or hub id of a new BAGEL built from parts"""
+    vae_model: str | None = None
+    """with a Qwen2 LLM as --model: the FLUX VAE, ae.safetensors or a directory holding it (+ ae_config.json)"""
     max_latent_size: int = 64
-    """with a Qwen2 LLM as SRC: latent grid side of the new BAGEL (64 = 1024 px images)"""
+    """with a Qwen2 LLM as --model: latent grid side of the new BAGEL (64 = 1024 px images)"""
     seed: int = 0
-    """with a Qwen2 LLM as SRC: seed of the fresh connector, time embedder and vae2llm"""
+    """with a Qwen2 LLM as --model: seed of the fresh connector, time embedder and vae2llm"""
 
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -86,6 +88,9 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# measured on a 3584x3584 bf16 weight (BAGEL-7B's hidden size) with a rank-16 update B A
+BF16_MERGE_LOSS = ("a bf16 merge W + B A is off by 84% of B A at |B A|/|W| = 7.7e-4 and by 21% at 7.7e-3 "
+                   "(bf16 keeps 8 bits of W, and B A sits in the bits below)")
 CHUNK = 1 << 28  # read in 256 MiB pieces: one read() call returns at most ~2 GiB on Linux
 CONFIG_FILES = ("config.json", "llm_config.json", "vit_config.json", "bagel_config.json", "ae_config.json")
 WEIGHT_FILES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".distcp")
@@ -279,7 +284,8 @@ def write_adapter(src: str, dst: str, trained: dict[str, Source], run: dict, bas
                    {"rank": lo["rank"], "alpha": lo.get("alpha") or 2 * lo["rank"], "targets": lo["targets"],
                     "vit": lo["vit"], "base": base, "base_frozen_crc32": meta.get("frozen_crc32"),
                     "visual_und": run.get("visual_und"), "visual_gen": run.get("visual_gen"),  # (None: the base's)
-                    "step": meta.get("step")})
+                    "step": meta.get("step"),
+                    "image_sizes": {k: run["data"][k] for k in SIZE_FIELDS if k in run.get("data", {})}})
     print(f"done: {dst}: adapter of {len(lora)} tensors, {sum(math.prod(s.shape) for s in lora.values()) / 1e6:.3f}M parameters")
     return dst
 
@@ -348,7 +354,7 @@ def write_safetensors(file: str, items: list[tuple[str, Source, torch.dtype]]) -
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ValueError(f"--shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
@@ -449,19 +455,19 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
-def check(path: str, weights: dict[str, Source], ae: dict[str, Source], dtype: torch.dtype | None):
+def check(path: str, weights: dict[str, Source], ae: dict[str, Source], dtypes: dict[str, torch.dtype]):
     """Load `path` strictly with model.py on the meta device (every name and shape, no memory), then
     read every tensor back with safetensors' own reader and compare it with its source, bit for bit.
-    Extra parameters that model.py does not build are compared by value only."""
+    Extra parameters that model.py does not build are compared by value only. `dtypes`: each tensor's as written."""
     from safetensors import safe_open
     config = read_config(path)
     with torch.device("meta"):
         model = Bagel(config)
     bagel_index, ae_index = checkpoint_index(path)
     known = set(model.state_dict())
-    load_weights(model, {k: v for k, v in bagel_index.items() if k in known}, path, dtype or torch.float32, "meta")
+    load_weights(model, {k: v for k, v in bagel_index.items() if k in known}, path, torch.float32, "meta")
     AutoEncoder.from_pretrained(path, device="meta")
-    expected = {k: (s, out_dtype(s, dtype)) for k, s in weights.items()}
+    expected = {k: (s, dtypes[k]) for k, s in weights.items()}
     for found, want, what in ((bagel_index, expected, "model"), (ae_index, {k: (s, s.dtype) for k, s in ae.items()}, "VAE")):
         if set(found) != set(want):
             raise ValueError(f"{path}: --check: {what} keys differ from the source: missing "
@@ -564,13 +570,14 @@ def parts_sources(config, llm: dict[str, Source], vit: dict[str, Source], seed: 
 def assemble(args: Args, src: str, tmp: str) -> tuple[dict[str, Source], dict[str, Source]]:
     """Write the configs, tokenizer and ae.safetensors of a new BAGEL into `tmp`; return the tensor
     sources of ema.safetensors and of the VAE."""
-    if not (args.vit and args.vae):
-        raise ValueError(f"{src} is a Qwen2 LLM: building a BAGEL from parts needs --vit (SigLIP) and --vae (FLUX ae)")
+    if not (args.vit_model and args.vae_model):
+        raise ValueError(f"{src} is a Qwen2 LLM: building a BAGEL from parts needs --vit-model (SigLIP) and "
+                         f"--vae-model (FLUX ae)")
     if args.to != "official":
         raise ValueError("a BAGEL built from parts is written in the official layout; convert it to hf afterwards")
-    vae_dir, vae_file = (args.vae, os.path.join(args.vae, "ae.safetensors")) if os.path.isdir(args.vae) \
-        else (os.path.dirname(args.vae), args.vae)
-    vit_cfg = _json(os.path.join(args.vit, "config.json"))
+    vae_dir, vae_file = (args.vae_model, os.path.join(args.vae_model, "ae.safetensors")) \
+        if os.path.isdir(args.vae_model) else (os.path.dirname(args.vae_model), args.vae_model)
+    vit_cfg = _json(os.path.join(args.vit_model, "config.json"))
     vit_cfg = vit_cfg.get("vision_config", vit_cfg)  # a full SigLIP (text + vision) checkpoint nests it
     llm_cfg = _json(os.path.join(src, "config.json"))
     side = vit_cfg.get("image_size", 980) // vit_cfg.get("patch_size", 14)  # SigLIP's position table side
@@ -585,10 +592,10 @@ def assemble(args: Args, src: str, tmp: str) -> tuple[dict[str, Source], dict[st
     copy_other_files(src, tmp)  # tokenizer files: BAGEL uses the LLM's (its special tokens are Qwen2.5's)
     config = read_config(tmp)
     # SigLIP checkpoints name their tensors vision_model.* (transformers >= 5 may save them without it)
-    vit = {(k if k.startswith("vision_model.") else "vision_model." + k): v for k, v in hf_sources(args.vit).items()}
+    vit = {(k if k.startswith("vision_model.") else "vision_model." + k): v for k, v in hf_sources(args.vit_model).items()}
     weights = parts_sources(config, hf_sources(src), vit, args.seed)
     ae = safetensors_sources({k: (vae_file, k) for k in safetensors_header(vae_file)[0]})
-    print(f"new BAGEL from {src} (LLM, also the generation expert), {args.vit} (SigLIP, {config.vit.num_hidden_layers} "
+    print(f"new BAGEL from {src} (LLM, also the generation expert), {args.vit_model} (SigLIP, {config.vit.num_hidden_layers} "
           f"of {config.vit.num_hidden_layers + 1} layers), {vae_file} (VAE); fresh connector, time embedder, vae2llm, llm2vae")
     return weights, ae
 
@@ -596,15 +603,15 @@ def assemble(args: Args, src: str, tmp: str) -> tuple[dict[str, Source], dict[st
 # -------------------------------------------------------------------------------------------------
 
 def convert(args: Args) -> str:
-    """Convert args.src into a new directory args.dst; returns args.dst."""
+    """Convert args.model into a new directory args.output_dir; returns it."""
     t0 = time.time()
-    src, dst = os.path.abspath(resolve(args.src)), os.path.abspath(args.dst)
-    args = replace(args, vit=args.vit and resolve(args.vit))
-    shard_size = parse_size(args.shard_size)
+    src, dst = os.path.abspath(resolve(args.model)), os.path.abspath(args.output_dir)
+    args = replace(args, vit_model=args.vit_model and resolve(args.vit_model, "--vit-model"))
+    shard_size = parse_size(args.max_shard_size)
     # a change of layout keeps the weights as they are; a training export or a new model is cast to bf16
     dtype = OUT_DTYPES[args.dtype] if args.dtype else None
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"{src}: no such checkpoint directory")
+        raise FileNotFoundError(f"--model {args.model}: no such directory")
     if os.path.exists(dst) and not args.overwrite:
         raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
     if is_llm(src):
@@ -616,7 +623,7 @@ def convert(args: Args) -> str:
             size = write_safetensors(os.path.join(tmp, "ema.safetensors"), items)
             print(f"wrote ema.safetensors: {len(items)} tensors, {gb(size)} ({time.time() - t0:.0f}s)")
             if args.check:
-                check(tmp, weights, ae, dtype)
+                check(tmp, weights, ae, {k: d for k, _, d in items})
         print(f"done: {dst} (official layout, {DTYPE_NAMES[dtype]}) in {time.time() - t0:.0f}s")
         return dst
     names = os.listdir(src)
@@ -661,12 +668,22 @@ def convert(args: Args) -> str:
         print(f"{len(extras)} parameters the official model does not have (e.g. {extras[0]}): "
               + ("dropped (--plain)" if args.plain else "exported under their own names (--plain drops them)"))
     n_params = sum(math.prod(s.shape) for s in weights.values())
+    dtypes = {k: out_dtype(s, dtype) for k, s in weights.items()}
+    merged = [k for k, s in weights.items() if s.where.endswith(" + LoRA")]
+    if merged and dtype != torch.float32:  # rounding W + B A to bf16 erases most of a small update
+        if args.dtype is None:
+            dtypes.update((k, torch.float32) for k in merged)
+        print(f"{len(merged)} merged LoRA tensors " + ("written in fp32, the rest in bf16" if args.dtype is None else
+              "rounded to bf16 (--dtype bf16)") + f": {BF16_MERGE_LOSS}" + ("; --dtype bf16 rounds them anyway"
+                                                                            if args.dtype is None else ""))
 
     with staging(dst) as tmp:
         copied = copy_other_files(base, tmp)
+        if run.get("data"):  # the run's image sizes: sample.py resizes its inputs as training did
+            write_json(os.path.join(tmp, IMAGE_SIZES), {k: run["data"][k] for k in SIZE_FIELDS if k in run["data"]})
         if not {"tokenizer.json", "vocab.json"} & set(copied):
             print(f"warning: {base} has no tokenizer files (tokenizer.json or vocab.json): none copied")
-        items = [(k, s, out_dtype(s, dtype)) for k, s in weights.items()]
+        items = [(k, s, dtypes[k]) for k, s in weights.items()]
         if args.to == "official":
             for name, cfg in official_configs(base, config).items():
                 write_json(os.path.join(tmp, name), cfg)
@@ -683,8 +700,10 @@ def convert(args: Args) -> str:
             items += [("vae_model." + k, s, s.dtype) for k, s in ae.items()]  # LMMS Engine keeps the VAE inside
             write_shards(tmp, items, shard_size, t0)
         if args.check:
-            check(tmp, weights, ae, dtype)
-    print(f"done: {dst} ({args.to} layout, {'stored dtypes' if dtype is None else DTYPE_NAMES[dtype]}) in {time.time() - t0:.0f}s")
+            check(tmp, weights, ae, dtypes)
+    kept = ", merged LoRA tensors F32" if merged and dtypes[merged[0]] != dtype else ""
+    print(f"done: {dst} ({args.to} layout, {'stored dtypes' if dtype is None else DTYPE_NAMES[dtype]}{kept}) "
+          f"in {time.time() - t0:.0f}s")
     return dst
 
 
@@ -692,7 +711,7 @@ def main():
     args = tyro.cli(Args)
     try:
         convert(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: the message says where and what
+    except (ValueError, FileNotFoundError, FileExistsError, packing.UserError) as e:  # bad input: the message says where and what
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -20,7 +20,7 @@ import os
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -55,7 +55,7 @@ class DataConfig:
     data: Annotated[tuple[str, ...], tyro.conf.arg(name="data", prefix_name=False)] = ()
     """data files, directories or .yaml mixtures; `path:weight` sets a mixture weight (default 1)"""
     model: str = ""
-    """checkpoint directory holding the Qwen2.5 tokenizer (tokenizer.json or vocab.json + merges.txt)"""
+    """directory holding the Qwen2.5 tokenizer (tokenizer.json or vocab.json + merges.txt); '': --model's"""
     packing_length: int = 10240
     """token budget of one pack: text, ViT and VAE tokens and their markers (upstream fine-tuning:
     10240, which a 1024x1024 edit fits)"""
@@ -63,8 +63,8 @@ class DataConfig:
     """first-fit buffer: how many partly filled packs wait for more samples"""
     min_fill: float = 0.99
     """a pack at least this full is emitted at once"""
-    seed: int = 0
-    """shuffle, mixture, CFG dropout and timestep draws are all functions of this seed"""
+    seed: tyro.conf.Suppress[int] = 0
+    """shuffle, mixture, CFG dropout and timestep draws are all functions of this seed (the CLIs' --seed)"""
     epochs: int | None = None
     """stop after this many passes over every source (None: stream forever, for step-based training)"""
     num_workers: int = 2
@@ -97,44 +97,64 @@ class DataConfig:
     edit_vit_min_size: int = 224
     """never above vit_min_size"""
     edit_vit_max_pixels: int = VAE_MAX_PIXELS
-    vit_patch_size: int = 14
-    """model: SigLIP patch size"""
-    vit_max_num_patch_per_side: int = 70
-    """model: side of the ViT position table (BAGEL-7B-MoT: 70)"""
-    max_latent_size: int = 64
-    """model: side of the latent position table (BAGEL-7B-MoT: 64, i.e. 1024 px)"""
-    latent_downsample: int = 16
-    """model: VAE downsampling (8) times latent patch size (2)"""
-    visual_und: bool = True
-    """model has the ViT: input images become ViT tokens (set from the model config)"""
-    visual_gen: bool = True
-    """model has the VAE path: assistant images become generation targets (set from the model config)"""
+    # the model's side of the geometry: read from the checkpoint by `match_model`, never options
+    vit_patch_size: tyro.conf.Suppress[int] = 14
+    """SigLIP patch size"""
+    vit_max_num_patch_per_side: tyro.conf.Suppress[int] = 70
+    """side of the ViT position table (BAGEL-7B-MoT: 70)"""
+    max_latent_size: tyro.conf.Suppress[int] = 64
+    """side of the latent position table (BAGEL-7B-MoT: 64, i.e. 1024 px)"""
+    latent_downsample: tyro.conf.Suppress[int] = 16
+    """VAE downsampling (8) times latent patch size (2)"""
+    visual_und: tyro.conf.Suppress[bool] = True
+    """the model has the ViT: input images become ViT tokens"""
+    visual_gen: tyro.conf.Suppress[bool] = True
+    """the model has the VAE path: assistant images become generation targets"""
 
     def geometry(self) -> Geometry:
         return Geometry(self.vit_patch_size, self.vit_max_num_patch_per_side,
                         self.latent_downsample, self.max_latent_size)
 
-    def check(self):
-        """Fail at start-up, with the fix in the message, for settings the model cannot take."""
+    def problems(self) -> list[str]:
+        """Every setting the model cannot take, each with the flag as typed and a value that works
+        (the field names are the CLIs' --data.* flags)."""
+        out = []
         if not self.data:
-            raise ValueError("no data: pass --data PATH (a file, a directory or a .yaml mixture)")
+            out.append("no data: pass --data PATH (a file, a directory or a .yaml mixture)")
         for name, size, stride, side, table in (
                 ("vit", self.vit_max_size, self.vit_patch_size, self.vit_max_num_patch_per_side,
                  "vit_max_num_patch_per_side"),
                 ("vae", self.vae_max_size, self.latent_downsample, self.max_latent_size,
                  "max_latent_size")):
+            lo = getattr(self, f"{name}_min_size")
             if round(size / stride) > side:
-                raise ValueError(f"{name}_max_size {size} gives {round(size / stride)} tokens per "
-                                 f"side, more than the model's {table}={side}: set "
-                                 f"{name}_max_size to {side * stride} or less")
-            if getattr(self, f"{name}_min_size") > size:
-                raise ValueError(f"{name}_min_size is larger than {name}_max_size {size}")
+                out.append(f"--data.{name}-max-size {size} gives {round(size / stride)} tokens per side, more than "
+                           f"the model's {table}={side}: set --data.{name}-max-size {side * stride} or less")
+                size = side * stride  # the min size is judged against the max that works
+            if lo > size:
+                out.append(f"--data.{name}-min-size {lo} is larger than --data.{name}-max-size {size}: "
+                           f"set --data.{name}-min-size {size} or less")
         if not 1 <= self.video_min_frames <= self.video_max_frames:
-            raise ValueError(f"video frames: need 1 <= video_min_frames ({self.video_min_frames}) <= "
-                             f"video_max_frames ({self.video_max_frames})")
-        for p in (self.text_cond_dropout, self.vit_cond_dropout, self.vae_cond_dropout):
-            if not 0 <= p <= 1:
-                raise ValueError(f"CFG dropout probabilities must be in [0, 1], got {p}")
+            out.append(f"--data.video-min-frames {self.video_min_frames} --data.video-max-frames "
+                       f"{self.video_max_frames}: need 1 <= min <= max")
+        for name in ("text", "vit", "vae"):
+            if not 0 <= (p := getattr(self, f"{name}_cond_dropout")) <= 1:
+                out.append(f"--data.{name}-cond-dropout {p}: a probability, in [0, 1]")
+        return out
+
+    def check(self):
+        """Fail at start-up, with the fixes in the message, for settings the model cannot take."""
+        if bad := self.problems():
+            raise packing.UserError(bad[0] if len(bad) == 1 else f"{len(bad)} problems:\n  " + "\n  ".join(bad))
+
+
+def geometry_line(cfg: DataConfig) -> str:
+    """The model-decided fields, for the one line that says what the checkpoint set."""
+    parts = [f"ViT patch {cfg.vit_patch_size}, {cfg.vit_max_num_patch_per_side} patches per side"
+             if cfg.visual_und else "no ViT",
+             f"latent stride {cfg.latent_downsample}, {cfg.max_latent_size} latents per side"
+             if cfg.visual_gen else "no generation"]
+    return "model geometry: " + "; ".join(parts)
 
 
 def match_model(cfg: DataConfig, model_config) -> DataConfig:
@@ -144,6 +164,33 @@ def match_model(cfg: DataConfig, model_config) -> DataConfig:
     return replace(cfg, vit_patch_size=c.vit.patch_size, vit_max_num_patch_per_side=c.vit_max_num_patch_per_side,
                    max_latent_size=c.max_latent_size, latent_downsample=c.vae.downsample * c.latent_patch_size,
                    visual_und=c.visual_und, visual_gen=c.visual_gen)
+
+
+# the options that size images (the --data.*-size and *-pixels flags): an export records its run's in IMAGE_SIZES
+IMAGE_SIZES = "image_sizes.json"
+SIZE_FIELDS = ("vae_max_size", "vae_min_size", "vae_max_pixels", "vit_max_size", "vit_min_size", "vit_max_pixels",
+               "edit_vit_max_size", "edit_vit_min_size", "edit_vit_max_pixels")
+
+
+def sampling_config(model_config, trained: dict | None = None) -> DataConfig:
+    """The image sizes to feed a trained model: the run's (`trained`: its SIZE_FIELDS, from the export's
+    image_sizes.json) or, without a record, the defaults, each capped at what the model's position
+    tables hold; the geometry is the model's. Sampling then resizes with `transform`, as training did."""
+    cfg = match_model(DataConfig(**{k: v for k, v in (trained or {}).items() if k in SIZE_FIELDS}), model_config)
+    vit, vae = cfg.vit_max_num_patch_per_side * cfg.vit_patch_size, cfg.max_latent_size * cfg.latent_downsample
+    return replace(cfg, vit_max_size=min(cfg.vit_max_size, vit), vit_min_size=min(cfg.vit_min_size, vit),
+                   edit_vit_max_size=min(cfg.edit_vit_max_size, vit), edit_vit_min_size=min(cfg.edit_vit_min_size, vit),
+                   vae_max_size=min(cfg.vae_max_size, vae), vae_min_size=min(cfg.vae_min_size, vae))
+
+
+def draw_size_problem(flag: str, size: int, model_config) -> str | None:
+    """Why the model cannot draw `size` x `size` images (None: it can), for the flag that asked."""
+    c = model_config
+    ds = c.vae.downsample * c.latent_patch_size
+    if size % ds or not 0 < size // ds <= c.max_latent_size:
+        return (f"{flag} {size}: must be a multiple of {ds} (the model's latent stride) and at most "
+                f"{c.max_latent_size * ds} px (max_latent_size {c.max_latent_size} strides)")
+    return None
 
 
 class BadSample(ValueError):
@@ -375,7 +422,7 @@ def transform(img: Image.Image, kind: str, cfg: DataConfig, img_num: int, where:
     if max(w, h) // stride > side:  # only reachable with settings that skipped DataConfig.check
         raise BadSample("image_too_large", f"{where}: image {img.size[0]}x{img.size[1]} resizes to "
                         f"{w}x{h}, {w // stride}x{h // stride} {kind} tokens, more than the model's "
-                        f"{table}={side}: set {kind}_max_size to {side * stride} or less")
+                        f"{table}={side}: set --data.{kind.replace('_', '-')}-max-size {side * stride} or less")
     if (w, h) != img.size:
         img = img.resize((w, h), Image.BICUBIC)  # = torchvision resize(bicubic, antialias) on PIL
     return to_tensor(img)
@@ -508,10 +555,10 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
     # fail rather than feed the model inputs it has no module for (LMMS Engine bug D2)
     if gen and not cfg.visual_gen:
         raise BadSample("needs_visual_gen", f"{where}: an assistant image is a generation target, but "
-                        f"visual_gen is off")
+                        f"visual_gen is off (--visual-gen False, or the checkpoint's config)")
     if not gen and not cfg.visual_und and any(kind in ("image", "video") for _, _, kind, _ in parts):
         raise BadSample("needs_visual_und", f"{where}: an input image needs the ViT, but visual_und "
-                        f"is off")
+                        f"is off (--visual-und False, or the checkpoint's config)")
     expanded = []  # a video part becomes its sampled frames, each a (PIL image, label)
     for f, role, kind, value in parts:
         if kind == "video":
@@ -571,18 +618,19 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
 # (or raw lines), and only the rows taken are turned into Python objects. Arrow files are
 # memory-mapped.
 
-def index_lines(path: str) -> np.ndarray:
-    """Byte offsets of the non-blank lines of a .jsonl file, and of its end."""
-    offsets, pos = [], 0
+def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets of the non-blank lines of a .jsonl file and of its end; their 1-based line numbers."""
+    offsets, lines, pos = [], [], 0
     try:
         with open(path, "rb") as fh:
-            for line in fh:
+            for i, line in enumerate(fh, 1):
                 if line.strip():
                     offsets.append(pos)
+                    lines.append(i)
                 pos += len(line)
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e}") from None
-    return np.array(offsets + [pos], dtype=np.int64)
+    return np.array(offsets + [pos], dtype=np.int64), np.array(lines, dtype=np.int64)
 
 
 class DataFile:
@@ -590,7 +638,7 @@ class DataFile:
         self.path, self.ext = path, Path(path).suffix.lower()
         self._h = self._pid = None
         if self.ext == ".jsonl":  # indexed once here, in the parent: the workers inherit it
-            self.offsets = index_lines(path)
+            self.offsets, self.lines = index_lines(path)
         self._open()
         self.unit_rows = self._unit_rows()
         # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
@@ -669,7 +717,8 @@ class DataFile:
     def record(self, rows: Any, unit: int, row: int) -> tuple[str, Any]:
         """(where, record) of row `row` of a loaded unit; `where` names file and row for errors."""
         r = int(self.unit_start[unit]) + row
-        where = f"{self.path}: row {r}"
+        # a jsonl record is named by its line in the file (1-based, as editors count), others by row index
+        where = f"{self.path}: line {self.lines[r]}" if self.ext == ".jsonl" else f"{self.path}: row {r}"
         if self.ext in (".parquet", ".arrow"):
             return where, rows.slice(row, 1).to_pylist()[0]
         if self.ext == ".json":
@@ -678,7 +727,7 @@ class DataFile:
         try:
             return where, json.loads(rows[self.offsets[r] - base:self.offsets[r + 1] - base])
         except json.JSONDecodeError as e:
-            raise BadSample("malformed_json", f"{where}: malformed JSON ({e})") from None
+            raise BadSample("malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 def data_files(path: str) -> list[str]:
@@ -920,7 +969,7 @@ def too_long(where: str, n: int, items: list[dict], cfg: DataConfig) -> str:
         return it["image"].shape[1] // stride * (it["image"].shape[2] // stride) + 2
     big = max(items, key=tokens)
     fix = f"lower --data.{big['option'].replace('_', '-')}" if "option" in big else "shorten the text"
-    return (f"{where}: sample has {n:,} tokens, more than packing_length={cfg.packing_length:,}; its "
+    return (f"{where}: sample has {n:,} tokens, more than --data.packing-length {cfg.packing_length}; its "
             f"largest part is the {big['desc']} with {tokens(big):,} tokens: {fix} or raise "
             f"--data.packing-length (samples are never cut)")
 
@@ -928,7 +977,7 @@ def too_long(where: str, n: int, items: list[dict], cfg: DataConfig) -> str:
 class PackedDataset(torch.utils.data.IterableDataset):
     """Packed batches of one rank; each DataLoader worker is its own shard."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, notes: bool = True):
         cfg.check()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tok = load_tokenizer(cfg.model)
@@ -938,7 +987,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.rotate, self.resume = 0, {}
         n_shards = world_size * max(cfg.num_workers, 1)
         for src in self.sources:
-            if len(src.units) < n_shards and rank == 0:
+            if len(src.units) < n_shards and rank == 0 and notes:  # (train.check_args' copy stays quiet)
                 print(f"data: {src.name} has {len(src.units)} read units (row groups, record batches or "
                       f"{LINES_PER_UNIT}-line blocks) for {n_shards} shards: each unit is cut into "
                       f"{-(-n_shards // len(src.units))} row ranges read by a shard each", file=sys.stderr)
@@ -1118,28 +1167,36 @@ def describe(pack: list[Sample], budget: int, index: int) -> str:
 
 
 @dataclass
-class Args(DataConfig):
+class Args:
+    """Print packs in human form: the flags are train.py's (`--data.*`, `--model`, `--seed`)."""
+    model: str
+    """BAGEL checkpoint directory (its tokenizer and image geometry), or a bare tokenizer directory
+    (then BAGEL-7B-MoT's geometry applies)"""
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    """shuffle, mixture, CFG dropout and timestep draws are all functions of this seed"""
     inspect: int = 2
     """print this many packs and exit"""
 
 
-def main():
-    import tyro
-    args = tyro.cli(Args)
+def main(argv: list[str] | None = None):
+    args = tyro.cli(Args, args=argv)
     try:
         from model import read_config
-        try:  # a BAGEL checkpoint directory: its geometry wins over the flags
-            args = match_model(args, read_config(args.model))
-        except FileNotFoundError:
-            pass  # a bare tokenizer directory: the flags (default: BAGEL-7B-MoT) apply
-        ds = PackedDataset(args)
+        cfg = replace(args.data, model=args.data.model or args.model, seed=args.seed)
+        try:  # a BAGEL checkpoint directory: the geometry is its own
+            cfg = match_model(cfg, read_config(args.model))
+            print(f"data: {geometry_line(cfg)}, from {args.model}", file=sys.stderr)
+        except FileNotFoundError:  # a bare tokenizer directory
+            print(f"data: {geometry_line(cfg)} (BAGEL-7B-MoT's: {args.model} has no model config)", file=sys.stderr)
+        ds = PackedDataset(cfg)
         for i, (pack, batch, _) in enumerate(ds.stream()):
             if i >= args.inspect:
                 break
-            print(describe(pack, args.packing_length, i))
+            print(describe(pack, cfg.packing_length, i))
             print("  tensors: " + ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items()
                                              if torch.is_tensor(v)))
-    except ValueError as e:  # bad data or settings: the message says where and what to do
+    except (ValueError, packing.UserError) as e:  # bad data or settings: the message says where and what to do
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

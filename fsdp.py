@@ -75,7 +75,7 @@ def mesh_shape(world_size: int, shard_size: int) -> tuple[int, int]:
     """(replicas, shards) of the HSDP mesh. shard_size 0 means the whole world (plain FSDP)."""
     shard = shard_size or world_size
     if shard < 1 or shard > world_size or world_size % shard:
-        raise ValueError(f"shard_size={shard_size} does not divide the world size {world_size}: use a "
+        raise ValueError(f"--shard-size {shard_size} does not divide the world size {world_size}: use a "
                          f"divisor of it, e.g. the ranks per node (HSDP: shard within a node, replicate "
                          f"across nodes), or 0 to shard over all ranks")
     return world_size // shard, shard

@@ -900,20 +900,25 @@ def layout(path: str) -> Literal["official", "hf"]:
 HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # configs, weights, tokenizer (upstream README's download, minus code)
 
 
-def resolve(path: str) -> str:
+def resolve(path: str, flag: str = "--model") -> str:
     """A checkpoint directory: `path` itself, or, for a Hugging Face Hub id (ORG/NAME that is no
-    local path), its snapshot in the hub cache, downloaded when needed. huggingface_hub is optional."""
-    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+    local path), its snapshot in the hub cache, downloaded when needed. huggingface_hub is optional.
+    `flag` names the option in errors."""
+    if os.path.exists(path):
         return path
+    # a path is what does not look like ORG/NAME, or starts like one (./x, ~/x), or sits in a folder that exists here
+    if (not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) or path.startswith((".", "~"))
+            or os.path.isdir(path.split("/")[0])):
+        raise packing.UserError(f"{flag} {path}: no such directory")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"{path}: no such folder; as a Hugging Face Hub id it is downloaded by "
+        raise packing.UserError(f"{flag} {path}: no such directory; as a Hugging Face Hub id it is downloaded by "
                                 f"huggingface_hub: pip install huggingface_hub") from None
     try:
         return snapshot_download(path, allow_patterns=HUB_FILES)
     except Exception as e:  # no network, no such repo, gated, disk full: the hub raises many types
-        raise FileNotFoundError(f"{path}: no such folder, and downloading it from the Hugging Face Hub "
+        raise packing.UserError(f"{flag} {path}: no such directory, and downloading it from the Hugging Face Hub "
                                 f"failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 

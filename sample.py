@@ -1,13 +1,14 @@
 """Use a BAGEL checkpoint (official or HF layout, e.g. an export of convert_weights.py): answer a
 question about an image, draw prompts, or edit an image, as the reference inferencer does (DESIGN.md#inference).
 
-    python sample.py --model /data/BAGEL-7B-MoT --prompt "a red fox in snow" --out fox.png
-    python sample.py --model out/export --image cat.jpg --prompt "make the cat black" --out black.png
+    python sample.py --model /data/BAGEL-7B-MoT --prompt "a red fox in snow" --output fox.png
+    python sample.py --model out/export --image cat.jpg --prompt "make the cat black" --output black.png
     python sample.py --model out/export --image cat.jpg --question "What is on the table?"
     python sample.py --model out/export --prompt "a poster for a jazz night" --think
     python sample.py --model /data/BAGEL-7B-MoT --adapter out/adapter --prompt "a red fox"  # LoRA, unmerged
 
-A training checkpoint (output_dir/step-N/) is converted first: python convert_weights.py step-N export.
+A training checkpoint (output_dir/step-N/) is converted first: python convert_weights.py --model step-N --output-dir export.
+Images are sized as in training (data.transform), by the run's sizes that the export records (image_sizes.json).
 Guidance defaults follow the task, as upstream: text-to-image cfg text 4, image 1, interval (0.4, 1],
 global renorm; editing cfg text 4, image 2, interval (0, 1], text_channel renorm.
 """
@@ -29,8 +30,8 @@ from torch.nn.attention.bias import causal_lower_right
 import data as data_lib
 import nsa
 import packing
-from model import (AutoEncoder, Bagel, add_lora, checkpoint_index, patchify_latent, resolve, shift_timesteps,
-                   unpatchify_latent)
+from model import (AutoEncoder, Bagel, add_lora, checkpoint_index, patchify_latent, read_config, resolve,
+                   shift_timesteps, unpatchify_latent)
 
 # -------------------------------------------------------------------------------------------------
 # inference (DESIGN.md#inference): a KV-cached context, text decoding, flow sampling with text CFG
@@ -223,7 +224,7 @@ class Args:
     model: str
     """checkpoint directory (official or HF layout), or a Hugging Face Hub id (ORG/NAME)"""
     adapter: str = ""
-    """a LoRA adapter folder (convert_weights.py STEP DIR --lora-only) applied unmerged on top of --model"""
+    """a LoRA adapter folder (convert_weights.py --model STEP --output-dir DIR --lora-only) applied unmerged on top of --model"""
     check_base: bool = True
     """with --adapter: stop unless --model holds the weights the adapter was trained on (the CRC-32 of
     their bytes, recorded in adapter_config.json; reads the base once more, ~20 s for BAGEL-7B)"""
@@ -235,9 +236,13 @@ class Args:
     """ask about --image (or a text-only question without it): prints the answer"""
     think: bool = False
     """let the model write its reasoning / plan first (the reference's think mode)"""
-    out: str = "sample.png"
-    size: int = 1024
-    """text-to-image height and width in pixels (multiple of 16); edits keep the input's size"""
+    output: str = "sample.png"
+    """the image drawn"""
+    size: int | None = None
+    """text-to-image height and width in pixels: a multiple of the model's latent stride (VAE downsampling x
+    latent patch, 16 for BAGEL-7B-MoT) and at most its max_latent_size strides (1024 px for BAGEL-7B-MoT).
+    Default: the largest the model was trained to draw (its run's --data.vae-max-size within that limit).
+    Edits keep the input's size"""
     steps: int = 50
     cfg_text_scale: float = 4.0
     cfg_img_scale: float | None = None
@@ -252,7 +257,8 @@ class Args:
     temperature: float = 0.0
     """0: greedy text"""
     seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "auto"
+    """auto: cuda when available, else cpu (as train.py's --device); or a torch device such as cuda:1"""
     dtype: Literal["bf16", "fp32"] = "bf16" if torch.cuda.is_available() else "fp32"
 
 
@@ -286,10 +292,10 @@ def load_adapter(model: Bagel, folder: str, base: str, check_base: bool = True):
         weights = load_file(os.path.join(folder, "adapter.safetensors"))
         trained_on, want_crc = cfg["base"], cfg["base_frozen_crc32"]
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"sample.py: --adapter {folder}: not a LoRA adapter folder ({type(e).__name__}: {e})") from None
+        raise packing.UserError(f"--adapter {folder}: not a LoRA adapter folder ({type(e).__name__}: {e})") from None
     parts = {k: cfg.get(k) for k in ("visual_und", "visual_gen")}
     if check_base and (crc := base_crc32(model, base, parts)) != want_crc:
-        raise SystemExit(f"sample.py: --adapter {folder} was trained on {trained_on}, whose weights have CRC-32 "
+        raise packing.UserError(f"--adapter {folder} was trained on {trained_on}, whose weights have CRC-32 "
                          f"{want_crc}, but the weights of --model {base} have {crc}: use the base it was trained on "
                          f"(--no-check-base to run it anyway)")
     names = add_lora(model, cfg["rank"], cfg["alpha"], 0.0, cfg["targets"], cfg["vit"])
@@ -297,46 +303,73 @@ def load_adapter(model: Bagel, folder: str, base: str, check_base: bool = True):
     want = {n + s for n in names for s in (".lora_a", ".lora_b")}
     if set(weights) != want:
         bad = sorted(set(weights) ^ want)
-        raise SystemExit(f"sample.py: --adapter {folder}: adapter.safetensors does not match adapter_config.json "
+        raise packing.UserError(f"--adapter {folder}: adapter.safetensors does not match adapter_config.json "
                          f"on --model {base}: {len(bad)} keys differ, e.g. {bad[0]}")
     for k, v in weights.items():  # kept fp32: the adapter's forward casts its input to them
         model.get_parameter(k).data = v.to(dev)
     print(f"adapter {folder}: rank {cfg['rank']}, alpha {cfg['alpha']}, {cfg['targets']} targets, {len(names)} layers")
 
 
+def trained_sizes(model: str, adapter: str) -> dict | None:
+    """The image sizes of the run that trained --adapter (its adapter_config.json) or --model (the export's
+    image_sizes.json); None when not recorded."""
+    file = os.path.join(adapter, "adapter_config.json") if adapter else os.path.join(model, data_lib.IMAGE_SIZES)
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return json.load(f).get("image_sizes") if adapter else json.load(f)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """The command line; a user error ends it with one `error:` line."""
     a = tyro.cli(Args, args=argv)
-    if not (a.prompt or a.question):
-        raise SystemExit("sample.py: give --prompt (draw / edit) or --question (answer)")
-    if a.prompt and a.question:
-        raise SystemExit("sample.py: --prompt draws or edits, --question answers: give one of them")
     try:
-        a.model = resolve(a.model)
-    except FileNotFoundError as e:
-        raise SystemExit(f"sample.py: {e}") from None
+        return run(a)
+    except packing.UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(a: Args) -> dict:
+    if not (a.prompt or a.question):
+        raise packing.UserError("give --prompt (draw / edit) or --question (answer)")
+    if a.prompt and a.question:
+        raise packing.UserError("--prompt draws or edits, --question answers: give one of them")
+    if a.image:  # before the model loads: a typo costs a second, not the load
+        try:
+            Image.open(a.image).verify()
+        except OSError as e:
+            raise packing.UserError(f"--image {a.image}: cannot read the image ({e.strerror or e})") from None
+    a.model = resolve(a.model)
     if os.path.exists(os.path.join(a.model, "meta.json")):
-        raise SystemExit(f"sample.py: {a.model} is a training checkpoint: export it first with "
-                         f"python convert_weights.py {a.model} EXPORT_DIR --to official")
+        raise packing.UserError(f"--model {a.model} is a training checkpoint: export it first with "
+                                f"python convert_weights.py --model {a.model} --output-dir EXPORT_DIR")
+    try:
+        c = read_config(a.model)
+    except FileNotFoundError as e:
+        raise packing.UserError(f"--model {e}") from None
+    if a.prompt and not c.visual_gen:
+        raise packing.UserError(f"--model {a.model} has no generation part (visual_gen false in its config): it cannot draw")
+    if a.image and a.question and not c.visual_und:
+        raise packing.UserError(f"--model {a.model} has no ViT (visual_und false in its config): it cannot see --image")
+    trained = trained_sizes(a.model, a.adapter)
+    geo = data_lib.sampling_config(c, trained)  # images are sized by training's rule (data.transform) and sizes
+    if a.size is None:
+        a.size = geo.vae_max_size // geo.latent_downsample * geo.latent_downsample
+    if a.prompt and not a.image and (why := data_lib.draw_size_problem("--size", a.size, c)):
+        raise packing.UserError(why)
     edit = bool(a.image and a.prompt)
-    dev, dtype = torch.device(a.device), {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     t0 = time.time()
     model = Bagel.from_pretrained(a.model, dtype=dtype, device=dev).eval()
     if a.adapter:
         load_adapter(model, a.adapter, a.model, a.check_base)
-    if a.prompt and not model.config.visual_gen:
-        raise SystemExit(f"sample.py: {a.model} has no generation part (visual_gen false in its config): it cannot draw")
-    if a.image and a.question and not model.config.visual_und:
-        raise SystemExit(f"sample.py: {a.model} has no ViT (visual_und false in its config): it cannot see --image")
     ae = AutoEncoder.from_pretrained(a.model, dtype=dtype, device=dev).eval()
     tok = data_lib.load_tokenizer(a.model)
     tokens = asdict(data_lib.special_tokens(tok))
-    # the reference's inference transforms, VAE 512-1024 px (stride 16) and ViT 224-980 px (stride
-    # 14), capped at what the model's position tables hold (smaller models, the demo)
-    c = model.config
-    vae_max, vit_max = min(1024, c.max_latent_size * 16), min(980, c.vit_max_num_patch_per_side * c.vit.patch_size)
-    geo = data_lib.match_model(data_lib.DataConfig(vae_max_size=vae_max, vae_min_size=min(512, vae_max),
-                                                   vit_max_size=vit_max, vit_min_size=min(224, vit_max)), c)
-    print(f"loaded {a.model} in {time.time() - t0:.1f}s ({a.device}, {a.dtype})")
+    print(f"loaded {a.model} in {time.time() - t0:.1f}s ({dev}, {a.dtype}); images sized as "
+          f"{'its training run' if trained else 'the training defaults'}: ViT {geo.vit_min_size}-{geo.vit_max_size} px, "
+          f"VAE {geo.vae_min_size}-{geo.vae_max_size} px")
 
     g = torch.Generator(dev).manual_seed(a.seed)
     ctx = Context(model, tokens)
@@ -351,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
             size = tuple(x.shape[1:])
             ctx.add_vae_image(ae.encode(x[None].to(dev, dtype), generator=g)[0])
         if model.config.visual_und:
-            x = data_lib.transform(img, "vit", geo, 1, a.image)
+            x = data_lib.transform(img, "edit_vit" if edit else "vit", geo, 1, a.image)  # as training sizes them
             ctx.add_vit_image(*packing.vit_tokens(x, geo.vit_patch_size, geo.vit_max_num_patch_per_side))
     text_free = ctx.fork()  # the text-CFG branch: everything but the last text
     ctx.add_text(data_lib.encode(tok, a.prompt or a.question))
@@ -368,9 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
                          a.cfg_interval or ((0.0, 1.0) if edit else (0.4, 1.0)), a.cfg_renorm_min, generator=g,
                          cfg_img_ctx=img_free, cfg_img_scale=a.cfg_img_scale or (2.0 if edit else 1.0),
                          cfg_renorm_type=a.cfg_renorm_type or ("text_channel" if edit else "global"))
-    latent_to_pil(ae, lat.float()).save(a.out)
-    print(f"wrote {a.out} ({size[1]}x{size[0]}) in {time.time() - t0:.1f}s")
-    return result | {"image": a.out}
+    latent_to_pil(ae, lat.float()).save(a.output)
+    print(f"wrote {a.output} ({size[1]}x{size[0]}) in {time.time() - t0:.1f}s")
+    return result | {"image": a.output}
 
 
 if __name__ == "__main__":

@@ -18,14 +18,14 @@ import convert_weights
 import data
 import sample
 import train
-from test_train import ckpt  # noqa: F401 (a fixture: the tiny checkpoint with the golden tokenizer)
+from test_train import ckpt, world1  # noqa: F401 (fixtures: the tiny checkpoint with the golden tokenizer, one rank)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOK_DIR = os.path.join(HERE, "testdata", "golden", "tokenizer")
 # the tiny model's geometry (8 ViT patches and 8 latents per side), one CPU step, no samples
 SMALL = ["--data.vit-min-size", "14", "--data.vit-max-size", "112", "--data.vae-min-size", "16",
          "--data.vae-max-size", "128", "--data.num-workers", "0", "--eval.every", "0", "--max-steps", "1",
-         "--precision", "fp32", "--no-activation-checkpointing", "--attn", "sdpa"]
+         "--dtype", "fp32", "--no-activation-checkpointing", "--attn", "sdpa"]
 GOOD = {"messages": [{"role": "user", "content": "Say hello."},
                      {"role": "assistant", "content": "Hello there, friend."}]}
 NO_IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "gone.png"}},
@@ -73,7 +73,7 @@ def test_bad_model_folders_name_the_file(ckpt, tmp_path, capsys, no_load):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a BAGEL checkpoint: expected llm_config.json" in run(str(empty))
-    assert "--model /no/such/folder: no such folder" in run("/no/such/folder")
+    assert "--model /no/such/folder: no such directory" in run("/no/such/folder")
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / "ae.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a truncated header
@@ -94,10 +94,10 @@ def test_bad_data_stops_before_the_model_loads(ckpt, tmp_path, capsys, no_load):
     assert "/no/such.parquet: no such file or directory" in run("--data", "/no/such.parquet")
     assert "unknown data file type" in run("--data", jsonl(tmp_path / "d.csv", [GOOD]))
     bad = jsonl(tmp_path / "bad.jsonl", [NO_IMAGE])
-    assert f"{bad}: row 0: messages[0].content[0]: image file not found" in run("--data", bad)
+    assert f"{bad}: line 1: messages[0].content[0]: image file not found" in run("--data", bad)
     good = jsonl(tmp_path / "good.jsonl", [GOOD])
-    assert f"{good}: row 0: sample has" in run("--data", good, "--data.packing-length", "8")  # too small
-    assert f"{bad}: row 0" in run("--data", good, bad)  # the first record of every source
+    assert f"{good}: line 1: sample has" in run("--data", good, "--data.packing-length", "8")  # too small
+    assert f"{bad}: line 1" in run("--data", good, bad)  # the first record of every source
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -105,10 +105,10 @@ def test_bad_data_stops_before_the_model_loads(ckpt, tmp_path, capsys, no_load):
     (["--attn", "flex"], "--attn flex has no backward on CPU"),
     (["--visual-gen", "False", "--freeze", "llm", "vit", "connector"],
      "--freeze llm vit connector leaves nothing to train"),
-    (["--shard-size", "3"], "shard_size=3 does not divide the world size 1"),
+    (["--shard-size", "3"], "--shard-size 3 does not divide the world size 1"),
     (["--ckpt.resume", "/no/step-0000100"], "--ckpt.resume /no/step-0000100: not a complete checkpoint"),
-    (["--eval.every", "5", "--eval.image", "/no/cat.jpg"], "--eval.image /no/cat.jpg: cannot read the image"),
-    (["--eval.every", "5", "--eval.size", "100"], "--eval.size 100: must be a multiple of 16 and at most 128"),
+    (["--eval.every", "5", "--eval.size", "64", "--eval.image", "/no/cat.jpg"], "--eval.image /no/cat.jpg: cannot read the image"),
+    (["--eval.every", "5", "--eval.size", "100"], "--eval.size 100: must be a multiple of 16 (the model's latent stride) and at most 128 px"),
     (["--output-dir", "FILE/out"], "--output-dir FILE/out: cannot write there (Not a directory)"),
 ])
 def test_bad_options_name_the_option(ckpt, tmp_path, capsys, monkeypatch, no_load, argv, says):
@@ -121,11 +121,33 @@ def test_bad_options_name_the_option(ckpt, tmp_path, capsys, monkeypatch, no_loa
 
 def test_bugs_keep_their_traceback_and_debug_shows_user_errors_whole(ckpt, tmp_path, monkeypatch):
     argv = ["--model", ckpt, "--output-dir", str(tmp_path / "out"), *SMALL]
-    with pytest.raises(ValueError, match="no data"):
+    with pytest.raises(train.packing.UserError, match="no data"):
         train.main(argv + ["--debug"])
-    monkeypatch.setattr(train.data_lib, "PackedDataset", lambda *a: 1 / 0)
+    monkeypatch.setattr(train.data_lib, "PackedDataset", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         train.main(argv + ["--data", jsonl(tmp_path / "d.jsonl", [GOOD])])
+
+
+def test_every_option_conflict_in_one_error(ckpt, tmp_path, capsys, no_load):
+    """BAGEL-7B-MoT's image sizes on the tiny model, a bad --shard-size and a missing data file: one error
+    lists them all, each with the flag as typed and a value that works."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", ckpt, "--data", str(tmp_path / "gone.jsonl"), "--output-dir", str(tmp_path / "out"),
+                    "--dtype", "fp32", "--attn", "sdpa", "--shard-size", "3", "--eval.every", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines() == [
+        "error: 6 problems:",
+        "  --shard-size 3 does not divide the world size 1: use a divisor of it, e.g. the ranks per node (HSDP: "
+        "shard within a node, replicate across nodes), or 0 to shard over all ranks",
+        "  --data.vit-max-size 980 gives 70 tokens per side, more than the model's vit_max_num_patch_per_side=8: "
+        "set --data.vit-max-size 112 or less",
+        "  --data.vit-min-size 378 is larger than --data.vit-max-size 112: set --data.vit-min-size 112 or less",
+        "  --data.vae-max-size 1024 gives 64 tokens per side, more than the model's max_latent_size=8: "
+        "set --data.vae-max-size 128 or less",
+        "  --data.vae-min-size 512 is larger than --data.vae-max-size 128: set --data.vae-min-size 128 or less",
+        f"  {tmp_path}/gone.jsonl: no such file or directory"]
 
 
 def test_a_bad_record_in_a_dataloader_worker_is_one_line(ckpt, tmp_path, capsys):
@@ -134,12 +156,12 @@ def test_a_bad_record_in_a_dataloader_worker_is_one_line(ckpt, tmp_path, capsys)
     path = tmp_path / "d.jsonl"
     jsonl(path, [NO_IMAGE] * 4)
     where = data.find_sources([str(path)])[0].read((0, 0, 0, 0))[0]  # the record start-up checks
-    first = int(where.rsplit("row ", 1)[1])
+    first = int(where.rsplit("line ", 1)[1]) - 1
     jsonl(path, [GOOD if i == first else NO_IMAGE for i in range(4)])
     line = user_error(capsys, ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), *SMALL,
                                "--data.num-workers", "1", "--data.packing-length", "512"])
-    assert line.startswith(f"error: {path}: row ") and "messages[0].content[0]: image file not found" in line
-    assert f"row {first}:" not in line and "DataLoader worker" not in line
+    assert line.startswith(f"error: {path}: line ") and "messages[0].content[0]: image file not found" in line
+    assert f"line {first + 1}:" not in line and "DataLoader worker" not in line
 
 
 def test_hub_id_errors_say_how_to_get_it(ckpt, tmp_path, capsys, monkeypatch):
@@ -147,12 +169,15 @@ def test_hub_id_errors_say_how_to_get_it(ckpt, tmp_path, capsys, monkeypatch):
             "--output-dir", str(tmp_path / "out"), *SMALL]
     monkeypatch.chdir(tmp_path)  # no folder someorg/bagel-tiny here
     hub_stub(monkeypatch, None)
-    assert "someorg/bagel-tiny: no such folder; as a Hugging Face Hub id it is downloaded by huggingface_hub: " \
+    assert "someorg/bagel-tiny: no such directory; as a Hugging Face Hub id it is downloaded by huggingface_hub: " \
            "pip install huggingface_hub" in user_error(capsys, argv)
 
     def offline(repo, **kw):
         raise OSError("no network\n(twice)")
     hub_stub(monkeypatch, offline)
+    # a path that does not exist is no hub id: ./x, ~/x, or x/y where the folder x exists here
+    for path in ("./bagel/export", "~/bagel", "out/export"):
+        assert user_error(capsys, [*argv[:1], path, *argv[2:]]) == f"error: --model {path}: no such directory"
     assert "downloading it from the Hugging Face Hub failed: OSError: no network (twice)" in user_error(capsys, argv)
 
 
@@ -160,11 +185,51 @@ def test_sample_and_convert_take_hub_ids(ckpt, tmp_path, monkeypatch):
     calls = []
     hub_stub(monkeypatch, lambda repo, **kw: calls.append(repo) or ckpt)
     monkeypatch.chdir(tmp_path)
-    out = convert_weights.convert(convert_weights.Args(src="someorg/bagel-tiny", dst=str(tmp_path / "exp")))
+    out = convert_weights.convert(convert_weights.Args(model="someorg/bagel-tiny", output_dir=str(tmp_path / "exp")))
     assert os.path.exists(os.path.join(out, "ema.safetensors"))
     assert "text" in sample.main(["--model", "someorg/bagel-tiny", "--question", "hi", "--max-new-tokens", "2",
                                   "--device", "cpu", "--dtype", "fp32"])
     assert calls == ["someorg/bagel-tiny"] * 2
+
+
+def test_sample_with_defaults_sizes_images_as_training(ckpt, tmp_path, capsys, monkeypatch):
+    """sample.py on the tiny checkpoint with no --size draws the largest it holds; with an export's record of
+    its run's sizes (a demo-like export), it draws at the run's largest and feeds the ViT what training did,
+    through data.resize_shape (changing that rule changes sample.py's input); user mistakes are `error:` lines."""
+    from PIL import Image
+    common = ["--steps", "2", "--max-new-tokens", "2", "--dtype", "fp32", "--device", "cpu"]
+    out = sample.main(["--model", ckpt, "--prompt", "a red circle", "--output", str(tmp_path / "a.png"), *common])
+    assert Image.open(out["image"]).size == (128, 128)  # 8 latents x stride 16
+    demo = tmp_path / "demo"
+    shutil.copytree(ckpt, demo)
+    (demo / data.IMAGE_SIZES).write_text(json.dumps({"vit_max_size": 56, "vit_min_size": 28, "vae_max_size": 32,
+                                                     "vae_min_size": 16}))
+    out = sample.main(["--model", str(demo), "--prompt", "a red circle", "--output", str(tmp_path / "b.png"), *common])
+    assert Image.open(out["image"]).size == (32, 32)
+    Image.new("RGB", (32, 32), (40, 80, 220)).save(tmp_path / "in.png")
+    seen = []
+    monkeypatch.setattr(sample.Context, "add_vit_image", lambda self, patches, pos: seen.append(len(patches)))
+    ask = ["--image", str(tmp_path / "in.png"), "--question", "what shape is this ?", *common]
+    sample.main(["--model", str(demo), *ask])
+    assert seen == [4]  # 32 px -> 28 px, as training resized it: 2x2 patches of 14 (the fixture alone: 112 px, 64)
+    monkeypatch.setattr(data, "resize_shape", lambda w, h, *a, **k: (14, 14))  # another rule: sample.py follows
+    sample.main(["--model", str(demo), *ask])
+    assert seen == [4, 1]
+    monkeypatch.undo()
+    for argv, says in ((["--model", ckpt, "--image", str(tmp_path / "gone.png"), "--question", "hi"],
+                        f"error: --image {tmp_path}/gone.png: cannot read the image (No such file or directory)"),
+                       (["--model", str(tmp_path / "gone"), "--question", "hi"],
+                        f"error: --model {tmp_path}/gone: no such directory"),
+                       (["--model", ckpt, "--prompt", "x", "--size", "100"],
+                        "error: --size 100: must be a multiple of 16 (the model's latent stride) and at most 128 px "
+                        "(max_latent_size 8 strides)")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        assert str(e.value) == says
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    assert "a multiple of the model's latent stride" in " ".join(capsys.readouterr().out.replace("│", " ").split())
 
 
 # one rank of the hub test, as its own process: huggingface_hub is a stub that logs its calls and
@@ -216,3 +281,45 @@ def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == dict(model=want, files=sorted(os.listdir(ckpt))), rank
+
+
+def test_readme_commands_of_the_other_clis_parse():
+    """Every sample.py / convert_weights.py / data.py command in README.md parses (a renamed flag would not)."""
+    import shlex
+    import tyro
+    text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
+    mods = {"sample.py": sample, "convert_weights.py": convert_weights, "data.py": data}
+    cmds = [shlex.split(line.split("#")[0].strip()) for line in text.splitlines()
+            if line.strip().startswith(tuple(f"python {m}" for m in mods))]
+    assert len(cmds) >= 10
+    for argv in cmds:
+        tyro.cli(mods[argv[1]].Args, args=argv[2:])
+
+
+def test_each_note_prints_once(ckpt, tmp_path, capfd, world1):
+    """The checkpoint's geometry line and the data's read-units note (here: 1 unit for 2 worker shards) each
+    print once, with the shard count of the run: the start-up checks and then the run's loader."""
+    args = train.check_args(train.parse_args(["--model", ckpt, "--data", jsonl(tmp_path / "d.jsonl", [GOOD] * 4),
+                                              "--output-dir", str(tmp_path / "out"), *SMALL, "--data.num-workers", "2"]),
+                            world1)
+    data.PackLoader(args.data, world1.rank, world1.world_size)  # what train() builds
+    out, err = capfd.readouterr()
+    assert (out + err).count("model geometry: ViT patch 14, 8 patches per side; latent stride 16, 8 latents") == 1
+    notes = [line for line in (out + err).splitlines() if "read units" in line]
+    assert len(notes) == 1 and "1 read units (row groups, record batches or 1024-line blocks) for 2 shards" in notes[0]
+
+
+def test_nsa_options_on_an_nsa_checkpoint_are_refused(tmp_path, capsys, no_load):
+    """An NSA checkpoint's settings are its own (its weights were trained with them): --nsa.* that differ
+    would be silently overwritten, so they are an error."""
+    from test_nsa import TINY_NSA
+    from test_smoke import tiny_ae, tiny_bagel, write_official
+    path = tmp_path / "nsa"
+    write_official(path, tiny_bagel(config=TINY_NSA), tiny_ae())
+    for f in os.listdir(TOK_DIR):
+        shutil.copy(os.path.join(TOK_DIR, f), path)
+    argv = ["--model", str(path), "--data", jsonl(tmp_path / "d.jsonl", [GOOD]), "--output-dir", str(tmp_path / "out"),
+            *SMALL[:-2]]  # (attn auto: nsa)
+    line = user_error(capsys, argv + ["--nsa.topk", str(TINY_NSA.nsa.topk + 1)])
+    assert line.startswith(f"error: --nsa.*: {path} has NSA weights trained with its own settings (NSAConfig(")
+    assert line.endswith("drop the --nsa.* options")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
+import packing
 from convert_weights import Args, Source, convert, parse_size, write_safetensors
 from model import POS_TABLES, AutoEncoder, Bagel, LLMConfig, config_files, read_config
 from test_smoke import GOLDEN, TINY, golden_batch, tiny_ae, tiny_bagel, write_official
@@ -63,7 +64,7 @@ def test_official_hf_official_round_trip_is_bit_exact(tmp_path):
     model, ae = tiny_bagel(), tiny_ae()
     base = base_checkpoint(tmp_path / "base", model, ae)
     # default flags: a change of layout keeps every tensor's dtype (the base is fp32)
-    hf = convert(Args(base, str(tmp_path / "hf"), to="hf", shard_size="600KB", check=True))
+    hf = convert(Args(base, str(tmp_path / "hf"), to="hf", max_shard_size="600KB", check=True))
     names = sorted(os.listdir(hf))
     shards = [n for n in names if n.startswith("model-")]
     assert len(shards) > 2 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
@@ -173,8 +174,8 @@ def test_bad_inputs_give_clear_errors_and_leave_no_destination(tmp_path):
 
     os.makedirs(tmp_path / "empty")
     fails(FileNotFoundError, "not a BAGEL checkpoint", src=str(tmp_path / "empty"))
-    fails(FileNotFoundError, "no such checkpoint", src=str(tmp_path / "nowhere"))
-    fails(ValueError, "shard-size", to="hf", shard_size="five")
+    fails(packing.UserError, "--model .*nowhere: no such directory", src=str(tmp_path / "nowhere"))
+    fails(ValueError, "--max-shard-size", to="hf", max_shard_size="five")
     # a training checkpoint whose tensor does not fit the base's config
     sd = {**model.state_dict(), "connector.fc1.weight": torch.zeros(3, 3)}
     ckpt = training_checkpoint(tmp_path / "bad" / "step-0000003", base, sd)
@@ -260,14 +261,14 @@ def test_big_checkpoint_converts_with_bounded_memory(tmp_path):
         size = os.path.getsize(tmp_path / "big" / "ema.safetensors")
         assert size > 2.9e9
 
-        peak = peak_rss(str(tmp_path / "big"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16", "--shard-size", "1GB")
+        peak = peak_rss("--model", str(tmp_path / "big"), "--output-dir", str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16", "--max-shard-size", "1GB")
         print(f"\nofficial {size / 1e9:.2f} GB fp32 -> hf bf16: peak RSS {peak / 1e9:.2f} GB")
         assert peak < 0.35 * size
         assert len([n for n in os.listdir(tmp_path / "hf") if n.startswith("model-")]) == 2  # 1.5 GB in 1 GB shards
         assert read_config(str(tmp_path / "hf")) == BIG
         shutil.rmtree(tmp_path / "hf")
 
-        peak = peak_rss(str(tmp_path / "step-0000001"), str(tmp_path / "out"))
+        peak = peak_rss("--model", str(tmp_path / "step-0000001"), "--output-dir", str(tmp_path / "out"))
         print(f"training checkpoint {size / 1e9:.2f} GB fp32 -> official bf16: peak RSS {peak / 1e9:.2f} GB")
         assert peak < 0.35 * size
         assert os.path.getsize(tmp_path / "out" / "ema.safetensors") < size / 2 + 1e6
@@ -309,7 +310,7 @@ def test_build_from_parts(tmp_path):
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, os.path.join(vae_dir, "ae.safetensors"))
     json.dump(config_files(TINY)["ae_config.json"], open(os.path.join(vae_dir, "ae_config.json"), "w"))
 
-    out = convert(Args(src=llm_dir, dst=str(tmp_path / "bagel"), vit=vit_dir, vae=vae_dir, max_latent_size=8,
+    out = convert(Args(model=llm_dir, output_dir=str(tmp_path / "bagel"), vit_model=vit_dir, vae_model=vae_dir, max_latent_size=8,
                        dtype="fp32", check=True))
     model = Bagel.from_pretrained(out)
     c = model.config
@@ -342,6 +343,33 @@ def test_build_from_parts(tmp_path):
     out_ = model(**golden_batch("case6_pack"), generator=torch.Generator().manual_seed(0))
     (out_["ce"].mean() + out_["mse"].mean()).backward()
     assert torch.isfinite(out_["ce"]).all() and model.connector.fc1.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="needs --vit"):
-        convert(Args(src=llm_dir, dst=str(tmp_path / "x"), vae=vae_dir))
+    with pytest.raises(ValueError, match="needs --vit-model"):
+        convert(Args(model=llm_dir, output_dir=str(tmp_path / "x"), vae_model=vae_dir))
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_merged_lora_export_keeps_a_small_update(tmp_path, capsys):
+    """A LoRA update 1e-3 the size of its weight survives the default export (merged tensors in fp32, the
+    rest bf16): rounding W + B A to bf16 would keep it with an error of the size of the update itself."""
+    model = tiny_bagel()
+    base = base_checkpoint(tmp_path / "base", model)
+    name, rank, alpha = "language_model.model.layers.0.self_attn.q_proj_moe_gen", 4, 8.0
+    w = model.state_dict()[name + ".weight"].double()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rank, w.shape[1], generator=g), torch.randn(w.shape[0], rank, generator=g)
+    b *= 1e-3 * w.norm() / (b.double() @ a.double() * alpha / rank).norm()
+    step = training_checkpoint(tmp_path / "run" / "step-0000007", base, {name + ".lora_a": a, name + ".lora_b": b},
+                               args=False)
+    with open(os.path.join(step, "args.json"), "w") as f:
+        json.dump({"model": base, "lora": {"rank": rank, "alpha": alpha, "targets": "gen", "vit": False}}, f)
+    out = convert(Args(step, str(tmp_path / "export"), check=True))
+    assert "1 merged LoRA tensors written in fp32, the rest in bf16" in capsys.readouterr().out
+    got = load_file(os.path.join(out, "ema.safetensors"))
+    delta = b.double() @ a.double() * alpha / rank
+    assert ((got[name + ".weight"].double() - w) - delta).norm() < 1e-4 * delta.norm()  # the update, kept
+    assert got[name + ".weight"].dtype == torch.float32
+    assert got[name.replace("q_proj", "k_proj") + ".weight"].dtype == torch.bfloat16  # the rest as the release
+    half = convert(Args(step, str(tmp_path / "half"), dtype="bf16"))  # asked for: rounded, and said so
+    assert "rounded to bf16 (--dtype bf16)" in capsys.readouterr().out
+    lost = (load_file(os.path.join(half, "ema.safetensors"))[name + ".weight"].double() - w - delta).norm()
+    assert lost > 0.3 * delta.norm()  # what the default avoids

@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 import packing
+from test_train import ckpt  # noqa: F401 (a fixture: the tiny checkpoint with the golden tokenizer)
 
 GOLDEN = Path(__file__).parent / "testdata" / "golden"
 TOK_DIR = GOLDEN / "tokenizer"
@@ -356,10 +357,19 @@ def test_pixels_and_patchify_order():
 
 
 def test_image_size_checks():
-    with pytest.raises(ValueError, match="set vit_max_size to 980 or less"):
+    with pytest.raises(packing.UserError, match="set --data.vit-max-size 980 or less"):
         data.DataConfig(data=("x",), vit_max_size=1024).check()
-    with pytest.raises(ValueError, match="set vae_max_size to 128 or less"):
+    with pytest.raises(packing.UserError, match="set --data.vae-max-size 128 or less"):
         data.DataConfig(data=("x",), max_latent_size=8).check()
+    # every problem at once, each with the flag as typed and a value that works
+    bad = data.DataConfig(max_latent_size=8, vit_max_num_patch_per_side=8, vit_patch_size=14).problems()
+    assert bad == ["no data: pass --data PATH (a file, a directory or a .yaml mixture)",
+                   "--data.vit-max-size 980 gives 70 tokens per side, more than the model's vit_max_num_patch_per_side=8: "
+                   "set --data.vit-max-size 112 or less",
+                   "--data.vit-min-size 378 is larger than --data.vit-max-size 112: set --data.vit-min-size 112 or less",
+                   "--data.vae-max-size 1024 gives 64 tokens per side, more than the model's max_latent_size=8: "
+                   "set --data.vae-max-size 128 or less",
+                   "--data.vae-min-size 512 is larger than --data.vae-max-size 128: set --data.vae-min-size 128 or less"]
     cfg = small_cfg(vit_max_size=224)  # not check()ed: 16 patches per side, the table has 8
     with pytest.raises(data.BadSample, match=r"f.png: .*vit_max_num_patch_per_side=8") as e:
         data.transform(Image.new("RGB", (600, 60)), "vit", cfg, 1, "f.png")
@@ -380,27 +390,27 @@ def good():
 BAD = [
     ("unknown_part_type", {"messages": [{"role": "user", "content": [{"type": "img"}]},
                                         {"role": "assistant", "content": "x"}]},
-     r"row 1: messages\[0\].content\[0\]: unknown part type 'img'"),
+     r"line 2: messages\[0\].content\[0\]: unknown part type 'img'"),
     ("missing_image", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "nope.png"}}, T("q")]}, {"role": "assistant", "content": "a"}]},
-     r"row 1: messages\[0\].content\[0\]: image file not found: .*nope.png"),
+     r"line 2: messages\[0\].content\[0\]: image file not found: .*nope.png"),
     ("undecodable_image", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]},
-        {"role": "assistant", "content": "a"}]}, r"row 1: messages\[0\].content\[0\]: cannot decode image"),
+        {"role": "assistant", "content": "a"}]}, r"line 2: messages\[0\].content\[0\]: cannot decode image"),
     ("http_url", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}, {"role": "assistant", "content": "a"}]},
-     r"row 1: messages\[0\].content\[0\]: https://x.org/a.png: .*no network"),
-    ("empty_conversation", {"messages": []}, r"row 1: messages: no text and no image"),
-    ("no_loss_token", {"messages": [{"role": "user", "content": "hi"}]}, r"row 1: messages: no assistant"),
+     r"line 2: messages\[0\].content\[0\]: https://x.org/a.png: .*no network"),
+    ("empty_conversation", {"messages": []}, r"line 2: messages: no text and no image"),
+    ("no_loss_token", {"messages": [{"role": "user", "content": "hi"}]}, r"line 2: messages: no assistant"),
     ("too_long", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]},
-     r"row 1: sample has \d+ tokens, more than packing_length=160"),
-    ("malformed_json", {"messages": "[{\"role\": "}, r"row 1: messages: malformed JSON"),
-    ("wrong_type", {"messages": 5}, r"row 1: messages: expected a list"),
-    ("wrong_type", {"messages": [{"role": "robot", "content": "x"}]}, r"row 1: messages\[0\].role: 'robot'"),
-    ("wrong_type", {"text": "no messages"}, r"row 1: no 'messages' field"),
+     r"line 2: sample has \d+ tokens, more than --data.packing-length 160"),
+    ("malformed_json", {"messages": "[{\"role\": "}, r"line 2: messages: malformed JSON"),
+    ("wrong_type", {"messages": 5}, r"line 2: messages: expected a list"),
+    ("wrong_type", {"messages": [{"role": "robot", "content": "x"}]}, r"line 2: messages\[0\].role: 'robot'"),
+    ("wrong_type", {"text": "no messages"}, r"line 2: no 'messages' field"),
     ("needs_visual_und", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "images/a.png"}}]}, {"role": "assistant", "content": "a"}]},
-     r"row 1: an input image needs the ViT, but visual_und is off"),
+     r"line 2: an input image needs the ViT, but visual_und is off"),
 ]
 
 
@@ -419,8 +429,9 @@ def test_bad_input(reason, rec, msg, tmp_path):
 
 def test_bad_json_line_and_column_type(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text(json.dumps(good()) + "\n{not json\n")
-    with pytest.raises(data.BadSample, match=r"bad.jsonl: row 1: malformed JSON"):
+    # a bad line 7 (the file's 1-based line, blank lines counted) is "line 7", its column within that line
+    p.write_text((json.dumps(good()) + "\n") * 3 + "\n\n" + json.dumps(good()) + "\n" + '{"messages": [1,}\n')
+    with pytest.raises(data.BadSample, match=r"bad.jsonl: line 7: malformed JSON \(Expecting value at column 17\)"):
         all_packs(small_cfg(data=(str(p),)))
     q = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"messages": [1, 2]}), q)
@@ -579,7 +590,7 @@ def test_epochs_reshuffle(tmp_path):
     ds = data.PackedDataset(cfg)
     st = ds.stream()
     keys = iter(st.next_key, None)  # the sample stream before packing
-    rows = [ds.sources[0].read(k)[0] for k in keys]  # "file: row r"
+    rows = [ds.sources[0].read(k)[0] for k in keys]  # "file: line n"
     assert len(rows) == 80 and st.next_key() is None
     first, second = rows[:40], rows[40:]
     assert len(set(first)) == 40 and sorted(first) == sorted(second) and first != second
@@ -627,19 +638,28 @@ def test_workers_interleave_in_step_order(tmp_path):
         same_batch(a, b)
 
 
-def test_inspect_cli(tmp_path):
-    import subprocess
-    import sys
+def test_inspect_cli(tmp_path, ckpt, capsys):
+    """data.py takes train.py's flags (--data.*); the geometry is the checkpoint's, printed once, not an option."""
     path = write("jsonl", records("abspath", SIZES_DIR(tmp_path)), tmp_path)
-    out = subprocess.run([sys.executable, "data.py", "--data", path, "--model", str(TOK_DIR), "--inspect", "1",
-                          "--vit-min-size", "14", "--vit-max-size", "112", "--vae-min-size", "16",
-                          "--vae-max-size", "128", "--vit-max-num-patch-per-side", "8", "--max-latent-size", "8",
-                          "--packing-length", "160"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert out.returncode == 0, out.stderr
-    assert "pack 0:" in out.stdout and "noise" in out.stdout and "MSE" in out.stdout and "rope" in out.stdout
-    bad = subprocess.run([sys.executable, "data.py", "--data", str(tmp_path / "none.jsonl"), "--model",
-                          str(TOK_DIR)], capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            data.main(["--model", ckpt, *argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, *capsys.readouterr()
+    code, out, err = run("--data", path, "--inspect", "1", "--data.vit-min-size", "14", "--data.vit-max-size", "112",
+                         "--data.vae-min-size", "16", "--data.vae-max-size", "128", "--data.packing-length", "160")
+    assert code == 0, err
+    assert "pack 0:" in out and "noise" in out and "MSE" in out and "rope" in out
+    assert err.count("model geometry: ViT patch 14, 8 patches per side; latent stride 16, 8 latents") == 1
+    code, out, err = run("--data", str(tmp_path / "none.jsonl"))
+    assert code == 1 and err.startswith("data: ") and "Traceback" not in err
+    assert err.splitlines()[1] == "error: 4 problems:"  # 7B-MoT's default sizes do not fit: all at once
+    assert "set --data.vit-max-size 112 or less" in err and "set --data.vae-min-size 128 or less" in err
+    assert run("--data", path, "--data.max-latent-size", "8")[0] == 2  # the checkpoint's, not an option
 
 
 def SIZES_DIR(tmp_path):
@@ -702,8 +722,8 @@ def count_row_group_reads(monkeypatch) -> list[int]:
     return reads
 
 
-def row_of(where):
-    return int(where.rsplit("row ", 1)[1])
+def row_of(where):  # "file: row r", or "file: line r + 1" for jsonl (these files have no blank lines)
+    return int(where.rsplit("row ", 1)[1]) if "row " in where else int(where.rsplit("line ", 1)[1]) - 1
 
 
 @pytest.mark.parametrize("container", ["parquet", "arrow", "jsonl"])
@@ -863,8 +883,8 @@ def test_1024_edits_fit_the_defaults(tmp_path, tok, monkeypatch, capsys):
              {"role": "user", "content": "now mirror it"}, {"role": "assistant", "content": [img]}]
     (tmp_path / "big.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in (edit, multi)))
     monkeypatch.setattr(sys, "argv", ["data.py", "--data", str(tmp_path / "big.jsonl"), "--model", str(TOK_DIR),
-                                      "--inspect", "2", "--epochs", "1", "--text-cond-dropout", "0",
-                                      "--vit-cond-dropout", "0", "--vae-cond-dropout", "0"])
+                                      "--inspect", "2", "--data.epochs", "1", "--data.text-cond-dropout", "0",
+                                      "--data.vit-cond-dropout", "0", "--data.vae-cond-dropout", "0"])
     data.main()
     out = capsys.readouterr().out
     texts = [["now mirror it"], ["what is in this picture?", "a smooth grey gradient from the top left corner",
@@ -888,7 +908,7 @@ def test_too_long_names_the_large_part(msgs, budget, part, option, tmp_path):
     SIZES_DIR(tmp_path)
     p = tmp_path / "long.jsonl"
     p.write_text(json.dumps({"messages": msgs}) + "\n")
-    with pytest.raises(data.BadSample, match=f"long.jsonl: row 0: sample has .* more than packing_length={budget}; "
+    with pytest.raises(data.BadSample, match=f"long.jsonl: line 1: sample has .* more than --data.packing-length {budget}; "
                                              f"its largest part is the {part}.*tokens: .*{option}"):
         all_packs(small_cfg(data=(str(p),), packing_length=budget))
 
@@ -904,5 +924,5 @@ def test_mostly_skipped_source_stops(tmp_path):
     packs = all_packs(small_cfg(data=(ok,), skip_bad=True, packing_length=512))
     assert packs[-1][2]["skips"] == {"empty_conversation": 15}
     with pytest.raises(ValueError, match=r"bad.jsonl: \d+ of the 1\d\d records read so far are bad .*the last: "
-                                         r".*bad.jsonl: row \d+: messages: no text"):
+                                         r".*bad.jsonl: line \d+: messages: no text"):
         all_packs(small_cfg(data=(ok, bad), skip_bad=True, packing_length=512))

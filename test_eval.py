@@ -51,7 +51,7 @@ def val_args(demo, dropout: float = 0.0, packs: int = 3, **kw) -> train.Args:
     a = train.demo_args()
     cfg = dataclasses.replace(a.data, data=(train_jsonl,), model=base, packing_length=160, text_cond_dropout=dropout,
                               vit_cond_dropout=dropout, vae_cond_dropout=dropout)
-    return dataclasses.replace(a, model=base, precision="fp32", data=data.match_model(cfg, model_lib.read_config(base)),
+    return dataclasses.replace(a, model=base, dtype="fp32", data=data.match_model(cfg, model_lib.read_config(base)),
                                eval=dataclasses.replace(a.eval, data=(val_jsonl,), packs=packs), **kw)
 
 

@@ -119,7 +119,7 @@ def test_freeze_und_with_lora_gives_upstreams_gradients_to_the_gen_adapters(ckpt
     base with the adapters written by hand, B random so that A gets a gradient too: every gen adapter
     moves by the reference's gradient (1e-6), nothing else is trainable or moves."""
     optim = train.OptimConfig(name="sgd", lr=1.0, betas=(0.0, 0.95), warmup_steps=0, grad_clip=0)
-    args = train.Args(model=ckpt, precision="fp32", freeze=("und",), optim=optim, lora=train.LoRAConfig(rank=RANK))
+    args = train.Args(model=ckpt, dtype="fp32", freeze=("und",), optim=optim, lora=train.LoRAConfig(rank=RANK))
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -238,8 +238,8 @@ def test_checkpoint_resume_merged_export_and_adapter(ckpt, world1, tmp_path):
         assert {k[len(part) + 1:] for k in saved if k.startswith(part + ".")} == lora_keys | set(POS_TABLES), part
 
     # merged export (fp32) against the formula; the saved EMA is what it exports
-    exp = convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "merged"), dtype="fp32"))
-    adapter = convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "adapter"), lora_only=True))
+    exp = convert_weights.convert(convert_weights.Args(model=path, output_dir=str(tmp_path / "merged"), dtype="fp32"))
+    adapter = convert_weights.convert(convert_weights.Args(model=path, output_dir=str(tmp_path / "adapter"), lora_only=True))
     lora = load_file(os.path.join(adapter, "adapter.safetensors"))
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert set(lora) == lora_keys and all(v.dtype == torch.float32 for v in lora.values())
@@ -354,5 +354,5 @@ def test_memory_table_counts_adapters_by_the_formula(monkeypatch):
     (["--lora.rank", "4", "--lora.targets", "und", "--lora.vit", "--freeze", "vit"], "--freeze vit: 12 adapted"),
 ])
 def test_bad_lora_options_are_user_errors(flags, message, ckpt, world1):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(train.packing.UserError, match=message):
         train.check_args(train.parse_args(flags + ["--model", ckpt]), world1)

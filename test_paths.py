@@ -37,7 +37,7 @@ def one_step(args: train.Args, d) -> tuple[dict, dict, torch.nn.Module]:
 
 def tiny_args(ckpt: str, **kw) -> train.Args:
     optim = kw.pop("optim", train.OptimConfig(lr=1e-3, warmup_steps=0))
-    return train.Args(model=ckpt, precision="fp32", activation_checkpointing=False, optim=optim, **kw)
+    return train.Args(model=ckpt, dtype="fp32", activation_checkpointing=False, optim=optim, **kw)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def test_loss_weights_scale_only_their_own_term(ckpt, world1):
 def test_timestep_shift_flag_reaches_the_forward(ckpt, world1):
     """`--timestep-shift 3` on the command line: the built model's training timesteps are
     3t / (1 + 2t). Catches the flag parsed but not passed to the model config (shift stays 1)."""
-    args = train.parse_args(["--model", ckpt, "--timestep-shift", "3", "--precision", "fp32",
+    args = train.parse_args(["--model", ckpt, "--timestep-shift", "3", "--dtype", "fp32",
                              "--no-activation-checkpointing"])
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     b = golden_batch("case3_t2i")
@@ -132,7 +132,7 @@ def run_main(ckpt: str, out, records: list[str], *extra: str) -> None:
               "vit_cond_dropout", "vae_cond_dropout", "num_workers")]
     os.makedirs(out, exist_ok=True)
     path = write_jsonl(os.path.join(out, "data.jsonl"), [RECORDS[k] for k in records])
-    train.main(["--model", ckpt, "--data", path, "--output-dir", str(out), "--precision", "fp32",
+    train.main(["--model", ckpt, "--data", path, "--output-dir", str(out), "--dtype", "fp32",
                 "--no-activation-checkpointing", "--optim.warmup-steps", "0", "--optim.lr", "1e-3",
                 "--log-every", "1", "--eval.every", "0", "--data.packing-length", "160", *sizes, *extra])
 

@@ -640,13 +640,13 @@ def test_sample_cli_draws_edits_and_answers(tmp_path, capsys):
         shutil.copy(os.path.join(GOLDEN, "tokenizer", f), ckpt)
     Image.fromarray((np.random.default_rng(0).random((40, 72, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
     common = ["--model", ckpt, "--steps", "3", "--max-new-tokens", "4"]
-    out = sample.main(common + ["--prompt", "a red circle", "--size", "64", "--out", str(tmp_path / "t2i.png")])
+    out = sample.main(common + ["--prompt", "a red circle", "--size", "64", "--output", str(tmp_path / "t2i.png")])
     assert Image.open(out["image"]).size == (64, 64)
-    out = sample.main(common + ["--image", str(tmp_path / "in.png"), "--prompt", "make it blue", "--out", str(tmp_path / "e.png")])
+    out = sample.main(common + ["--image", str(tmp_path / "in.png"), "--prompt", "make it blue", "--output", str(tmp_path / "e.png")])
     assert Image.open(out["image"]).size == (128, 80)  # DESIGN.md#image-sizes rule, capped at the model's 128 px: 72x40 -> 224x128 -> 128x80
     out = sample.main(common + ["--image", str(tmp_path / "in.png"), "--question", "what is this?"])
     assert isinstance(out["text"], str) and "image" not in out
-    out = sample.main(common + ["--prompt", "a red circle", "--think", "--size", "32", "--out", str(tmp_path / "th.png")])
+    out = sample.main(common + ["--prompt", "a red circle", "--think", "--size", "32", "--output", str(tmp_path / "th.png")])
     assert "text" in out and Image.open(out["image"]).size == (32, 32)
     open(os.path.join(tmp_path, "meta.json"), "w").write("{}")
     with pytest.raises(SystemExit, match="training checkpoint"):

@@ -86,7 +86,7 @@ def parity_args(ckpt: str, accum: int, **kw) -> train.Args:
     activation checkpointing, fp32 compute so that 1e-5 is meaningful."""
     optim = train.OptimConfig(name="sgd", lr=0.05, warmup_steps=0, grad_clip=1.0, grad_accum=accum, ema_decay=EMA)
     ev = train.EvalConfig(prompts=("two birds",), question="What is this?", size=32, steps=2)
-    return train.Args(model=ckpt, precision="fp32", activation_checkpointing=True, optim=optim, eval=ev,
+    return train.Args(model=ckpt, dtype="fp32", activation_checkpointing=True, optim=optim, eval=ev,
                       data=data_config(), **kw)
 
 
@@ -336,7 +336,7 @@ def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):
     bf16 masters ~2% move); the VAE gets no gradient and does not change (bug P3); the global RNG is
     never used."""
     optim = train.OptimConfig(lr=1e-6, warmup_steps=0)
-    args = train.Args(model=ckpt, precision="bf16", activation_checkpointing=False, optim=optim)
+    args = train.Args(model=ckpt, dtype="bf16", activation_checkpointing=False, optim=optim)
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     ae = AutoEncoder.from_pretrained(ckpt)
     opt, _ = train.make_optimizer(model, args.optim, 10)
@@ -409,7 +409,7 @@ def upstream_freeze_und_llm(llm, x, pos, und, gen, attend, *_):
 def sgd_update(ckpt, world1, batch, freeze=(), detach_only=False) -> dict:
     """One train_step with plain SGD at lr 1 and no clipping: before - after is the gradient."""
     optim = train.OptimConfig(name="sgd", lr=1.0, betas=(0.0, 0.95), warmup_steps=0, grad_clip=0)
-    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=True, freeze=freeze, optim=optim)
+    args = train.Args(model=ckpt, dtype="fp32", activation_checkpointing=True, freeze=freeze, optim=optim)
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     model.freeze_und = model.freeze_und or detach_only  # upstream: detached, but every parameter trainable
     opt, _ = train.make_optimizer(model, args.optim, 10)
@@ -520,7 +520,7 @@ def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(c
     for part in ("model", "ema"):
         keys = {k[len(part) + 1:] for k in saved if k.startswith(part + ".")}
         assert keys == set(base) - frozen, part
-    exported = Bagel.from_pretrained(convert_weights.convert(convert_weights.Args(src=path, dst=str(tmp_path / "exp"), dtype="fp32")))
+    exported = Bagel.from_pretrained(convert_weights.convert(convert_weights.Args(model=path, output_dir=str(tmp_path / "exp"), dtype="fp32")))
     assert set(exported.state_dict()) == set(base)
     assert all(torch.equal(exported.state_dict()[k], base[k]) for k in frozen)
 
@@ -535,7 +535,7 @@ def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(c
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(ckpt, world1):
-    args = train.Args(model=ckpt, precision="fp32", activation_checkpointing=False)
+    args = train.Args(model=ckpt, dtype="fp32", activation_checkpointing=False)
     model = train.build_model(args, world1, fsdp.make_mesh(world1, 0))
     ae = AutoEncoder.from_pretrained(ckpt)
     opt, _ = train.make_optimizer(model, args.optim, 10)
@@ -721,10 +721,15 @@ def test_nsa_on_a_dense_checkpoint_trains_and_exports(tmp_path):
     ckpt = read_dcp(step, str(tmp_path / "c.pt"))
     nsa_keys = [k for k in ckpt["model"] if ".self_attn.nsa." in k]
     assert nsa_keys and all(torch.isfinite(ckpt["model"][k]).all() for k in nsa_keys)
-    exported = convert_weights.convert(convert_weights.Args(src=step, dst=str(tmp_path / "exp"), dtype="fp32", check=True))
+    exported = convert_weights.convert(convert_weights.Args(model=step, output_dir=str(tmp_path / "exp"), dtype="fp32", check=True))
     model = Bagel.from_pretrained(exported)
     assert model.config.nsa is not None and model.config.nsa.block_size == 32
     for k in nsa_keys:
         assert torch.equal(model.state_dict()[k], ckpt["ema"][k]), k
-    plain = convert_weights.convert(convert_weights.Args(src=step, dst=str(tmp_path / "plain"), plain=True, check=True))
+    plain = convert_weights.convert(convert_weights.Args(model=step, output_dir=str(tmp_path / "plain"), plain=True, check=True))
     assert Bagel.from_pretrained(plain).config.nsa is None
+    # sample.py with its defaults on the demo's export: drawn at the run's largest size, which the export records
+    import sample
+    assert json.load(open(os.path.join(exported, data.IMAGE_SIZES)))["vae_max_size"] == 32
+    out = sample.main(["--model", exported, "--prompt", "a red circle", "--steps", "2", "--output", str(tmp_path / "s.png")])
+    assert Image.open(out["image"]).size == (32, 32)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import packing
 from test_data import TOK_DIR, same_batch, small_cfg
 from test_smoke import tiny_bagel
 
@@ -295,7 +296,7 @@ def test_bad_clip(reason, part, msg, clips, tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in [good, video_qa(part), good]))
     yml = tmp_path / "bad.yaml"
     yml.write_text(json.dumps({"datasets": [{"path": "bad.jsonl", "data_folder": str(clips)}]}))
-    with pytest.raises(data.BadSample, match=rf"bad.jsonl: row 1: messages\[0\].content\[0\].*{msg}") as e:
+    with pytest.raises(data.BadSample, match=rf"bad.jsonl: line 2: messages\[0\].content\[0\].*{msg}") as e:
         list(data.PackedDataset(small_cfg(data=(str(yml),), packing_length=400)).stream())
     assert e.value.reason == reason
     packs = list(data.PackedDataset(small_cfg(data=(str(yml),), packing_length=400, skip_bad=True)).stream())
@@ -310,5 +311,5 @@ def test_video_needs_the_vit_and_cannot_be_a_target(clips):
     rec["messages"][1]["content"] = [{"type": "video", "video": "clip.mp4"}]
     with pytest.raises(data.BadSample, match=r"messages\[1\].content\[0\]: a video can only be an input"):
         data.record_to_items(rec, "r", str(clips), small_cfg(), tok)
-    with pytest.raises(ValueError, match="video_min_frames"):
+    with pytest.raises(packing.UserError, match="--data.video-min-frames 13 --data.video-max-frames 12: need 1 <= min <= max"):
         small_cfg(data=("x",), video_min_frames=13).check()

@@ -106,7 +106,7 @@ class EvalConfig:
     """side of the generated images (pixels)"""
     steps: int = 30
     """flow sampling steps"""
-    cfg_scale: float = 4.0
+    cfg_text_scale: float = 4.0
     """text classifier-free guidance scale"""
 
 
@@ -159,7 +159,7 @@ class Args:
     """attention backend (auto: nsa if the checkpoint has NSA weights, else flex on CUDA, sdpa on CPU)"""
     nsa: NSAConfig = field(default_factory=NSAConfig)
     """Native Sparse Attention settings, used with --attn nsa on a dense checkpoint (seed-guide names)"""
-    precision: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["bf16", "fp32"] = "bf16"
     """compute dtype, also of frozen weights; trained weights' masters, gradients' reduction, optimizer
     state and EMA are always fp32"""
     activation_checkpointing: bool = True
@@ -173,7 +173,8 @@ class Args:
     shard_size: int = -1
     """ranks per shard group: -1 = ranks per node (HSDP across nodes), 0 = all ranks (FSDP)"""
     seed: int = 0
-    """noise and VAE posterior samples come from generators seeded by (seed, step, rank, micro-step)"""
+    """noise and VAE posterior samples come from generators seeded by (seed, step, rank, micro-step); the
+    data's shuffle, mixture, CFG dropout and timesteps from (seed, shard, ...)"""
     log_every: int = 10
     """print one line and append to metrics.jsonl every this many steps"""
     wandb: str = ""
@@ -365,7 +366,7 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
     lo = args.lora
     if lo.rank:  # adapters added on the meta device; their init comes with the load (model.fresh_tensors)
         add_lora(model, lo.rank, lo.alpha or 2 * lo.rank, lo.dropout, lo.targets, lo.vit)
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
     for name, p in model.named_parameters():
         frozen = any(FREEZE[part](name) for part in args.freeze)
         if lo.rank:  # only the adapters train, and NSA's weights when they are new (a dense base), unless --freeze'd
@@ -678,7 +679,7 @@ def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.
                 ctx.add_text(data_lib.encode(tok, prompt))
                 g = keyed_generator(args.seed, step, i, SAMPLE, d.device)
                 lat = generate_image(ctx, uncond, args.eval.size, args.eval.size, args.eval.steps,
-                                     cfg_text_scale=args.eval.cfg_scale, generator=g)
+                                     cfg_text_scale=args.eval.cfg_text_scale, generator=g)
                 if d.rank == 0:
                     os.makedirs(out, exist_ok=True)
                     tiles.append((latent_to_pil(ae, lat.float()), prompt))
@@ -804,7 +805,7 @@ def plot_losses(metrics: str, png: str):
 
 # user errors: bad paths, options, records, checkpoints. Their messages say what and where, so they
 # end the run with one `error:` line and exit code 2; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+USER_ERRORS = (ValueError, OSError, packing.UserError)
 
 
 def main(argv: list[str] | None = None):
@@ -838,7 +839,7 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
         dist.broadcast_object_list(verdict, src=0)
     args, error = verdict
     if error:
-        raise ValueError(error)
+        raise packing.UserError(error)
     # every rank must see what rank 0 checked: not so for a node-local disk (or hub cache) on several nodes
     seen = lambda p: os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # data entries may be path:weight
     missing = [p for p in (args.model, *args.data.data) if not seen(p)]
@@ -846,71 +847,92 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
     dist.all_gather_object(unseen, missing)
     for rank, paths in enumerate(unseen):
         if paths:
-            raise ValueError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
-                             f"shares (for a hub id: HF_HOME)")
+            raise packing.UserError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem "
+                                    f"every node shares (for a hub id: HF_HOME)")
     return args
 
 
 def check_args(args: Args, d: fsdp.Dist) -> Args:
     """Everything that can be checked without reading a weight: options, --output-dir, the model folder
     (configs, weight files' headers, names and shapes against the config), every --data source and its
-    first record under these options. Returns args with the model path resolved (hub id -> cache folder)
-    and the data geometry taken from the model."""
+    first record under these options. Every option conflict is collected and reported in one error.
+    Returns args with the model path resolved (hub id -> cache folder), the data geometry taken from
+    the model and the data seeded by --seed."""
+    bad = []
     if args.cpu_offload and d.device.type != "cuda":
-        raise ValueError("--cpu-offload moves GPU shards to host memory: on CPU they are there already")
+        bad.append("--cpu-offload moves GPU shards to host memory: on CPU they are there already")
     if args.attn == "flex" and d.device.type != "cuda":
-        raise ValueError("--attn flex has no backward on CPU: use --attn sdpa (or auto)")
-    fsdp.mesh_shape(d.world_size, d.local_world_size if args.shard_size < 0 else args.shard_size)
+        bad.append("--attn flex has no backward on CPU: use --attn sdpa (or auto)")
+    try:
+        fsdp.mesh_shape(d.world_size, d.local_world_size if args.shard_size < 0 else args.shard_size)
+    except ValueError as e:
+        bad.append(str(e))
     lo = args.lora
     if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
-        raise ValueError(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
-                         f"(0: off), alpha > 0 and dropout in [0, 1)")
+        bad.append(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
+                   f"(0: off), alpha > 0 and dropout in [0, 1)")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
-        raise ValueError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})") from None
+        bad.append(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})")
     if args.eval.every and args.eval.image:  # read at the first eval step, possibly hours in
         from PIL import Image
         try:
             Image.open(args.eval.image).verify()
         except OSError as e:
-            raise ValueError(f"--eval.image {args.eval.image}: cannot read the image ({e})") from None
+            bad.append(f"--eval.image {args.eval.image}: cannot read the image ({e})")
 
-    model = resolve(args.model)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"--model {args.model}: no such folder")
-    model = os.path.abspath(model)  # args.json tells convert_weights.py
-    cfg = read_config(model, **config_overrides(args))
-    bagel_index, ae_index = checkpoint_index(model)  # every weight file present, its header readable
-    with torch.device("meta"):
-        net, ae = Bagel(cfg), AutoEncoder(cfg.vae)
-    names = [n for n, _ in net.named_parameters()]
-    if all(any(FREEZE[part](n) for part in args.freeze) for n in names):
-        raise ValueError(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
-    # an adapter in a frozen part would never change (--freeze und cuts the gradient of the und expert,
-    # the ViT and the connector): refused rather than carried along at zero
-    lost = [n[:-len(".weight")] for n in names if lo.rank and n.endswith(".weight") and
-            lora_target(n[:-len(".weight")], lo.targets, lo.vit) and any(FREEZE[part](n) for part in args.freeze)]
-    if lost:
-        raise ValueError(f"--lora.targets {lo.targets}{' --lora.vit' if lo.vit else ''} with --freeze {' '.join(args.freeze)}: "
-                         f"{len(lost)} adapted linears (e.g. {lost[0]}) are in a frozen part and would never train: "
-                         f"adapt only parts that train (with --freeze und: --lora.targets gen, no --lora.vit)")
-    off = tuple(p + "." for p in TOP_LEVEL if not hasattr(net, p))  # parts switched off are not loaded
-    for m, index, skip in ((net, bagel_index, off), (ae, ae_index, ())):
-        reader = CheckpointReader({k: tuple(v.shape) for k, v in m.state_dict().items() if k not in POS_TABLES},
-                                  index, model, skip)
-        reader.close()
-        if reader.error:
-            raise ValueError(reader.error)
-    ds = cfg.vae.downsample * cfg.latent_patch_size
-    if args.eval.every and cfg.visual_gen and (args.eval.size % ds or args.eval.size // ds > cfg.max_latent_size):
-        raise ValueError(f"--eval.size {args.eval.size}: must be a multiple of {ds} and at most "
-                         f"{cfg.max_latent_size * ds} (the model's max_latent_size={cfg.max_latent_size})")
+    cfg = model = None
+    try:
+        model = os.path.abspath(resolve(args.model))  # args.json tells convert_weights.py
+        if not os.path.isdir(model):
+            raise packing.UserError(f"--model {args.model}: not a directory")
+        cfg = read_config(model, **config_overrides(args))
+        bagel_index, ae_index = checkpoint_index(model)  # every weight file present, its header readable
+        with torch.device("meta"):
+            net, ae = Bagel(cfg), AutoEncoder(cfg.vae)
+        off = tuple(p + "." for p in TOP_LEVEL if not hasattr(net, p))  # parts switched off are not loaded
+        for m, index, skip in ((net, bagel_index, off), (ae, ae_index, ())):
+            reader = CheckpointReader({k: tuple(v.shape) for k, v in m.state_dict().items() if k not in POS_TABLES},
+                                      index, model, skip)
+            reader.close()
+            if reader.error:
+                raise ValueError(reader.error)
+    except (ValueError, OSError, packing.UserError) as e:  # the model's problem: options that need it wait
+        bad.append(str(e))
+        cfg = None
+    if cfg is not None:
+        if cfg.nsa is not None and args.nsa != NSAConfig() and args.nsa != cfg.nsa:  # its weights fix them
+            bad.append(f"--nsa.*: {args.model} has NSA weights trained with its own settings ({cfg.nsa}): "
+                       f"drop the --nsa.* options")
+        names = [n for n, _ in net.named_parameters()]
+        if all(any(FREEZE[part](n) for part in args.freeze) for n in names):
+            bad.append(f"--freeze {' '.join(args.freeze)} leaves nothing to train")
+        # an adapter in a frozen part would never change (--freeze und cuts the gradient of the und expert,
+        # the ViT and the connector): refused rather than carried along at zero
+        lost = [n[:-len(".weight")] for n in names if lo.rank and n.endswith(".weight") and
+                lora_target(n[:-len(".weight")], lo.targets, lo.vit) and any(FREEZE[part](n) for part in args.freeze)]
+        if lost:
+            bad.append(f"--lora.targets {lo.targets}{' --lora.vit' if lo.vit else ''} with --freeze {' '.join(args.freeze)}: "
+                       f"{len(lost)} adapted linears (e.g. {lost[0]}) are in a frozen part and would never train: "
+                       f"adapt only parts that train (with --freeze und: --lora.targets gen, no --lora.vit)")
+        if args.eval.every and cfg.visual_gen and (why := data_lib.draw_size_problem("--eval.size", args.eval.size, cfg)):
+            bad.append(why)
+        # the data must match the model: geometry, tokenizer and switched-off parts come from its config
+        data = data_lib.match_model(dataclasses.replace(args.data, model=args.data.model or model, seed=args.seed), cfg)
+        bad += data.problems()
+    if bad:
+        try:  # a missing data file is worth knowing in the same round
+            data_lib.find_sources(args.data.data)
+        except (ValueError, OSError, packing.UserError) as e:
+            bad.append(str(e))
+        raise packing.UserError(bad[0] if len(bad) == 1 else
+                                f"{len(bad)} problems:\n  " + "\n  ".join(bad))
 
-    # the data must match the model: geometry, tokenizer and switched-off parts come from its config
-    data = data_lib.match_model(dataclasses.replace(args.data, model=args.data.model or model), cfg)
-    dataset = data_lib.PackedDataset(data)  # options, tokenizer, every source found, known and readable
+    print(f"data: {data_lib.geometry_line(data)}, from {model}", flush=True)
+    # options, tokenizer, every source found, known and readable; its notes print once, from the loader
+    dataset = data_lib.PackedDataset(data, notes=False)
     if not data.skip_bad:  # a record of each source's first unit parses and fits --data.packing-length
         stream = dataset.stream()
         for i in range(len(dataset.sources)):
@@ -945,7 +967,7 @@ def train(args: Args, d: fsdp.Dist):
     loggers = open_loggers(args, args_json, d.rank)  # before the model: a missing package fails fast
     mesh = fsdp.make_mesh(d, args.shard_size)
     log(f"bagel-train | {d.world_size} ranks, mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))} | {d.device} | "
-        f"{args.precision} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
+        f"{args.dtype} compute, fp32 master | torch {torch.__version__} | git {fsdp.git_rev()}")
 
     resume = fsdp.resume_point(args.output_dir, args.ckpt.resume, d)
     if resume:
