@@ -117,24 +117,24 @@ class DataConfig:
     def check(self):
         """Fail at start-up, with the fix in the message, for settings the model cannot take."""
         if not self.data:
-            raise ValueError("no data: pass --data PATH (a file, a directory or a .yaml mixture)")
+            raise DataError("no data: pass --data PATH (a file, a directory or a .yaml mixture)")
         for name, size, stride, side, table in (
                 ("vit", self.vit_max_size, self.vit_patch_size, self.vit_max_num_patch_per_side,
                  "vit_max_num_patch_per_side"),
                 ("vae", self.vae_max_size, self.latent_downsample, self.max_latent_size,
                  "max_latent_size")):
             if round(size / stride) > side:
-                raise ValueError(f"{name}_max_size {size} gives {round(size / stride)} tokens per "
+                raise DataError(f"{name}_max_size {size} gives {round(size / stride)} tokens per "
                                  f"side, more than the model's {table}={side}: set "
                                  f"{name}_max_size to {side * stride} or less")
             if getattr(self, f"{name}_min_size") > size:
-                raise ValueError(f"{name}_min_size is larger than {name}_max_size {size}")
+                raise DataError(f"{name}_min_size is larger than {name}_max_size {size}")
         if not 1 <= self.video_min_frames <= self.video_max_frames:
-            raise ValueError(f"video frames: need 1 <= video_min_frames ({self.video_min_frames}) <= "
+            raise DataError(f"video frames: need 1 <= video_min_frames ({self.video_min_frames}) <= "
                              f"video_max_frames ({self.video_max_frames})")
         for p in (self.text_cond_dropout, self.vit_cond_dropout, self.vae_cond_dropout):
             if not 0 <= p <= 1:
-                raise ValueError(f"CFG dropout probabilities must be in [0, 1], got {p}")
+                raise DataError(f"CFG dropout probabilities must be in [0, 1], got {p}")
 
 
 def match_model(cfg: DataConfig, model_config) -> DataConfig:
@@ -146,8 +146,12 @@ def match_model(cfg: DataConfig, model_config) -> DataConfig:
                    visual_und=c.visual_und, visual_gen=c.visual_gen)
 
 
-class BadSample(ValueError):
-    """A record we cannot train on. `reason` is the counter name used with skip_bad."""
+class DataError(packing.UserError, ValueError):
+    """Data or data options that cannot be used as given: the message names the file or option."""
+
+
+class BadSample(DataError):
+    """A record we cannot train on (the user's to fix or skip). `reason` is the counter name used with skip_bad."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -169,7 +173,7 @@ def load_tokenizer(model_dir: str):
     if (d / "tokenizer.json").exists():
         return Tokenizer.from_file(str(d / "tokenizer.json"))
     if not ((d / "vocab.json").exists() and (d / "merges.txt").exists()):
-        raise ValueError(f"{d}: no tokenizer.json and no vocab.json + merges.txt: --model must be a "
+        raise DataError(f"{d}: no tokenizer.json and no vocab.json + merges.txt: --model must be a "
                          f"BAGEL checkpoint directory")
     # the slow Qwen2Tokenizer: NFC, Qwen's split regex, byte-level BPE
     tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
@@ -185,7 +189,7 @@ def load_tokenizer(model_dir: str):
     for i, t in sorted(added.items(), key=lambda kv: int(kv[0])):
         tok.add_special_tokens([AddedToken(t["content"], special=True, normalized=False)])
         if tok.token_to_id(t["content"]) != int(i):
-            raise ValueError(f"{cfg_path}: added token {t['content']!r} should have id {i} but got "
+            raise DataError(f"{cfg_path}: added token {t['content']!r} should have id {i} but got "
                              f"{tok.token_to_id(t['content'])}; vocab.json does not match")
     return tok
 
@@ -196,7 +200,7 @@ def special_tokens(tok) -> SpecialTokens:
     ids = {k: tok.token_to_id(v) for k, v in names.items()}
     missing = [names[k] for k, v in ids.items() if v is None]
     if missing:
-        raise ValueError(f"tokenizer lacks {missing}: BAGEL needs the Qwen2.5 tokenizer")
+        raise DataError(f"tokenizer lacks {missing}: BAGEL needs the Qwen2.5 tokenizer")
     return SpecialTokens(**ids)
 
 
@@ -581,7 +585,7 @@ def index_lines(path: str) -> np.ndarray:
                     offsets.append(pos)
                 pos += len(line)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e}") from None
+        raise DataError(f"{path}: cannot read: {e}") from None
     return np.array(offsets + [pos], dtype=np.int64)
 
 
@@ -633,12 +637,12 @@ class DataFile:
                 with open(p) as fh:
                     rows = json.load(fh)
                 if not isinstance(rows, list):
-                    raise ValueError(f"{p}: expected a JSON list of records, got {type(rows).__name__}")
+                    raise DataError(f"{p}: expected a JSON list of records, got {type(rows).__name__}")
                 self._h = rows
             else:
-                raise ValueError(f"{p}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
+                raise DataError(f"{p}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
         except (pa.ArrowInvalid, OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: cannot read: {e}") from None
+            raise DataError(f"{p}: cannot read: {e}") from None
 
     def _unit_rows(self) -> list[int]:
         if self.ext == ".parquet":
@@ -687,12 +691,12 @@ def data_files(path: str) -> list[str]:
         files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in DATA_EXTS
                        and f.name not in HF_METADATA and f.is_file())
         if not files:
-            raise ValueError(f"{path}: directory holds no data files ({', '.join(DATA_EXTS)})")
+            raise DataError(f"{path}: directory holds no data files ({', '.join(DATA_EXTS)})")
         return files
     if not p.exists():
-        raise ValueError(f"{path}: no such file or directory")
+        raise DataError(f"{path}: no such file or directory")
     if p.suffix.lower() not in DATA_EXTS:
-        raise ValueError(f"{path}: unknown data file type; expected {', '.join(DATA_EXTS)}, a "
+        raise DataError(f"{path}: unknown data file type; expected {', '.join(DATA_EXTS)}, a "
                          f"directory or a .yaml mixture")
     return [str(p)]
 
@@ -720,9 +724,9 @@ class Source:
                       for ui, n in enumerate(f.unit_rows) if n > 0]
         self.n_rows = sum(n for _, _, n in self.units)
         if self.n_rows == 0:
-            raise ValueError(f"{name}: no rows")
+            raise DataError(f"{name}: no rows")
         if self.weight <= 0:
-            raise ValueError(f"{name}: mixture weight must be > 0, got {weight}")
+            raise DataError(f"{name}: mixture weight must be > 0, got {weight}")
         self._unit: tuple = (None, None)  # (unit, its rows): the one unit this source holds
         self._order: tuple = (None, None)  # ((epoch, unit), row order)
 
@@ -762,14 +766,14 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
             try:
                 cfg = yaml.safe_load(Path(p).read_text())
             except (OSError, yaml.YAMLError) as e:
-                raise ValueError(f"{p}: cannot read the mixture: {e}") from None
+                raise DataError(f"{p}: cannot read the mixture: {e}") from None
             ds = cfg.get("datasets") if isinstance(cfg, dict) else None
             if not isinstance(ds, list) or not ds:
-                raise ValueError(f"{p}: expected `datasets: [{{path, weight, data_folder}}, ...]`")
+                raise DataError(f"{p}: expected `datasets: [{{path, weight, data_folder}}, ...]`")
             base = os.path.dirname(os.path.abspath(p))
             for i, e in enumerate(ds):
                 if not isinstance(e, dict) or "path" not in e:
-                    raise ValueError(f"{p}: datasets[{i}]: needs a `path`")
+                    raise DataError(f"{p}: datasets[{i}]: needs a `path`")
                 folder = e.get("data_folder")
                 folder = os.path.join(base, folder) if folder else None
                 entries.append((f"{p}: datasets[{i}]", os.path.join(base, str(e["path"])),
@@ -903,7 +907,7 @@ class ShardStream:
                 self.skips[e.reason] += 1
                 self.bad[i] += 1
                 if self.tried[i] >= SKIP_CHECK_AFTER and self.bad[i] > MAX_SKIPPED * self.tried[i]:
-                    raise ValueError(
+                    raise DataError(
                         f"{self.ds.sources[i].name}: {self.bad[i]} of the {self.tried[i]} records read "
                         f"so far are bad (--data.skip-bad allows {MAX_SKIPPED:.0%}); the last: {e}") from None
                 continue
@@ -972,7 +976,7 @@ def _worker_init(_):
 def check_format(states: list[dict]):
     """Data states from before sharding by read unit hold one stream position per source."""
     if any(not isinstance(p, list) for st in states for sh in st["shards"].values() for p in sh["pos"]):
-        raise ValueError("data state was saved by an older data.py (stream positions, before shards read "
+        raise DataError("data state was saved by an older data.py (stream positions, before shards read "
                          "whole units): it cannot be continued; resume from a newer checkpoint or start over")
 
 
@@ -1012,7 +1016,7 @@ class PackLoader:
             mine = self.cfg.num_workers if k == "num_workers" else \
                 self.dataset.world_size if k == "world_size" else self.cfg.seed
             if sd[k] != mine:
-                raise ValueError(f"data state was saved with {k}={sd[k]} but this run has {mine}: "
+                raise DataError(f"data state was saved with {k}={sd[k]} but this run has {mine}: "
                                  f"exact resume needs the same value")
         self.consumed = sd["consumed"]
         self.shards = {int(k): v for k, v in copy.deepcopy(sd["shards"]).items()}
@@ -1026,7 +1030,7 @@ class PackLoader:
         already read in the next epoch are read again there. Counters and timestep draws restart."""
         check_format(states)
         if any(st["seed"] != self.cfg.seed for st in states):
-            raise ValueError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
+            raise DataError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
         srcs = self.dataset.sources
         old = []  # (shard, shard count, state or None) of every old shard
         for rank, st in enumerate(states):

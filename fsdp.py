@@ -30,6 +30,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from model import (TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, checkpoint_index,
                    fresh_tensors, sincos_2d)
+from packing import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
 
@@ -41,6 +42,7 @@ class Dist:
     local_rank: int
     local_world_size: int  # ranks per node (torchrun's LOCAL_WORLD_SIZE)
     device: torch.device
+    store: dist.Store | None = None  # the launcher's key-value store (this attempt's keys): errors travel on it
 
 
 def init_distributed(device: str = "auto", timeout_min: float = 30) -> Dist:
@@ -64,8 +66,11 @@ def init_distributed(device: str = "auto", timeout_min: float = 30) -> Dist:
                 env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=dev if cuda else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        # a client of its own (rank 0's server, or torchrun's, is up now), its keys this attempt's
+        errors = dist.PrefixStore(f"errors{restart}/", dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout))
+        return Dist(rank, world, local_rank, local_world, dev, errors)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(rank, world, local_rank, local_world, dev)
 
 
@@ -73,7 +78,7 @@ def mesh_shape(world_size: int, shard_size: int) -> tuple[int, int]:
     """(replicas, shards) of the HSDP mesh. shard_size 0 means the whole world (plain FSDP)."""
     shard = shard_size or world_size
     if shard < 1 or shard > world_size or world_size % shard:
-        raise ValueError(f"shard_size={shard_size} does not divide the world size {world_size}: use a "
+        raise UserError(f"shard_size={shard_size} does not divide the world size {world_size}: use a "
                          f"divisor of it, e.g. the ranks per node (HSDP: shard within a node, replicate "
                          f"across nodes), or 0 to shard over all ranks")
     return world_size // shard, shard
@@ -158,7 +163,7 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
     dist.broadcast_object_list(plan, src=0)
     error, dtypes, fresh_nsa = plan[0]
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
     new_nsa = fresh_nsa and any(".self_attn.nsa." in k for k in params)  # (sin-cos tables: reset_pos_tables)
     fresh = {fqn(k): v for k, v in fresh_tensors(model, "cpu", new_nsa).items() if fqn(k) in params}  # + LoRA
@@ -324,7 +329,7 @@ def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = Non
     dist.broadcast_object_list(choice, src=0)
     error, name = choice[0]
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     if name is None:
         return None
     path = os.path.join(output_dir, name)  # an absolute path (an explicit --ckpt.resume) stays itself
@@ -332,9 +337,18 @@ def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = Non
     bad = [None] * d.world_size
     dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
     if any(bad):
-        raise ValueError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
+        raise UserError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
                          "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
     return path
+
+
+def rng_state(d: Dist) -> dict[str, torch.Tensor]:
+    """This rank's global RNG states, as checkpoints store them: the CPU's, and the GPU's (LoRA dropout
+    on a GPU draws from it)."""
+    state = {f"rng{d.rank}": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        state[f"device_rng{d.rank}"] = torch.cuda.get_rng_state(d.device)
+    return state
 
 
 def trained_state_dict(model: nn.Module) -> dict:
@@ -349,7 +363,7 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
                     verify: str = "size", keep_last: int = 0, async_group=None) -> Future | None:
     """One DCP checkpoint: "model" and "ema" (official keys of what training changes, fp32 shards, no
     FSDP/wrapper prefixes), "optim" (keyed by parameter name, so it reshards), "trainer" (step,
-    scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG state.
+    scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG states (CPU, device).
 
     meta.json comes last, listing every file with its size (and CRC-32 with verify="hash"); only then
     are checkpoints beyond `keep_last` pruned, so the newest good one survives a failed save. With
@@ -358,7 +372,7 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     future finishes the checkpoint, and must be waited on before the next save and at the end."""
     model_sd = trained_state_dict(model)
     sd = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt), "trainer": json.dumps(trainer),
-          f"rank{d.rank}": json.dumps(rank_state), f"rng{d.rank}": torch.get_rng_state()}
+          f"rank{d.rank}": json.dumps(rank_state), **rng_state(d)}
     if ema is not None:
         sd["ema"] = ema_state_dict(ema, model_sd)
     if d.rank == 0 and os.path.exists(os.path.join(path, "meta.json")):
@@ -393,7 +407,7 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     try:
         staged = dcp.async_save(sd, checkpoint_id=path, process_group=async_group)
     except (OSError, CheckpointException) as e:
-        raise OSError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
+        raise UserError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
     pool = ThreadPoolExecutor(1)
     done = pool.submit(finish, staged.result)
     pool.shutdown(wait=False)
@@ -411,8 +425,8 @@ def wait_saved(pending: Future | None, d: Dist) -> None:
     except OSError as e:
         outcome = [str(e)]
     dist.broadcast_object_list(outcome, src=0)
-    if outcome[0]:
-        raise OSError(outcome[0])
+    if outcome[0]:  # a full disk, a lost mount: the user's to fix
+        raise UserError(outcome[0])
     return None
 
 
@@ -470,19 +484,19 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     agree(problem, d)
     old_world, saved_crc = meta.get("world_size"), meta.get("frozen_crc32")
     if frozen_crc32 is not None and saved_crc is not None and saved_crc != frozen_crc32:
-        raise ValueError(f"{path}: saved by a run whose frozen weights had CRC-32 {saved_crc}, but the base "
+        raise UserError(f"{path}: saved by a run whose frozen weights had CRC-32 {saved_crc}, but the base "
                          f"{meta.get('base')!r} and --freeze of this run give {frozen_crc32}: resume with the "
                          f"same --model and --freeze (the checkpoint does not store frozen weights)")
     model_sd, optim_sd = trained_state_dict(model), get_optimizer_state_dict(model, opt)
     sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
-    if old_world == d.world_size and f"rng{d.rank}" in keys:
-        sd[f"rng{d.rank}"] = torch.get_rng_state()
+    if old_world == d.world_size:  # a rank's RNG streams are its own: restored at the same world size only
+        sd.update({k: v for k, v in rng_state(d).items() if k in keys})
     # every old rank's data state (small JSON): exact resume uses this rank's, a run at another world
     # size or worker count continues the stream from all of them
     sd.update({f"rank{r}": "" for r in range(old_world or 0) if f"rank{r}" in keys})
     if ema is not None:
         if not any(k.startswith("ema.") for k in keys):
-            raise ValueError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
+            raise UserError(f"{path}: has no EMA; resume with --optim.ema-decay 0 or from a run with EMA")
         sd["ema"] = {k: ema[k] for k in ema}  # loaded in place into the fp32 shards
     try:
         dcp.load(sd, storage_reader=reader)
@@ -498,6 +512,8 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     set_optimizer_state_dict(model, opt, optim_sd)
     if f"rng{d.rank}" in sd:
         torch.set_rng_state(sd[f"rng{d.rank}"])
+    if f"device_rng{d.rank}" in sd:
+        torch.cuda.set_rng_state(sd[f"device_rng{d.rank}"], d.device)
     return json.loads(sd["trainer"]), [json.loads(sd[f"rank{r}"]) for r in range(old_world or 0) if f"rank{r}" in sd]
 
 
