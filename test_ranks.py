@@ -1,0 +1,125 @@
+"""2 ranks started as torchrun starts them (gloo, one process each, train.main): the start-up check
+that every rank sees one --output-dir, and the first error of any rank reported once on rank 0's
+output, after which every rank leaves within seconds. `python -m pytest -q test_ranks.py`."""
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import data as data_lib
+from test_paths import write_jsonl
+from test_train import RECORDS, ckpt, data_config  # noqa: F401 (a fixture: the tiny checkpoint with the golden tokenizer)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the tiny model's geometry, CPU, a few steps, no samples; a collective would wait 5 minutes
+SMALL = ["--data.vit-min-size", "14", "--data.vit-max-size", "112", "--data.vae-min-size", "16",
+         "--data.vae-max-size", "128", "--eval.every", "0", "--precision", "fp32", "--no-activation-checkpointing",
+         "--attn", "sdpa", "--data.packing-length", "160", "--log-every", "1", "--timeout-min", "5"]
+RANK = """
+import json, os, sys, time
+rank = int(sys.argv[1])
+os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+import torch
+torch.set_num_threads(1)
+import train
+if rank == 1 and sys.argv[3] == "bug":  # a bug that only rank 1 meets, at its first step
+    def train_step(*a, **k):
+        return {}["no such key"]
+    train.train_step = train_step
+train.main(json.loads(sys.argv[4]))
+"""
+
+
+def run_ranks(argvs: list[list[str]], hook: str = "", wrap=lambda rank: []) -> tuple[list, float]:
+    """Both ranks' (exit code, stdout, stderr) and the seconds until both had exited. `wrap(rank)`: a
+    command line that the rank's python runs under (a private mount namespace)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    t = time.time()
+    ranks = [subprocess.Popen([*wrap(r), sys.executable, "-c", RANK, str(r), str(port), hook or "-", json.dumps(argvs[r])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=240) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    return [(p.returncode, *o) for p, o in zip(ranks, outs)], time.time() - t
+
+
+def private_mounts() -> bool:
+    """Whether this machine lets a user create a mount namespace (unshare -rm)."""
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_ranks_that_see_another_output_dir_stop_before_anything_is_built(ckpt, tmp_path):
+    """Each rank sees its own disk at the same --output-dir path (a bind mount per rank in a private
+    mount namespace; where the machine allows none, each rank is given its own path, which is the same
+    to the check): both stop at start-up, and rank 0's one `error:` line names rank 1, its host and
+    what to do. Catches checkpoints split between node-local disks that report success."""
+    data = write_jsonl(tmp_path / "d.jsonl", [RECORDS["text"]] * 4)
+    own = [tmp_path / "disk0", tmp_path / "disk1"]
+    for p in (*own, tmp_path / "out"):
+        p.mkdir()
+    argv = lambda out: ["--model", ckpt, "--data", data, "--output-dir", str(out), "--max-steps", "1", *SMALL]
+    if private_mounts():
+        wrap = lambda r: ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+                          str(own[r]), str(tmp_path / "out")]
+        ranks, _ = run_ranks([argv(tmp_path / "out")] * 2, wrap=wrap)
+    else:
+        ranks, _ = run_ranks([argv(own[0]), argv(own[1])])
+    (code0, out0, err0), (code1, out1, err1) = ranks
+    assert (code0, code1) == (2, 2) and err1 == "", err0 + err1
+    host = socket.gethostname()
+    assert err0.startswith(f"error: --output-dir {tmp_path / 'out' if private_mounts() else own[0]}: rank 1 ({host}) do "
+                           f"not see the files rank 0 ({host}) writes there: ") and "a filesystem all nodes share" in err0
+    assert err0.count("\n") == 1 and "bagel-train |" not in out0  # one line, before the model
+
+
+def test_an_error_in_one_ranks_data_worker_reaches_rank_0_and_every_rank_leaves(ckpt, tmp_path):
+    """Rank 1's half of the data (read by its DataLoader worker) has an undecodable image:
+    rank 0, which waits for rank 1 in a collective, prints the error once, naming rank 1, its host, the
+    file and the row, and both exit with code 2 within seconds, not after the collective's 5-minute
+    timeout. Catches an error printed on a rank the user does not watch, or survivors hanging."""
+    bad = {"messages": [{"role": "user", "content": "draw it"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}}]}]}
+    path, records = tmp_path / "d.jsonl", [RECORDS["text"]] * 256
+    # the rows of rank 1's first epoch (rank 0 reads in the other 128 for the few packs it takes), but not the
+    # first row of the file, which rank 0 checks at start-up (train.check_args)
+    cfg = data_config(data=(write_jsonl(path, records),), packing_length=160)
+    stream = data_lib.PackedDataset(cfg, 1, 2).stream()
+    rank1 = {stream.make(stream.next_key()).where for _ in range(128)}
+    rank1 -= {data_lib.PackedDataset(cfg).stream().make((0, 0, 0, 0)).where}
+    data = write_jsonl(path, [bad if f"{path}: row {i}" in rank1 else r for i, r in enumerate(records)])
+    argv = ["--model", ckpt, "--data", data, "--output-dir", str(tmp_path), "--max-steps", "3", "--data.num-workers", "1",
+            *SMALL]
+    ranks, seconds = run_ranks([argv, argv])
+    (code0, out0, err0), (code1, out1, err1) = ranks
+    assert (code0, code1) == (2, 2) and err1 == "", err0 + err1
+    lines = [line for line in err0.splitlines() if not line.startswith("data: ")]  # data.py's note on the units
+    assert len(lines) == 1 and lines[0].startswith(f"error: rank 1 ({socket.gethostname()}): {data}: row "), err0
+    assert "cannot decode image" in lines[0] and "Traceback" not in err0
+    assert seconds < 200, seconds  # a guard against waiting out the timeout, not a speed test
+    print(f"rank 1's data error: both ranks exited {seconds:.1f}s after the start")
+
+
+def test_a_bug_on_one_rank_reaches_rank_0_with_its_traceback(ckpt, tmp_path):
+    """A bug (a KeyError, no user error) on rank 1 only: rank 0 prints rank 1's traceback and an `error:`
+    line naming the rank, and both exit with code 1. Catches a bug's traceback lost on another node,
+    or a bug shown as a one-line user error."""
+    data = write_jsonl(tmp_path / "d.jsonl", [RECORDS["text"]] * 16)
+    argv = ["--model", ckpt, "--data", data, "--output-dir", str(tmp_path), "--max-steps", "3", "--data.num-workers", "0",
+            *SMALL]
+    (code0, out0, err0), (code1, out1, err1) = run_ranks([argv, argv], hook="bug")[0]
+    assert (code0, code1) == (1, 1) and err1 == "", err0 + err1
+    err0 = "".join(line for line in err0.splitlines(keepends=True) if not line.startswith("data: "))
+    assert err0.startswith("Traceback (most recent call last):") and "in train_step\nKeyError: 'no such key'\n" in err0
+    assert err0.endswith(f"error: rank 1 ({socket.gethostname()}): KeyError: 'no such key'\n"), err0
