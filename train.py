@@ -577,7 +577,8 @@ def step_flops(c: BagelConfig, batches: list[dict]) -> float:
         f += 6 * (layer * l.num_hidden_layers * b["sequence_length"] + l.hidden_size * l.vocab_size * len(b["ce_loss_indexes"])
                   + vit_layer * v.num_hidden_layers * len(b["packed_vit_token_indexes"]))
         f += 12 * l.num_hidden_layers * l.num_attention_heads * hd * sum(int(s) ** 2 for s in b["sample_lens"])
-        f += 12 * v.num_hidden_layers * v.hidden_size * sum(int(s) ** 2 for s in b["vit_token_seqlens"])
+        # the ViT lengths as host ints (the layout's), not vit_token_seqlens: on the GPU, that read waits for the device
+        f += 12 * v.num_hidden_layers * v.hidden_size * sum(s ** 2 for s in b["attention_layout"]["vit_seqlens"])
     return f
 
 
@@ -1220,10 +1221,11 @@ class Meter:
                 print(f"\rstep {step}/{args.max_steps} [{'#' * done}{'.' * (30 - done)}]", end="", flush=True)
             return
         dist.all_reduce(self.window)
-        ce, mse, n_ce, n_mse, tokens, flops, wait = self.window[:7].tolist()
-        n_ce, n_mse = n_ce / d.world_size, n_mse / d.world_size  # counts were already global
-        t_sum, t_n = self.window[7:].view(2, T_BUCKETS).tolist()
+        window = self.window.tolist()  # the one read back
         self.window.zero_()
+        ce, mse, n_ce, n_mse, tokens, flops, wait = window[:7]
+        n_ce, n_mse = n_ce / d.world_size, n_mse / d.world_size  # counts were already global
+        t_sum, t_n = window[7:7 + T_BUCKETS], window[7 + T_BUCKETS:]
         now, stats = time.time(), self.loader.stats()
         dt, eta = now - self.t_log, (now - self.t_start) / (step - self.start) * (args.max_steps - step)
         self.t_log = now
