@@ -631,6 +631,29 @@ def test_noise_is_keyed_by_seed_step_and_pack_never_the_global_rng():
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                       reason="no GPU"))])
+def test_global_rngs_are_seeded_per_rank_and_restored_by_a_resume(device, world1, tmp_path):
+    """The global RNGs (LoRA dropout draws from them, on the CPU or the GPU) are seeded per rank, and a
+    checkpoint restores both: draws after a resume are the draws after the save. Catches every rank
+    dropping the same units, and a resumed run that drops others than the uninterrupted one did."""
+    d = dataclasses.replace(world1, device=torch.device(device))
+    draws = lambda: (torch.rand(4).tolist(), torch.rand(4, device=d.device).tolist())
+    firsts = []
+    for rank in (0, 1, 0):
+        train.seed_rng(7, dataclasses.replace(d, rank=rank))
+        firsts.append(draws())
+    assert firsts[0] == firsts[2] and firsts[0][0] != firsts[1][0] and firsts[0][1] != firsts[1][1]
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = str(tmp_path / "step-0000001")
+    fsdp.save_checkpoint(path, model, opt, None, {"step": 1}, {}, d, {}, {"step": 1})
+    want = draws()
+    train.seed_rng(8, d)  # what a fresh process does before it resumes
+    fsdp.load_checkpoint(path, model, opt, None, d)
+    assert draws() == want
+
+
 def test_ema_math_and_frozen_keys():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[1].weight.requires_grad_(False)

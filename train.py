@@ -957,11 +957,15 @@ def check_output_dir(path: str, d: fsdp.Dist):
         except OSError as e:
             raise UserError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
     dist.broadcast_object_list(token, src=0)
-    try:
-        with open(os.path.join(path, SHARED_TOKEN)) as f:
-            seen = f.read() == token[0]
-    except OSError:
-        seen = False
+    for attempt in range(3):  # a network filesystem may show a new file to other nodes a moment later
+        try:
+            with open(os.path.join(path, SHARED_TOKEN)) as f:
+                seen = f.read() == token[0]
+        except OSError:
+            seen = False
+        if seen:
+            break
+        time.sleep(1)
     blind = [None] * d.world_size
     dist.all_gather_object(blind, None if seen else f"rank {d.rank} ({socket.gethostname()})")
     if d.rank == 0:
