@@ -524,7 +524,7 @@ def test_freeze_und_checkpoint_stores_only_trained_weights_resumes_and_exports(c
     weights["connector.fc1.weight"][0, 0] += 1
     save_file(weights, str(changed / "ema.safetensors"))
     model, opt, ema = start(dataclasses.replace(args, model=str(changed)), False)
-    with pytest.raises(ValueError, match="step-0000001: saved by a run whose frozen weights had CRC-32"):
+    with pytest.raises(packing.UserError, match="step-0000001: saved by a run whose frozen weights had CRC-32"):
         fsdp.load_checkpoint(path, model, opt, ema, world1, model.frozen_crc32)
 
 
@@ -614,7 +614,7 @@ def _flatten(x, prefix=""):
 def test_mesh_shape_from_world_size():
     assert fsdp.mesh_shape(8, 0) == (1, 8) and fsdp.mesh_shape(16, 8) == (2, 8) and fsdp.mesh_shape(4, 1) == (4, 1)
     for world, shard in ((12, 8), (8, 16), (8, -3)):
-        with pytest.raises(ValueError, match="does not divide the world size"):
+        with pytest.raises(packing.UserError, match="does not divide the world size"):
             fsdp.mesh_shape(world, shard)
 
 

@@ -854,7 +854,7 @@ class Relay:
     default, on NCCL), and a rank on another node prints where the user may never look. A watcher
     thread on every rank waits for an error key; the failing rank's own thread writes it. Rank 0
     prints the lowest rank's error among those raised within RELAY_GRACE_S of the first (an error
-    that all ranks raise alike, such as a bad option rank 0 found, is then rank 0's own), then every
+    that all ranks raise alike, such as a path one rank cannot see, is then rank 0's own), then every
     rank exits with its code, DataLoader workers first."""
 
     def __init__(self, d: fsdp.Dist, debug: bool):
@@ -972,12 +972,12 @@ def check_output_dir(path: str, d: fsdp.Dist):
         os.remove(os.path.join(path, SHARED_TOKEN))
     if any(blind):
         raise UserError(f"--output-dir {path}: {', '.join(b for b in blind if b)} do not see the files rank 0 "
-                        f"({token[0].split()[0]}) writes there: every rank "
-                        f"writes checkpoints into one folder and reads them back to resume, so --output-dir must be on "
-                        f"a filesystem all nodes share")
+                        f"({token[0].split()[0]}) writes there: every rank writes checkpoints into one folder and "
+                        f"reads them back to resume, so --output-dir must be on a filesystem all nodes share")
+
 
 def check_args(args: Args, d: fsdp.Dist) -> Args:
-    """Everything that can be checked without reading a weight: options, --output-dir, the model folder
+    """Everything that can be checked without reading a weight: options, the model folder
     (configs, weight files' headers, names and shapes against the config), every --data source and its
     first record under these options. Returns args with the model path resolved (hub id -> cache folder)
     and the data geometry taken from the model."""
