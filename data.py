@@ -660,8 +660,12 @@ class DataFile:
         if self.ext == ".parquet":
             md = self._h.metadata.row_group(unit)
             batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
-            return pa.Table.from_batches(list(self._h.iter_batches(
-                batch, row_groups=[unit], columns=self.columns, use_threads=False)))
+            try:
+                return pa.Table.from_batches(list(self._h.iter_batches(
+                    batch, row_groups=[unit], columns=self.columns, use_threads=False)))
+            except (pa.ArrowInvalid, OSError) as e:  # pages garbled after a footer that reads
+                raise DataError(f"{self.path}: rows {a}-{b - 1} (row group {unit}): cannot read: "
+                                f"{' '.join(str(e).split())}") from None  # pyarrow's message spans lines
         if self.ext == ".arrow":
             return self._h[unit].select(self.columns) if self.columns else self._h[unit]
         if self.ext == ".json":
@@ -959,7 +963,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
             for _, batch, state in self.stream((w + self.rotate) % nw, nw):
                 batch["_state"] = state
                 yield batch
-        except BadSample as e:
+        except packing.UserError as e:  # a bad record, or a file that cannot be read
             if info is None:
                 raise
             yield e  # PackLoader raises it: raised here, the user would get it inside a worker traceback
@@ -998,7 +1002,7 @@ class PackLoader:
                                              collate_fn=_no_collate, worker_init_fn=_worker_init,
                                              pin_memory=torch.cuda.is_available())
         for batch in loader:
-            if isinstance(batch, BadSample):
+            if isinstance(batch, packing.UserError):
                 raise batch
             state = batch.pop("_state")
             self.shards[state["shard"]] = state
