@@ -126,3 +126,12 @@ def test_a_bug_on_one_rank_reaches_rank_0_with_its_traceback(ckpt, tmp_path):
     err0 = "".join(line for line in err0.splitlines(keepends=True) if not line.startswith("data: "))
     assert err0.startswith("Traceback (most recent call last):") and "in train_step\nKeyError: 'no such key'\n" in err0
     assert err0.endswith(f"error: rank 1 ({socket.gethostname()}): KeyError: 'no such key'\n"), err0
+
+
+def test_a_start_up_error_that_rank_0_finds_stops_rank_1_waiting_for_it(ckpt, tmp_path):
+    """Rank 0 alone runs the start-up checks while rank 1 waits for their outcome in a collective: a bad
+    --data path is one line on rank 0, and rank 1 leaves with it. Catches rank 1 waiting out the timeout."""
+    argv = ["--model", ckpt, "--data", str(tmp_path / "nowhere.jsonl"), "--output-dir", str(tmp_path), *SMALL]
+    (code0, out0, err0), (code1, out1, err1) = run_ranks([argv, argv])[0]
+    assert (code0, code1) == (2, 2) and err1 == "", err0 + err1
+    assert err0 == f"error: {tmp_path / 'nowhere.jsonl'}: no such file or directory\n"
