@@ -125,13 +125,13 @@ class DataConfig:
                  "max_latent_size")):
             if round(size / stride) > side:
                 raise DataError(f"{name}_max_size {size} gives {round(size / stride)} tokens per "
-                                 f"side, more than the model's {table}={side}: set "
-                                 f"{name}_max_size to {side * stride} or less")
+                                f"side, more than the model's {table}={side}: set "
+                                f"{name}_max_size to {side * stride} or less")
             if getattr(self, f"{name}_min_size") > size:
                 raise DataError(f"{name}_min_size is larger than {name}_max_size {size}")
         if not 1 <= self.video_min_frames <= self.video_max_frames:
             raise DataError(f"video frames: need 1 <= video_min_frames ({self.video_min_frames}) <= "
-                             f"video_max_frames ({self.video_max_frames})")
+                            f"video_max_frames ({self.video_max_frames})")
         for p in (self.text_cond_dropout, self.vit_cond_dropout, self.vae_cond_dropout):
             if not 0 <= p <= 1:
                 raise DataError(f"CFG dropout probabilities must be in [0, 1], got {p}")
@@ -174,7 +174,7 @@ def load_tokenizer(model_dir: str):
         return Tokenizer.from_file(str(d / "tokenizer.json"))
     if not ((d / "vocab.json").exists() and (d / "merges.txt").exists()):
         raise DataError(f"{d}: no tokenizer.json and no vocab.json + merges.txt: --model must be a "
-                         f"BAGEL checkpoint directory")
+                        f"BAGEL checkpoint directory")
     # the slow Qwen2Tokenizer: NFC, Qwen's split regex, byte-level BPE
     tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
     tok.normalizer = normalizers.NFC()
@@ -190,7 +190,7 @@ def load_tokenizer(model_dir: str):
         tok.add_special_tokens([AddedToken(t["content"], special=True, normalized=False)])
         if tok.token_to_id(t["content"]) != int(i):
             raise DataError(f"{cfg_path}: added token {t['content']!r} should have id {i} but got "
-                             f"{tok.token_to_id(t['content'])}; vocab.json does not match")
+                            f"{tok.token_to_id(t['content'])}; vocab.json does not match")
     return tok
 
 
@@ -701,7 +701,7 @@ def data_files(path: str) -> list[str]:
         raise DataError(f"{path}: no such file or directory")
     if p.suffix.lower() not in DATA_EXTS:
         raise DataError(f"{path}: unknown data file type; expected {', '.join(DATA_EXTS)}, a "
-                         f"directory or a .yaml mixture")
+                        f"directory or a .yaml mixture")
     return [str(p)]
 
 
@@ -981,7 +981,7 @@ def check_format(states: list[dict]):
     """Data states from before sharding by read unit hold one stream position per source."""
     if any(not isinstance(p, list) for st in states for sh in st["shards"].values() for p in sh["pos"]):
         raise DataError("data state was saved by an older data.py (stream positions, before shards read "
-                         "whole units): it cannot be continued; resume from a newer checkpoint or start over")
+                        "whole units): it cannot be continued; resume from a newer checkpoint or start over")
 
 
 class PackLoader:
@@ -1021,7 +1021,7 @@ class PackLoader:
                 self.dataset.world_size if k == "world_size" else self.cfg.seed
             if sd[k] != mine:
                 raise DataError(f"data state was saved with {k}={sd[k]} but this run has {mine}: "
-                                 f"exact resume needs the same value")
+                                f"exact resume needs the same value")
         self.consumed = sd["consumed"]
         self.shards = {int(k): v for k, v in copy.deepcopy(sd["shards"]).items()}
 

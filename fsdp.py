@@ -79,8 +79,8 @@ def mesh_shape(world_size: int, shard_size: int) -> tuple[int, int]:
     shard = shard_size or world_size
     if shard < 1 or shard > world_size or world_size % shard:
         raise UserError(f"shard_size={shard_size} does not divide the world size {world_size}: use a "
-                         f"divisor of it, e.g. the ranks per node (HSDP: shard within a node, replicate "
-                         f"across nodes), or 0 to shard over all ranks")
+                        f"divisor of it, e.g. the ranks per node (HSDP: shard within a node, replicate "
+                        f"across nodes), or 0 to shard over all ranks")
     return world_size // shard, shard
 
 
@@ -338,7 +338,7 @@ def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = Non
     dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
     if any(bad):
         raise UserError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
-                         "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
+                        "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
     return path
 
 
@@ -485,8 +485,8 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     old_world, saved_crc = meta.get("world_size"), meta.get("frozen_crc32")
     if frozen_crc32 is not None and saved_crc is not None and saved_crc != frozen_crc32:
         raise UserError(f"{path}: saved by a run whose frozen weights had CRC-32 {saved_crc}, but the base "
-                         f"{meta.get('base')!r} and --freeze of this run give {frozen_crc32}: resume with the "
-                         f"same --model and --freeze (the checkpoint does not store frozen weights)")
+                        f"{meta.get('base')!r} and --freeze of this run give {frozen_crc32}: resume with the "
+                        f"same --model and --freeze (the checkpoint does not store frozen weights)")
     model_sd, optim_sd = trained_state_dict(model), get_optimizer_state_dict(model, opt)
     sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
     if old_world == d.world_size:  # a rank's RNG streams are its own: restored at the same world size only

@@ -397,7 +397,7 @@ def check_lora_resume(path: str, args: Args):
         saved = lora_options(json.load(f).get("lora") or {})
     if saved != (now := lora_options(dataclasses.asdict(args.lora))):
         raise UserError(f"{path}: saved by a run with {saved}, but this run has {now}: resume with the checkpoint's "
-                         f"LoRA options, or start over (--ckpt.resume none, or another --output-dir)")
+                        f"LoRA options, or start over (--ckpt.resume none, or another --output-dir)")
 
 
 def param_table(model: Bagel, ae: AutoEncoder) -> str:
@@ -989,7 +989,7 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     lo = args.lora
     if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
         raise UserError(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
-                         f"(0: off), alpha > 0 and dropout in [0, 1)")
+                        f"(0: off), alpha > 0 and dropout in [0, 1)")
     if args.eval.every and args.eval.image:  # read at the first eval step, possibly hours in
         from PIL import Image
         try:
@@ -1014,8 +1014,8 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
             lora_target(n[:-len(".weight")], lo.targets, lo.vit) and any(FREEZE[part](n) for part in args.freeze)]
     if lost:
         raise UserError(f"--lora.targets {lo.targets}{' --lora.vit' if lo.vit else ''} with --freeze {' '.join(args.freeze)}: "
-                         f"{len(lost)} adapted linears (e.g. {lost[0]}) are in a frozen part and would never train: "
-                         f"adapt only parts that train (with --freeze und: --lora.targets gen, no --lora.vit)")
+                        f"{len(lost)} adapted linears (e.g. {lost[0]}) are in a frozen part and would never train: "
+                        f"adapt only parts that train (with --freeze und: --lora.targets gen, no --lora.vit)")
     off = tuple(p + "." for p in TOP_LEVEL if not hasattr(net, p))  # parts switched off are not loaded
     for m, index, skip in ((net, bagel_index, off), (ae, ae_index, ())):
         reader = CheckpointReader({k: tuple(v.shape) for k, v in m.state_dict().items() if k not in POS_TABLES},
@@ -1026,7 +1026,7 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     ds = cfg.vae.downsample * cfg.latent_patch_size
     if args.eval.every and cfg.visual_gen and (args.eval.size % ds or args.eval.size // ds > cfg.max_latent_size):
         raise UserError(f"--eval.size {args.eval.size}: must be a multiple of {ds} and at most "
-                         f"{cfg.max_latent_size * ds} (the model's max_latent_size={cfg.max_latent_size})")
+                        f"{cfg.max_latent_size * ds} (the model's max_latent_size={cfg.max_latent_size})")
 
     # the data must match the model: geometry, tokenizer and switched-off parts come from its config
     data = data_lib.match_model(dataclasses.replace(args.data, model=args.data.model or model), cfg)
