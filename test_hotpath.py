@@ -238,7 +238,8 @@ def test_a_logging_step_reads_back_one_vector_and_other_steps_nothing(device, tm
         meter = train.Meter(train.Args(output_dir=str(tmp_path), max_steps=4, log_every=2), d,
                             types.SimpleNamespace(stats=lambda: {"padding": 0.0, "skipped": {}}), [], 0)
         one = lambda x: torch.tensor(x, device=d.device)
-        s = dict(ce=one(2.0), mse=one(0.5), n_ce=one(8.0), n_mse=one(25.0), by_t=torch.ones(2 * train.T_BUCKETS, device=d.device))
+        s = dict(ce=one(2.0), mse=one(0.5), n_ce=one(8.0), n_mse=one(25.0),
+                 by_t=torch.ones(2 * train.T_BUCKETS, device=d.device))
         batch, host = micro_batch(d.device), torch.device("cpu") if device != "cpu" else None
         for step in (1, 2):
             with SyncCounter(host) as add:
