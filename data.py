@@ -145,7 +145,7 @@ class DataConfig:
     def check(self):
         """Fail at start-up, with the fixes in the message, for settings the model cannot take."""
         if bad := self.problems():
-            raise packing.UserError(bad[0] if len(bad) == 1 else f"{len(bad)} problems:\n  " + "\n  ".join(bad))
+            raise DataError(bad[0] if len(bad) == 1 else f"{len(bad)} problems:\n  " + "\n  ".join(bad))
 
 
 def geometry_line(cfg: DataConfig) -> str:
@@ -193,8 +193,12 @@ def draw_size_problem(flag: str, size: int, model_config) -> str | None:
     return None
 
 
-class BadSample(ValueError):
-    """A record we cannot train on. `reason` is the counter name used with skip_bad."""
+class DataError(packing.UserError, ValueError):
+    """Data or data options that cannot be used as given: the message names the file or option."""
+
+
+class BadSample(DataError):
+    """A record we cannot train on (the user's to fix or skip). `reason` is the counter name used with skip_bad."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -216,8 +220,8 @@ def load_tokenizer(model_dir: str):
     if (d / "tokenizer.json").exists():
         return Tokenizer.from_file(str(d / "tokenizer.json"))
     if not ((d / "vocab.json").exists() and (d / "merges.txt").exists()):
-        raise ValueError(f"{d}: no tokenizer.json and no vocab.json + merges.txt: --model must be a "
-                         f"BAGEL checkpoint directory")
+        raise DataError(f"{d}: no tokenizer.json and no vocab.json + merges.txt: --model must be a "
+                        f"BAGEL checkpoint directory")
     # the slow Qwen2Tokenizer: NFC, Qwen's split regex, byte-level BPE
     tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
     tok.normalizer = normalizers.NFC()
@@ -232,8 +236,8 @@ def load_tokenizer(model_dir: str):
     for i, t in sorted(added.items(), key=lambda kv: int(kv[0])):
         tok.add_special_tokens([AddedToken(t["content"], special=True, normalized=False)])
         if tok.token_to_id(t["content"]) != int(i):
-            raise ValueError(f"{cfg_path}: added token {t['content']!r} should have id {i} but got "
-                             f"{tok.token_to_id(t['content'])}; vocab.json does not match")
+            raise DataError(f"{cfg_path}: added token {t['content']!r} should have id {i} but got "
+                            f"{tok.token_to_id(t['content'])}; vocab.json does not match")
     return tok
 
 
@@ -243,7 +247,7 @@ def special_tokens(tok) -> SpecialTokens:
     ids = {k: tok.token_to_id(v) for k, v in names.items()}
     missing = [names[k] for k, v in ids.items() if v is None]
     if missing:
-        raise ValueError(f"tokenizer lacks {missing}: BAGEL needs the Qwen2.5 tokenizer")
+        raise DataError(f"tokenizer lacks {missing}: BAGEL needs the Qwen2.5 tokenizer")
     return SpecialTokens(**ids)
 
 
@@ -629,7 +633,7 @@ def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
                     lines.append(i)
                 pos += len(line)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e}") from None
+        raise DataError(f"{path}: cannot read: {e}") from None
     return np.array(offsets + [pos], dtype=np.int64), np.array(lines, dtype=np.int64)
 
 
@@ -681,12 +685,12 @@ class DataFile:
                 with open(p) as fh:
                     rows = json.load(fh)
                 if not isinstance(rows, list):
-                    raise ValueError(f"{p}: expected a JSON list of records, got {type(rows).__name__}")
+                    raise DataError(f"{p}: expected a JSON list of records, got {type(rows).__name__}")
                 self._h = rows
             else:
-                raise ValueError(f"{p}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
+                raise DataError(f"{p}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
         except (pa.ArrowInvalid, OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: cannot read: {e}") from None
+            raise DataError(f"{p}: cannot read: {e}") from None
 
     def _unit_rows(self) -> list[int]:
         if self.ext == ".parquet":
@@ -704,8 +708,12 @@ class DataFile:
         if self.ext == ".parquet":
             md = self._h.metadata.row_group(unit)
             batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
-            return pa.Table.from_batches(list(self._h.iter_batches(
-                batch, row_groups=[unit], columns=self.columns, use_threads=False)))
+            try:
+                return pa.Table.from_batches(list(self._h.iter_batches(
+                    batch, row_groups=[unit], columns=self.columns, use_threads=False)))
+            except (pa.ArrowInvalid, OSError) as e:  # pages garbled after a footer that reads
+                raise DataError(f"{self.path}: rows {a}-{b - 1} (row group {unit}): cannot read: "
+                                f"{' '.join(str(e).split())}") from None  # pyarrow's message spans lines
         if self.ext == ".arrow":
             return self._h[unit].select(self.columns) if self.columns else self._h[unit]
         if self.ext == ".json":
@@ -736,13 +744,13 @@ def data_files(path: str) -> list[str]:
         files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in DATA_EXTS
                        and f.name not in HF_METADATA and f.is_file())
         if not files:
-            raise ValueError(f"{path}: directory holds no data files ({', '.join(DATA_EXTS)})")
+            raise DataError(f"{path}: directory holds no data files ({', '.join(DATA_EXTS)})")
         return files
     if not p.exists():
-        raise ValueError(f"{path}: no such file or directory")
+        raise DataError(f"{path}: no such file or directory")
     if p.suffix.lower() not in DATA_EXTS:
-        raise ValueError(f"{path}: unknown data file type; expected {', '.join(DATA_EXTS)}, a "
-                         f"directory or a .yaml mixture")
+        raise DataError(f"{path}: unknown data file type; expected {', '.join(DATA_EXTS)}, a "
+                        f"directory or a .yaml mixture")
     return [str(p)]
 
 
@@ -769,9 +777,9 @@ class Source:
                       for ui, n in enumerate(f.unit_rows) if n > 0]
         self.n_rows = sum(n for _, _, n in self.units)
         if self.n_rows == 0:
-            raise ValueError(f"{name}: no rows")
+            raise DataError(f"{name}: no rows")
         if self.weight <= 0:
-            raise ValueError(f"{name}: mixture weight must be > 0, got {weight}")
+            raise DataError(f"{name}: mixture weight must be > 0, got {weight}")
         self._unit: tuple = (None, None)  # (unit, its rows): the one unit this source holds
         self._order: tuple = (None, None)  # ((epoch, unit), row order)
 
@@ -811,14 +819,14 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
             try:
                 cfg = yaml.safe_load(Path(p).read_text())
             except (OSError, yaml.YAMLError) as e:
-                raise ValueError(f"{p}: cannot read the mixture: {e}") from None
+                raise DataError(f"{p}: cannot read the mixture: {e}") from None
             ds = cfg.get("datasets") if isinstance(cfg, dict) else None
             if not isinstance(ds, list) or not ds:
-                raise ValueError(f"{p}: expected `datasets: [{{path, weight, data_folder}}, ...]`")
+                raise DataError(f"{p}: expected `datasets: [{{path, weight, data_folder}}, ...]`")
             base = os.path.dirname(os.path.abspath(p))
             for i, e in enumerate(ds):
                 if not isinstance(e, dict) or "path" not in e:
-                    raise ValueError(f"{p}: datasets[{i}]: needs a `path`")
+                    raise DataError(f"{p}: datasets[{i}]: needs a `path`")
                 folder = e.get("data_folder")
                 folder = os.path.join(base, folder) if folder else None
                 entries.append((f"{p}: datasets[{i}]", os.path.join(base, str(e["path"])),
@@ -952,7 +960,7 @@ class ShardStream:
                 self.skips[e.reason] += 1
                 self.bad[i] += 1
                 if self.tried[i] >= SKIP_CHECK_AFTER and self.bad[i] > MAX_SKIPPED * self.tried[i]:
-                    raise ValueError(
+                    raise DataError(
                         f"{self.ds.sources[i].name}: {self.bad[i]} of the {self.tried[i]} records read "
                         f"so far are bad (--data.skip-bad allows {MAX_SKIPPED:.0%}); the last: {e}") from None
                 continue
@@ -1004,7 +1012,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
             for _, batch, state in self.stream((w + self.rotate) % nw, nw):
                 batch["_state"] = state
                 yield batch
-        except BadSample as e:
+        except packing.UserError as e:  # a bad record, or a file that cannot be read
             if info is None:
                 raise
             yield e  # PackLoader raises it: raised here, the user would get it inside a worker traceback
@@ -1021,8 +1029,8 @@ def _worker_init(_):
 def check_format(states: list[dict]):
     """Data states from before sharding by read unit hold one stream position per source."""
     if any(not isinstance(p, list) for st in states for sh in st["shards"].values() for p in sh["pos"]):
-        raise ValueError("data state was saved by an older data.py (stream positions, before shards read "
-                         "whole units): it cannot be continued; resume from a newer checkpoint or start over")
+        raise DataError("data state was saved by an older data.py (stream positions, before shards read "
+                        "whole units): it cannot be continued; resume from a newer checkpoint or start over")
 
 
 class PackLoader:
@@ -1043,7 +1051,7 @@ class PackLoader:
                                              collate_fn=_no_collate, worker_init_fn=_worker_init,
                                              pin_memory=torch.cuda.is_available())
         for batch in loader:
-            if isinstance(batch, BadSample):
+            if isinstance(batch, packing.UserError):
                 raise batch
             state = batch.pop("_state")
             self.shards[state["shard"]] = state
@@ -1061,8 +1069,8 @@ class PackLoader:
             mine = self.cfg.num_workers if k == "num_workers" else \
                 self.dataset.world_size if k == "world_size" else self.cfg.seed
             if sd[k] != mine:
-                raise ValueError(f"data state was saved with {k}={sd[k]} but this run has {mine}: "
-                                 f"exact resume needs the same value")
+                raise DataError(f"data state was saved with {k}={sd[k]} but this run has {mine}: "
+                                f"exact resume needs the same value")
         self.consumed = sd["consumed"]
         self.shards = {int(k): v for k, v in copy.deepcopy(sd["shards"]).items()}
 
@@ -1075,7 +1083,7 @@ class PackLoader:
         already read in the next epoch are read again there. Counters and timestep draws restart."""
         check_format(states)
         if any(st["seed"] != self.cfg.seed for st in states):
-            raise ValueError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
+            raise DataError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
         srcs = self.dataset.sources
         old = []  # (shard, shard count, state or None) of every old shard
         for rank, st in enumerate(states):

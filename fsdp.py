@@ -32,6 +32,7 @@ from torch.distributed.tensor import distribute_tensor
 import packing
 from model import (TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, checkpoint_index,
                    fresh_tensors, read_config, sincos_2d)
+from packing import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
 
@@ -43,6 +44,7 @@ class Dist:
     local_rank: int
     local_world_size: int  # ranks per node (torchrun's LOCAL_WORLD_SIZE)
     device: torch.device
+    store: dist.Store | None = None  # the launcher's key-value store (this attempt's keys): errors travel on it
 
 
 def init_distributed(device: str = "auto", timeout_min: float = 30) -> Dist:
@@ -66,8 +68,11 @@ def init_distributed(device: str = "auto", timeout_min: float = 30) -> Dist:
                 env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=dev if cuda else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        # a client of its own (rank 0's server, or torchrun's, is up now), its keys this attempt's
+        errors = dist.PrefixStore(f"errors{restart}/", dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout))
+        return Dist(rank, world, local_rank, local_world, dev, errors)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(rank, world, local_rank, local_world, dev)
 
 
@@ -75,9 +80,9 @@ def mesh_shape(world_size: int, shard_size: int) -> tuple[int, int]:
     """(replicas, shards) of the HSDP mesh. shard_size 0 means the whole world (plain FSDP)."""
     shard = shard_size or world_size
     if shard < 1 or shard > world_size or world_size % shard:
-        raise ValueError(f"--shard-size {shard_size} does not divide the world size {world_size}: use a "
-                         f"divisor of it, e.g. the ranks per node (HSDP: shard within a node, replicate "
-                         f"across nodes), or 0 to shard over all ranks")
+        raise UserError(f"--shard-size {shard_size} does not divide the world size {world_size}: use a "
+                        f"divisor of it, e.g. the ranks per node (HSDP: shard within a node, replicate "
+                        f"across nodes), or 0 to shard over all ranks")
     return world_size // shard, shard
 
 
@@ -160,7 +165,7 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
     dist.broadcast_object_list(plan, src=0)
     error, dtypes, fresh_nsa = plan[0]
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     # NSA added to a dense checkpoint: every rank computes the same deterministic init locally
     new_nsa = fresh_nsa and any(".self_attn.nsa." in k for k in params)  # (sin-cos tables: reset_pos_tables)
     fresh = {fqn(k): v for k, v in fresh_tensors(model, "cpu", new_nsa).items() if fqn(k) in params}  # + LoRA
@@ -365,25 +370,25 @@ def resume_point(output_dir: str, resume: str, d: Dist, before: str | None = Non
     dist.broadcast_object_list(plan, src=0)
     error, names, found = plan[0]
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     for name in names:
         path = os.path.join(output_dir, name)  # an absolute path (an explicit --ckpt.resume) stays itself
         missing = [f for f in ("meta.json", ".metadata") if not os.access(os.path.join(path, f), os.R_OK)]
         bad = [None] * d.world_size
         dist.all_gather_object(bad, f"rank {d.rank} cannot read {path}/{missing[0]}" if missing else None)
         if bad[0] is None and any(bad):  # (a file rank 0 lacks too is damage: verify_checkpoint names it)
-            raise ValueError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
-                             "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
+            raise UserError(f"rank 0 resumes from {path}, but " + "; ".join(b for b in bad if b) + ": every rank "
+                            "must see the same checkpoints (a shared --output-dir), or pass --ckpt.resume none")
         problem = verify_checkpoint(path, d)
         if problem is None:
             return path
         if resume != "auto":
-            raise ValueError(f"--ckpt.resume {resume}: damaged checkpoint: {problem}")
+            raise UserError(f"--ckpt.resume {resume}: damaged checkpoint: {problem}")
         if d.rank == 0:
             print(f"checkpoint {path} is damaged, skipped: {problem}", flush=True)
     if found and resume == "auto":
-        raise ValueError(f"{output_dir}: none of its {found} checkpoints verifies and loads (see the lines above): "
-                         f"repair or move them away, or start from the base with --ckpt.resume none")
+        raise UserError(f"{output_dir}: none of its {found} checkpoints verifies and loads (see the lines above): "
+                        f"repair or move them away, or start from the base with --ckpt.resume none")
     return None
 
 
@@ -402,7 +407,7 @@ def lora_options(lo: dict) -> str:
 def model_options(args: dict, cfg) -> dict[str, str]:
     """The options of a run (its args as args.json holds them) that decide which tensors its checkpoints
     hold and what they compute, each as the flags that set it; unset ones are the base config's (`cfg`).
-    --lora.dropout, --precision and the like may change across a resume, so they are not here."""
+    --lora.dropout, --dtype and the like may change across a resume, so they are not here."""
     nsa = args.get("attn") == "nsa" or cfg.nsa is not None
     freeze = " ".join(sorted(args.get("freeze") or ()))
     opts = {"attn": "--attn nsa" if nsa else "dense attention (sdpa or flex)",
@@ -433,12 +438,21 @@ def check_options(path: str, args: dict) -> None:
         return
     hint = ""
     if was.get("attn") != now["attn"] and now["attn"] == "--attn nsa":
-        hint = (f" To train NSA from this dense checkpoint, export it (python convert_weights.py {path} DIR) and "
+        hint = (f" To train NSA from this dense checkpoint, export it (python convert_weights.py --model {path} --output-dir DIR) and "
                 f"start a run from that: --model DIR --attn nsa, with another --output-dir.")
     raise OptionsDiffer(f"{path}: saved by a run with {', '.join(was.get(k, '-') for k in diff)}, but this run has "
                         f"{', '.join(now.get(k, '-') for k in diff)}: the checkpoint is fine, the options differ. "
                         f"Resume with the checkpoint's options, or start over (--ckpt.resume none, or another "
                         f"--output-dir).{hint}")
+
+
+def rng_state(d: Dist) -> dict[str, torch.Tensor]:
+    """This rank's global RNG states, as checkpoints store them: the CPU's, and the GPU's (LoRA dropout
+    on a GPU draws from it)."""
+    state = {f"rng{d.rank}": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        state[f"device_rng{d.rank}"] = torch.cuda.get_rng_state(d.device)
+    return state
 
 
 def trained_state_dict(model: nn.Module) -> dict:
@@ -469,7 +483,7 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
                     verify: str = "size", keep_last: int = 0, saver: AsyncSaver | None = None) -> Future | None:
     """One DCP checkpoint: "model" and "ema" (official keys of what training changes, fp32 shards, no
     FSDP/wrapper prefixes), "optim" (keyed by parameter name, so it reshards), "trainer" (step,
-    scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG state.
+    scheduler: JSON) and one "rank{r}" JSON entry per rank (data position) plus its RNG states (CPU, device).
 
     meta.json comes last, listing every file with its size (and CRC-32 with verify="hash", each rank
     hashing its share: `file_table`); only then are checkpoints beyond `keep_last` pruned, so the newest
@@ -478,7 +492,7 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     be waited on before the next save and at the end."""
     model_sd = trained_state_dict(model)
     sd = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt), "trainer": json.dumps(trainer),
-          f"rank{d.rank}": json.dumps(rank_state), f"rng{d.rank}": torch.get_rng_state()}
+          f"rank{d.rank}": json.dumps(rank_state), **rng_state(d)}
     if ema is not None:
         sd["ema"] = ema_state_dict(ema, model_sd)
     if d.rank == 0 and os.path.exists(os.path.join(path, "meta.json")):
@@ -519,7 +533,7 @@ def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     try:
         staged = dcp.async_save(sd, checkpoint_id=path, process_group=saver.group, async_stager=saver.stager)
     except (OSError, CheckpointException) as e:
-        raise OSError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
+        raise UserError(f"saving the checkpoint {path} failed: {dcp_error(e)}") from None
     pool = ThreadPoolExecutor(1)
     done = pool.submit(lambda: (finish(staged.result, saver.group), prune()))
     pool.shutdown(wait=False)
@@ -537,8 +551,8 @@ def wait_saved(pending: Future | None, d: Dist) -> None:
     except OSError as e:
         outcome = [str(e)]
     dist.broadcast_object_list(outcome, src=0)
-    if outcome[0]:
-        raise OSError(outcome[0])
+    if outcome[0]:  # a full disk, a lost mount: the user's to fix
+        raise UserError(outcome[0])
     return None
 
 
@@ -615,8 +629,8 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
             f": it was saved with other model options or another --model (its args.json has them); the checkpoint "
             f"is fine. Resume with its options, or start over (--ckpt.resume none, or another --output-dir)")
     sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
-    if old_world == d.world_size and f"rng{d.rank}" in keys:
-        sd[f"rng{d.rank}"] = torch.get_rng_state()
+    if old_world == d.world_size:  # a rank's RNG streams are its own: restored at the same world size only
+        sd.update({k: v for k, v in rng_state(d).items() if k in keys})
     # every old rank's data state (small JSON): exact resume uses this rank's, a run at another world
     # size or worker count continues the stream from all of them
     sd.update({f"rank{r}": "" for r in range(old_world or 0) if f"rank{r}" in keys})
@@ -638,6 +652,8 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     set_optimizer_state_dict(model, opt, optim_sd)
     if f"rng{d.rank}" in sd:
         torch.set_rng_state(sd[f"rng{d.rank}"])
+    if f"device_rng{d.rank}" in sd:
+        torch.cuda.set_rng_state(sd[f"device_rng{d.rank}"], d.device)
     return json.loads(sd["trainer"]), [json.loads(sd[f"rank{r}"]) for r in range(old_world or 0) if f"rank{r}" in sd]
 
 

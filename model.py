@@ -875,12 +875,20 @@ TOP_LEVEL = ("language_model", "vit_model", "connector", "vit_pos_embed", "laten
 POS_TABLES = ("vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed")  # recomputed, never loaded
 
 
+class CheckpointError(packing.UserError, ValueError):
+    """A checkpoint folder that cannot be used as given: the message names the file and what is wrong."""
+
+
+class CheckpointMissing(packing.UserError, FileNotFoundError):
+    """A checkpoint folder or file that is not there."""
+
+
 def _json(path: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def layout(path: str) -> Literal["official", "hf"]:
@@ -893,7 +901,7 @@ def layout(path: str) -> Literal["official", "hf"]:
                 return "hf"
         except ValueError:
             pass  # the official repo's config.json is a 39-byte placeholder that is not valid JSON
-    raise FileNotFoundError(f"{path}: not a BAGEL checkpoint: expected llm_config.json (official layout) "
+    raise CheckpointMissing(f"{path}: not a BAGEL checkpoint: expected llm_config.json (official layout) "
                             "or a config.json with an 'llm_config' entry (HF layout)")
 
 
@@ -909,16 +917,16 @@ def resolve(path: str, flag: str = "--model") -> str:
     # a path is what does not look like ORG/NAME, or starts like one (./x, ~/x), or sits in a folder that exists here
     if (not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) or path.startswith((".", "~"))
             or os.path.isdir(path.split("/")[0])):
-        raise packing.UserError(f"{flag} {path}: no such directory")
+        raise CheckpointMissing(f"{flag} {path}: no such directory")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise packing.UserError(f"{flag} {path}: no such directory; as a Hugging Face Hub id it is downloaded by "
+        raise CheckpointMissing(f"{flag} {path}: no such directory; as a Hugging Face Hub id it is downloaded by "
                                 f"huggingface_hub: pip install huggingface_hub") from None
     try:
         return snapshot_download(path, allow_patterns=HUB_FILES)
     except Exception as e:  # no network, no such repo, gated, disk full: the hub raises many types
-        raise packing.UserError(f"{flag} {path}: no such directory, and downloading it from the Hugging Face Hub "
+        raise CheckpointMissing(f"{flag} {path}: no such directory, and downloading it from the Hugging Face Hub "
                                 f"failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
@@ -943,7 +951,7 @@ def read_config(path: str, **overrides) -> BagelConfig:
                 vae=_pick(AEConfig, ae), nsa=_pick(NSAConfig, bagel["nsa"]) if bagel.get("nsa") else None)
     for k, v in overrides.items():
         if not hasattr(cfg, k):
-            raise ValueError(f"unknown BAGEL config field {k!r}")
+            raise CheckpointError(f"unknown BAGEL config field {k!r}")
         setattr(cfg, k, v)
     return cfg
 
@@ -975,12 +983,12 @@ def save_pretrained(path: str, model: "Bagel", ae: "AutoEncoder"):
 def safetensors_keys(file: str) -> list[str]:
     from safetensors import safe_open
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: missing")
+        raise CheckpointMissing(f"{file}: missing")
     try:
         with safe_open(file, "pt") as f:
             return list(f.keys())
     except Exception as e:  # safetensors raises its own error types for truncated headers
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def checkpoint_index(path: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
@@ -1077,7 +1085,7 @@ def load_weights(model: nn.Module, index: dict[str, tuple[str, str]], path: str,
     reader = CheckpointReader(want, index, path, tuple(p + "." for p in TOP_LEVEL if not hasattr(model, p)))
     try:
         if reader.error:
-            raise ValueError(reader.error)
+            raise CheckpointError(reader.error)
         sd = {k: reader.read(k).to(device=device, dtype=dtype) for k in reader.want}
     finally:
         reader.close()

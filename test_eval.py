@@ -20,6 +20,7 @@ from PIL import Image
 import data
 import fsdp
 import model as model_lib
+import packing
 import train
 from model import AutoEncoder, Bagel
 
@@ -295,10 +296,10 @@ def test_plots_have_the_expected_size(runs):
 def test_missing_logger_packages_name_the_install_command(demo, monkeypatch):
     args = val_args(demo)
     monkeypatch.setitem(sys.modules, "wandb", None)  # None in sys.modules: `import wandb` raises ImportError
-    with pytest.raises(ValueError, match=r"--wandb proj: .*pip install wandb"):
+    with pytest.raises(packing.UserError, match=r"--wandb proj: .*pip install wandb"):
         train.open_loggers(dataclasses.replace(args, wandb="proj"), {}, 0)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ValueError, match=r"--tensorboard: .*pip install tensorboard"):
+    with pytest.raises(packing.UserError, match=r"--tensorboard: .*pip install tensorboard"):
         train.open_loggers(dataclasses.replace(args, tensorboard=True), {}, 1)  # every rank checks
     assert train.open_loggers(args, {}, 0) == []  # neither asked: nothing imported
 

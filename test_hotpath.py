@@ -1,5 +1,6 @@
 """The GPU hot path: attention structures built by the data workers, exact against a
 dense mask written from the rule; no op that waits for the device in a training micro-step."""
+import json
 import random
 from collections import Counter
 
@@ -216,6 +217,41 @@ def test_an_nsa_micro_step_has_no_host_sync(device):
     model, batch = model.to("meta"), micro_batch("meta")
     out = model(**batch)
     (out["ce"].mean() + out["mse"].mean()).backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_logging_step_reads_back_one_vector_and_other_steps_nothing(device, tmp_path):
+    """What the training loop adds up at every step (train.Meter.add: losses, tokens, FLOPs of the
+    packs) reads nothing back from the device; a log step reads the all-reduced window once. On CPU
+    every tensor stands in for a device tensor, except that a .tolist() of a CPU tensor (the window's
+    one read) is not seen; a GPU counts it."""
+    import dataclasses
+    import types
+
+    import torch.distributed as dist
+
+    import fsdp
+    import train
+    d = fsdp.init_distributed(device)
+    try:
+        d = dataclasses.replace(d, device=torch.device(device, 0) if device == "cuda" else torch.device(device))
+        meter = train.Meter(train.Args(output_dir=str(tmp_path), max_steps=4, log_every=2), d,
+                            types.SimpleNamespace(stats=lambda: {"padding": 0.0, "skipped": {}}), [], 0)
+        one = lambda x: torch.tensor(x, device=d.device)
+        s = dict(ce=one(2.0), mse=one(0.5), n_ce=one(8.0), n_mse=one(25.0),
+                 by_t=torch.ones(2 * train.T_BUCKETS, device=d.device))
+        batch, host = micro_batch(d.device), torch.device("cpu") if device != "cpu" else None
+        for step in (1, 2):
+            with SyncCounter(host) as add:
+                meter.add(s, [batch], 0.01, TINY)
+            with SyncCounter(host) as log:
+                meter.log(step, 1e-3, 0.5, {})
+            print(f"sync ops at step {step}: add {Counter(add.ops)}, log {Counter(log.ops)}")
+            assert add.ops == [] and len(log.ops) == (step == 2 and device != "cpu")
+        row = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+        assert [r["step"] for r in row] == [2] and row[0]["ce"] == pytest.approx(0.25)  # 2 steps of 2.0 over 2 x 8 tokens
+    finally:
+        dist.destroy_process_group()
 
 
 def test_take_keeps_the_data_state_of_its_own_packs(tmp_path):

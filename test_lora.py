@@ -20,6 +20,7 @@ import bench
 import convert_weights
 import fsdp
 import model as model_lib
+import packing
 import sample
 import train
 from model import POS_TABLES, AutoEncoder, Bagel, LLMConfig, add_lora, is_lora
@@ -315,7 +316,7 @@ def test_demo_lora_lowers_both_losses_and_resumes_only_with_its_options(tmp_path
                            (train.LoRAConfig(4, targets="all", vit=True), "--lora.targets all --lora.vit"),
                            (train.LoRAConfig(4, alpha=4.0, targets="all"), "--lora.alpha 4 "),
                            (train.LoRAConfig(0), "no LoRA")):
-        with pytest.raises(ValueError, match=f"step-0000016: saved by a run with --lora.rank 4 .*this run has .*{this_run}"):
+        with pytest.raises(packing.UserError, match=f"step-0000016: saved by a run with --lora.rank 4 .*this run has .*{this_run}"):
             fsdp.check_options(step, dataclasses.asdict(dataclasses.replace(args, lora=lora)))
 
 
@@ -354,5 +355,5 @@ def test_memory_table_counts_adapters_by_the_formula(monkeypatch):
     (["--lora.rank", "4", "--lora.targets", "und", "--lora.vit", "--freeze", "vit"], "--freeze vit: 12 adapted"),
 ])
 def test_bad_lora_options_are_user_errors(flags, message, ckpt, world1):
-    with pytest.raises(train.packing.UserError, match=message):
+    with pytest.raises(packing.UserError, match=message):
         train.check_args(train.parse_args(flags + ["--model", ckpt]), world1)

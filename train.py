@@ -13,13 +13,17 @@ import functools
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
 import sys
-import tempfile
+import socket
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Annotated, Literal
 
 import numpy as np
@@ -31,6 +35,7 @@ import data as data_lib
 import fsdp
 import packing
 from data import DataConfig
+from packing import UserError
 from nsa import NSAConfig
 from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader,
                    LLMConfig, ViTConfig, add_lora, checkpoint_index, is_lora, lora_target, read_config, resolve,
@@ -62,11 +67,6 @@ class OptimConfig:
     """clip the global gradient norm to this (0: no clipping; the norm is logged either way)"""
     grad_accum: int = 1
     """micro-batches (packs) per rank per optimizer step"""
-    defer_sync: Literal["all_reduce", "all", "none"] = "all_reduce"
-    """gradient communication under grad_accum > 1. all_reduce: reduce-scatter every micro-step, the
-    all-reduce across HSDP replicas (between nodes) once per step; all: also one reduce-scatter per
-    step, but each rank holds the unsharded fp32 gradient of all trained parameters (58 GB for
-    BAGEL-7B); none: both every micro-step"""
     ema_decay: float = 0.0
     """EMA of the weights, kept as fp32 shards (0: off; upstream pre-training used 0.9999)"""
 
@@ -420,6 +420,7 @@ def make_optimizer(model: Bagel, o: OptimConfig, max_steps: int):
 # one optimizer step
 
 NOISE, POSTERIOR, SAMPLE = 1, 2, 3  # streams of keyed randomness (timesteps: packing.step_generator)
+GLOBAL_RNG = 6  # the seed stream of the global RNGs (seed_rng); 4 and 5 are validation's
 T_BUCKETS = 4  # the MSE is also logged per quarter of t: an edit model that copies its input shows a
 #               small loss at low t and a large one at high t (Bagel #140)
 
@@ -496,11 +497,9 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
     for micro, b in enumerate(batches):
         pack = d.rank * args.optim.grad_accum + micro
-        last = micro == len(batches) - 1  # gradients are communicated after this backward at the latest
-        if args.optim.defer_sync == "all":
-            model.set_requires_gradient_sync(last)
-        elif args.optim.defer_sync == "all_reduce":
-            model.set_requires_all_reduce(last)
+        # gradients are reduce-scattered within a shard group every micro-step (they stay sharded), and
+        # all-reduced across HSDP replicas (between nodes) once per step, after the last backward
+        model.set_requires_all_reduce(micro == len(batches) - 1)
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             # frozen VAE outside the sharded model and outside autograd (bugs P3, F4); the posterior
             # is sampled as upstream does (DESIGN.md#flow), from a keyed generator
@@ -560,7 +559,8 @@ def step_flops(c: BagelConfig, batches: list[dict]) -> float:
         f += 6 * (layer * l.num_hidden_layers * b["sequence_length"] + l.hidden_size * l.vocab_size * len(b["ce_loss_indexes"])
                   + vit_layer * v.num_hidden_layers * len(b["packed_vit_token_indexes"]))
         f += 12 * l.num_hidden_layers * l.num_attention_heads * hd * sum(int(s) ** 2 for s in b["sample_lens"])
-        f += 12 * v.num_hidden_layers * v.hidden_size * sum(int(s) ** 2 for s in b["vit_token_seqlens"])
+        # the ViT lengths as host ints (the layout's), not vit_token_seqlens: on the GPU, that read waits for the device
+        f += 12 * v.num_hidden_layers * v.hidden_size * sum(s ** 2 for s in b["attention_layout"]["vit_seqlens"])
     return f
 
 
@@ -593,7 +593,7 @@ def build_val_packs(args: Args, ae: AutoEncoder, d: fsdp.Dist) -> list[tuple[int
     ds = data_lib.PackedDataset(cfg)  # rank 0 of 1: the same packs whatever the world size
     packs = [[s.layout for s in pack] for pack, _, _ in itertools.islice(ds.stream(), args.eval.packs)]
     if not packs:
-        raise ValueError(f"--eval.data {' '.join(args.eval.data)}: no pack could be built")
+        raise UserError(f"--eval.data {' '.join(args.eval.data)}: no pack could be built")
     first = np.cumsum([0] + [sum(sum(l.vae_noisy) for l in p) for p in packs]).tolist()
     n = first[-1]
     t = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))]
@@ -722,7 +722,7 @@ def open_loggers(args: Args, config: dict, rank: int) -> list:
         try:
             import wandb
         except ImportError:
-            raise ValueError(f"--wandb {args.wandb}: the wandb package is not installed (pip install wandb)") from None
+            raise UserError(f"--wandb {args.wandb}: the wandb package is not installed (pip install wandb)") from None
         if rank == 0:
             run = wandb.init(project=args.wandb, config=config, dir=args.output_dir)
             loggers.append((lambda row: run.log(flat_scalars(row), step=row["step"]),
@@ -731,7 +731,7 @@ def open_loggers(args: Args, config: dict, rank: int) -> list:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+            raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
         if rank == 0:
             from PIL import Image
             tb = SummaryWriter(os.path.join(args.output_dir, "tb"))
@@ -803,43 +803,114 @@ def plot_losses(metrics: str, png: str):
 
 # -------------------------------------------------------------------------------------------------
 
-# user errors: bad paths, options, records, checkpoints. Their messages say what and where, so they
-# end the run with one `error:` line and exit code 2; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, packing.UserError)
-
+# errors: a `packing.UserError` (a bad path, option, record or checkpoint: its message says what and
+# where) ends the run with one `error:` line and exit code 2; anything else is a bug and keeps its
+# traceback (exit code 1). With several ranks, the first error of any rank reaches rank 0's output.
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     d = fsdp.init_distributed(args.device, args.timeout_min)
+    relay = Relay(d, args.debug) if d.world_size > 1 else None
     try:
         train(args, d)
-    except USER_ERRORS as e:
-        if args.debug:
+    except Exception as e:
+        if relay:
+            relay.fail(e)  # does not return: reported once on rank 0, every rank leaves
+        if args.debug or not isinstance(e, UserError):
             raise
-        # a bad record is the rank's that read it; every other user error all ranks raise alike
-        mine = isinstance(e, data_lib.BadSample)
-        if mine or d.rank == 0:
-            print(f"error: {f'rank {d.rank}: ' if mine and d.world_size > 1 else ''}{e}", file=sys.stderr, flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         dist.destroy_process_group()
 
 
-def preflight(args: Args, d: fsdp.Dist) -> Args:
-    """Rank 0 runs `check_args` and every rank gets its verdict: the args to run with, or the error
-    all ranks stop with. So a typo in a data path costs seconds, not the minutes of loading 29 GB."""
-    verdict = [None, "rank 0 failed its start-up checks (its traceback says why)"]
-    try:
-        if d.rank == 0:
+RELAY_GRACE_S = 0.5  # after the first error, rank 0 waits this long for errors raised at the same moment
+RELAY_WAIT_S = 30  # the longest a rank waits on the store for the others while leaving
+
+
+class Relay:
+    """Reports the first error of any rank on rank 0's output, once, and ends every rank promptly.
+
+    The error travels on the launcher's key-value store, not a collective: the failing rank is often
+    the one the others wait for in a collective, which would run on until its timeout (30 minutes by
+    default, on NCCL), and a rank on another node prints where the user may never look. A watcher
+    thread on every rank waits for an error key; the failing rank's own thread writes it. Rank 0
+    prints the lowest rank's error among those raised within RELAY_GRACE_S of the first (an error
+    that all ranks raise alike, such as a path one rank cannot see, is then rank 0's own), then every
+    rank exits with its code, DataLoader workers first."""
+
+    def __init__(self, d: fsdp.Dist, debug: bool):
+        self.d, self.debug, self.once = d, debug, threading.Lock()
+        threading.Thread(target=self.watch, args=(d.store.clone(),), daemon=True).start()
+
+    def watch(self, store):
+        try:
+            while not store.check(["errors"]):
+                try:
+                    store.wait(["errors"], timedelta(minutes=10))
+                except dist.DistStoreError:  # a timeout (or the store's end: then `check` raises)
+                    pass
+        except Exception:  # the store is gone: the run is over
+            return
+        self.leave(store, None)
+
+    def fail(self, e: Exception):
+        """This rank's error: write it to the store and leave (printed by rank 0)."""
+        user = isinstance(e, UserError)
+        error = dict(rank=self.d.rank, host=socket.gethostname(), code=2 if user else 1,
+                     message=str(e) if user else f"{type(e).__name__}: {e}",
+                     trace="" if user and not self.debug else traceback.format_exc())
+        try:
+            self.d.store.set(f"error{self.d.rank}", json.dumps(error))
+            self.d.store.add("errors", 1)
+        except Exception:  # no store (the launcher died): this rank says it itself
+            self.print(error)
+            self.exit(error["code"])
+        self.leave(self.d.store, error)
+
+    def leave(self, store, own: dict | None):
+        with self.once:  # the second thread to get here waits until the first one ends the process
+            d = self.d
+            if d.rank == 0:
+                time.sleep(RELAY_GRACE_S)
+                first = next(json.loads(store.get(f"error{r}")) for r in range(d.world_size)
+                             if store.check([f"error{r}"]))
+                self.print(first)
+                store.set("printed", str(first["code"]))
+                deadline = time.time() + RELAY_WAIT_S  # rank 0 may host the store: keep it until all have read
+                while store.add("left", 0) < d.world_size - 1 and time.time() < deadline:
+                    time.sleep(0.05)
+                self.exit(first["code"])
+            code = own["code"] if own else 1
             try:
-                verdict = [check_args(args, d), None]
-            except USER_ERRORS as e:
-                verdict = [None, str(e)]
-    finally:  # also when rank 0 hits a bug: the other ranks must not wait for it at the next collective
-        dist.broadcast_object_list(verdict, src=0)
-    args, error = verdict
-    if error:
-        raise packing.UserError(error)
+                store.wait(["printed"], timedelta(seconds=RELAY_WAIT_S))
+                code = own["code"] if own else int(store.get("printed"))
+                store.add("left", 1)
+            except Exception:  # rank 0 is gone: this rank's error would be lost, so it says it itself
+                if own:
+                    self.print(own)
+            self.exit(code)
+
+    def print(self, error: dict):
+        where = "" if error["rank"] == 0 and self.d.rank == 0 else f"rank {error['rank']} ({error['host']}): "
+        print(f"{error['trace']}error: {where}{error['message']}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def exit(code: int):
+        """Leave now, from either thread: the main one may be inside a collective that never ends."""
+        for p in multiprocessing.active_children():  # DataLoader workers would wait for their parent
+            p.kill()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def preflight(args: Args, d: fsdp.Dist) -> Args:
+    """Rank 0 runs `check_args` and every rank gets the args it returns (an error of rank 0 reaches
+    the others through `Relay`). So a typo in a data path costs seconds, not the minutes of loading 29 GB."""
+    checked = [check_args(args, d) if d.rank == 0 else None]
+    dist.broadcast_object_list(checked, src=0)
+    args = checked[0]
     # every rank must see what rank 0 checked: not so for a node-local disk (or hub cache) on several nodes
     seen = lambda p: os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # data entries may be path:weight
     missing = [p for p in (args.model, *args.data.data) if not seen(p)]
@@ -847,13 +918,48 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
     dist.all_gather_object(unseen, missing)
     for rank, paths in enumerate(unseen):
         if paths:
-            raise packing.UserError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem "
-                                    f"every node shares (for a hub id: HF_HOME)")
+            raise UserError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
+                            f"shares (for a hub id: HF_HOME)")
     return args
 
 
+SHARED_TOKEN = ".rank0-token"  # written into --output-dir at start-up by rank 0, read back by every rank
+
+
+def check_output_dir(path: str, d: fsdp.Dist):
+    """Every rank must see the one --output-dir: all ranks write each checkpoint into one folder, and
+    read it back to resume. Rank 0 writes a token there that every rank reads back; a rank that finds
+    another (a node-local disk mounted at the same path) stops the run, before anything is built."""
+    token = [f"{socket.gethostname()} {os.getpid()} {time.time_ns()}"]  # rank 0's is new at every start
+    if d.rank == 0:
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, SHARED_TOKEN), "w") as f:
+                f.write(token[0])
+        except OSError as e:
+            raise UserError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
+    dist.broadcast_object_list(token, src=0)
+    for attempt in range(3):  # a network filesystem may show a new file to other nodes a moment later
+        try:
+            with open(os.path.join(path, SHARED_TOKEN)) as f:
+                seen = f.read() == token[0]
+        except OSError:
+            seen = False
+        if seen:
+            break
+        time.sleep(1)
+    blind = [None] * d.world_size
+    dist.all_gather_object(blind, None if seen else f"rank {d.rank} ({socket.gethostname()})")
+    if d.rank == 0:
+        os.remove(os.path.join(path, SHARED_TOKEN))
+    if any(blind):
+        raise UserError(f"--output-dir {path}: {', '.join(b for b in blind if b)} do not see the files rank 0 "
+                        f"({token[0].split()[0]}) writes there: every rank writes checkpoints into one folder and "
+                        f"reads them back to resume, so --output-dir must be on a filesystem all nodes share")
+
+
 def check_args(args: Args, d: fsdp.Dist) -> Args:
-    """Everything that can be checked without reading a weight: options, --output-dir, the model folder
+    """Everything that can be checked without reading a weight: options, the model folder
     (configs, weight files' headers, names and shapes against the config), every --data source and its
     first record under these options. Every option conflict is collected and reported in one error.
     Returns args with the model path resolved (hub id -> cache folder), the data geometry taken from
@@ -865,17 +971,12 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
         bad.append("--attn flex has no backward on CPU: use --attn sdpa (or auto)")
     try:
         fsdp.mesh_shape(d.world_size, d.local_world_size if args.shard_size < 0 else args.shard_size)
-    except ValueError as e:
+    except UserError as e:
         bad.append(str(e))
     lo = args.lora
     if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
         bad.append(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
                    f"(0: off), alpha > 0 and dropout in [0, 1)")
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output_dir).close()
-    except OSError as e:
-        bad.append(f"--output-dir {args.output_dir}: cannot write there ({e.strerror or e})")
     if args.eval.every and args.eval.image:  # read at the first eval step, possibly hours in
         from PIL import Image
         try:
@@ -887,7 +988,7 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     try:
         model = os.path.abspath(resolve(args.model))  # args.json tells convert_weights.py
         if not os.path.isdir(model):
-            raise packing.UserError(f"--model {args.model}: not a directory")
+            raise UserError(f"--model {args.model}: not a directory")
         cfg = read_config(model, **config_overrides(args))
         bagel_index, ae_index = checkpoint_index(model)  # every weight file present, its header readable
         with torch.device("meta"):
@@ -898,8 +999,8 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
                                       index, model, skip)
             reader.close()
             if reader.error:
-                raise ValueError(reader.error)
-    except (ValueError, OSError, packing.UserError) as e:  # the model's problem: options that need it wait
+                raise UserError(reader.error)
+    except UserError as e:  # the model's problem: options that need it wait
         bad.append(str(e))
         cfg = None
     if cfg is not None:
@@ -925,9 +1026,9 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if bad:
         try:  # a missing data file is worth knowing in the same round
             data_lib.find_sources(args.data.data)
-        except (ValueError, OSError, packing.UserError) as e:
+        except UserError as e:
             bad.append(str(e))
-        raise packing.UserError(bad[0] if len(bad) == 1 else
+        raise UserError(bad[0] if len(bad) == 1 else
                                 f"{len(bad)} problems:\n  " + "\n  ".join(bad))
 
     print(f"data: {data_lib.geometry_line(data)}, from {model}", flush=True)
@@ -940,26 +1041,37 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     return dataclasses.replace(args, model=model, data=data)
 
 
+def seed_rng(seed: int, d: fsdp.Dist):
+    """Seed the global RNGs of the CPU and the device, per rank (LoRA dropout draws from them; noise and
+    timesteps do not, they are keyed). Checkpoints save and restore both (fsdp.rng_state)."""
+    s = np.random.SeedSequence([seed, d.rank, GLOBAL_RNG]).generate_state(2, np.uint32)
+    torch.manual_seed((int(s[0]) << 31 | int(s[1])) & (2**63 - 1))
+
+
+def demo_setup(args: Args, d: fsdp.Dist) -> Args:
+    """The demo: rank 0 writes a base checkpoint and data into --output-dir, then it is a normal run."""
+    # its ops are too small to split over threads: 2 threads waiting on each other are far slower than 1
+    torch.set_num_threads(1)
+    if args.data.data:
+        raise UserError("--data needs --model (the demo model only knows the demo's words)")
+    base, folder = os.path.join(args.output_dir, "base"), os.path.join(args.output_dir, "demo_data")
+    if d.rank == 0:
+        if not os.path.exists(os.path.join(folder, "val.jsonl")):
+            make_demo_data(folder, seed=args.seed)
+        if not os.path.exists(os.path.join(base, "tokenizer.json")):  # written last
+            make_demo_checkpoint(base, os.path.join(folder, "images"), args.seed)
+    dist.barrier()
+    return dataclasses.replace(args, model=os.path.abspath(base),
+                               data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)),
+                               eval=dataclasses.replace(args.eval, data=args.eval.data or (os.path.join(folder, "val.jsonl"),)))
+
+
 def train(args: Args, d: fsdp.Dist):
     log = functools.partial(print, flush=True) if d.rank == 0 else (lambda *a, **k: None)
-    if not args.model:  # the demo: rank 0 writes a base checkpoint and data, then it is a normal run
-        # its ops are too small to split over threads: on a busy 2-core machine, 2 threads waiting on
-        # each other made a step 15x slower than 1 thread
-        torch.set_num_threads(1)
-        if args.data.data:
-            raise ValueError("--data needs --model (the demo model only knows the demo's words)")
-        base, folder = os.path.join(args.output_dir, "base"), os.path.join(args.output_dir, "demo_data")
-        if d.rank == 0:
-            if not os.path.exists(os.path.join(folder, "val.jsonl")):
-                make_demo_data(folder, seed=args.seed)
-            if not os.path.exists(os.path.join(base, "tokenizer.json")):  # written last
-                make_demo_checkpoint(base, os.path.join(folder, "images"), args.seed)
-        dist.barrier()
-        args = dataclasses.replace(args, model=os.path.abspath(base),
-                                   data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)),
-                                   eval=dataclasses.replace(args.eval, data=args.eval.data or (os.path.join(folder, "val.jsonl"),)))
+    check_output_dir(args.output_dir, d)  # before anything is written there
+    if not args.model:
+        args = demo_setup(args, d)
     args = preflight(args, d)  # every user error that is cheap to find, before any weight is read
-    os.makedirs(args.output_dir, exist_ok=True)
     args_json = dataclasses.asdict(args)
     if d.rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -983,128 +1095,169 @@ def train(args: Args, d: fsdp.Dist):
     opt, sched = make_optimizer(model, args.optim, args.max_steps)
     ema = fsdp.ema_init(model) if args.optim.ema_decay > 0 else None
     loader = data_lib.PackLoader(args.data, d.rank, d.world_size)
-    tok = loader.dataset.tok
     val_packs = build_val_packs(args, ae, d) if args.eval.data and args.eval.every else []
-    step, pending = 0, None  # pending: the async save still being written
-    while resume:  # a checkpoint that verified can still fail to load: then the one before it (auto)
-        try:
-            trainer, ranks = fsdp.load_checkpoint(resume, model, opt, ema, d, model.frozen_crc32)
-            break
-        except fsdp.Damaged as e:
-            if args.ckpt.resume != "auto":
-                raise ValueError(f"--ckpt.resume {resume}: damaged checkpoint: {e}") from None
-            log(f"checkpoint {resume} is damaged, skipped: {e}")
-            resume = fsdp.resume_point(args.output_dir, "auto", d, before=os.path.basename(resume))
-            if resume:
-                fsdp.check_options(resume, args_json)
-    if resume:
-        step = trainer["step"]
-        sched.load_state_dict(trainer["sched"])
-        states = [r["data"] for r in ranks]
-        if len(states) == d.world_size and states[0]["num_workers"] == args.data.num_workers:
-            loader.load_state_dict(states[d.rank])  # exact: the same packs as an uninterrupted run
-        else:  # which rank reads which record depends on world size and workers
-            loader.continue_from(states)
-            log(f"data: saved by {len(states)} ranks, resumed on {d.world_size}: the stream continues from the "
-                f"first record any old rank had not used (none skipped, a few read twice)")
-        log(f"resumed from {resume} at step {step}")
+    step = resume_from(resume, args, d, model, opt, sched, ema, loader, log) if resume else 0
     if step >= args.max_steps:
-        log(f"already at step {step} >= max_steps {args.max_steps}: nothing to do "
-            f"(--ckpt.resume none starts over)")
-        return
+        return log(f"already at step {step} >= max_steps {args.max_steps}: nothing to do "
+                   f"(--ckpt.resume none starts over)")
 
-    metrics = os.path.join(args.output_dir, "metrics.jsonl")
-    bar = d.rank == 0 and sys.stdout.isatty()
-    peak = peak_flops(d.device)
+    saver, meter = Saver(args, d, args_json, model, opt, sched, ema), Meter(args, d, loader, loggers, step)
     it = iter(loader)
     ahead = take(it, args.optim.grad_accum, loader, d.device)
-    # ce, mse, n_ce, n_mse, tokens, flops, data-wait seconds, then MSE sums and counts per t bucket
-    window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
-    t_log, t_start, start = time.time(), time.time(), step
-    async_group = fsdp.async_saver(d) if args.ckpt.async_ else None  # the background writer's group and buffers
     while step < args.max_steps:
         batches, data_state, wait, copied = ahead
-        window[6] += wait
         if copied is not None:
             torch.cuda.current_stream(d.device).wait_event(copied)
         ahead = take(it, args.optim.grad_accum, loader, d.device)  # copies overlap this step
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
-        if s is None:  # ranks step together, so the others' rows left (and this step's and the next's packs) go untrained
-            untrained = batches + ahead[0]  # the loader counts the packs taken ahead as consumed
-            left = torch.tensor(loader.rows_left() + sum(len(b["sample_lens"]) for b in untrained), device=d.device)
-            dist.all_reduce(left)
-            log(f"step {step}: the data ran out (--data.epochs); {int(left):,} records that ranks still held "
-                f"are not trained on; saving and stopping")
-            pending = fsdp.wait_saved(pending, d)  # its meta.json says whether this step is saved
-            if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
-                pending = save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group)
+        if s is None:  # some rank ran out of data: ranks step together, so all stop here
+            log(out_of_data(step, loader, batches + ahead[0], d))
+            saver.save(step, data_state, again=False)
             break
         sched.step()
         if ema is not None:
             fsdp.ema_update(ema, model, args.optim.ema_decay)
         step += 1
-        window[:4] += torch.stack([s["ce"], s["mse"], s["n_ce"], s["n_mse"]]).double()
-        window[4] += sum(b["sequence_length"] for b in batches)
-        window[5] += step_flops(model.config, batches)
-        window[7:] += s["by_t"].double()
+        meter.add(s, batches, wait, model.config)
         eval_now = args.eval.every and (step % args.eval.every == 0 or step == args.max_steps)
-        val = validate(model, val_packs, args, d) if val_packs and eval_now else {}
-        if val and not (step % max(1, args.log_every) == 0 or step == args.max_steps) and d.rank == 0:
-            log(f"step {step}/{args.max_steps}" + val_text(val))  # an eval step that is no log step
-            write_metrics(dict(step=step, **val), metrics, loggers)
-        if step % max(1, args.log_every) == 0 or step == args.max_steps:
-            dist.all_reduce(window)  # the only sync for logging: one small vector per log step
-            ce, mse, n_ce, n_mse, tokens, flops, wait = window[:7].tolist()
-            n_ce, n_mse = n_ce / d.world_size, n_mse / d.world_size  # counts were already global
-            t_sum, t_n = window[7:].view(2, T_BUCKETS).tolist()
-            dt, stats = time.time() - t_log, loader.stats()
-            eta = (time.time() - t_start) / (step - start) * (args.max_steps - step)
-            row = dict(step=step, ce=ce / max(n_ce, 1), mse=mse / max(n_mse, 1), lr=lr, gnorm=s["gnorm"],
-                       tok_s=tokens / dt, mfu=flops / dt / (peak * d.world_size) if peak else None,
-                       mem_gb=peak_mem_gb(d.device), padding=stats["padding"], skipped=stats["skipped"],
-                       time=time.time() - t_start, data_wait=wait / d.world_size / dt,
-                       mse_by_t=[a / n if n else None for a, n in zip(t_sum, t_n)], mse_t_tokens=t_n, **val)
-            mfu = f"{100 * row['mfu']:.1f}%" if peak else "-"
-            skipped = sum(stats["skipped"].values())
-            by_t = "/".join("-" if v is None else f"{v:.3f}" for v in row["mse_by_t"])
-            log(("\r" if bar else "") + f"step {step}/{args.max_steps} | ce {row['ce']:.4f} | mse {row['mse']:.4f} "
-                f"(t quarters {by_t}) | lr {lr:.2e} | gnorm {s['gnorm']:.3g} | {row['tok_s']:,.0f} tok/s | mfu {mfu} | "
-                f"data {100 * row['data_wait']:.0f}% | mem {row['mem_gb']:.1f}G | pad {100 * row['padding']:.1f}% | "
-                f"skipped {skipped} | eta {fmt_time(eta)}" + val_text(val))
-            if d.rank == 0:
-                write_metrics(row, metrics, loggers)
-            window.zero_()
-            t_log = time.time()
-        elif bar:
-            done = int(30 * step / args.max_steps)
-            print(f"\rstep {step}/{args.max_steps} [{'#' * done}{'.' * (30 - done)}]", end="", flush=True)
+        meter.log(step, lr, s["gnorm"], validate(model, val_packs, args, d) if val_packs and eval_now else {})
         if (args.ckpt.every and step % args.ckpt.every == 0) or step == args.max_steps:
-            pending = save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group)
+            saver.save(step, data_state)
         if eval_now:
-            for line in evaluate(model, ae, tok, args, step, d):
-                log(f"sample @ {step}: " + line.replace("\n", " | "))
-            for _, image in loggers:
-                image("samples", os.path.join(args.output_dir, "samples", f"step-{step:07d}", "grid.png"), step)
-    fsdp.wait_saved(pending, d)  # the run ends when its last checkpoint is complete
+            write_samples(model, ae, loader.dataset.tok, args, step, d, loggers, log)
+    saver.wait()  # the run ends when its last checkpoint is complete
 
 
-def save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group):
-    """Save step `step` (after the previous async save, `pending`, is complete); returns the new pending one.
-    `data_state`: the loader's state after the packs of `step`, not after those prefetched (`take`)."""
-    t = time.time()
-    pending = fsdp.wait_saved(pending, d)
-    t_wait, path = time.time() - t, fsdp.step_dir(args.output_dir, step)
-    pending = fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
-                                   dict(data=data_state), d, args_json,
-                                   dict(step=step, base=args.model, frozen_crc32=model.frozen_crc32),
-                                   args.ckpt.verify, args.ckpt.keep_last, async_group)
-    if d.rank == 0:
-        how = "staged" if pending else "saved"  # the stall training sees: waiting for the last one + this one
-        print(f"{how} {path}: training stalled {time.time() - t:.2f}s (waiting for the previous save {t_wait:.2f}s)",
-              flush=True)
-        plot_losses(metrics, os.path.join(args.output_dir, "loss.png"))
-    return pending
+def resume_from(path: str, args: Args, d: fsdp.Dist, model, opt, sched, ema, loader, log) -> int:
+    """Load the checkpoint at `path` into model, optimizer and EMA, then the schedule and the data position;
+    returns its step. With --ckpt.resume auto, a checkpoint that verified but fails to load is skipped
+    for the one before it (fsdp.Damaged: bytes that do not read, never a checkpoint of other options)."""
+    while True:
+        try:
+            trainer, ranks = fsdp.load_checkpoint(path, model, opt, ema, d, model.frozen_crc32)
+            break
+        except fsdp.Damaged as e:
+            if args.ckpt.resume != "auto":
+                raise UserError(f"--ckpt.resume {path}: damaged checkpoint: {e}") from None
+            log(f"checkpoint {path} is damaged, skipped: {e}")
+            path = fsdp.resume_point(args.output_dir, "auto", d, before=os.path.basename(path))
+            fsdp.check_options(path, dataclasses.asdict(args))  # never None: resume_point stops when no older one is left
+    sched.load_state_dict(trainer["sched"])
+    states = [r["data"] for r in ranks]
+    if len(states) == d.world_size and states[0]["num_workers"] == args.data.num_workers:
+        loader.load_state_dict(states[d.rank])  # exact: the same packs as an uninterrupted run
+    else:  # which rank reads which record depends on world size and workers
+        loader.continue_from(states)
+        log(f"data: saved by {len(states)} ranks, resumed on {d.world_size}: the stream continues from the "
+            f"first record any old rank had not used (none skipped, a few read twice)")
+    log(f"resumed from {path} at step {trainer['step']}")
+    return trainer["step"]
+
+
+def out_of_data(step: int, loader, untrained: list[dict], d: fsdp.Dist) -> str:
+    """The line saying the data ran out. `untrained`: the packs of this step and those taken for the
+    next (the loader counts them as consumed); with the rows the ranks still hold, they go untrained."""
+    left = torch.tensor(loader.rows_left() + sum(len(b["sample_lens"]) for b in untrained), device=d.device)
+    dist.all_reduce(left)
+    return (f"step {step}: the data ran out (--data.epochs); {int(left):,} records that ranks still held "
+            f"are not trained on; saving and stopping")
+
+
+class Saver:
+    """Checkpoints of the run, synchronous or (--ckpt.async) written in the background."""
+
+    def __init__(self, args: Args, d: fsdp.Dist, args_json: dict, model, opt, sched, ema):
+        self.args, self.d, self.args_json, self.state = args, d, args_json, (model, opt, sched, ema)
+        self.pending = None  # the async save still being written
+        self.saver = fsdp.async_saver(d) if args.ckpt.async_ else None  # the background writer's group and buffers
+
+    def save(self, step: int, data_state: dict, again: bool = True):
+        """Save step `step` (after the previous async save is complete). `data_state`: the loader's state
+        after the packs of `step`, not after those prefetched (`take`). again=False: not over a complete
+        checkpoint of this step (a kill during that rewrite would corrupt the newest one)."""
+        args, d, (model, opt, sched, ema) = self.args, self.d, self.state
+        t = time.time()
+        self.wait()
+        t_wait, path = time.time() - t, fsdp.step_dir(args.output_dir, step)
+        if not again and os.path.exists(os.path.join(path, "meta.json")):
+            return
+        self.pending = fsdp.save_checkpoint(path, model, opt, ema, dict(step=step, sched=sched.state_dict()),
+                                            dict(data=data_state), d, self.args_json,
+                                            dict(step=step, base=args.model, frozen_crc32=model.frozen_crc32),
+                                            args.ckpt.verify, args.ckpt.keep_last, self.saver)
+        if d.rank == 0:
+            how = "staged" if self.pending else "saved"  # the stall training sees: waiting for the last one + this one
+            print(f"{how} {path}: training stalled {time.time() - t:.2f}s (waiting for the previous save {t_wait:.2f}s)",
+                  flush=True)
+            plot_losses(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "loss.png"))
+
+    def wait(self):
+        self.pending = fsdp.wait_saved(self.pending, self.d)
+
+
+class Meter:
+    """Sums the steps of a log window on the device and writes one line per --log-every steps (and at
+    the end): the only host sync for logging is one all-reduce of a small vector per log step."""
+
+    def __init__(self, args: Args, d: fsdp.Dist, loader, loggers: list, step: int):
+        self.args, self.d, self.loader, self.loggers = args, d, loader, loggers
+        self.path, self.peak = os.path.join(args.output_dir, "metrics.jsonl"), peak_flops(d.device)
+        self.bar = d.rank == 0 and sys.stdout.isatty()
+        # ce, mse, n_ce, n_mse, tokens, flops, data-wait seconds, then MSE sums and counts per t bucket
+        self.window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
+        self.t_log, self.t_start, self.start = time.time(), time.time(), step
+
+    def add(self, s: dict, batches: list[dict], wait: float, config: BagelConfig):
+        """One step's numbers, from train_step (device tensors) and the host: nothing is read back."""
+        w = self.window
+        w[:4] += torch.stack([s["ce"], s["mse"], s["n_ce"], s["n_mse"]]).double()
+        w[4] += sum(b["sequence_length"] for b in batches)
+        w[5] += step_flops(config, batches)
+        w[6] += wait
+        w[7:] += s["by_t"].double()
+
+    def log(self, step: int, lr: float, gnorm: float, val: dict):
+        args, d = self.args, self.d
+        if not (step % max(1, args.log_every) == 0 or step == args.max_steps):
+            if val and d.rank == 0:  # an eval step that is no log step
+                print(f"step {step}/{args.max_steps}" + val_text(val), flush=True)
+                write_metrics(dict(step=step, **val), self.path, self.loggers)
+            elif self.bar:
+                done = int(30 * step / args.max_steps)
+                print(f"\rstep {step}/{args.max_steps} [{'#' * done}{'.' * (30 - done)}]", end="", flush=True)
+            return
+        dist.all_reduce(self.window)
+        window = self.window.tolist()  # the one read back
+        self.window.zero_()
+        ce, mse, n_ce, n_mse, tokens, flops, wait = window[:7]
+        n_ce, n_mse = n_ce / d.world_size, n_mse / d.world_size  # counts were already global
+        t_sum, t_n = window[7:7 + T_BUCKETS], window[7 + T_BUCKETS:]
+        now, stats = time.time(), self.loader.stats()
+        dt, eta = now - self.t_log, (now - self.t_start) / (step - self.start) * (args.max_steps - step)
+        self.t_log = now
+        row = dict(step=step, ce=ce / max(n_ce, 1), mse=mse / max(n_mse, 1), lr=lr, gnorm=gnorm,
+                   tok_s=tokens / dt, mfu=flops / dt / (self.peak * d.world_size) if self.peak else None,
+                   mem_gb=peak_mem_gb(d.device), padding=stats["padding"], skipped=stats["skipped"],
+                   time=now - self.t_start, data_wait=wait / d.world_size / dt,
+                   mse_by_t=[a / n if n else None for a, n in zip(t_sum, t_n)], mse_t_tokens=t_n, **val)
+        if d.rank != 0:
+            return
+        mfu = f"{100 * row['mfu']:.1f}%" if self.peak else "-"
+        by_t = "/".join("-" if v is None else f"{v:.3f}" for v in row["mse_by_t"])
+        print(("\r" if self.bar else "") + f"step {step}/{args.max_steps} | ce {row['ce']:.4f} | mse {row['mse']:.4f} "
+              f"(t quarters {by_t}) | lr {lr:.2e} | gnorm {gnorm:.3g} | {row['tok_s']:,.0f} tok/s | mfu {mfu} | "
+              f"data {100 * row['data_wait']:.0f}% | mem {row['mem_gb']:.1f}G | pad {100 * row['padding']:.1f}% | "
+              f"skipped {sum(stats['skipped'].values())} | eta {fmt_time(eta)}" + val_text(val), flush=True)
+        write_metrics(row, self.path, self.loggers)
+
+
+def write_samples(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.Dist, loggers: list, log):
+    """The eval samples of `step` (`evaluate`), printed and sent to the loggers."""
+    for line in evaluate(model, ae, tok, args, step, d):
+        log(f"sample @ {step}: " + line.replace("\n", " | "))
+    for _, image in loggers:
+        image("samples", os.path.join(args.output_dir, "samples", f"step-{step:07d}", "grid.png"), step)
 
 
 if __name__ == "__main__":
