@@ -252,35 +252,32 @@ def parent(path: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _store(scheme: str, authority: str, pid: int):
-    """One filesystem per store and process (a DataLoader worker must not use its parent's clients)."""
+    """One filesystem per bucket (or namenode) and process: a DataLoader worker must not use its
+    parent's clients. pyarrow's `from_uri` reads AWS_ENDPOINT_URL and finds an S3 bucket's region."""
     try:
         import pyarrow.fs as pafs
-        if scheme == "s3":  # region, endpoint and keys from the AWS variables and config files
-            return pafs.S3FileSystem()
-        if scheme in ("gs", "gcs"):
-            return pafs.GcsFileSystem()
-        if scheme == "hdfs":
-            return pafs.HadoopFileSystem.from_uri(f"hdfs://{authority}")
-        from huggingface_hub import HfFileSystem  # only hf:// paths need it
-        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
+        if scheme == "hf":
+            from huggingface_hub import HfFileSystem  # only hf:// paths need it
+            return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
+        return pafs.FileSystem.from_uri(f"{scheme}://{authority}")[0]
     except ImportError as e:
         pkg = "huggingface_hub" if scheme == "hf" else f"pyarrow built with {scheme} support"
         raise packing.UserError(f"{scheme}:// paths need {pkg} (pip install {pkg.split()[0]}): {e}") from None
-    except (OSError, pa.ArrowException) as e:  # no libhdfs, a bad endpoint variable, ...
+    except (OSError, pa.ArrowException) as e:  # no libhdfs, a bad endpoint, an unknown bucket, ...
         raise packing.UserError(f"{scheme}://{authority}: cannot set up the filesystem: {e}") from None
 
 
 def filesystem(path: str):
-    """(pyarrow filesystem, path on it) of a local or remote path."""
+    """(pyarrow filesystem, path on it) of a local or remote path: s3/gs paths on their store start
+    with the bucket, hdfs paths with / (the namenode is the store), hf paths keep their repo form."""
     import pyarrow.fs as pafs
     if not is_remote(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
     scheme, rest = path.split("://", 1)
-    authority = rest.split("/", 1)[0]
-    # hdfs paths start at the root of the namenode; s3/gs paths start with the bucket; hf:// keeps its
-    # repo form (datasets/owner/name/...)
-    return _store(scheme, authority if scheme == "hdfs" else "", os.getpid()), \
-        "/" + rest.split("/", 1)[1] if scheme == "hdfs" else rest
+    authority, _, key = rest.partition("/")
+    if scheme == "hdfs":
+        return _store(scheme, authority, os.getpid()), "/" + key
+    return _store(scheme, "" if scheme == "hf" else authority, os.getpid()), rest
 
 
 def open_file(path: str):
@@ -314,7 +311,8 @@ def open_source(src: Any, folder: str, where: str, what: str = "image") -> bytes
         path = join(folder, path)  # an absolute path ignores folder
         if is_remote(path):  # read whole: one request, and a missing file is found by reading it
             try:
-                with open_file(path) as fh:
+                fs, p = filesystem(path)
+                with fs.open_input_stream(p) as fh:  # one GET
                     return fh.read()
             except (FileNotFoundError, OSError) as e:
                 raise BadSample(f"missing_{what}", f"{where}: cannot read {what} {path}: {e} (relative "

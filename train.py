@@ -859,7 +859,7 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
     if error:
         raise ValueError(error)
     # every rank must see what rank 0 checked: not so for a node-local disk (or hub cache) on several nodes
-    seen = lambda p: os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # data entries may be path:weight
+    seen = lambda p: data_lib.is_remote(p) or os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # path:weight
     missing = [p for p in (args.model, *args.data.data) if not seen(p)]
     unseen = [None] * d.world_size
     dist.all_gather_object(unseen, missing)
@@ -933,7 +933,11 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if not data.skip_bad:  # a record of each source's first unit parses and fits --data.packing-length
         stream = dataset.stream()
         for i in range(len(dataset.sources)):
-            stream.make((i, 0, 0, 0))  # key (source, epoch, unit, place): see data.Source
+            try:
+                stream.make((i, 0, 0, 0))  # key (source, epoch, unit, place): see data.Source
+            except data_lib.BadSample as e:
+                if e.reason != "too_long" or not data.skip_too_long:  # a record too long to keep is skipped
+                    raise
     return dataclasses.replace(args, model=model, data=data)
 
 
