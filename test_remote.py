@@ -108,9 +108,9 @@ rank, ports, out, argv = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3], 
 os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
 import train
 os.environ["MASTER_PORT"] = ports[0]
-train.main(argv + ["--output-dir", out + "/a", "--max-steps", "3", "--ckpt.every", "1"])
+train.main(argv + ["--output-dir", out + "/a", "--max-steps", "2", "--ckpt.every", "1"])
 os.environ["MASTER_PORT"] = ports[1]
-train.main(argv + ["--output-dir", out + "/b", "--max-steps", "3", "--ckpt.resume", out + "/a/step-0000002"])
+train.main(argv + ["--output-dir", out + "/b", "--max-steps", "2", "--ckpt.resume", out + "/a/step-0000001"])
 sys.stdout.flush()
 os._exit(0)  # see test_train._worker: gloo threads can abort interpreter exit
 """
@@ -123,8 +123,8 @@ def free_port() -> int:
 
 
 def test_train_from_s3_on_two_ranks_and_resume(s3, ckpt, tmp_path):
-    """train.py on 2 ranks (one data worker each) with --data s3://.../mix.yaml: 3 steps, then a run
-    resumed from step 2 gives bit-identical step-3 weights. Catches remote sources that cannot be
+    """train.py on 2 ranks (one data worker each) with --data s3://.../mix.yaml: 2 steps, then a run
+    resumed from step 1 gives bit-identical step-2 weights. Catches remote sources that cannot be
     reopened in DataLoader workers or after a resume, and a data state that does not round-trip."""
     url = upload(s3)
     cfg = data_config()
@@ -144,9 +144,9 @@ def test_train_from_s3_on_two_ranks_and_resume(s3, ckpt, tmp_path):
         for p in ranks:
             p.kill()
     assert [p.returncode for p in ranks] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert "resumed from" in outs[0][0] and "step 3/3" in outs[0][0], outs[0][0]
+    assert "resumed from" in outs[0][0] and "step 2/2" in outs[0][0], outs[0][0]
     rows = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     assert any(r["ce"] > 0 for r in rows) and any(r["mse"] > 0 for r in rows)  # both sources reach the packs
-    a = read_dcp(str(tmp_path / "a" / "step-0000003"), str(tmp_path / "a.pt"))["model"]
-    b = read_dcp(str(tmp_path / "b" / "step-0000003"), str(tmp_path / "b.pt"))["model"]
+    a = read_dcp(str(tmp_path / "a" / "step-0000002"), str(tmp_path / "a.pt"))["model"]
+    b = read_dcp(str(tmp_path / "b" / "step-0000002"), str(tmp_path / "b.pt"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
