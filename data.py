@@ -1198,6 +1198,11 @@ class ShardStream:
             except BadSample as e:
                 if e.reason == "too_long" and self.cfg.skip_too_long:  # valid, just big: not a sign of a broken source
                     self.skips[e.reason] += 1
+                    self.notes[i]["too_long"] += 1
+                    # as many records as the source has and none fits: an endless run would spin here
+                    if self.notes[i]["too_long"] == self.tried[i] >= self.ds.sources[i].n_rows:
+                        raise ValueError(f"{self.ds.sources[i].name}: none of the {self.tried[i]} records read so "
+                                         f"far fits; the last: {e}") from None
                     continue
                 if not self.cfg.skip_bad:
                     raise

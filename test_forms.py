@@ -13,6 +13,7 @@ import json
 import random
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -237,8 +238,13 @@ def test_long_chain_cut_to_the_longest_run_that_fits(tmp_path, tok):
     one = min(sum(size[:steps[0] + 1]), sum(size[steps[0] + 1:steps[1] + 1]), sum(size[steps[1] + 1:]))
     path.write_text((json.dumps(long_chain(3)) + "\n") * 150)
     tiny = small_cfg(data=(str(path),), vae_max_size=128, packing_length=one - 1, skip_bad=True)
+    path.write_text((json.dumps(long_chain(3)) + "\n") * 150 + json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
     stream = data.PackedDataset(tiny).stream()
-    assert list(stream) == [] and stream.skips == {"too_long": 150}
+    assert sum(len(p) for p, _, _ in stream) == 1 and stream.skips == {"too_long": 150}
+    path.write_text((json.dumps(long_chain(3)) + "\n") * 150)  # nothing fits: an endless run would spin
+    with pytest.raises(ValueError, match=r"chain.jsonl: none of the 150 records read so far fits"):
+        list(data.PackedDataset(replace(tiny, epochs=None)).stream())
     with pytest.raises(data.BadSample, match="more than packing_length.*skip-too-long"):
         all_packs(small_cfg(data=(str(path),), vae_max_size=128, packing_length=one - 1, skip_too_long=False))
 

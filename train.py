@@ -1037,6 +1037,7 @@ def train(args: Args, d: fsdp.Dist):
             dist.all_reduce(left)
             log(f"step {step}: the data ran out (--data.epochs); {int(left):,} records that ranks still held "
                 f"are not trained on; saving and stopping")
+            log(loader.log_line())  # rank 0's shards: skips, cuts and the images its resize treated badly
             pending = fsdp.wait_saved(pending, d)  # its meta.json says whether this step is saved
             if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
                 pending = save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group)
