@@ -776,8 +776,6 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
             if i < last:  # more conversation follows: it conditions on the clean image
                 image("vae_image", vae, 0, 1, "assistant image → clean VAE copy", "vae_max_size")
                 vit("assistant image → ViT copy")
-                for it in items[first + 1:]:
-                    it["copy"] = True  # a later step's context, which cut_steps keeps or drops with that step
         else:
             if gen:
                 image("vae_image", transform(pil, "vae", cfg, 1, w), 0, 1, f"{label} → clean VAE",
@@ -880,7 +878,7 @@ class DataFile:
                 # its read-ahead cache, so memory would grow with the number of files; without
                 # buffer_size a column chunk is read whole into one more buffer before its pages
                 # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
-                self._h = pq.ParquetFile(open_file(p), pre_buffer=False, buffer_size=1 << 20)
+                self._h = pq.ParquetFile(open_file(p) if is_remote(p) else p, pre_buffer=False, buffer_size=1 << 20)
             elif self.ext == ".arrow":
                 src = open_file(p) if is_remote(p) else pa.memory_map(p)
                 try:  # Arrow IPC file format (random access)...
@@ -967,7 +965,7 @@ def data_files(path: str) -> list[str]:
         files = [f for f in found(p) if Path(f).suffix.lower() in DATA_EXTS and Path(f).name not in HF_METADATA]
         if not files:
             raise ValueError(f"{path}: directory holds no data files ({', '.join(DATA_EXTS)})")
-        return [prefix + f if prefix else f for f in files]
+        return [prefix + f for f in files]
     if kind == pafs.FileType.NotFound:
         raise ValueError(f"{path}: no such file or directory")
     if Path(p).suffix.lower() not in DATA_EXTS:
@@ -1033,7 +1031,7 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
     for p in paths:
         weight = 1.0
         head, _, tail = p.rpartition(":")
-        if head and not head.endswith(("s3", "gs", "gcs", "hdfs", "hf")) and (is_remote(p) or not os.path.exists(p)):
+        if head and not os.path.exists(p):
             try:
                 p, weight = head, float(tail)
             except ValueError:

@@ -93,6 +93,7 @@ def test_s3_sources_read_like_local_files(s3, tmp_path):
     assert packs[url] == packs[str(local / "mix.yaml")]
     assert sum(len(p[0]) for p in packs[url]) == 7  # 4 chains + 3 VQA rows
     assert [len(f.unit_rows) for s in data.find_sources([url]) for f in s.files] == [2, 1]
+    assert data.find_sources(["s3://bkt/sft/llava.jsonl:3"])[0].weight == 3  # path:weight
     cfg.data = ("s3://bkt/sft/*.jsonl",)  # a glob
     assert len(data.PackedDataset(cfg).sources[0].files) == 1
     put(s3, "sft/bad.jsonl", json.dumps({"image": "nope.png", "conversations": [
