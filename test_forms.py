@@ -123,6 +123,11 @@ LLAVA = [  # (record, the plan upstream's change_format gives, as (role, kind, t
         {"from": "human", "value": " more? "}, {"from": "gpt", "value": "c"}]},
      [("user", "image", "a.png"), ("user", "text", "What?"), ("assistant", "text", " A b "),
       ("user", "text", " more? "), ("assistant", "text", "c")]),  # no placeholder: not stripped
+    ({"video": "clip.mp4", "conversations": [  # upstream puts the sampled frames where <video> is
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "<video>\nWhat happens?"},
+        {"from": "gpt", "value": "A jump."}]},
+     [("system", "text", "Be brief."), ("user", "video", "clip.mp4"), ("user", "text", "What happens?"),
+      ("assistant", "text", "A jump.")]),
 ]
 
 
