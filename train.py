@@ -932,12 +932,15 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     dataset = data_lib.PackedDataset(data)  # options, tokenizer, every source found, known and readable
     if not data.skip_bad:  # a record of each source's first unit parses and fits --data.packing-length
         stream = dataset.stream()
-        for i in range(len(dataset.sources)):
-            try:
-                stream.make((i, 0, 0, 0))  # key (source, epoch, unit, place): see data.Source
-            except data_lib.BadSample as e:
-                if e.reason != "too_long" or not data.skip_too_long:  # a record too long to keep is skipped
-                    raise
+        for i, src in enumerate(dataset.sources):
+            n = min(16, src.units[0][2])  # a few long records are skipped, a budget that none fits is an error
+            for k in range(n):
+                try:
+                    stream.make((i, 0, 0, k))  # key (source, epoch, unit, place): see data.Source
+                    break
+                except data_lib.BadSample as e:
+                    if e.reason != "too_long" or not data.skip_too_long or k == n - 1:
+                        raise
     return dataclasses.replace(args, model=model, data=data)
 
 
