@@ -14,10 +14,13 @@ import base64
 import bisect
 import binascii
 import copy
+import fnmatch
+import functools
 import io
 import json
 import os
 import random
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -30,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 import tyro
 import yaml
-from PIL import Image
+from PIL import Image, ImageFile
 
 import packing
 from packing import Geometry, SpecialTokens
@@ -38,7 +41,18 @@ from packing import Geometry, SpecialTokens
 DATA_EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json files in HF save_to_disk dirs
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
-RECORD_FIELDS = ("messages", "images", "videos", "image", "captions")  # all parse_record reads
+# record forms, each known by the fields it needs (the first that a record has wins; a yaml mixture
+# can name one with `format:`): chat messages, and upstream BAGEL's three dataset forms as they are
+FORMS = {"messages": ("messages",),  # {role, content parts}, `images` / `videos` filling {"type": "image"}
+         "unified_edit": ("image_list", "instruction_list"),  # upstream edit parquet, one chain per row
+         "vlm_sft": ("conversations",),  # upstream / LLaVA SFT jsonl: {from, value} turns, `image` paths
+         "t2i_pretrain": ("image", "captions")}  # upstream T2I parquet: image bytes + JSON captions
+RECORD_FIELDS = ("messages", "images", "videos", "image", "captions", "image_list", "instruction_list",
+                 "conversations", "video")  # all parse_record reads
+# images noted in the data line: upscaled from below the minimum side, or more than this many times
+# longer than wide (or the reverse): upstream's resize makes such images a few latent rows thin
+EXTREME_ASPECT = 4.0
+IMAGE_WARN_SHARE = 0.1  # a source with more than this share of such images gets a warning in the data line
 # a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
 # a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; bench.py --what data)
 PARQUET_BATCH_BYTES = 1 << 20
@@ -71,6 +85,13 @@ class DataConfig:
     """DataLoader worker processes per rank (0: load in the training process)"""
     skip_bad: bool = False
     """skip bad records and count them per reason instead of stopping with an error"""
+    skip_too_long: bool = True
+    """skip (and count as too_long) a record over packing_length that no cut saves (a multi-step edit
+    is first cut to its longest run of steps that fits, see `cut_steps`); False: stop with an error.
+    Not counted against a source by the skip_bad check, as such records are valid"""
+    truncated_images: Literal["load", "error"] = "load"
+    """a truncated image file: decode what is there, as upstream does (PIL's LOAD_TRUNCATED_IMAGES), or
+    treat it as a bad record"""
     text_cond_dropout: float = 0.1
     """CFG dropout of conditioning text in generation/edit samples (upstream default, DESIGN.md#cfg-dropout)"""
     vit_cond_dropout: float = 0.3
@@ -256,6 +277,69 @@ def encode(tok, text: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Storage. Every file (data, yaml mixture, image, video) is opened through `filesystem`: local paths
+# directly, s3:// gs:// hdfs:// through pyarrow's filesystems, hf:// through huggingface_hub. Credentials
+# and endpoints come only from each store's own environment variables (AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION; GOOGLE_APPLICATION_CREDENTIALS; HADOOP_HOME and
+# CLASSPATH; HF_TOKEN), never from arguments, which args.json and logs would keep.
+
+REMOTE = ("s3://", "gs://", "gcs://", "hdfs://", "hf://")
+
+
+def is_remote(path: str) -> bool:
+    return isinstance(path, str) and path.startswith(REMOTE)
+
+
+def join(folder: str, path: str) -> str:
+    """`path` relative to `folder` (a local or remote folder); absolute and remote paths as they are."""
+    if is_remote(path) or os.path.isabs(path) or not folder:
+        return path
+    return f"{folder.rstrip('/')}/{path}" if is_remote(folder) else os.path.join(folder, path)
+
+
+def parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _store(scheme: str, authority: str, pid: int):
+    """One filesystem per bucket (or namenode) and process: a DataLoader worker must not use its
+    parent's clients. pyarrow's `from_uri` reads AWS_ENDPOINT_URL and finds an S3 bucket's region."""
+    try:
+        import pyarrow.fs as pafs
+        if scheme == "hf":
+            from huggingface_hub import HfFileSystem  # only hf:// paths need it
+            return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
+        return pafs.FileSystem.from_uri(f"{scheme}://{authority}")[0]
+    except ImportError as e:
+        pkg = "huggingface_hub" if scheme == "hf" else f"pyarrow built with {scheme} support"
+        raise packing.UserError(f"{scheme}:// paths need {pkg} (pip install {pkg.split()[0]}): {e}") from None
+    except (OSError, pa.ArrowException) as e:  # no libhdfs, a bad endpoint, an unknown bucket, ...
+        raise packing.UserError(f"{scheme}://{authority}: cannot set up the filesystem: {e}") from None
+
+
+def filesystem(path: str):
+    """(pyarrow filesystem, path on it) of a local or remote path: s3/gs paths on their store start
+    with the bucket, hdfs paths with / (the namenode is the store), hf paths keep their repo form."""
+    import pyarrow.fs as pafs
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    scheme, rest = path.split("://", 1)
+    authority, _, key = rest.partition("/")
+    if scheme == "hdfs":
+        return _store(scheme, authority, os.getpid()), "/" + key
+    return _store(scheme, "" if scheme == "hf" else authority, os.getpid()), rest
+
+
+def open_file(path: str):
+    """A seekable binary file of a local or remote path (a plain file object locally)."""
+    if not is_remote(path):
+        return open(path, "rb")
+    fs, p = filesystem(path)
+    return fs.open_input_file(p)
+
+
+# --------------------------------------------------------------------------------------------------
 # Images
 
 def open_source(src: Any, folder: str, where: str, what: str = "image") -> bytes | str:
@@ -275,7 +359,15 @@ def open_source(src: Any, folder: str, where: str, what: str = "image") -> bytes
             except (IndexError, binascii.Error) as e:
                 raise BadSample(f"undecodable_{what}", f"{where}: bad base64 data URI ({e})") from None
         path = src[len("file://"):] if src.startswith("file://") else src
-        path = os.path.join(folder, path)  # an absolute path ignores folder
+        path = join(folder, path)  # an absolute path ignores folder
+        if is_remote(path):  # read whole: one request, and a missing file is found by reading it
+            try:
+                fs, p = filesystem(path)
+                with fs.open_input_stream(p) as fh:  # one GET
+                    return fh.read()
+            except (FileNotFoundError, OSError) as e:
+                raise BadSample(f"missing_{what}", f"{where}: cannot read {what} {path}: {e} (relative "
+                                f"paths are resolved against data_folder {folder!r})") from None
         if not os.path.isfile(path):
             raise BadSample(f"missing_{what}", f"{where}: {what} file not found: {path} (relative "
                             f"paths are resolved against data_folder {folder!r})")
@@ -286,15 +378,32 @@ def open_source(src: Any, folder: str, where: str, what: str = "image") -> bytes
     return src
 
 
-def load_image(src: Any, folder: str, where: str) -> Image.Image:
-    """Decode an image source (see `open_source`). Returns RGB with transparency composited on white."""
+def load_image(src: Any, folder: str, where: str, truncated: str = "load") -> Image.Image:
+    """Decode an image source (see `open_source`). Returns RGB with transparency composited on white;
+    `info["truncated"]` is set on an image decoded from a truncated file (`truncated` "load")."""
     src = open_source(src, folder, where)
+    cut = False
     try:
-        img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-        img.load()
+        try:
+            img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+            img.load()
+        except OSError as e:
+            if truncated != "load" or "truncated" not in str(e):
+                raise
+            # upstream sets PIL's flag for the whole process; here it holds only for this retry, so
+            # that --data.truncated-images error still sees the error (decoding is single-threaded)
+            ImageFile.LOAD_TRUNCATED_IMAGES, cut = True, True
+            try:
+                img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+                img.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
     except Exception as e:  # PIL raises many types for broken files
-        raise BadSample("undecodable_image", f"{where}: cannot decode image: {e}") from None
-    return to_rgb(img)
+        hint = " (--data.truncated-images load decodes what is there)" if "truncated" in str(e) else ""
+        raise BadSample("undecodable_image", f"{where}: cannot decode image: {e}{hint}") from None
+    img = to_rgb(img)
+    img.info["truncated"] = cut
+    return img
 
 
 def frame_indices(n: int, n_frames: int, rng: random.Random | None) -> list[int]:
@@ -438,28 +547,50 @@ def transform(img: Image.Image, kind: str, cfg: DataConfig, img_num: int, where:
 ROLES = ("system", "user", "assistant")
 
 
-def parse_record(rec: Any, where: str, rng: random.Random) -> list[tuple[str, str, str, Any]]:
-    """A record as a flat list of (field, role, kind, value): kind "text" (value: str), "image"
-    (value: an image source for `load_image`) or "video" (value: a source or frame list for `load_video`)."""
+def record_form(rec: Any, where: str, form: str | None = None) -> str:
+    """The form of a record (FORMS): `form` when given (a yaml mixture's `format:`), checked, or the
+    first form whose fields the record has."""
     if not isinstance(rec, dict):
         raise BadSample("wrong_type", f"{where}: a record must be an object, got {type(rec).__name__}")
-    msgs = rec.get("messages")
-    if msgs is None:
-        if rec.get("image") is not None and rec.get("captions") is not None:
-            # upstream T2I parquet rows: image bytes + a JSON dict of captions; one caption at random
-            caps = rec["captions"]
-            try:
-                caps = json.loads(caps) if isinstance(caps, (str, bytes)) else caps
-            except json.JSONDecodeError as e:
-                raise BadSample("malformed_json", f"{where}: captions: malformed JSON ({e})") from None
-            caps = list(caps.values()) if isinstance(caps, dict) else caps if isinstance(caps, list) else [caps]
-            caps = [c for c in caps if isinstance(c, str) and c.strip()]
-            if not caps:
-                raise BadSample("empty_conversation", f"{where}: captions: no caption text")
-            return [("captions", "user", "text", rng.choice(caps)),
-                    ("image", "assistant", "image", rec["image"])]
-        raise BadSample("wrong_type", f"{where}: no 'messages' field (fields: {sorted(rec)}): expected "
-                        f"chat messages, or an upstream T2I row with 'image' and 'captions'")
+    forms = ", ".join(f"{k} ({' + '.join(v)})" for k, v in FORMS.items())
+    if form is not None:
+        if form not in FORMS:
+            raise packing.UserError(f"{where}: format {form!r} is not one of: {forms}")
+        missing = [f for f in FORMS[form] if rec.get(f) is None]
+        if missing:
+            raise BadSample("wrong_type", f"{where}: format {form} needs the fields {missing} (fields: "
+                            f"{sorted(rec)})")
+        return form
+    for name, fields in FORMS.items():
+        if all(rec.get(f) is not None for f in fields):
+            return name
+    raise BadSample("wrong_type", f"{where}: no 'messages' field (fields: {sorted(rec)}) and no other "
+                    f"record form fits: expected one of {forms}")
+
+
+def parse_record(rec: Any, where: str, rng: random.Random,
+                 form: str | None = None) -> list[tuple[str, str, str, Any]]:
+    """A record as a flat list of (field, role, kind, value): kind "text" (value: str), "image"
+    (value: an image source for `load_image`) or "video" (value: a source or frame list for `load_video`)."""
+    form = record_form(rec, where, form)
+    if form == "unified_edit":
+        return parse_edit_chain(rec, where, rng)
+    if form == "vlm_sft":
+        return parse_conversations(rec, where)
+    if form == "t2i_pretrain":
+        # upstream T2I parquet rows: image bytes + a JSON dict of captions; one caption at random
+        caps = rec["captions"]
+        try:
+            caps = json.loads(caps) if isinstance(caps, (str, bytes)) else caps
+        except json.JSONDecodeError as e:
+            raise BadSample("malformed_json", f"{where}: captions: malformed JSON ({e})") from None
+        caps = list(caps.values()) if isinstance(caps, dict) else caps if isinstance(caps, list) else [caps]
+        caps = [c for c in caps if isinstance(c, str) and c.strip()]
+        if not caps:
+            raise BadSample("empty_conversation", f"{where}: captions: no caption text")
+        return [("captions", "user", "text", rng.choice(caps)),
+                ("image", "assistant", "image", rec["image"])]
+    msgs = rec["messages"]
     if isinstance(msgs, bytes):
         msgs = msgs.decode()
     if isinstance(msgs, str):  # common in parquet: messages stored as a JSON string
@@ -532,8 +663,94 @@ def parse_record(rec: Any, where: str, rng: random.Random) -> list[tuple[str, st
     return out
 
 
+def parse_edit_chain(rec: dict, where: str, rng: random.Random) -> list[tuple[str, str, str, Any]]:
+    """An upstream `unified_edit` row (`image_list`: n images, `instruction_list`: n - 1 lists of
+    phrasings of the step from image i to i + 1) sampled as upstream's `UnifiedEditIterableDataset.parse_row`
+    (ByteDance-Seed/Bagel data/interleave_datasets/edit_dataset.py), draw for draw with the sample's
+    keyed rng: a start image, an end 1 or 2 steps later; a 2-step jump is, with probability 0.5, one
+    joined instruction "a. b." (but upstream first moves an end at the last image back one step, so
+    that case trains a single step). Images between start and end are targets fed back as context."""
+    images, steps = rec["image_list"], rec["instruction_list"]
+    if isinstance(steps, (str, bytes)):
+        try:
+            steps = json.loads(steps)
+        except json.JSONDecodeError as e:
+            raise BadSample("malformed_json", f"{where}: instruction_list: malformed JSON ({e})") from None
+    if not isinstance(images, (list, tuple, np.ndarray)) or not isinstance(steps, (list, tuple, np.ndarray)):
+        raise BadSample("wrong_type", f"{where}: image_list and instruction_list must be lists")
+    n = len(images)
+    if n < 2 or len(steps) < n - 1:
+        raise BadSample("wrong_type", f"{where}: image_list has {n} images and instruction_list {len(steps)} "
+                        f"steps: an edit chain needs 2 or more images and one instruction list per step")
+
+    def phrase(i):  # a phrasing of step i (image i -> i + 1), drawn as upstream
+        opts = [steps[i]] if isinstance(steps[i], str) else list(steps[i])
+        if not opts or not all(isinstance(o, str) for o in opts):
+            raise BadSample("wrong_type", f"{where}: instruction_list[{i}]: expected a list of strings")
+        return rng.choice(opts)
+
+    start = rng.choice(range(n - 1))
+    end = rng.choice(range(start + 1, min(start + 3, n)))
+    out = [(f"image_list[{start}]", "user", "image", images[start])]
+    if end - start > 1 and rng.random() < 0.5:
+        if end == n - 1:
+            end -= 1
+        text = "".join(phrase(i - 1) + ". " for i in range(start + 1, end + 1)).rstrip()
+        return out + [(f"instruction_list[{start}:{end}]", "user", "text", text),
+                      (f"image_list[{end}]", "assistant", "image", images[end])]
+    for i in range(start + 1, end + 1):
+        out += [(f"instruction_list[{i - 1}]", "user", "text", phrase(i - 1)),
+                (f"image_list[{i}]", "assistant", "image", images[i])]
+    return out
+
+
+def parse_conversations(rec: dict, where: str) -> list[tuple[str, str, str, Any]]:
+    """An upstream `vlm_sft` / LLaVA record: `conversations` of {from: human | gpt | system, value},
+    `<image>` placeholders in human turns taking the paths of `image` (one or a list) in order, and
+    a `<video>` placeholder taking `video`. As upstream's `SftJSONLIterableDataset.change_format`
+    (ByteDance-Seed/Bagel data/vlm_dataset.py): a human turn with placeholders is split at them and
+    its pieces stripped; gpt turns are the loss. Unlike upstream, placeholders and images must pair
+    up (upstream silently misaligns them)."""
+    turns = rec["conversations"]
+    if isinstance(turns, (str, bytes)):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as e:
+            raise BadSample("malformed_json", f"{where}: conversations: malformed JSON ({e})") from None
+    if not isinstance(turns, (list, tuple, np.ndarray)):
+        raise BadSample("wrong_type", f"{where}: conversations: expected a list of {{from, value}} turns")
+    images = rec.get("image")
+    images = [] if images is None else [images] if isinstance(images, (str, bytes, dict)) else list(images)
+    video = rec.get("video")
+    slots = {"<image>": iter(images), "<video>": iter([video] if video is not None else [])}
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    n_ph = {p: sum(t["value"].count(p) for t in turns if isinstance(t, dict) and t.get("from") == "human"
+                   and isinstance(t.get("value"), str)) for p in slots}
+    if n_ph["<image>"] != len(images) or n_ph["<video>"] != (video is not None):
+        raise BadSample("wrong_type", f"{where}: conversations: {n_ph['<image>']} <image> placeholders in "
+                        f"human turns for {len(images)} images in 'image', {n_ph['<video>']} <video> for "
+                        f"{int(video is not None)} 'video': they must pair up")
+    out, used = [], {"<image>": 0, "<video>": 0}
+    for ti, t in enumerate(turns):
+        f = f"conversations[{ti}]"
+        if not isinstance(t, dict) or t.get("from") not in roles or not isinstance(t.get("value"), str):
+            raise BadSample("wrong_type", f"{where}: {f}: expected {{from: human | gpt | system, value: str}}")
+        role, value = roles[t["from"]], t["value"]
+        if role != "user" or not any(p in value for p in slots):
+            if value.strip():
+                out.append((f"{f}.value", role, "text", value))
+            continue
+        for piece in re.split("(<image>|<video>)", value):
+            if piece in slots:
+                used[piece] += 1
+                out.append((f"{f}.value {piece} #{used[piece]}", role, piece[1:-1], next(slots[piece])))
+            elif piece.strip():
+                out.append((f"{f}.value", role, "text", piece.strip()))
+    return out
+
+
 def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
-                    rng: random.Random | None = None) -> list[dict]:
+                    rng: random.Random | None = None, form: str | None = None) -> list[dict]:
     """The sequence plan of one record (DESIGN.md#layout).
 
     - system/user text: no loss; user images: ViT tokens (understanding). A video is its sampled
@@ -549,7 +766,7 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
     Image items carry `option`: the --data option that sets their size (for the too-long error).
     """
     rng = rng or random.Random(0)
-    parts = parse_record(rec, where, rng)
+    parts = parse_record(rec, where, rng, form)
     if not parts:
         raise BadSample("empty_conversation", f"{where}: messages: no text and no image")
     if not any(role == "assistant" for _, role, _, _ in parts):
@@ -592,7 +809,9 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
             else:
                 text(encode(tok, value), 0, int(gen), f"{role} text {short!r}")
             continue
-        pil, label = value if kind == "frame" else (load_image(value, folder, w), f"{role} image")
+        pil, label = value if kind == "frame" else (load_image(value, folder, w, cfg.truncated_images),
+                                                     f"{role} image")
+        first = len(items)
 
         def vit(desc):
             if not cfg.visual_und:  # without the ViT, edits condition on the clean VAE copy only
@@ -613,7 +832,50 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
                 image("vae_image", transform(pil, "vae", cfg, 1, w), 0, 1, f"{label} → clean VAE",
                       "vae_max_size")
             vit(f"{label} → ViT")
+        if len(items) > first:  # counted once per image, on its first item, for the data line
+            low = cfg.vae_min_size if gen else cfg.vit_min_size
+            items[first]["notes"] = dict(images=1, upscaled_small=int(min(pil.size) < low),
+                                         extreme_aspect=int(max(pil.size) > EXTREME_ASPECT * min(pil.size)),
+                                         truncated=int(bool(pil.info.get("truncated"))))
     return items
+
+
+def n_tokens(it: dict, cfg: DataConfig) -> int:
+    """Tokens of one sequence-plan item before CFG dropout: text + BOS/EOS, or image grid + 2 markers."""
+    if it["type"] == "text":
+        return len(it["ids"]) + 2
+    stride = cfg.vit_patch_size if it["type"] == "vit_image" else cfg.latent_downsample
+    return it["image"].shape[1] // stride * (it["image"].shape[2] // stride) + 2
+
+
+def cut_steps(items: list[dict], cfg: DataConfig, rng: random.Random) -> tuple[list[dict], str] | None:
+    """A multi-step edit over packing_length cut to its longest run of consecutive steps that fits
+    (counted before CFG dropout), one of equally long runs drawn with the sample's keyed rng so that
+    every step of long chains is trained; None when not even one step fits.
+
+    Step k ends with the k-th generated image (its noisy VAE target). A run from step a on starts
+    from the clean VAE + ViT copies of image a - 1 (as upstream's `unified_edit` starts from any image
+    of a chain); for a run that starts at the first step, everything before it (system text, the
+    input images) is kept. A run that ends before the last step drops the copies of its last target
+    and all that follows. Returns the items and a note for the sample's name."""
+    t = [i for i, it in enumerate(items) if it["type"] == "vae_image" and it["loss"]]
+    if len(t) < 2:
+        return None
+    size = [n_tokens(it, cfg) for it in items]
+    runs = []
+    for a in range(len(t)):
+        for b in range(a, len(t)):
+            keep = list(range(0 if a == 0 else t[a - 1] + 1, t[b] + 1))
+            keep += list(range(t[b] + 1, len(items))) if b == len(t) - 1 else []
+            if a == 0 and b == len(t) - 1:
+                continue  # the whole record, known not to fit
+            if sum(size[i] for i in keep) <= cfg.packing_length:
+                runs.append((b - a, a, b, keep))
+    if not runs:
+        return None
+    best = max(r[0] for r in runs)
+    _, a, b, keep = rng.choice([r for r in runs if r[0] == best])
+    return [items[i] for i in keep], f" (cut to steps {a + 1}-{b + 1} of {len(t)})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -626,8 +888,8 @@ def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Byte offsets of the non-blank lines of a .jsonl file and of its end; their 1-based line numbers."""
     offsets, lines, pos = [], [], 0
     try:
-        with open(path, "rb") as fh:
-            for i, line in enumerate(fh, 1):
+        with open_file(path) as fh:
+            for i, line in enumerate(fh if not is_remote(path) else io.BufferedReader(fh, 1 << 20), 1):
                 if line.strip():
                     offsets.append(pos)
                     lines.append(i)
@@ -651,7 +913,7 @@ class DataFile:
         if self.ext in (".parquet", ".arrow"):
             names = self._h.schema_arrow.names if self.ext == ".parquet" else self._h[0].schema.names if self._h else []
             cols = [c for c in names if c in RECORD_FIELDS]
-            self.columns = cols if "messages" in cols or {"image", "captions"} <= set(cols) else None
+            self.columns = cols if any(set(f) <= set(cols) for f in FORMS.values()) else None
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
 
     def __getstate__(self):  # open handles stay in the process that opened them
@@ -668,9 +930,9 @@ class DataFile:
                 # its read-ahead cache, so memory would grow with the number of files; without
                 # buffer_size a column chunk is read whole into one more buffer before its pages
                 # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
-                self._h = pq.ParquetFile(p, pre_buffer=False, buffer_size=1 << 20)
+                self._h = pq.ParquetFile(open_file(p) if is_remote(p) else p, pre_buffer=False, buffer_size=1 << 20)
             elif self.ext == ".arrow":
-                src = pa.memory_map(p)
+                src = open_file(p) if is_remote(p) else pa.memory_map(p)
                 try:  # Arrow IPC file format (random access)...
                     r = pa.ipc.open_file(src)
                     self._h = [r.get_batch(i) for i in range(r.num_record_batches)]
@@ -682,8 +944,8 @@ class DataFile:
             elif self.ext == ".json":
                 # a JSON list cannot be streamed without a streaming parser: loaded whole (use .jsonl
                 # or parquet for big data)
-                with open(p) as fh:
-                    rows = json.load(fh)
+                with open_file(p) as fh:
+                    rows = json.loads(fh.read())
                 if not isinstance(rows, list):
                     raise DataError(f"{p}: expected a JSON list of records, got {type(rows).__name__}")
                 self._h = rows
@@ -718,7 +980,7 @@ class DataFile:
             return self._h[unit].select(self.columns) if self.columns else self._h[unit]
         if self.ext == ".json":
             return self._h[a:b]
-        with open(self.path, "rb") as fh:
+        with open_file(self.path) as fh:
             fh.seek(int(self.offsets[a]))
             return fh.read(int(self.offsets[b] - self.offsets[a]))
 
@@ -739,19 +1001,34 @@ class DataFile:
 
 
 def data_files(path: str) -> list[str]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in DATA_EXTS
-                       and f.name not in HF_METADATA and f.is_file())
+    """The data files of a --data path: a file, a directory (searched recursively) or a glob
+    (`shards/*.parquet`), local or remote."""
+    import pyarrow.fs as pafs
+    fs, p = filesystem(path)
+    prefix = path[:len(path) - len(p)] if is_remote(path) and path.endswith(p) else ""  # s3:// etc.
+    found = lambda base: sorted(f.path for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                                if f.type == pafs.FileType.File)
+    if any(c in p for c in "*?["):
+        base = p[:min(p.find(c) for c in "*?[" if c in p)].rsplit("/", 1)[0]
+        files = [f for f in found(base) if fnmatch.fnmatch(f, p) and Path(f).suffix.lower() in DATA_EXTS]
+        if not files:
+            raise DataError(f"{path}: the pattern matches no data files ({', '.join(DATA_EXTS)})")
+        return [prefix + f for f in files]
+    try:
+        kind = fs.get_file_info(p).type
+    except OSError as e:  # a remote store that cannot be reached, or a denied bucket
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if kind == pafs.FileType.Directory:
+        files = [f for f in found(p) if Path(f).suffix.lower() in DATA_EXTS and Path(f).name not in HF_METADATA]
         if not files:
             raise DataError(f"{path}: directory holds no data files ({', '.join(DATA_EXTS)})")
-        return files
-    if not p.exists():
+        return [prefix + f for f in files]
+    if kind == pafs.FileType.NotFound:
         raise DataError(f"{path}: no such file or directory")
-    if p.suffix.lower() not in DATA_EXTS:
+    if Path(p).suffix.lower() not in DATA_EXTS:
         raise DataError(f"{path}: unknown data file type; expected {', '.join(DATA_EXTS)}, a "
-                        f"directory or a .yaml mixture")
-    return [str(p)]
+                         f"directory or a .yaml mixture")
+    return [path if is_remote(path) else str(Path(path))]
 
 
 class Source:
@@ -768,11 +1045,11 @@ class Source:
     """
 
     def __init__(self, name: str, files: list[str], weight: float, folder: str | None, index: int,
-                 seed: int):
+                 seed: int, form: str | None = None):
         self.name, self.weight, self.index, self.seed = name, float(weight), index, seed
+        self.form = form  # FORMS key named in a yaml mixture; None: detected per record
         self.files = [DataFile(f) for f in files]
-        self.folders = [folder if folder is not None else os.path.dirname(os.path.abspath(f))
-                        for f in files]
+        self.folders = [folder if folder is not None else parent(f) for f in files]
         self.units = [(fi, ui, n) for fi, f in enumerate(self.files)
                       for ui, n in enumerate(f.unit_rows) if n > 0]
         self.n_rows = sum(n for _, _, n in self.units)
@@ -805,8 +1082,9 @@ class Source:
 
 def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Source]:
     """--data values → mixture sources. `x.yaml` is a mixture (`datasets: [{path, weight,
-    data_folder}]`, paths relative to the yaml file); `path:weight` weights a plain path."""
-    entries = []  # (name, path, weight, folder)
+    data_folder, format}]`, paths relative to the yaml file, local or remote; `format` names a FORMS
+    key, otherwise each record's form is detected from its fields); `path:weight` weights a plain path."""
+    entries = []  # (name, path, weight, folder, form)
     for p in paths:
         weight = 1.0
         head, _, tail = p.rpartition(":")
@@ -817,24 +1095,29 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
                 pass
         if p.endswith((".yaml", ".yml")):
             try:
-                cfg = yaml.safe_load(Path(p).read_text())
+                with open_file(p) as fh:
+                    cfg = yaml.safe_load(fh.read())
             except (OSError, yaml.YAMLError) as e:
                 raise DataError(f"{p}: cannot read the mixture: {e}") from None
             ds = cfg.get("datasets") if isinstance(cfg, dict) else None
             if not isinstance(ds, list) or not ds:
-                raise DataError(f"{p}: expected `datasets: [{{path, weight, data_folder}}, ...]`")
-            base = os.path.dirname(os.path.abspath(p))
+                raise DataError(f"{p}: expected `datasets: [{{path, weight, data_folder, format}}, ...]`")
+            base = parent(p)
             for i, e in enumerate(ds):
                 if not isinstance(e, dict) or "path" not in e:
                     raise DataError(f"{p}: datasets[{i}]: needs a `path`")
+                form = e.get("format")
+                if form is not None and form not in FORMS:
+                    raise DataError(f"{p}: datasets[{i}]: format {form!r} is not one of "
+                                            f"{', '.join(FORMS)}")
                 folder = e.get("data_folder")
-                folder = os.path.join(base, folder) if folder else None
-                entries.append((f"{p}: datasets[{i}]", os.path.join(base, str(e["path"])),
-                                float(e.get("weight", 1.0)) * weight, folder))
+                folder = join(base, str(folder)) if folder else None
+                entries.append((f"{p}: datasets[{i}]", join(base, str(e["path"])),
+                                float(e.get("weight", 1.0)) * weight, folder, form))
         else:
-            entries.append((p, p, weight, None))
-    return [Source(name, data_files(path), w, folder, i, seed)
-            for i, (name, path, w, folder) in enumerate(entries)]
+            entries.append((p, p, weight, None, None))
+    return [Source(name, data_files(path), w, folder, i, seed, form)
+            for i, (name, path, w, folder, form) in enumerate(entries)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -848,6 +1131,7 @@ class Sample:
     key: tuple[int, int, int, int]  # (source, epoch, unit, place in the unit's row order)
     where: str
     layout: packing.Layout
+    notes: Counter = None  # images upscaled, of extreme aspect, truncated; cut_to_fit (ShardStream.make)
 
     @property
     def n(self) -> int:
@@ -870,6 +1154,7 @@ class ShardStream:
         self.tried, self.bad = list(s.get("tried", [0] * n_src)), list(s.get("bad", [0] * n_src))
         self.packs, self.samples, self.tokens = s.get("packs", 0), s.get("samples", 0), s.get("tokens", 0)
         self.skips = Counter(s.get("skips", {}))
+        self.notes = [Counter(c) for c in s.get("notes", [{}] * n_src)]  # per source: Sample.notes summed
         self._plan: dict[int, tuple] = {}  # source → (epoch, Source.plan of this shard)
         for keys in s.get("open", []):  # re-read the samples that waited in open packs
             samples = [self.make(tuple(k)) for k in keys]
@@ -880,7 +1165,8 @@ class ShardStream:
         return dict(shard=self.vshard, draws=self.draws, pos=[list(p) for p in self.pos],
                     plans=[p and [list(r) for r in p] for p in self.plans], tried=list(self.tried),
                     bad=list(self.bad), packs=self.packs, samples=self.samples, tokens=self.tokens,
-                    skips=dict(self.skips), open=[[list(x.key) for x in p] for p in self.packer.open])
+                    skips=dict(self.skips), notes=[dict(c) for c in self.notes],
+                    open=[[list(x.key) for x in p] for p in self.packer.open])
 
     def plan(self, i: int) -> list[tuple[int, int, int]]:
         epoch = self.pos[i][0]
@@ -924,12 +1210,20 @@ class ShardStream:
         cfg = self.cfg
         where, folder, rec = self.ds.sources[key[0]].read(key)
         rng = random.Random(":".join(map(str, (cfg.seed, *key))))  # str seeds are stable across processes
-        items = record_to_items(rec, where, folder, cfg, self.ds.tok, rng)
+        items = record_to_items(rec, where, folder, cfg, self.ds.tok, rng, self.ds.sources[key[0]].form)
         dropout = (cfg.text_cond_dropout, cfg.vit_cond_dropout, cfg.vae_cond_dropout)
         lay = packing.layout_sample(items, self.ds.specials, self.ds.geo, dropout, rng)
+        cut = False
         if lay.n > cfg.packing_length:
-            raise BadSample("too_long", too_long(where, lay.n, items, cfg))
-        return Sample(key, where, lay)
+            if (fit := cut_steps(items, cfg, rng)) is None:
+                raise BadSample("too_long", too_long(where, lay.n, items, cfg))
+            items, note = fit
+            where, cut = where + note, True
+            lay = packing.layout_sample(items, self.ds.specials, self.ds.geo, dropout, rng)
+        notes = Counter(cut_to_fit=int(cut))
+        for it in items:
+            notes.update(it.get("notes", {}))
+        return Sample(key, where, lay, notes)
 
     def emit(self, pack: list[Sample]) -> tuple[list[Sample], dict, dict]:
         # packs of this shard are steps k*n_workers + vshard of the rank: the DataLoader takes one
@@ -940,6 +1234,8 @@ class ShardStream:
         self.packs += 1
         self.samples += len(pack)
         self.tokens += sum(s.n for s in pack)
+        for s in pack:
+            self.notes[s.key[0]].update(s.notes or {})
         return pack, batch, self.state()
 
     def __iter__(self):
@@ -955,6 +1251,14 @@ class ShardStream:
             try:
                 sample = self.make(key)
             except BadSample as e:
+                if e.reason == "too_long" and self.cfg.skip_too_long:  # valid, just big: not a sign of a broken source
+                    self.skips[e.reason] += 1
+                    self.notes[i]["too_long"] += 1
+                    # as many records as the source has and none fits: an endless run would spin here
+                    if self.notes[i]["too_long"] == self.tried[i] >= self.ds.sources[i].n_rows:
+                        raise DataError(f"{self.ds.sources[i].name}: none of the {self.tried[i]} records read so "
+                                         f"far fits; the last: {e}") from None
+                    continue
                 if not self.cfg.skip_bad:
                     raise
                 self.skips[e.reason] += 1
@@ -970,16 +1274,12 @@ class ShardStream:
 
 def too_long(where: str, n: int, items: list[dict], cfg: DataConfig) -> str:
     """The error for a sample over the budget: its largest part and the option that shrinks it."""
-    def tokens(it):  # + 2: BOS/EOS or the two vision markers
-        if it["type"] == "text":
-            return len(it["ids"]) + 2
-        stride = cfg.vit_patch_size if it["type"] == "vit_image" else cfg.latent_downsample
-        return it["image"].shape[1] // stride * (it["image"].shape[2] // stride) + 2
-    big = max(items, key=tokens)
+    big = max(items, key=lambda it: n_tokens(it, cfg))
     fix = f"lower --data.{big['option'].replace('_', '-')}" if "option" in big else "shorten the text"
     return (f"{where}: sample has {n:,} tokens, more than --data.packing-length {cfg.packing_length}; its "
-            f"largest part is the {big['desc']} with {tokens(big):,} tokens: {fix} or raise "
-            f"--data.packing-length (samples are never cut)")
+            f"largest part is the {big['desc']} with {n_tokens(big, cfg):,} tokens: {fix} or raise "
+            f"--data.packing-length (only multi-step edits are cut, to their longest run of steps "
+            f"that fits; --data.skip-too-long skips such records)")
 
 
 class PackedDataset(torch.utils.data.IterableDataset):
@@ -1141,14 +1441,31 @@ class PackLoader:
         for s in self.shards.values():
             skips.update(s["skips"])
         fill = tokens / (packs * self.cfg.packing_length) if packs else 0.0
+        notes = [Counter() for _ in self.dataset.sources]
+        for s in self.shards.values():
+            for c, n in zip(notes, s.get("notes", [])):
+                c.update(n)
         return dict(packs=packs, samples=samples, tokens=tokens, fill=fill, padding=1 - fill,
-                    samples_per_pack=samples / packs if packs else 0.0, skipped=dict(skips))
+                    samples_per_pack=samples / packs if packs else 0.0, skipped=dict(skips),
+                    notes=[dict(c) for c in notes])
 
     def log_line(self) -> str:
+        """The data line: packing, skips, and the images upstream's resize treats badly, with a warning
+        for each source where their share passes IMAGE_WARN_SHARE."""
         s = self.stats()
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())) or "none"
-        return (f"data: {s['packs']:,} packs | {s['samples_per_pack']:.1f} samples/pack | padding "
-                f"{100 * s['padding']:.1f}% | skipped: {skipped}")
+        total = sum((Counter(n) for n in s["notes"]), Counter())
+        line = (f"data: {s['packs']:,} packs | {s['samples_per_pack']:.1f} samples/pack | padding "
+                f"{100 * s['padding']:.1f}% | skipped: {skipped} | cut to fit {total['cut_to_fit']:,} | "
+                f"images {total['images']:,}: upscaled small {total['upscaled_small']:,}, extreme aspect "
+                f"{total['extreme_aspect']:,}, truncated {total['truncated']:,}")
+        for src, n in zip(self.dataset.sources, s["notes"]):
+            for k, why in (("upscaled_small", f"smaller than the minimum side, upscaled"),
+                           ("extreme_aspect", f"more than {EXTREME_ASPECT:g}:1, resized to a few rows")):
+                if n.get(k, 0) > IMAGE_WARN_SHARE * n.get("images", 0):
+                    line += (f"\nwarning: {src.name}: {n[k]:,} of {n['images']:,} images "
+                             f"({100 * n[k] / n['images']:.0f}%) are {why}")
+        return line
 
 
 # --------------------------------------------------------------------------------------------------

@@ -420,7 +420,7 @@ def test_bad_input(reason, rec, msg, tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [good(), rec, good()]) + "\n")
     with pytest.raises(data.BadSample, match=f"bad.jsonl: {msg}") as e:
-        all_packs(small_cfg(data=(str(p),), seed=3, visual_und=reason != "needs_visual_und"))
+        all_packs(small_cfg(data=(str(p),), seed=3, visual_und=reason != "needs_visual_und", skip_too_long=False))
     assert e.value.reason == reason
     packs = all_packs(small_cfg(data=(str(p),), seed=3, skip_bad=True, visual_und=reason != "needs_visual_und"))
     assert sum(len(p) for p, _, _ in packs) == 2
@@ -910,7 +910,7 @@ def test_too_long_names_the_large_part(msgs, budget, part, option, tmp_path):
     p.write_text(json.dumps({"messages": msgs}) + "\n")
     with pytest.raises(data.BadSample, match=f"long.jsonl: line 1: sample has .* more than --data.packing-length {budget}; "
                                              f"its largest part is the {part}.*tokens: .*{option}"):
-        all_packs(small_cfg(data=(str(p),), packing_length=budget))
+        all_packs(small_cfg(data=(str(p),), packing_length=budget, skip_too_long=False))
 
 
 def test_mostly_skipped_source_stops(tmp_path):

@@ -912,7 +912,7 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
     dist.broadcast_object_list(checked, src=0)
     args = checked[0]
     # every rank must see what rank 0 checked: not so for a node-local disk (or hub cache) on several nodes
-    seen = lambda p: os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # data entries may be path:weight
+    seen = lambda p: data_lib.is_remote(p) or os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # path:weight
     missing = [p for p in (args.model, *args.data.data) if not seen(p)]
     unseen = [None] * d.world_size
     dist.all_gather_object(unseen, missing)
@@ -1036,8 +1036,15 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     dataset = data_lib.PackedDataset(data, notes=False)
     if not data.skip_bad:  # a record of each source's first unit parses and fits --data.packing-length
         stream = dataset.stream()
-        for i in range(len(dataset.sources)):
-            stream.make((i, 0, 0, 0))  # key (source, epoch, unit, place): see data.Source
+        for i, src in enumerate(dataset.sources):
+            n = min(16, src.units[0][2])  # a few long records are skipped, a budget that none fits is an error
+            for k in range(n):
+                try:
+                    stream.make((i, 0, 0, k))  # key (source, epoch, unit, place): see data.Source
+                    break
+                except data_lib.BadSample as e:
+                    if e.reason != "too_long" or not data.skip_too_long or k == n - 1:
+                        raise
     return dataclasses.replace(args, model=model, data=data)
 
 
@@ -1113,6 +1120,7 @@ def train(args: Args, d: fsdp.Dist):
         s = train_step(model, ae, opt, batches, step, args, d)
         if s is None:  # some rank ran out of data: ranks step together, so all stop here
             log(out_of_data(step, loader, batches + ahead[0], d))
+            log(loader.log_line())  # rank 0's shards: skips, cuts and the images its resize treated badly
             saver.save(step, data_state, again=False)
             break
         sched.step()
