@@ -1257,7 +1257,7 @@ class ShardStream:
                     # as many records as the source has and none fits: an endless run would spin here
                     if self.notes[i]["too_long"] == self.tried[i] >= self.ds.sources[i].n_rows:
                         raise DataError(f"{self.ds.sources[i].name}: none of the {self.tried[i]} records read so "
-                                         f"far fits; the last: {e}") from None
+                                        f"far fits; the last: {e}") from None
                     continue
                 if not self.cfg.skip_bad:
                     raise
