@@ -300,8 +300,8 @@ def test_changed_options_are_named_and_never_called_damage(ckpt, tmp_path, capsy
         assert f"error: {step}: saved by a run with {says}" in err, err
         assert "damaged" not in err + log and "resumed" not in log, err + log
         if flags == nsa:
-            assert (f"export it (python convert_weights.py --model {step} --output-dir DIR) and start a run from that: --model DIR "
-                    f"--attn nsa") in err
+            assert (f"export it (python convert_weights.py --model {step} --output-dir DIR) and start a run "
+                    f"from that: --model DIR --attn nsa") in err
         assert snapshot(out) == before
     monkeypatch.setattr(fsdp, "check_options", lambda *a: None)  # as if args.json did not tell
     with pytest.raises(SystemExit) as e:
