@@ -1,9 +1,12 @@
 """Sequence packing for BAGEL: first-fit packs and the packed batch (DESIGN.md#packing).
 
-The attention-mask predicate of DESIGN.md#mask lives here, once; model.py (sdpa and flex paths) and
-nsa.py both call it, so the three attention backends cannot disagree about who sees whom.
+Who attends to whom (DESIGN.md#mask) is one function, `allowed`: to change who sees what, edit this
+function. Everything else derives from it: `split_table` evaluates it per (query split, key split)
+as none / all / causal, and `attention_layout` turns that table into the sdpa jobs, the flex block
+tables and NSA's key bounds; the flex mask_mod, NSA's masks and `sample_masks` call it per token;
+sample.Context (KV-cached inference) reads the same table. test_rule.py changes the rule and checks
+every backend against a dense softmax under it.
 """
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -13,6 +16,8 @@ import torch
 # split modes, as small ints so the mask predicate is pure tensor algebra (works inside flex's mask_mod)
 CAUSAL, FULL, NOISE = 0, 1, 2
 MODE_IDS = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
+# how a query split sees a key split (`split_table`): not at all, every token, or the keys k <= q
+SEE_NONE, SEE_ALL, SEE_CAUSAL = 0, 1, 2
 
 
 class UserError(Exception):
@@ -47,9 +52,12 @@ def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list
 
 def allowed(q: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, split: torch.Tensor,
             mode: torch.Tensor) -> torch.Tensor:
-    """True where query position q may attend to key position k (DESIGN.md#mask), elementwise.
+    """True where query position q may attend to key position k (DESIGN.md#mask), elementwise: the
+    one place the rule is written (to change who sees what, edit this function).
 
-    q, k: broadcastable index tensors into the per-token layout of `token_layout`.
+    q, k: broadcastable index tensors into the per-token layout of `token_layout`. A new rule may use
+    the tokens' sample, split and mode and their order (q >= k), and must let a split see itself
+    wholly, causally or not at all: what `split_table` can express.
       same sample, and
       (k not later than q, or same split whose mode is full/noise), and
       (k is not in a noise split, unless it is q's own split).
@@ -118,7 +126,6 @@ class Layout:
     mse_idx: list = field(default_factory=list)
     ce_idx: list = field(default_factory=list)
     labels: list = field(default_factory=list)
-    weights: list = field(default_factory=list)
 
 
 def patchify(image: torch.Tensor, p: int) -> torch.Tensor:
@@ -189,7 +196,6 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
         if item.get("special_token_loss"):  # upstream: <|vision_end|> predicts the given label
             out.ce_idx.append(out.n + k + 1)
             out.labels.append(item["special_token_label"])
-            out.weights.append(1.0)
         out.rope += [rope] * (k + 2)
         out.n += k + 2
         return k + 2
@@ -205,15 +211,12 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
             n = len(ids) + 2
             add_text([tok.bos] + ids + [tok.eos], range(n))
             if item["loss"]:
-                # next-token labels inside the item: BOS..last id predict ids..EOS (DESIGN.md#layout);
-                # weight 1/sqrt(len) per item, used only with CE re-weighting (DESIGN.md#losses)
+                # next-token labels inside the item: BOS..last id predict ids..EOS (DESIGN.md#layout)
                 out.ce_idx += list(range(out.n, out.n + n - 1))
                 out.labels += ids + [tok.eos]
-                out.weights += [1.0 / math.sqrt(n - 1)] * (n - 1)
             if item.get("special_token_loss"):  # the item's own <|im_end|> predicts e.g. <|vision_start|>
                 out.ce_idx.append(out.n + n - 1)
                 out.labels.append(item["special_token_label"])
-                out.weights.append(1.0)
             out.rope += list(range(rope, rope + n))
             rope += n
             out.n += n
@@ -265,14 +268,14 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
     if len(timesteps) != n_noisy:
         raise ValueError(f"{len(timesteps)} timesteps given for {n_noisy} noisy images")
     b = {k: [] for k in ("text_ids", "text_idx", "rope", "split_lens", "attn_modes", "vit_idx",
-                         "vit_pos", "vae_idx", "vae_pos", "mse_idx", "ce_idx", "labels", "weights",
-                         "t", "vit_tokens", "vit_lens", "vae_images", "vae_shapes")}
+                         "vit_pos", "vae_idx", "vae_pos", "mse_idx", "ce_idx", "labels", "t", "vit_tokens",
+                         "vit_lens", "vae_images", "vae_shapes")}
     off, ti = 0, 0
     for l in layouts:
         for k in ("text_idx", "vit_idx", "vae_idx", "mse_idx", "ce_idx"):
             b[k] += [i + off for i in getattr(l, k)]
         for k in ("text_ids", "rope", "split_lens", "attn_modes", "vit_pos", "vae_pos", "labels",
-                  "weights", "vit_tokens", "vae_images"):
+                  "vit_tokens", "vae_images"):
             b[k] += getattr(l, k)
         b["vit_lens"] += [len(v) for v in l.vit_tokens]
         for img, noisy in zip(l.vae_images, l.vae_noisy):
@@ -310,7 +313,6 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
         mse_loss_indexes=_long(b["mse_idx"]),
         packed_label_ids=_long(b["labels"]),
         ce_loss_indexes=_long(b["ce_idx"]),
-        ce_loss_weights=torch.tensor(b["weights"], dtype=torch.float32),
         attention_layout=attention_layout([l.n for l in layouts], b["split_lens"], b["attn_modes"], b["vit_lens"]),
     )
 
@@ -362,12 +364,36 @@ class FirstFitPacker:
 FLEX_BLOCK = 128  # tokens per FlexAttention BlockMask tile (flex's default block size)
 
 
+def split_table(split_sample, split_mode) -> np.ndarray:
+    """[S, S] int8: how each query split sees each key split (SEE_NONE / SEE_ALL / SEE_CAUSAL), read
+    off `allowed` on a stand-in pack of two tokens per split with the same sample and mode ids.
+    `split_sample`, `split_mode`: [S] ints per split of the pack. Exact for any rule that, like the
+    default one, depends on the tokens' sample, split and mode and on their order only."""
+    n = len(split_sample)
+    sample = torch.as_tensor(np.asarray(split_sample, dtype=np.int64)).repeat_interleave(2)
+    mode = torch.as_tensor(np.asarray(split_mode, dtype=np.int64)).repeat_interleave(2)
+    split = torch.arange(n).repeat_interleave(2)
+    first = torch.arange(0, 2 * n, 2)  # the first stand-in token of every split
+    see = lambda q, k: allowed(q, k, sample, split, mode).numpy()
+    table = see(first[:, None], first[None, :]).astype(np.int8)  # SEE_ALL or SEE_NONE off the diagonal
+    diag, below, above = table.diagonal().astype(bool), see(first + 1, first), see(first, first + 1)
+    own = np.where(diag & below & above, SEE_ALL, np.where(diag & below, SEE_CAUSAL, SEE_NONE))
+    odd = ~((diag & below) | ~(diag | below | above))  # e.g. only k < q, or only k > q
+    if odd.any():
+        p = int(np.argmax(odd))
+        raise ValueError(f"packing.allowed lets split {p} ({['causal', 'full', 'noise'][split_mode[p]]}) see itself "
+                         f"neither wholly, causally (k <= q) nor not at all: the attention backends cannot express it")
+    np.fill_diagonal(table, own)
+    return table
+
+
 def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
                      vit_seqlens: list[int] = (), block: int = FLEX_BLOCK) -> dict:
     """Everything the attention needs that depends only on the pack's layout, as host data: built on
     the CPU by `collate` (so in the DataLoader worker) and shipped with the batch, so the training
     process does no host work and no host-device sync for it. The model builds it itself
-    for a batch without it (upstream batches, inference).
+    for a batch without it (upstream batches, inference). Every part of it is derived from
+    `split_table`, that is from `allowed`:
 
       sample, split, mode: int64 [Np], per token of the pack padded to a multiple of `block` (the
                   pad is one more causal sample): what the flex mask_mod reads
@@ -375,10 +401,14 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
                   FlexAttention block tables (partial and full tiles of each query-block row), and
                   q_* / full_q_* the same per key-block column (what flex's backward reads)
       sdpa_jobs   one (q0, q1, k0, k1, gathered, causal) per split: its queries see keys [k0, k1) of
-                  the pack, or sdpa_keys[k0:k1] when gathered (earlier noise splits cut out)
+                  the pack, or sdpa_keys[k0:k1] when gathered; causal: they see their own split, the
+                  last keys, causally
       sdpa_keys   int64 [K]: the gathered key positions
       vit_seqlens patches per ViT image (host ints: the ViT attention splits by them)
       start, end  int64 [Np]: per token, its split's first and one-past-last token (for nsa.py)
+      reach       host (int, int) per split: one past the last token of the splits it sees whole (0 if
+                  none), and how it sees itself (SEE_*); for nsa.py's key bounds
+      causal_only True when the rule is plain causal attention within each sample (nsa.py's kernels)
     """
     check_splits(sample_lens, split_lens, attn_modes)
     n = sum(sample_lens)
@@ -399,59 +429,63 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
         raise ValueError("a split crosses a sample boundary: split_lens must subdivide sample_lens")
     total = n + pad
     split_of = np.repeat(np.arange(len(lens)), lens)
+    table = split_table(sample, mode)
+    seen = table != SEE_NONE  # [S, S]
+    own = table.diagonal()
+    if (~seen.any(1)).any():
+        p = int(np.argmax(~seen.any(1)))
+        raise ValueError(f"packing.allowed lets split {p} see no token at all: its attention is undefined")
 
-    # Block tables without looking at tokens x tokens. Query q sees keys [s0, reach(q)] of its sample
-    # (reach = q for causal splits, its split's last token otherwise) minus the noise splits other
-    # than its own. Within a segment (one split cut at block boundaries) that set only grows with q,
-    # so a tile is "any" if the segment's last query sees a key of it and "full" if its first query
-    # sees all of it: two counts per (segment, key block), from a prefix sum of non-noise tokens.
+    # Block tables from the split table, without looking at tokens x tokens: cut the splits at block
+    # boundaries into segments; a (query segment, key segment) pair is full / partial when its splits
+    # see each other wholly, or causally with every / some key at or before a query; a tile is full
+    # when all its pairs are full and partial when any pair is seen.
     nb = total // block
     seg = np.union1d(start, np.arange(0, total, block))  # segment starts, sorted
-    seg_end = np.append(seg[1:], total)
+    seg_last = np.append(seg[1:], total) - 1
     sp = np.searchsorted(start, seg, side="right") - 1
-    s0, a, b, causal, noise = bounds[sample[sp]], start[sp], end[sp], mode[sp] == CAUSAL, mode[sp] == NOISE
-    visible = np.concatenate([[0], np.cumsum(mode[split_of] != NOISE)])  # non-noise tokens before t
-    k0 = np.arange(nb) * block
-
-    def seen(q):  # [segments, nb]: keys of each key block that query q (one per segment) may see
-        reach = np.where(causal, q, b - 1) + 1
-        lo, hi = np.maximum(s0[:, None], k0), np.minimum(reach[:, None], k0 + block)
-        cnt = np.where(hi > lo, visible[np.clip(hi, 0, total)] - visible[np.clip(lo, 0, total)], 0)
-        own = np.minimum(hi, b[:, None]) - np.maximum(lo, a[:, None])  # own noise split: visible
-        return cnt + np.where(noise[:, None], np.maximum(own, 0), 0)
-
-    rows = np.searchsorted(seg, k0)  # first segment of each query block
-    full = np.logical_and.reduceat(seen(seg) == block, rows, axis=0)
-    part = np.logical_or.reduceat(seen(seg_end - 1) > 0, rows, axis=0) & ~full
+    vis = table[sp[:, None], sp[None, :]]  # [G, G]
+    causal = vis == SEE_CAUSAL
+    full = (vis == SEE_ALL) | (causal & (seg_last[None, :] <= seg[:, None]))
+    some = (vis == SEE_ALL) | (causal & (seg[None, :] <= seg_last[:, None]))
+    rows = np.searchsorted(seg, np.arange(nb) * block)  # first segment of each block
+    full = np.logical_and.reduceat(np.logical_and.reduceat(full, rows, axis=0), rows, axis=1)
+    part = np.logical_or.reduceat(np.logical_or.reduceat(some, rows, axis=0), rows, axis=1) & ~full
     tables = {}  # each row's blocks, ascending; the q-side tables (for the backward) are the transposes
     for name, m in (("kv", part), ("full_kv", full), ("q", part.T), ("full_q", full.T)):
         tables[name + "_num_blocks"] = torch.from_numpy(m.sum(1).astype(np.int32))
         tables[name + "_indices"] = torch.from_numpy(np.argsort(~m, axis=1, kind="stable").astype(np.int32))
 
-    # sdpa: one call per split; keys = the sample so far plus the own split, minus earlier noise splits
-    jobs, keys, off, noisy = [], [], 0, []
-    for p in range(len(split_lens)):
-        if p == 0 or sample[p] != sample[p - 1]:
-            noisy = []
-        q0, q1, first, causal = int(start[p]), int(end[p]), int(bounds[sample[p]]), bool(mode[p] == CAUSAL)
-        if noisy:
-            keep = np.ones(q1 - first, dtype=bool)
-            for x, y in noisy:
-                keep[x - first:y - first] = False
-            keys.append(np.flatnonzero(keep) + first)
-            jobs.append((q0, q1, off, off + len(keys[-1]), True, causal))
-            off += len(keys[-1])
-        else:
-            jobs.append((q0, q1, first, q1, False, causal))
-        if mode[p] == NOISE:
-            noisy.append((q0, q1))
+    # sdpa: one call per split over the keys of the splits it sees, its own split last when it sees
+    # itself causally (the lower-right causal mask). One run of splits ending with its own: a slice
+    S = len(split_lens)
+    seen = seen[:S, :S]
+    runs = (seen & ~np.pad(seen, ((0, 0), (1, 0)))[:, :-1]).sum(1)  # contiguous runs of seen splits
+    last = S - 1 - np.argmax(seen[:, ::-1], axis=1)  # last split seen
+    first = np.argmax(seen, axis=1)
+    jobs, keys, off = [], [], 0
+    for p in range(S):
+        c = bool(own[p] == SEE_CAUSAL)
+        if runs[p] == 1 and (not c or last[p] == p):
+            jobs.append((int(start[p]), int(end[p]), int(start[first[p]]), int(end[last[p]]), False, c))
+            continue
+        order = [r for r in np.flatnonzero(seen[p]) if not (c and r == p)] + ([p] if c else [])
+        keys.append(np.concatenate([np.arange(start[r], end[r]) for r in order]))
+        jobs.append((int(start[p]), int(end[p]), off, off + len(keys[-1]), True, c))
+        off += len(keys[-1])
+    # NSA: per split, the keys of the splits it sees whole end at `reach`
+    whole = table[:S, :S] == SEE_ALL
+    reach = np.where(whole.any(1), end[S - 1 - np.argmax(whole[:, ::-1], axis=1)], 0)
+    plain = np.where(sample[:S, None] == sample[None, :S], np.tri(S, k=-1, dtype=np.int8) * SEE_ALL, SEE_NONE)
+    np.fill_diagonal(plain, SEE_CAUSAL)
     # three separate int64 tensors: views into one [3, Np] tensor or int32 break the CPU flex codegen
     per_token = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
                  (("sample", sample[split_of]), ("split", split_of), ("mode", mode[split_of]),
                   ("start", start[split_of]), ("end", end[split_of]))}
     return dict(**per_token, **tables, block=block, sdpa_jobs=jobs,
                 sdpa_keys=torch.from_numpy(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)),
-                vit_seqlens=[int(s) for s in vit_seqlens])
+                vit_seqlens=[int(s) for s in vit_seqlens], reach=[(int(r), int(o)) for r, o in zip(reach, own)],
+                causal_only=bool(np.array_equal(table[:S, :S], plain)))
 
 
 def flex_block_mask(layout: dict, device):
