@@ -364,27 +364,57 @@ class FirstFitPacker:
 FLEX_BLOCK = 128  # tokens per FlexAttention BlockMask tile (flex's default block size)
 
 
-def split_table(split_sample, split_mode) -> np.ndarray:
-    """[S, S] int8: how each query split sees each key split (SEE_NONE / SEE_ALL / SEE_CAUSAL), read
-    off `allowed` on a stand-in pack of two tokens per split with the same sample and mode ids.
-    `split_sample`, `split_mode`: [S] ints per split of the pack. Exact for any rule that, like the
-    default one, depends on the tokens' sample, split and mode and on their order only."""
-    n = len(split_sample)
-    sample = torch.as_tensor(np.asarray(split_sample, dtype=np.int64)).repeat_interleave(2)
-    mode = torch.as_tensor(np.asarray(split_mode, dtype=np.int64)).repeat_interleave(2)
-    split = torch.arange(n).repeat_interleave(2)
-    first = torch.arange(0, 2 * n, 2)  # the first stand-in token of every split
-    see = lambda q, k: allowed(q, k, sample, split, mode).numpy()
-    table = see(first[:, None], first[None, :]).astype(np.int8)  # SEE_ALL or SEE_NONE off the diagonal
-    diag, below, above = table.diagonal().astype(bool), see(first + 1, first), see(first, first + 1)
-    own = np.where(diag & below & above, SEE_ALL, np.where(diag & below, SEE_CAUSAL, SEE_NONE))
-    odd = ~((diag & below) | ~(diag | below | above))  # e.g. only k < q, or only k > q
+def _see(q, k, sample, mode) -> np.ndarray:
+    """`allowed` on a stand-in pack of two tokens per split (split i: tokens 2i, 2i+1), as numpy."""
+    split = torch.arange(len(sample)).repeat_interleave(2)
+    twice = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64)).repeat_interleave(2)
+    return allowed(torch.as_tensor(q), torch.as_tensor(k), twice(sample), split, twice(mode)).numpy()
+
+
+def split_pairs(split_sample, split_mode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How each query split p sees each key split r of its sample: (p, r, how) over all such pairs,
+    sorted by p then r, how in SEE_NONE / SEE_ALL / SEE_CAUSAL. Read off `allowed` on a stand-in
+    pack of two tokens per split with the same sample and mode ids: exact for any rule that, like
+    the default one, looks at the tokens' samples, splits and modes and at their order only.
+    `split_sample`, `split_mode`: [S] ints, the splits of each sample contiguous."""
+    split_sample, split_mode = np.asarray(split_sample, dtype=np.int64), np.asarray(split_mode, dtype=np.int64)
+    # samples never see each other: check the rule on two samples holding a split of every mode
+    probe = np.arange(12)
+    cross = _see(probe[:, None], probe[None, :], [0, 0, 0, 1, 1, 1], [CAUSAL, FULL, NOISE] * 2)
+    if cross[:6, 6:].any() or cross[6:, :6].any():
+        raise ValueError("packing.allowed lets a sample see another sample of its pack: packing assumes they never do")
+    first = np.flatnonzero(np.r_[True, split_sample[1:] != split_sample[:-1]])  # first split of each sample
+    count = np.diff(np.r_[first, len(split_sample)])
+    per = np.repeat(count, count)  # per query split: the splits of its sample
+    p = np.repeat(np.arange(len(split_sample)), per)
+    r = np.repeat(np.repeat(first, count), per) + np.arange(len(p)) - np.repeat(np.cumsum(per) - per, per)
+    how = _see(2 * p, 2 * r, split_sample, split_mode).astype(np.int8)  # SEE_ALL or SEE_NONE off the diagonal
+    own = p == r
+    s = np.arange(len(split_sample))
+    diag, below, above = how[own].astype(bool), _see(2 * s + 1, 2 * s, split_sample, split_mode), _see(2 * s, 2 * s + 1, split_sample, split_mode)
+    odd = ~((diag & below) | ~(diag | below | above))  # only k < q, or only k > q, ...
     if odd.any():
-        p = int(np.argmax(odd))
-        raise ValueError(f"packing.allowed lets split {p} ({['causal', 'full', 'noise'][split_mode[p]]}) see itself "
-                         f"neither wholly, causally (k <= q) nor not at all: the attention backends cannot express it")
-    np.fill_diagonal(table, own)
+        i = int(np.argmax(odd))
+        raise ValueError(f"packing.allowed lets split {i} ({list(MODE_IDS)[split_mode[i]]}) see itself neither wholly, "
+                         "causally (k <= q) nor not at all: the attention backends cannot express that")
+    how[own] = np.where(above, SEE_ALL, np.where(diag, SEE_CAUSAL, SEE_NONE))
+    return p, r, how
+
+
+def split_table(split_sample, split_mode) -> np.ndarray:
+    """`split_pairs` as a dense [S, S] int8 table (SEE_NONE across samples)."""
+    p, r, how = split_pairs(split_sample, split_mode)
+    table = np.zeros((len(split_sample),) * 2, dtype=np.int8)
+    table[p, r] = how
     return table
+
+
+def _causal_pairs(q0, q1, k0, k1):
+    """Number of (q, k) with q in [q0, q1), k in [k0, k1), k <= q (elementwise over arrays)."""
+    n = k1 - k0
+    # sum over q of clip(q + 1 - k0, 0, n) = F(q1 - k0) - F(q0 - k0), F(x) = sum of clip(y, 0, n), y = 1..x
+    f = lambda x: np.where(x <= n, np.maximum(x, 0) * (np.maximum(x, 0) + 1) // 2, n * (n + 1) // 2 + (x - n) * n)
+    return f(q1 - k0) - f(q0 - k0)
 
 
 def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
@@ -392,8 +422,8 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
     """Everything the attention needs that depends only on the pack's layout, as host data: built on
     the CPU by `collate` (so in the DataLoader worker) and shipped with the batch, so the training
     process does no host work and no host-device sync for it. The model builds it itself
-    for a batch without it (upstream batches, inference). Every part of it is derived from
-    `split_table`, that is from `allowed`:
+    for a batch without it (upstream batches, inference). Every part is derived from `split_pairs`,
+    that is from `allowed`:
 
       sample, split, mode: int64 [Np], per token of the pack padded to a multiple of `block` (the
                   pad is one more causal sample): what the flex mask_mod reads
@@ -407,7 +437,7 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
       vit_seqlens patches per ViT image (host ints: the ViT attention splits by them)
       start, end  int64 [Np]: per token, its split's first and one-past-last token (for nsa.py)
       reach       host (int, int) per split: one past the last token of the splits it sees whole (0 if
-                  none), and how it sees itself (SEE_*); for nsa.py's key bounds
+                  none), and how it sees itself (SEE_*); nsa.py's key bounds
       causal_only True when the rule is plain causal attention within each sample (nsa.py's kernels)
     """
     check_splits(sample_lens, split_lens, attn_modes)
@@ -416,7 +446,7 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
         raise ValueError(f"a pack of zero tokens (sample_lens {list(sample_lens)}): nothing to attend over "
                          "(flex cannot run on it); build packs from at least one sample")
     pad = -n % block
-    # the split table, pad included: start, end, mode and sample start of every split
+    # the split table, pad included: start, end, mode and sample of every split
     lens = np.array(list(split_lens) + ([pad] if pad else []), dtype=np.int64)
     mode = np.array([MODE_IDS[m] for m in attn_modes] + [CAUSAL] * (pad > 0), dtype=np.int64)
     bounds = np.cumsum([0] + list(sample_lens) + ([pad] if pad else []))
@@ -427,65 +457,65 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
         raise ValueError(f"split_lens has an empty split at index {int(np.argmax(lens <= 0))}")
     if not np.array_equal(sample, np.searchsorted(bounds, end - 1, side="right") - 1):
         raise ValueError("a split crosses a sample boundary: split_lens must subdivide sample_lens")
-    total = n + pad
+    total, S = n + pad, len(split_lens)
     split_of = np.repeat(np.arange(len(lens)), lens)
-    table = split_table(sample, mode)
-    seen = table != SEE_NONE  # [S, S]
-    own = table.diagonal()
-    if (~seen.any(1)).any():
-        p = int(np.argmax(~seen.any(1)))
-        raise ValueError(f"packing.allowed lets split {p} see no token at all: its attention is undefined")
+    p, r, how = split_pairs(sample, mode)
+    rows = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # each query split's first pair
+    stop = np.r_[rows[1:], len(p)]
+    seen = how != SEE_NONE
+    if not np.logical_or.reduceat(seen, rows).all():
+        i = int(np.argmin(np.logical_or.reduceat(seen, rows)))
+        raise ValueError(f"packing.allowed lets split {i} see no token at all: its attention is undefined")
 
-    # Block tables from the split table, without looking at tokens x tokens: cut the splits at block
-    # boundaries into segments; a (query segment, key segment) pair is full / partial when its splits
-    # see each other wholly, or causally with every / some key at or before a query; a tile is full
-    # when all its pairs are full and partial when any pair is seen.
+    # Block tables: each seen (query split, key split) pair covers a rectangle of (query, key) token
+    # pairs (its lower triangle when causal), and the rectangles do not overlap, so a tile is full
+    # when their areas inside it add up to block x block and partial when they add up to more than 0
     nb = total // block
-    seg = np.union1d(start, np.arange(0, total, block))  # segment starts, sorted
-    seg_last = np.append(seg[1:], total) - 1
-    sp = np.searchsorted(start, seg, side="right") - 1
-    vis = table[sp[:, None], sp[None, :]]  # [G, G]
-    causal = vis == SEE_CAUSAL
-    full = (vis == SEE_ALL) | (causal & (seg_last[None, :] <= seg[:, None]))
-    some = (vis == SEE_ALL) | (causal & (seg[None, :] <= seg_last[:, None]))
-    rows = np.searchsorted(seg, np.arange(nb) * block)  # first segment of each block
-    full = np.logical_and.reduceat(np.logical_and.reduceat(full, rows, axis=0), rows, axis=1)
-    part = np.logical_or.reduceat(np.logical_or.reduceat(some, rows, axis=0), rows, axis=1) & ~full
+    sp, sr, causal = p[seen], r[seen], how[seen] == SEE_CAUSAL
+    qb0, qb1 = start[sp] // block, (end[sp] - 1) // block + 1  # the query blocks of each rectangle
+    kb0, kb1 = start[sr] // block, (end[sr] - 1) // block + 1
+    tiles = (qb1 - qb0) * (kb1 - kb0)
+    i = np.repeat(np.arange(len(sp)), tiles)  # one row per (rectangle, tile it touches)
+    j = np.arange(len(i)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    qb, kb = qb0[i] + j // (kb1 - kb0)[i], kb0[i] + j % (kb1 - kb0)[i]
+    q0, q1 = np.maximum(start[sp][i], qb * block), np.minimum(end[sp][i], qb * block + block)
+    k0, k1 = np.maximum(start[sr][i], kb * block), np.minimum(end[sr][i], kb * block + block)
+    area = np.where(causal[i], _causal_pairs(q0, q1, k0, k1), (q1 - q0) * (k1 - k0))
+    area = np.bincount(qb * nb + kb, weights=area, minlength=nb * nb).reshape(nb, nb)
+    full, part = area == block * block, (area > 0) & (area < block * block)
     tables = {}  # each row's blocks, ascending; the q-side tables (for the backward) are the transposes
     for name, m in (("kv", part), ("full_kv", full), ("q", part.T), ("full_q", full.T)):
         tables[name + "_num_blocks"] = torch.from_numpy(m.sum(1).astype(np.int32))
         tables[name + "_indices"] = torch.from_numpy(np.argsort(~m, axis=1, kind="stable").astype(np.int32))
 
     # sdpa: one call per split over the keys of the splits it sees, its own split last when it sees
-    # itself causally (the lower-right causal mask). One run of splits ending with its own: a slice
-    S = len(split_lens)
-    seen = seen[:S, :S]
-    runs = (seen & ~np.pad(seen, ((0, 0), (1, 0)))[:, :-1]).sum(1)  # contiguous runs of seen splits
-    last = S - 1 - np.argmax(seen[:, ::-1], axis=1)  # last split seen
-    first = np.argmax(seen, axis=1)
+    # itself causally (the lower-right causal mask); keys that are one run of splits are a slice
+    own = how[p == r][:S]
+    big = np.iinfo(np.int64).max
+    lo = np.minimum.reduceat(np.where(seen, r, big), rows)[:S]
+    hi = np.maximum.reduceat(np.where(seen, r, -1), rows)[:S]
+    one_run = np.add.reduceat(seen, rows)[:S] == hi - lo + 1
     jobs, keys, off = [], [], 0
-    for p in range(S):
-        c = bool(own[p] == SEE_CAUSAL)
-        if runs[p] == 1 and (not c or last[p] == p):
-            jobs.append((int(start[p]), int(end[p]), int(start[first[p]]), int(end[last[p]]), False, c))
+    for q in range(S):
+        c = bool(own[q] == SEE_CAUSAL)
+        if one_run[q] and (not c or hi[q] == q):
+            jobs.append((int(start[q]), int(end[q]), int(start[lo[q]]), int(end[hi[q]]), False, c))
             continue
-        order = [r for r in np.flatnonzero(seen[p]) if not (c and r == p)] + ([p] if c else [])
-        keys.append(np.concatenate([np.arange(start[r], end[r]) for r in order]))
-        jobs.append((int(start[p]), int(end[p]), off, off + len(keys[-1]), True, c))
+        order = [x for x in r[rows[q]:stop[q]][seen[rows[q]:stop[q]]] if not (c and x == q)] + ([q] if c else [])
+        keys.append(np.concatenate([np.arange(start[x], end[x]) for x in order]))
+        jobs.append((int(start[q]), int(end[q]), off, off + len(keys[-1]), True, c))
         off += len(keys[-1])
-    # NSA: per split, the keys of the splits it sees whole end at `reach`
-    whole = table[:S, :S] == SEE_ALL
-    reach = np.where(whole.any(1), end[S - 1 - np.argmax(whole[:, ::-1], axis=1)], 0)
-    plain = np.where(sample[:S, None] == sample[None, :S], np.tri(S, k=-1, dtype=np.int8) * SEE_ALL, SEE_NONE)
-    np.fill_diagonal(plain, SEE_CAUSAL)
+    # NSA: the splits each query split sees whole end at `reach`
+    reach = np.maximum.reduceat(np.where(how == SEE_ALL, end[r], 0), rows)[:S]
+    plain = np.where(r < p, SEE_ALL, np.where(r == p, SEE_CAUSAL, SEE_NONE))
     # three separate int64 tensors: views into one [3, Np] tensor or int32 break the CPU flex codegen
     per_token = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
                  (("sample", sample[split_of]), ("split", split_of), ("mode", mode[split_of]),
                   ("start", start[split_of]), ("end", end[split_of]))}
     return dict(**per_token, **tables, block=block, sdpa_jobs=jobs,
                 sdpa_keys=torch.from_numpy(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)),
-                vit_seqlens=[int(s) for s in vit_seqlens], reach=[(int(r), int(o)) for r, o in zip(reach, own)],
-                causal_only=bool(np.array_equal(table[:S, :S], plain)))
+                vit_seqlens=[int(s) for s in vit_seqlens], reach=[(int(x), int(o)) for x, o in zip(reach, own)],
+                causal_only=bool(np.array_equal(how[p < S], plain[p < S])))
 
 
 def flex_block_mask(layout: dict, device):
