@@ -388,11 +388,11 @@ def split_pairs(split_sample, split_mode) -> tuple[np.ndarray, np.ndarray, np.nd
     per = np.repeat(count, count)  # per query split: the splits of its sample
     p = np.repeat(np.arange(len(split_sample)), per)
     r = np.repeat(np.repeat(first, count), per) + np.arange(len(p)) - np.repeat(np.cumsum(per) - per, per)
-    how = _see(2 * p, 2 * r, split_sample, split_mode).astype(np.int8)  # SEE_ALL or SEE_NONE off the diagonal
-    own = p == r
-    s = np.arange(len(split_sample))
-    diag, below, above = how[own].astype(bool), _see(2 * s + 1, 2 * s, split_sample, split_mode), _see(2 * s, 2 * s + 1, split_sample, split_mode)
-    odd = ~((diag & below) | ~(diag | below | above))  # only k < q, or only k > q, ...
+    see = lambda q, k: _see(q, k, split_sample, split_mode)
+    how = see(2 * p, 2 * r).astype(np.int8)  # SEE_ALL or SEE_NONE between two splits
+    own, s = p == r, 2 * np.arange(len(split_sample))
+    diag, below, above = how[own].astype(bool), see(s + 1, s), see(s, s + 1)  # a split and itself
+    odd = ~((diag & below) | ~(diag | below | above))  # e.g. only k < q, or only k > q
     if odd.any():
         i = int(np.argmax(odd))
         raise ValueError(f"packing.allowed lets split {i} ({list(MODE_IDS)[split_mode[i]]}) see itself neither wholly, "

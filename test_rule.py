@@ -2,6 +2,7 @@
 sdpa, flex (block tables and the compiled forward), NSA and the KV-cached inference Context are
 checked against a dense softmax whose mask is the rule itself, evaluated token by token."""
 import math
+import random
 
 import pytest
 import torch
@@ -117,3 +118,48 @@ def test_inference_context_follows_the_rule(monkeypatch):
     ctx.add_text([70, 71])
     with pytest.raises(ValueError, match="KV cache"):
         ctx.add_vit_image(patches, ids)
+
+
+def random_pack(rng):
+    sample_lens, split_lens, modes = [], [], []
+    for _ in range(rng.randint(1, 4)):
+        lens = [rng.randint(1, 30) for _ in range(rng.randint(1, 4))]
+        sample_lens.append(sum(lens))
+        split_lens += lens
+        modes += [rng.choice(["causal", "full", "noise"]) for _ in lens]
+    return sample_lens, split_lens, modes
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_layout_follows_the_rule_on_random_packs(rule, monkeypatch):
+    """The structures of `attention_layout` equal the rule token by token on random packs (all modes,
+    several samples, blocks that cut splits anywhere): flex tiles are full / partial where the rule
+    allows every / some pair, each sdpa job's keys are what its queries may see, and NSA's key bound
+    is one past the last key a query (or one before it in its sample: chunks need a bound that only
+    grows) may see."""
+    monkeypatch.setattr(packing, "allowed", RULES[rule])
+    rng = random.Random(1)
+    for _ in range(20):
+        sl, spl, modes = random_pack(rng)
+        n, block = sum(sl), rng.choice([4, 8, 16])
+        lay = packing.attention_layout(sl, spl, modes, block=block)
+        i = torch.arange(n)
+        mask = packing.allowed(i[:, None], i[None, :], *packing.token_layout(sl, spl, modes))
+        pad = -n % block
+        tiles = torch.block_diag(mask, torch.ones(pad, pad, dtype=torch.bool).tril()).view((n + pad) // block, block, -1, block)
+        full, some = tiles.all(3).all(1), tiles.any(3).any(1)
+        for name, ref in (("full_kv", full), ("kv", some & ~full)):
+            got = torch.zeros_like(ref)
+            for row in range(len(ref)):
+                got[row, lay[name + "_indices"][row, :lay[name + "_num_blocks"][row]].long()] = True
+            assert torch.equal(got, ref), (rule, sl, spl, modes, block, name)
+        for q0, q1, k0, k1, gathered, causal in lay["sdpa_jobs"]:
+            keys = lay["sdpa_keys"][k0:k1] if gathered else torch.arange(k0, k1)
+            lk = len(keys)
+            sub = torch.ones(q1 - q0, lk, dtype=torch.bool).tril(lk - (q1 - q0)) if causal else torch.ones(q1 - q0, lk, dtype=torch.bool)
+            want = torch.zeros(q1 - q0, n, dtype=torch.bool)
+            want[:, keys] = sub
+            assert torch.equal(want, mask[q0:q1]), (rule, sl, spl, modes, q0)
+        reach = [nsa.plan(sl, spl, modes, layout=lay).reach(t)[0] for t in range(n)]
+        last = (n - mask.flip(1).int().argmax(1)).split(sl)  # one past the last key each query sees
+        assert reach == torch.cat([x.cummax(0).values for x in last]).tolist(), (rule, sl, spl, modes)
