@@ -1,11 +1,11 @@
 """Sequence packing for BAGEL: first-fit packs and the packed batch (DESIGN.md#packing).
 
 Who attends to whom (DESIGN.md#mask) is one function, `allowed`: to change who sees what, edit this
-function. Everything else derives from it: `split_table` evaluates it per (query split, key split)
-as none / all / causal, and `attention_layout` turns that table into the sdpa jobs, the flex block
+function. Everything else derives from it: `split_pairs` evaluates it per (query split, key split)
+as none / all / causal, and `attention_layout` turns those pairs into the sdpa jobs, the flex block
 tables and NSA's key bounds; the flex mask_mod, NSA's masks and `sample_masks` call it per token;
-sample.Context (KV-cached inference) reads the same table. test_rule.py changes the rule and checks
-every backend against a dense softmax under it.
+sample.Context (KV-cached inference) reads the same pairs (`split_table`). test_rule.py changes the
+rule and checks every backend against a dense softmax under it.
 """
 import random
 from dataclasses import dataclass, field
@@ -16,7 +16,7 @@ import torch
 # split modes, as small ints so the mask predicate is pure tensor algebra (works inside flex's mask_mod)
 CAUSAL, FULL, NOISE = 0, 1, 2
 MODE_IDS = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
-# how a query split sees a key split (`split_table`): not at all, every token, or the keys k <= q
+# how a query split sees a key split (`split_pairs`): not at all, every token, or the keys k <= q
 SEE_NONE, SEE_ALL, SEE_CAUSAL = 0, 1, 2
 
 
@@ -52,15 +52,16 @@ def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list
 
 def allowed(q: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, split: torch.Tensor,
             mode: torch.Tensor) -> torch.Tensor:
-    """True where query position q may attend to key position k (DESIGN.md#mask), elementwise: the
-    one place the rule is written (to change who sees what, edit this function).
+    """True where query position q may attend to key position k (DESIGN.md#mask), elementwise.
+    The one place the rule is written: to change who sees what, edit this function.
 
-    q, k: broadcastable index tensors into the per-token layout of `token_layout`. A new rule may use
-    the tokens' sample, split and mode and their order (q >= k), and must let a split see itself
-    wholly, causally or not at all: what `split_table` can express.
       same sample, and
       (k not later than q, or same split whose mode is full/noise), and
       (k is not in a noise split, unless it is q's own split).
+
+    q, k: broadcastable index tensors into the per-token layout of `token_layout`. A changed rule may
+    look at the tokens' samples, splits and modes and at their order (q >= k), must keep samples
+    apart, and must let a split see itself wholly, causally or not at all (what `split_pairs` reads).
     """
     same_split = split[q] == split[k]
     return ((sample[q] == sample[k])
