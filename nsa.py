@@ -21,8 +21,9 @@ allowed, blocks without an allowed token are never selected, and selected tokens
        nothing but its own image only fill slots left once every other block is taken.
 
 The pure-PyTorch path runs on any device, one chunk of queries at a time and recomputed in the
-backward (checkpoint), so memory is O(tokens), never tokens x tokens. On CUDA, all-causal packs go
-to the library's Triton ops when it is importable; everything else falls back, logging why.
+backward (checkpoint), so memory is O(tokens), never tokens x tokens. On CUDA, packs whose mask is
+plain causal attention per sample (`attention_layout`'s causal_only) go to the library's Triton ops
+when it is importable; everything else falls back, logging why.
 `python bench.py --what nsa` measures one attention against dense sdpa.
 """
 import bisect
