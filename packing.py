@@ -470,17 +470,21 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
 
     # Block tables: each seen (query split, key split) pair covers a rectangle of (query, key) token
     # pairs (its lower triangle when causal), and the rectangles do not overlap, so a tile is full
-    # when their areas inside it add up to block x block and partial when they add up to more than 0
+    # when their areas inside it add up to block x block and partial when they add up to more than 0.
+    # A query split's wholly seen key splits that follow each other make one rectangle.
     nb = total // block
     sp, sr, causal = p[seen], r[seen], how[seen] == SEE_CAUSAL
+    joins = np.r_[False, (sp[1:] == sp[:-1]) & (sr[1:] == sr[:-1] + 1) & ~causal[1:] & ~causal[:-1]]
+    head, tail = np.flatnonzero(~joins), np.r_[np.flatnonzero(~joins)[1:], len(sp)] - 1
+    sp, a, b, causal = sp[head], start[sr[head]], end[sr[tail]], causal[head]  # keys [a, b)
     qb0, qb1 = start[sp] // block, (end[sp] - 1) // block + 1  # the query blocks of each rectangle
-    kb0, kb1 = start[sr] // block, (end[sr] - 1) // block + 1
+    kb0, kb1 = a // block, (b - 1) // block + 1
     tiles = (qb1 - qb0) * (kb1 - kb0)
     i = np.repeat(np.arange(len(sp)), tiles)  # one row per (rectangle, tile it touches)
     j = np.arange(len(i)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
     qb, kb = qb0[i] + j // (kb1 - kb0)[i], kb0[i] + j % (kb1 - kb0)[i]
     q0, q1 = np.maximum(start[sp][i], qb * block), np.minimum(end[sp][i], qb * block + block)
-    k0, k1 = np.maximum(start[sr][i], kb * block), np.minimum(end[sr][i], kb * block + block)
+    k0, k1 = np.maximum(a[i], kb * block), np.minimum(b[i], kb * block + block)
     area = np.where(causal[i], _causal_pairs(q0, q1, k0, k1), (q1 - q0) * (k1 - k0))
     area = np.bincount(qb * nb + kb, weights=area, minlength=nb * nb).reshape(nb, nb)
     full, part = area == block * block, (area > 0) & (area < block * block)
