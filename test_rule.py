@@ -163,3 +163,13 @@ def test_layout_follows_the_rule_on_random_packs(rule, monkeypatch):
         reach = [nsa.plan(sl, spl, modes, layout=lay).reach(t)[0] for t in range(n)]
         last = (n - mask.flip(1).int().argmax(1)).split(sl)  # one past the last key each query sees
         assert reach == torch.cat([x.cummax(0).values for x in last]).tolist(), (rule, sl, spl, modes)
+
+
+def test_rules_the_backends_cannot_express_are_clear_errors(monkeypatch):
+    sl, spl, modes = PACK
+    monkeypatch.setattr(packing, "allowed", lambda q, k, sample, split, mode: (sample[q] == sample[k]) & (q > k))
+    with pytest.raises(ValueError, match=r"split 0 \(causal\) see itself neither wholly, causally"):
+        packing.attention_layout(sl, spl, modes)
+    monkeypatch.setattr(packing, "allowed", lambda q, k, sample, split, mode: q >= k)
+    with pytest.raises(ValueError, match="lets a sample see another sample"):
+        packing.attention_layout(sl, spl, modes)
