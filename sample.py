@@ -48,12 +48,14 @@ class Context:
         self.splits: list[tuple[int, str]] = []  # (length, attn mode) of the cached blocks
         self.dev = model.language_model.lm_head.weight.device
 
-    def run(self, seq, pos, gen_rows, mode: str, update: bool = True):
+    def run(self, seq, pos, gen_rows, mode: str, update: bool = True, extend: bool = False):
         """Run block `seq` [n, hidden] after the cache as one more split of mode "causal" | "full" |
-        "noise" (a target being generated); it sees the cached splits and itself as `packing.allowed`
-        says. `gen_rows`: rows routed to the generation expert. Returns normed hidden [n, hidden]."""
-        new = []
-        splits = self.splits + [(seq.shape[0], mode)]
+        "noise" (a target being generated), or with `extend` as the continuation of the last cached
+        split (a decoded token: the answer is one split, as in the packed sample); it sees the cached
+        splits and itself as `packing.allowed` says. `gen_rows`: rows routed to the generation
+        expert. Returns normed hidden [n, hidden]."""
+        new, size = [], seq.shape[0]
+        splits = self.splits[:-1] + [(self.splits[-1][0] + size, mode)] if extend else self.splits + [(size, mode)]
         lens, modes = [n for n, _ in splits], [m for _, m in splits]
         table = packing.split_table([0] * len(splits), [packing.MODE_IDS[m] for m in modes])
         if table[:-1, -1].any():
@@ -142,8 +144,8 @@ def generate_text(ctx: Context, max_new_tokens: int = 64, temperature: float = 0
     <|im_end|>. The answer is appended to the context, so a conversation can go on."""
     m, tok, out = ctx.model, ctx.tokens, []
     cur = tok["bos"]
-    for _ in range(max_new_tokens):
-        h = ctx.run(ctx._embed([cur]), torch.tensor([ctx.rope], device=ctx.dev), [], "causal")
+    for i in range(max_new_tokens):
+        h = ctx.run(ctx._embed([cur]), torch.tensor([ctx.rope], device=ctx.dev), [], "causal", extend=i > 0)
         logits = m.language_model.lm_head(h[-1]).float()
         ctx.rope += 1
         if temperature > 0:

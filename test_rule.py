@@ -12,8 +12,8 @@ import packing
 from model import packed_attention, plan_attention
 from nsa import NSAConfig, NSAInputs
 from packing import CAUSAL, FULL, NOISE
-from sample import Context
-from test_smoke import TOKENS, patchify_image, tiny_bagel
+from sample import Context, generate_text
+from test_smoke import TOKENS, hidden, patchify_image, tiny_bagel
 
 BASE = packing.allowed
 # who sees whom, changed in ways a researcher would try (each on top of the default rule)
@@ -28,6 +28,9 @@ RULES = {
     # images attend in raster order inside themselves, not bidirectionally
     "causal_images": lambda q, k, sample, split, mode: BASE(q, k, sample, split, mode) & (q >= k),
 }
+# text sees the images of its sample and its own item, not earlier text (only for the decoding test)
+TEXT_BLIND_TO_EARLIER_TEXT = lambda q, k, sample, split, mode: \
+    BASE(q, k, sample, split, mode) & ~((mode[q] == CAUSAL) & (mode[k] == CAUSAL) & (split[q] != split[k]))
 # an edit sample (prompt, clean VAE source, ViT source, instruction, noisy target, clean copy, text),
 # a T2I sample (caption, noisy target) and an understanding sample (ViT image, question, answer)
 PACK = ([64, 29, 33], [7, 10, 9, 6, 12, 12, 8, 9, 20, 14, 11, 8],
@@ -173,3 +176,30 @@ def test_rules_the_backends_cannot_express_are_clear_errors(monkeypatch):
     monkeypatch.setattr(packing, "allowed", lambda q, k, sample, split, mode: q >= k)
     with pytest.raises(ValueError, match="lets a sample see another sample"):
         packing.attention_layout(sl, spl, modes)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rule", ["default", "text_blind_to_earlier_text"])
+def test_kv_cache_decoding_follows_the_rule(rule, monkeypatch):
+    """Greedy decoding after [ViT image, question] equals the packed forward over the same sample
+    under the rule; the answer is one split there, so the decoded tokens must extend one split in
+    the cache too (else, under this rule, each would be blind to the ones before it)."""
+    if rule != "default":
+        monkeypatch.setattr(packing, "allowed", TEXT_BLIND_TO_EARLIER_TEXT)
+    model = tiny_bagel()
+    img = torch.rand(3, 56, 42, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    patches, ids = patchify_image(img), torch.tensor(packing.grid_ids(4, 3, 8))
+    ctx = Context(model, TOKENS)
+    ctx.add_vit_image(patches, ids)
+    ctx.add_text([70, 71, 72, 73])
+    answer = generate_text(ctx, max_new_tokens=6)
+    n = 14 + 6 + 1 + len(answer)
+    text = [TOKENS["vision_start"], TOKENS["vision_end"], TOKENS["bos"], 70, 71, 72, 73, TOKENS["eos"], TOKENS["bos"], *answer]
+    batch = {"sequence_length": n, "sample_lens": [n], "split_lens": [14, 6, 1 + len(answer)],
+             "attn_modes": ["full", "causal", "causal"], "packed_text_ids": torch.tensor(text),
+             "packed_text_indexes": torch.tensor([0, 13] + list(range(14, n))),
+             "packed_position_ids": torch.tensor([0] * 14 + list(range(1, n - 13))),
+             "packed_vit_tokens": patches, "packed_vit_token_indexes": torch.arange(1, 13),
+             "packed_vit_position_ids": ids, "vit_token_seqlens": torch.tensor([12])}
+    greedy = model.language_model.lm_head(hidden(model, batch)[20:]).argmax(-1).tolist()
+    assert len(answer) >= 3 and greedy[:len(answer)] == answer
