@@ -192,9 +192,9 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype):
 class AttnPlan:
     """How to attend over one pack; built once per forward (not per layer) by `plan_attention`.
 
-    sdpa: one SDPA call per split. Queries of split s see the non-noise tokens of earlier splits of
-    their sample plus their own split (causally if `causal`): exactly the DESIGN.md#mask predicate, with no mask
-    tensor at all except the lazy lower-right causal bias. flex: one BlockMask over the padded pack.
+    sdpa: one SDPA call per split over the keys `packing.attention_layout` derives from the rule
+    (`packing.allowed`), its own split last and causal if `causal`: no mask tensor at all except the
+    lazy lower-right causal bias. flex: one BlockMask over the padded pack.
     """
     kind: str
     jobs: list = field(default_factory=list)  # sdpa: (q_start, q_end, keys: slice | LongTensor, causal)

@@ -15,14 +15,15 @@ allowed, blocks without an allowed token are never selected, and selected tokens
        images before it), in both directions inside its image;
   swa  its whole image plus the `window_size` tokens before the image's first token (an image has
        no order: every token of it gets the same context), so the window is dense attention within
-       the image;
+       the image (any query also sees, in its window, the later tokens a changed rule allows);
   slc  init and local blocks as text, then its free slots on the best-scored blocks outside its
        image (the prompt, a source image), since swa already covers the image; blocks holding
        nothing but its own image only fill slots left once every other block is taken.
 
 The pure-PyTorch path runs on any device, one chunk of queries at a time and recomputed in the
-backward (checkpoint), so memory is O(tokens), never tokens x tokens. On CUDA, all-causal packs go
-to the library's Triton ops when it is importable; everything else falls back, logging why.
+backward (checkpoint), so memory is O(tokens), never tokens x tokens. On CUDA, packs whose mask is
+plain causal attention per sample (`attention_layout`'s causal_only) go to the library's Triton ops
+when it is importable; everything else falls back, logging why.
 `python bench.py --what nsa` measures one attention against dense sdpa.
 """
 import bisect
@@ -149,27 +150,37 @@ class Layout:
     mode: torch.Tensor
     start: torch.Tensor  # [Np] first token of the token's split
     end: torch.Tensor  # [Np] one past its last token
-    splits: list  # host: (first token, one past the last, image?) of every split, in pack order
-    all_causal: bool
+    image: torch.Tensor  # [Np] bool: the token's split sees itself whole (no order: an image)
+    splits: list  # host, per split in pack order: (first token, one past the last, image?, reach, causal?)
+    all_causal: bool  # the rule is plain causal attention within each sample: the kernels' mask
 
     def reach(self, t: int) -> tuple[int, int]:
         """Host ints for token t: one past the last key it may see, and the last token of its sliding
-        window. Both only grow along a sample (an image's end is at most the next split's start), so
-        a chunk of queries t0..t1-1 reaches keys up to reach(t1 - 1) and windows from reach(t0)."""
-        a, b, image = self.splits[bisect.bisect_right(self.splits, (t, math.inf)) - 1]
-        return (b, a) if image else (t + 1, t)
+        window. Both only grow along a sample (reach is a running maximum, an image's start is at
+        most the next split's), so a chunk of queries t0..t1-1 reaches keys up to reach(t1 - 1) and
+        windows from reach(t0)."""
+        a, b, image, reach, causal = self.splits[bisect.bisect_right(self.splits, (t, math.inf)) - 1]
+        return (max(reach, t + 1) if causal else reach), (a if image else t)
 
 
 def plan(sample_lens: list[int], split_lens: list[int], attn_modes: list[str], device=None,
          layout: dict | None = None) -> Layout:
     """From the batch's `packing.attention_layout` (built by the data workers), or built here on the
-    host: device tensors are copied in, every size stays a host int, nothing is read back."""
+    host: device tensors are copied in, every size stays a host int, nothing is read back. Key
+    bounds come from the layout's `reach`, that is from `packing.allowed`."""
     lay = layout or packing.attention_layout(sample_lens, split_lens, attn_modes)
     to = lambda k: lay[k].to(device, non_blocking=True)
-    ends = itertools.accumulate(split_lens)
-    splits = [(e - n, e, m != "causal") for n, e, m in zip(split_lens, ends, attn_modes)]
-    return Layout(list(itertools.accumulate(sample_lens, initial=0)), *map(to, ("sample", "split", "mode", "start", "end")),
-                  splits, all(m == "causal" for m in attn_modes))
+    bounds, splits, reach = list(itertools.accumulate(sample_lens, initial=0)), [], 0
+    firsts = set(bounds)
+    for (r, own), e, n in zip(lay["reach"], itertools.accumulate(split_lens), split_lens):
+        if e - n in firsts:  # a new sample: the running maximum restarts
+            reach = 0
+        reach = max(reach, r)
+        splits.append((e - n, e, own == packing.SEE_ALL, reach, own == packing.SEE_CAUSAL))
+    image = torch.tensor([own == packing.SEE_ALL for _, own in lay["reach"]] + [False], dtype=torch.bool)
+    return Layout(bounds, *map(to, ("sample", "split", "mode", "start", "end")),
+                  image[torch.clamp(lay["split"], max=len(split_lens))].to(device, non_blocking=True),
+                  splits, lay["causal_only"])
 
 
 def _rotate(x, cos, sin):
@@ -220,10 +231,10 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int, lo: int, hi: int):
     K, S, B, w = c.kernel_size, c.kernel_stride, c.block_size, c.window_size
     nb = -(-L // B)
     tl = t - s0
-    img = lay.mode[t] != packing.CAUSAL
+    img = lay.image[t]
     start, end = lay.start[t] - s0, lay.end[t] - s0
-    # `allowed` needs k <= q or the same split, so no key past hi can be allowed to these rows:
-    # evaluate it on [0, hi) only (half the work on causal text) and only score windows inside it
+    # no key at or past hi is allowed to these rows (the layout's reach, from the rule): evaluate
+    # `allowed` on [0, hi) only (half the work on causal text) and only score windows inside it
     r = torch.arange(hi, device=t.device)
     ok = packing.allowed(t[:, None], s0 + r[None], lay.sample, lay.split, lay.mode)  # [C, hi]
     m_in = min(M, (hi - K) // S + 1 if hi >= K else 0)  # windows that end before hi
@@ -264,8 +275,8 @@ def _select(qc, ck, t, s0, s1, lay, c: NSAConfig, k_eff: int, lo: int, hi: int):
     # swa: the last w+1 allowed tokens; an image query counts them from its image's first token (the
     # same context for every token of an order-free image) and also sees all of its image, as dense BAGEL
     anchor = torch.where(img, start, tl)[:, None]
-    near = (r[lo:] >= anchor - w) & (r[lo:] <= anchor)
-    return idx, Masks(vis, slc, lo, hi, ok[:, lo:] & (near | mine[:, lo:]))
+    near = r[lo:] >= anchor - w  # and after the anchor whatever `ok` allows (BAGEL: the own image only)
+    return idx, Masks(vis, slc, lo, hi, ok[:, lo:] & near)
 
 
 def _branches(qc, gc, ck, cv, ks, vs, m: Masks):
@@ -330,7 +341,7 @@ def attention(lay: Layout, q, k, v, x: NSAInputs, q_start: int = 0, return_idx: 
             ck = _rotate(ck, x.cos[first], x.sin[first])
         # rows per chunk: keep the largest temporary in budget: the slc mask (bool, over at most the
         # whole sample), the cmp probabilities, the window (an image query's spans its whole image)
-        span = max([b - a for a, b, image in lay.splits if image and s0 <= a < s1], default=0)
+        span = max([b - a for a, b, image, *_ in lay.splits if image and s0 <= a < s1], default=0)
         per_row = max(hq * L // 4, 2 * hq * ck.shape[0], hq * (c.window_size + span + 64))
         rows = max(8, min(256, CHUNK_ELEMS // per_row))
         for t0 in range(max(s0, q_start), s1, rows):
@@ -384,7 +395,7 @@ def _library_attention(lay: Layout, q, k, v, x: NSAInputs):
     (and one log line) otherwise."""
     c, lib = x.params.config, _library()
     reason = (lib if isinstance(lib, str) else
-              "the pack has full/noise splits, which the kernels' causal masks cannot express" if not lay.all_causal else
+              "the pack's mask is not plain causal (full/noise splits), which the kernels cannot express" if not lay.all_causal else
               f"dtype {q.dtype} (kernels need fp16/bf16)" if q.dtype not in (torch.float16, torch.bfloat16) else
               f"kernel_size {c.kernel_size} not in 16/32/64/128" if c.kernel_size not in (16, 32, 64, 128) else
               f"block_size {c.block_size} not in 32/64/128/256" if c.block_size not in (32, 64, 128, 256) else

@@ -1,9 +1,12 @@
 """Sequence packing for BAGEL: first-fit packs and the packed batch (DESIGN.md#packing).
 
-The attention-mask predicate of DESIGN.md#mask lives here, once; model.py (sdpa and flex paths) and
-nsa.py both call it, so the three attention backends cannot disagree about who sees whom.
+Who attends to whom (DESIGN.md#mask) is one function, `allowed`: to change who sees what, edit this
+function. Everything else derives from it: `split_pairs` evaluates it per (query split, key split)
+as none / all / causal, and `attention_layout` turns those pairs into the sdpa jobs, the flex block
+tables and NSA's key bounds; the flex mask_mod, NSA's masks and `sample_masks` call it per token;
+sample.Context (KV-cached inference) reads the same pairs (`split_table`). test_rule.py changes the
+rule and checks every backend against a dense softmax under it.
 """
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -13,6 +16,8 @@ import torch
 # split modes, as small ints so the mask predicate is pure tensor algebra (works inside flex's mask_mod)
 CAUSAL, FULL, NOISE = 0, 1, 2
 MODE_IDS = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
+# how a query split sees a key split (`split_pairs`): not at all, every token, or the keys k <= q
+SEE_NONE, SEE_ALL, SEE_CAUSAL = 0, 1, 2
 
 
 class UserError(Exception):
@@ -48,11 +53,15 @@ def token_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list
 def allowed(q: torch.Tensor, k: torch.Tensor, sample: torch.Tensor, split: torch.Tensor,
             mode: torch.Tensor) -> torch.Tensor:
     """True where query position q may attend to key position k (DESIGN.md#mask), elementwise.
+    The one place the rule is written: to change who sees what, edit this function.
 
-    q, k: broadcastable index tensors into the per-token layout of `token_layout`.
       same sample, and
       (k not later than q, or same split whose mode is full/noise), and
       (k is not in a noise split, unless it is q's own split).
+
+    q, k: broadcastable index tensors into the per-token layout of `token_layout`. A changed rule may
+    look at the tokens' samples, splits and modes and at their order (q >= k), must keep samples
+    apart, and must let a split see itself wholly, causally or not at all (what `split_pairs` reads).
     """
     same_split = split[q] == split[k]
     return ((sample[q] == sample[k])
@@ -118,7 +127,6 @@ class Layout:
     mse_idx: list = field(default_factory=list)
     ce_idx: list = field(default_factory=list)
     labels: list = field(default_factory=list)
-    weights: list = field(default_factory=list)
 
 
 def patchify(image: torch.Tensor, p: int) -> torch.Tensor:
@@ -189,7 +197,6 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
         if item.get("special_token_loss"):  # upstream: <|vision_end|> predicts the given label
             out.ce_idx.append(out.n + k + 1)
             out.labels.append(item["special_token_label"])
-            out.weights.append(1.0)
         out.rope += [rope] * (k + 2)
         out.n += k + 2
         return k + 2
@@ -205,15 +212,12 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
             n = len(ids) + 2
             add_text([tok.bos] + ids + [tok.eos], range(n))
             if item["loss"]:
-                # next-token labels inside the item: BOS..last id predict ids..EOS (DESIGN.md#layout);
-                # weight 1/sqrt(len) per item, used only with CE re-weighting (DESIGN.md#losses)
+                # next-token labels inside the item: BOS..last id predict ids..EOS (DESIGN.md#layout)
                 out.ce_idx += list(range(out.n, out.n + n - 1))
                 out.labels += ids + [tok.eos]
-                out.weights += [1.0 / math.sqrt(n - 1)] * (n - 1)
             if item.get("special_token_loss"):  # the item's own <|im_end|> predicts e.g. <|vision_start|>
                 out.ce_idx.append(out.n + n - 1)
                 out.labels.append(item["special_token_label"])
-                out.weights.append(1.0)
             out.rope += list(range(rope, rope + n))
             rope += n
             out.n += n
@@ -265,14 +269,14 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
     if len(timesteps) != n_noisy:
         raise ValueError(f"{len(timesteps)} timesteps given for {n_noisy} noisy images")
     b = {k: [] for k in ("text_ids", "text_idx", "rope", "split_lens", "attn_modes", "vit_idx",
-                         "vit_pos", "vae_idx", "vae_pos", "mse_idx", "ce_idx", "labels", "weights",
-                         "t", "vit_tokens", "vit_lens", "vae_images", "vae_shapes")}
+                         "vit_pos", "vae_idx", "vae_pos", "mse_idx", "ce_idx", "labels", "t", "vit_tokens",
+                         "vit_lens", "vae_images", "vae_shapes")}
     off, ti = 0, 0
     for l in layouts:
         for k in ("text_idx", "vit_idx", "vae_idx", "mse_idx", "ce_idx"):
             b[k] += [i + off for i in getattr(l, k)]
         for k in ("text_ids", "rope", "split_lens", "attn_modes", "vit_pos", "vae_pos", "labels",
-                  "weights", "vit_tokens", "vae_images"):
+                  "vit_tokens", "vae_images"):
             b[k] += getattr(l, k)
         b["vit_lens"] += [len(v) for v in l.vit_tokens]
         for img, noisy in zip(l.vae_images, l.vae_noisy):
@@ -310,7 +314,6 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
         mse_loss_indexes=_long(b["mse_idx"]),
         packed_label_ids=_long(b["labels"]),
         ce_loss_indexes=_long(b["ce_idx"]),
-        ce_loss_weights=torch.tensor(b["weights"], dtype=torch.float32),
         attention_layout=attention_layout([l.n for l in layouts], b["split_lens"], b["attn_modes"], b["vit_lens"]),
     )
 
@@ -362,12 +365,66 @@ class FirstFitPacker:
 FLEX_BLOCK = 128  # tokens per FlexAttention BlockMask tile (flex's default block size)
 
 
+def _see(q, k, sample, mode) -> np.ndarray:
+    """`allowed` on a stand-in pack of two tokens per split (split i: tokens 2i, 2i+1), as numpy."""
+    split = torch.arange(len(sample)).repeat_interleave(2)
+    twice = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64)).repeat_interleave(2)
+    return allowed(torch.as_tensor(q), torch.as_tensor(k), twice(sample), split, twice(mode)).numpy()
+
+
+def split_pairs(split_sample, split_mode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How each query split p sees each key split r of its sample: (p, r, how) over all such pairs,
+    sorted by p then r, how in SEE_NONE / SEE_ALL / SEE_CAUSAL. Read off `allowed` on a stand-in
+    pack of two tokens per split with the same sample and mode ids: exact for any rule that, like
+    the default one, looks at the tokens' samples, splits and modes and at their order only.
+    `split_sample`, `split_mode`: [S] ints, the splits of each sample contiguous."""
+    split_sample, split_mode = np.asarray(split_sample, dtype=np.int64), np.asarray(split_mode, dtype=np.int64)
+    # samples never see each other: check the rule on two samples holding a split of every mode
+    probe = np.arange(12)
+    cross = _see(probe[:, None], probe[None, :], [0, 0, 0, 1, 1, 1], [CAUSAL, FULL, NOISE] * 2)
+    if cross[:6, 6:].any() or cross[6:, :6].any():
+        raise ValueError("packing.allowed lets a sample see another sample of its pack: packing assumes they never do")
+    first = np.flatnonzero(np.r_[True, split_sample[1:] != split_sample[:-1]])  # first split of each sample
+    count = np.diff(np.r_[first, len(split_sample)])
+    per = np.repeat(count, count)  # per query split: the splits of its sample
+    p = np.repeat(np.arange(len(split_sample)), per)
+    r = np.repeat(np.repeat(first, count), per) + np.arange(len(p)) - np.repeat(np.cumsum(per) - per, per)
+    see = lambda q, k: _see(q, k, split_sample, split_mode)
+    how = see(2 * p, 2 * r).astype(np.int8)  # SEE_ALL or SEE_NONE between two splits
+    own, s = p == r, 2 * np.arange(len(split_sample))
+    diag, below, above = how[own].astype(bool), see(s + 1, s), see(s, s + 1)  # a split and itself
+    odd = ~((diag & below) | ~(diag | below | above))  # e.g. only k < q, or only k > q
+    if odd.any():
+        i = int(np.argmax(odd))
+        raise ValueError(f"packing.allowed lets split {i} ({list(MODE_IDS)[split_mode[i]]}) see itself neither wholly, "
+                         "causally (k <= q) nor not at all: the attention backends cannot express that")
+    how[own] = np.where(above, SEE_ALL, np.where(diag, SEE_CAUSAL, SEE_NONE))
+    return p, r, how
+
+
+def split_table(split_sample, split_mode) -> np.ndarray:
+    """`split_pairs` as a dense [S, S] int8 table (SEE_NONE across samples)."""
+    p, r, how = split_pairs(split_sample, split_mode)
+    table = np.zeros((len(split_sample),) * 2, dtype=np.int8)
+    table[p, r] = how
+    return table
+
+
+def _causal_pairs(q0, q1, k0, k1):
+    """Number of (q, k) with q in [q0, q1), k in [k0, k1), k <= q (elementwise over arrays)."""
+    n = k1 - k0
+    # sum over q of clip(q + 1 - k0, 0, n) = F(q1 - k0) - F(q0 - k0), F(x) = sum of clip(y, 0, n), y = 1..x
+    f = lambda x: np.where(x <= n, np.maximum(x, 0) * (np.maximum(x, 0) + 1) // 2, n * (n + 1) // 2 + (x - n) * n)
+    return f(q1 - k0) - f(q0 - k0)
+
+
 def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
                      vit_seqlens: list[int] = (), block: int = FLEX_BLOCK) -> dict:
     """Everything the attention needs that depends only on the pack's layout, as host data: built on
     the CPU by `collate` (so in the DataLoader worker) and shipped with the batch, so the training
     process does no host work and no host-device sync for it. The model builds it itself
-    for a batch without it (upstream batches, inference).
+    for a batch without it (upstream batches, inference). Every part is derived from `split_pairs`,
+    that is from `allowed`:
 
       sample, split, mode: int64 [Np], per token of the pack padded to a multiple of `block` (the
                   pad is one more causal sample): what the flex mask_mod reads
@@ -375,10 +432,14 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
                   FlexAttention block tables (partial and full tiles of each query-block row), and
                   q_* / full_q_* the same per key-block column (what flex's backward reads)
       sdpa_jobs   one (q0, q1, k0, k1, gathered, causal) per split: its queries see keys [k0, k1) of
-                  the pack, or sdpa_keys[k0:k1] when gathered (earlier noise splits cut out)
+                  the pack, or sdpa_keys[k0:k1] when gathered; causal: they see their own split, the
+                  last keys, causally
       sdpa_keys   int64 [K]: the gathered key positions
       vit_seqlens patches per ViT image (host ints: the ViT attention splits by them)
       start, end  int64 [Np]: per token, its split's first and one-past-last token (for nsa.py)
+      reach       host (int, int) per split: one past the last token of the splits it sees whole (0 if
+                  none), and how it sees itself (SEE_*); nsa.py's key bounds
+      causal_only True when the rule is plain causal attention within each sample (nsa.py's kernels)
     """
     check_splits(sample_lens, split_lens, attn_modes)
     n = sum(sample_lens)
@@ -386,7 +447,7 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
         raise ValueError(f"a pack of zero tokens (sample_lens {list(sample_lens)}): nothing to attend over "
                          "(flex cannot run on it); build packs from at least one sample")
     pad = -n % block
-    # the split table, pad included: start, end, mode and sample start of every split
+    # the split table, pad included: start, end, mode and sample of every split
     lens = np.array(list(split_lens) + ([pad] if pad else []), dtype=np.int64)
     mode = np.array([MODE_IDS[m] for m in attn_modes] + [CAUSAL] * (pad > 0), dtype=np.int64)
     bounds = np.cumsum([0] + list(sample_lens) + ([pad] if pad else []))
@@ -397,61 +458,69 @@ def attention_layout(sample_lens: list[int], split_lens: list[int], attn_modes: 
         raise ValueError(f"split_lens has an empty split at index {int(np.argmax(lens <= 0))}")
     if not np.array_equal(sample, np.searchsorted(bounds, end - 1, side="right") - 1):
         raise ValueError("a split crosses a sample boundary: split_lens must subdivide sample_lens")
-    total = n + pad
+    total, S = n + pad, len(split_lens)
     split_of = np.repeat(np.arange(len(lens)), lens)
+    p, r, how = split_pairs(sample, mode)
+    rows = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # each query split's first pair
+    stop = np.r_[rows[1:], len(p)]
+    seen = how != SEE_NONE
+    if not np.logical_or.reduceat(seen, rows).all():
+        i = int(np.argmin(np.logical_or.reduceat(seen, rows)))
+        raise ValueError(f"packing.allowed lets split {i} see no token at all: its attention is undefined")
 
-    # Block tables without looking at tokens x tokens. Query q sees keys [s0, reach(q)] of its sample
-    # (reach = q for causal splits, its split's last token otherwise) minus the noise splits other
-    # than its own. Within a segment (one split cut at block boundaries) that set only grows with q,
-    # so a tile is "any" if the segment's last query sees a key of it and "full" if its first query
-    # sees all of it: two counts per (segment, key block), from a prefix sum of non-noise tokens.
+    # Block tables: each seen (query split, key split) pair covers a rectangle of (query, key) token
+    # pairs (its lower triangle when causal), and the rectangles do not overlap, so a tile is full
+    # when their areas inside it add up to block x block and partial when they add up to more than 0.
+    # A query split's wholly seen key splits that follow each other make one rectangle.
     nb = total // block
-    seg = np.union1d(start, np.arange(0, total, block))  # segment starts, sorted
-    seg_end = np.append(seg[1:], total)
-    sp = np.searchsorted(start, seg, side="right") - 1
-    s0, a, b, causal, noise = bounds[sample[sp]], start[sp], end[sp], mode[sp] == CAUSAL, mode[sp] == NOISE
-    visible = np.concatenate([[0], np.cumsum(mode[split_of] != NOISE)])  # non-noise tokens before t
-    k0 = np.arange(nb) * block
-
-    def seen(q):  # [segments, nb]: keys of each key block that query q (one per segment) may see
-        reach = np.where(causal, q, b - 1) + 1
-        lo, hi = np.maximum(s0[:, None], k0), np.minimum(reach[:, None], k0 + block)
-        cnt = np.where(hi > lo, visible[np.clip(hi, 0, total)] - visible[np.clip(lo, 0, total)], 0)
-        own = np.minimum(hi, b[:, None]) - np.maximum(lo, a[:, None])  # own noise split: visible
-        return cnt + np.where(noise[:, None], np.maximum(own, 0), 0)
-
-    rows = np.searchsorted(seg, k0)  # first segment of each query block
-    full = np.logical_and.reduceat(seen(seg) == block, rows, axis=0)
-    part = np.logical_or.reduceat(seen(seg_end - 1) > 0, rows, axis=0) & ~full
+    sp, sr, causal = p[seen], r[seen], how[seen] == SEE_CAUSAL
+    joins = np.r_[False, (sp[1:] == sp[:-1]) & (sr[1:] == sr[:-1] + 1) & ~causal[1:] & ~causal[:-1]]
+    head, tail = np.flatnonzero(~joins), np.r_[np.flatnonzero(~joins)[1:], len(sp)] - 1
+    sp, a, b, causal = sp[head], start[sr[head]], end[sr[tail]], causal[head]  # keys [a, b)
+    qb0, qb1 = start[sp] // block, (end[sp] - 1) // block + 1  # the query blocks of each rectangle
+    kb0, kb1 = a // block, (b - 1) // block + 1
+    tiles = (qb1 - qb0) * (kb1 - kb0)
+    i = np.repeat(np.arange(len(sp)), tiles)  # one row per (rectangle, tile it touches)
+    j = np.arange(len(i)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    qb, kb = qb0[i] + j // (kb1 - kb0)[i], kb0[i] + j % (kb1 - kb0)[i]
+    q0, q1 = np.maximum(start[sp][i], qb * block), np.minimum(end[sp][i], qb * block + block)
+    k0, k1 = np.maximum(a[i], kb * block), np.minimum(b[i], kb * block + block)
+    area = np.where(causal[i], _causal_pairs(q0, q1, k0, k1), (q1 - q0) * (k1 - k0))
+    area = np.bincount(qb * nb + kb, weights=area, minlength=nb * nb).reshape(nb, nb)
+    full, part = area == block * block, (area > 0) & (area < block * block)
     tables = {}  # each row's blocks, ascending; the q-side tables (for the backward) are the transposes
     for name, m in (("kv", part), ("full_kv", full), ("q", part.T), ("full_q", full.T)):
         tables[name + "_num_blocks"] = torch.from_numpy(m.sum(1).astype(np.int32))
         tables[name + "_indices"] = torch.from_numpy(np.argsort(~m, axis=1, kind="stable").astype(np.int32))
 
-    # sdpa: one call per split; keys = the sample so far plus the own split, minus earlier noise splits
-    jobs, keys, off, noisy = [], [], 0, []
-    for p in range(len(split_lens)):
-        if p == 0 or sample[p] != sample[p - 1]:
-            noisy = []
-        q0, q1, first, causal = int(start[p]), int(end[p]), int(bounds[sample[p]]), bool(mode[p] == CAUSAL)
-        if noisy:
-            keep = np.ones(q1 - first, dtype=bool)
-            for x, y in noisy:
-                keep[x - first:y - first] = False
-            keys.append(np.flatnonzero(keep) + first)
-            jobs.append((q0, q1, off, off + len(keys[-1]), True, causal))
-            off += len(keys[-1])
-        else:
-            jobs.append((q0, q1, first, q1, False, causal))
-        if mode[p] == NOISE:
-            noisy.append((q0, q1))
+    # sdpa: one call per split over the keys of the splits it sees, its own split last when it sees
+    # itself causally (the lower-right causal mask); keys that are one run of splits are a slice
+    own = how[p == r][:S]
+    big = np.iinfo(np.int64).max
+    lo = np.minimum.reduceat(np.where(seen, r, big), rows)[:S]
+    hi = np.maximum.reduceat(np.where(seen, r, -1), rows)[:S]
+    one_run = np.add.reduceat(seen, rows)[:S] == hi - lo + 1
+    jobs, keys, off = [], [], 0
+    for q in range(S):
+        c = bool(own[q] == SEE_CAUSAL)
+        if one_run[q] and (not c or hi[q] == q):
+            jobs.append((int(start[q]), int(end[q]), int(start[lo[q]]), int(end[hi[q]]), False, c))
+            continue
+        order = [x for x in r[rows[q]:stop[q]][seen[rows[q]:stop[q]]] if not (c and x == q)] + ([q] if c else [])
+        keys.append(np.concatenate([np.arange(start[x], end[x]) for x in order]))
+        jobs.append((int(start[q]), int(end[q]), off, off + len(keys[-1]), True, c))
+        off += len(keys[-1])
+    # NSA: the splits each query split sees whole end at `reach`
+    reach = np.maximum.reduceat(np.where(how == SEE_ALL, end[r], 0), rows)[:S]
+    plain = np.where(r < p, SEE_ALL, np.where(r == p, SEE_CAUSAL, SEE_NONE))
     # three separate int64 tensors: views into one [3, Np] tensor or int32 break the CPU flex codegen
     per_token = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
                  (("sample", sample[split_of]), ("split", split_of), ("mode", mode[split_of]),
                   ("start", start[split_of]), ("end", end[split_of]))}
     return dict(**per_token, **tables, block=block, sdpa_jobs=jobs,
                 sdpa_keys=torch.from_numpy(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)),
-                vit_seqlens=[int(s) for s in vit_seqlens])
+                vit_seqlens=[int(s) for s in vit_seqlens], reach=[(int(x), int(o)) for x, o in zip(reach, own)],
+                causal_only=bool(np.array_equal(how[p < S], plain[p < S])))
 
 
 def flex_block_mask(layout: dict, device):

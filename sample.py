@@ -46,16 +46,27 @@ class Context:
         self.model, self.tokens = model, tokens
         self.kv: list = [None] * model.config.llm.num_hidden_layers
         self.rope = 0  # next RoPE id (DESIGN.md#inference)
-        self.splits: list[tuple[int, str]] = []  # (length, "causal" | "full") of the cached blocks (NSA's mask)
+        self.splits: list[tuple[int, str]] = []  # (length, attn mode) of the cached blocks
         self.dev = model.language_model.lm_head.weight.device
 
-    def run(self, seq, pos, gen_rows, causal: bool, update: bool = True):
-        """Run block `seq` [n, hidden] after the cache; it sees all of the cache and itself (causally
-        or fully). `gen_rows`: rows routed to the generation expert. Returns normed hidden [n, hidden]."""
-        new = []
-        splits = self.splits + [(seq.shape[0], "causal" if causal else "full")]
+    def run(self, seq, pos, gen_rows, mode: str, update: bool = True, extend: bool = False):
+        """Run block `seq` [n, hidden] after the cache as one more split of mode "causal" | "full" |
+        "noise" (a target being generated), or with `extend` as the continuation of the last cached
+        split (a decoded token: the answer is one split, as in the packed sample); it sees the cached
+        splits and itself as `packing.allowed` says. `gen_rows`: rows routed to the generation
+        expert. Returns normed hidden [n, hidden]."""
+        new, size = [], seq.shape[0]
+        splits = self.splits[:-1] + [(self.splits[-1][0] + size, mode)] if extend else self.splits + [(size, mode)]
+        lens, modes = [n for n, _ in splits], [m for _, m in splits]
+        table = packing.split_table([0] * len(splits), [packing.MODE_IDS[m] for m in modes])
+        if table[:-1, -1].any():
+            raise ValueError(f"packing.allowed lets earlier splits see a later one ({mode}): a KV cache cannot "
+                             "hold that context; run it as one packed forward")
+        # the keys of the splits the block sees (None: all), its own last (the lower-right causal mask)
+        seen, causal = table[-1] != packing.SEE_NONE, table[-1, -1] == packing.SEE_CAUSAL
+        sel = None if seen.all() else torch.cat([torch.arange(e - n, e) for n, e, s in zip(lens, np.cumsum(lens), seen)
+                                                 if s]).to(self.dev)
         if self.model.config.nsa is not None:  # NSA's plan of the context: once per block, not per layer
-            lens, modes = [n for n, _ in splits], [m for _, m in splits]
             lay = nsa.plan([sum(lens)], lens, modes, self.dev)
 
         def attend(i, q, k, v, extra=None):
@@ -66,6 +77,8 @@ class Context:
             k, v = cur[:2]
             if extra is not None:  # the training NSA over the whole context, this block's queries
                 return nsa.attend_context(q, cur, extra, lay)
+            if sel is not None:
+                k, v = k[sel], v[sel]
             mask = causal_lower_right(q.shape[0], k.shape[0]) if causal and q.shape[0] > 1 else None
             qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
             return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
@@ -92,7 +105,7 @@ class Context:
     def add_text(self, ids: list[int]):
         """`<|im_start|> text <|im_end|>`, causal, consecutive RoPE ids."""
         ids = [self.tokens["bos"]] + list(ids) + [self.tokens["eos"]]
-        self.run(self._embed(ids), torch.arange(self.rope, self.rope + len(ids), device=self.dev), [], causal=True)
+        self.run(self._embed(ids), torch.arange(self.rope, self.rope + len(ids), device=self.dev), [], "causal")
         self.rope += len(ids)
 
     @torch.no_grad()
@@ -103,7 +116,7 @@ class Context:
         x = m.vit_model.vision_model(patches.to(self.dev, dtype), pos_ids.to(self.dev), [patches.shape[0]])
         x = m.connector(x) + m.vit_pos_embed(pos_ids.to(self.dev)).to(dtype)
         seq = torch.cat([self._embed([t["vision_start"]]), x, self._embed([t["vision_end"]])])
-        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), [], causal=False)
+        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), [], "full")
         self.rope += 1  # one RoPE id per image, markers included (DESIGN.md#positions)
 
     def _latent_block(self, x, t, h: int, w: int):
@@ -121,7 +134,7 @@ class Context:
         p = self.model.config.latent_patch_size
         h, w = latent.shape[1] // p, latent.shape[2] // p
         seq = self._latent_block(patchify_latent(latent.to(self.dev), h, w, p), 0.0, h, w)
-        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), list(range(1, h * w + 1)), causal=False)
+        self.run(seq, torch.full((seq.shape[0],), self.rope, device=self.dev), list(range(1, h * w + 1)), "full")
         self.rope += 1
 
 
@@ -132,8 +145,8 @@ def generate_text(ctx: Context, max_new_tokens: int = 64, temperature: float = 0
     <|im_end|>. The answer is appended to the context, so a conversation can go on."""
     m, tok, out = ctx.model, ctx.tokens, []
     cur = tok["bos"]
-    for _ in range(max_new_tokens):
-        h = ctx.run(ctx._embed([cur]), torch.tensor([ctx.rope], device=ctx.dev), [], causal=True)
+    for i in range(max_new_tokens):
+        h = ctx.run(ctx._embed([cur]), torch.tensor([ctx.rope], device=ctx.dev), [], "causal", extend=i > 0)
         logits = m.language_model.lm_head(h[-1]).float()
         ctx.rope += 1
         if temperature > 0:
@@ -176,7 +189,7 @@ def generate_image(ctx: Context, cfg_ctx: Context | None, height: int, width: in
 
     def velocity(cx, t):
         pos_c = torch.full((h * w + 2,), cx.rope, device=ctx.dev)  # the image takes the next RoPE id
-        hid = cx.run(cx._latent_block(x, t, h, w), pos_c, gen_rows, causal=False, update=False)
+        hid = cx.run(cx._latent_block(x, t, h, w), pos_c, gen_rows, "noise", update=False)
         return m.llm2vae(hid[1:-1]).float()
 
     def renorm(v, ref, per_token: bool):

@@ -609,7 +609,7 @@ def test_kv_cache_inference_uses_the_same_nsa_as_training():
     again = Context(model, TOKENS)
     again.add_vit_image(patches, ids)
     again.add_text(question)
-    step = again.run(again._embed([TOKENS["bos"]]), torch.tensor([again.rope]), [], causal=True)
+    step = again.run(again._embed([TOKENS["bos"]]), torch.tensor([again.rope]), [], "causal")
     torch.testing.assert_close(step[0], h[23], rtol=1e-5, atol=1e-5)
 
 

@@ -609,7 +609,7 @@ def test_guidance_matches_the_reference_formula(renorm, s_txt, s_img, interval):
     x = torch.randn(4, TINY.latent_channels, generator=torch.Generator().manual_seed(3))  # the draw at t = 1; dt = 1
 
     def vel(c):
-        hid = c.run(c._latent_block(x, 1.0, 2, 2), torch.full((6,), c.rope), [1, 2, 3, 4], causal=False, update=False)
+        hid = c.run(c._latent_block(x, 1.0, 2, 2), torch.full((6,), c.rope), [1, 2, 3, 4], "noise", update=False)
         return model.llm2vae(hid[1:-1]).float()
 
     with torch.no_grad():
