@@ -700,14 +700,13 @@ def data_files(path: str) -> list[str]:
 class Source:
     """One entry of the mixture: some files, a weight, and the folder relative image paths are in.
 
-    Sharding is by whole units, so a shard reads only its own units, each once per epoch. Epoch e
-    shuffles the units with a seed of (seed, source, e) and deals them to the n shards in turn:
-    shard s reads units s, s+n, s+2n, ... of that order, one after the other, each unit's rows in an
-    order shuffled with (seed, source, e, unit). A source with fewer units than shards has each unit
-    cut into k = ceil(shards / units) ranges of that row order, dealt the same way, so that every
-    shard draws from every source and the mixture weights hold; such a unit is read by k shards.
-    A sample is named by the key (source, epoch, unit, place in the unit's row order): it is found
-    again from its key alone, whatever the shard.
+    Epoch e shuffles the units with a seed of (seed, source, e) and lays their rows end to end, each
+    unit's rows in an order shuffled with (seed, source, e, unit). The n shards take consecutive
+    slices of that sequence (`deal`), so a shard reads few units, most of them whole, each shard
+    reads the same number of rows within one, and a unit is cut into row ranges only where a slice
+    ends inside it. The odd rows (rows mod n) go to other shards each epoch, so a source with fewer
+    rows than shards is read by the shards in turn. A sample is named by the key (source, epoch,
+    unit, place in the unit's row order): it is found again from its key alone, whatever the shard.
     """
 
     def __init__(self, name: str, files: list[str], weight: float, folder: str | None, index: int,
@@ -728,11 +727,8 @@ class Source:
 
     def plan(self, epoch: int, shard: int, n_shards: int) -> list[tuple[int, int, int]]:
         """The (unit, start, end) ranges of the unit row orders that `shard` reads in `epoch`."""
-        k = -(-n_shards // len(self.units))
         order = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.units))
-        ranges = [(int(u), n * j // k, n * (j + 1) // k) for u in order
-                  for n in [self.units[u][2]] for j in range(k)]
-        return [r for r in ranges[shard::n_shards] if r[2] > r[1]]
+        return deal([(int(u), 0, self.units[u][2]) for u in order], shard, n_shards, epoch)
 
     def read(self, key: tuple[int, int, int, int]) -> tuple[str, str, Any]:
         _, epoch, u, place = key
@@ -744,6 +740,24 @@ class Source:
             self._unit = (u, self.files[fi].load(ui))
         where, rec = self.files[fi].record(self._unit[1], ui, int(self._order[1][place]))
         return where, self.folders[fi], rec
+
+
+def deal(ranges: list, shard: int, n_shards: int, turn: int = 0) -> list[tuple[int, int, int]]:
+    """Shard `shard`'s slice of the rows of `ranges` ((unit, start, end), in reading order): shard s
+    takes floor((turn*N + N + s) / n) - floor((turn*N + s) / n) of the N rows, so every shard gets
+    N // n or N // n + 1 and, over turns 0, 1, 2, ... (epochs), the odd rows go round all shards:
+    after any number of turns no shard has read more than one row more than another."""
+    sizes = np.array([b - a for _, a, b in ranges], dtype=np.int64)
+    n_rows, base = int(sizes.sum()), turn * int(sizes.sum())
+    t = np.arange(n_shards, dtype=np.int64)
+    counts = (base + n_rows + t) // n_shards - (base + t) // n_shards  # rows of each shard ...
+    lo, hi = int(counts[:shard].sum()), int(counts[:shard + 1].sum())  # ... and this one's slice
+    out, pos = [], 0
+    for (u, a, b), n in zip(ranges, sizes.tolist()):
+        if pos < hi and pos + n > lo:
+            out.append((int(u), a + max(lo - pos, 0), a + min(hi - pos, n)))
+        pos += n
+    return out
 
 
 def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Source]:
@@ -834,7 +848,9 @@ class ShardStream:
         return self._plan[i][1]
 
     def ready(self, i: int) -> bool:
-        """Move source i's position to its next row; False when it has none left for this shard."""
+        """Move source i's position to its next row; False when it has none left for this shard.
+        An epoch in which this shard reads no row of the source (fewer rows than shards) is passed
+        over: the next epoch deals the odd rows to other shards."""
         while self.cfg.epochs is None or self.pos[i][0] < self.cfg.epochs:
             epoch, j, place = self.pos[i]
             plan = self.plan(i)
@@ -842,8 +858,6 @@ class ShardStream:
                 return True
             if j + 1 < len(plan):
                 self.pos[i] = [epoch, j + 1, 0]
-            elif not plan and self.plans[i] is None:  # fewer rows than shards: none ever for this one
-                return False
             else:
                 self.pos[i], self.plans[i] = [epoch + 1, 0, 0], None
         return False
@@ -938,10 +952,9 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.rotate, self.resume = 0, {}
         n_shards = world_size * max(cfg.num_workers, 1)
         for src in self.sources:
-            if len(src.units) < n_shards and rank == 0:
-                print(f"data: {src.name} has {len(src.units)} read units (row groups, record batches or "
-                      f"{LINES_PER_UNIT}-line blocks) for {n_shards} shards: each unit is cut into "
-                      f"{-(-n_shards // len(src.units))} row ranges read by a shard each", file=sys.stderr)
+            if src.n_rows < n_shards and rank == 0:
+                print(f"data: {src.name} has {src.n_rows} rows for {n_shards} shards (ranks x workers): "
+                      f"each epoch {src.n_rows} of them read one row, in turn", file=sys.stderr)
 
     def stream(self, vshard: int = 0, n_workers: int = 1) -> ShardStream:
         return ShardStream(self, vshard, n_workers, self.resume.get(vshard))
@@ -959,6 +972,11 @@ class PackedDataset(torch.utils.data.IterableDataset):
             if info is None:
                 raise
             yield e  # PackLoader raises it: raised here, the user would get it inside a worker traceback
+
+
+def idle(batch: dict) -> bool:
+    """The pack trains nothing: no CE and no MSE token (PackLoader.padded's packs; no record makes one)."""
+    return len(batch["ce_loss_indexes"]) + len(batch["mse_loss_indexes"]) == 0
 
 
 def _no_collate(x):
@@ -1000,6 +1018,17 @@ class PackLoader:
             self.shards[state["shard"]] = state
             self.consumed += 1
             yield batch
+
+    def padded(self):
+        """Iterate, then yield packs that train nothing (`idle`) for good. Ranks step together, so a
+        rank whose finite data ran out keeps stepping with idle packs while the others train their
+        last packs; the loop stops when every rank's step is idle."""
+        yield from self
+        ds = self.dataset
+        items = [dict(type="text", ids=[ds.specials.eos], loss=0, enable_cfg=0, desc="idle")]
+        while True:
+            yield packing.collate([packing.layout_sample(items, ds.specials, ds.geo)], timesteps=torch.zeros(0),
+                                  geo=ds.geo)
 
     def state_dict(self) -> dict:
         return dict(consumed=self.consumed, num_workers=self.cfg.num_workers,
@@ -1050,7 +1079,7 @@ class PackLoader:
         n_new, first = self.dataset.world_size * nw, self.dataset.rank * nw
         self.consumed = 0
         self.shards = {v: dict(shard=v, draws=0, pos=[[e, 0, 0] for e in epoch],
-                               plans=[rs[first + v::n_new] for rs in left], tried=[0] * len(srcs),
+                               plans=[deal(rs, first + v, n_new) for rs in left], tried=[0] * len(srcs),
                                bad=[0] * len(srcs), packs=0, samples=0, tokens=0, skips={},
                                open=waiting[first + v::n_new]) for v in range(nw)}
 

@@ -502,9 +502,10 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     # one big-batch token mean, whatever the split over ranks and micro-steps (DESIGN.md#losses, bug L1)
     counts = torch.tensor([sum(len(b["ce_loss_indexes"]) for b in batches),
                            sum(len(b["mse_loss_indexes"]) for b in batches),
-                           int(len(batches) < args.optim.grad_accum)], dtype=torch.float64, device=dev)
+                           int(len(batches) < args.optim.grad_accum), int(all(map(data_lib.idle, batches)))],
+                          dtype=torch.float64, device=dev)
     dist.all_reduce(counts)
-    if counts[2] > 0:
+    if counts[2] > 0 or counts[3] == d.world_size:  # no rank has a pack to train (data.PackLoader.padded)
         return None
     n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
     # every micro-batch's copy is queued now (pinned, non-blocking; already done by `take` in train):
@@ -1013,7 +1014,7 @@ def train(args: Args, d: fsdp.Dist):
     metrics = os.path.join(args.output_dir, "metrics.jsonl")
     bar = d.rank == 0 and sys.stdout.isatty()
     peak = peak_flops(d.device)
-    it = iter(loader)
+    it = loader.padded()  # a rank whose data ran out steps along with idle packs
     ahead = take(it, args.optim.grad_accum, loader, d.device)
     # ce, mse, n_ce, n_mse, tokens, flops, data-wait seconds, then MSE sums and counts per t bucket
     window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
@@ -1027,12 +1028,12 @@ def train(args: Args, d: fsdp.Dist):
         ahead = take(it, args.optim.grad_accum, loader, d.device)  # copies overlap this step
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
-        if s is None:  # ranks step together, so the others' rows left (and this step's and the next's packs) go untrained
-            untrained = batches + ahead[0]  # the loader counts the packs taken ahead as consumed
+        if s is None:  # every rank's data ran out (--data.epochs)
+            untrained = [b for b in batches + ahead[0] if not data_lib.idle(b)]  # the loader counts packs taken ahead
             left = torch.tensor(loader.rows_left() + sum(len(b["sample_lens"]) for b in untrained), device=d.device)
             dist.all_reduce(left)
-            log(f"step {step}: the data ran out (--data.epochs); {int(left):,} records that ranks still held "
-                f"are not trained on; saving and stopping")
+            log(f"step {step}: the data ran out (--data.epochs): every rank trained all its records"
+                + (f" but {int(left):,}" if left else "") + "; saving and stopping")
             pending = fsdp.wait_saved(pending, d)  # its meta.json says whether this step is saved
             if not os.path.exists(os.path.join(fsdp.step_dir(args.output_dir, step), "meta.json")):
                 pending = save(args, d, step, model, opt, sched, ema, data_state, args_json, metrics, pending, async_group)
