@@ -722,13 +722,15 @@ class Source:
             raise ValueError(f"{name}: no rows")
         if self.weight <= 0:
             raise ValueError(f"{name}: mixture weight must be > 0, got {weight}")
+        self.dealt = (0, self.n_rows)  # set by find_sources: rows of the sources before it, of all sources
         self._unit: tuple = (None, None)  # (unit, its rows): the one unit this source holds
         self._order: tuple = (None, None)  # ((epoch, unit), row order)
 
     def plan(self, epoch: int, shard: int, n_shards: int) -> list[tuple[int, int, int]]:
         """The (unit, start, end) ranges of the unit row orders that `shard` reads in `epoch`."""
         order = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.units))
-        return deal([(int(u), 0, self.units[u][2]) for u in order], shard, n_shards, epoch)
+        before, total = self.dealt  # rows of the sources before this one, and of all sources
+        return deal([(int(u), 0, self.units[u][2]) for u in order], shard, n_shards, epoch * total + before)
 
     def read(self, key: tuple[int, int, int, int]) -> tuple[str, str, Any]:
         _, epoch, u, place = key
@@ -742,13 +744,13 @@ class Source:
         return where, self.folders[fi], rec
 
 
-def deal(ranges: list, shard: int, n_shards: int, turn: int = 0) -> list[tuple[int, int, int]]:
-    """Shard `shard`'s slice of the rows of `ranges` ((unit, start, end), in reading order): shard s
-    takes floor((turn*N + N + s) / n) - floor((turn*N + s) / n) of the N rows, so every shard gets
-    N // n or N // n + 1 and, over turns 0, 1, 2, ... (epochs), the odd rows go round all shards:
-    after any number of turns no shard has read more than one row more than another."""
+def deal(ranges: list, shard: int, n_shards: int, base: int = 0) -> list[tuple[int, int, int]]:
+    """Shard `shard`'s slice of the N rows of `ranges` ((unit, start, end), in reading order), as if
+    `base` rows had been dealt before: shard s takes floor((base + N + s) / n) - floor((base + s) / n)
+    rows, N // n or N // n + 1. Dealt on from one base to the next (epochs, mixture sources), the odd
+    rows go round all shards, so that no shard ever has more than one row more than another."""
     sizes = np.array([b - a for _, a, b in ranges], dtype=np.int64)
-    n_rows, base = int(sizes.sum()), turn * int(sizes.sum())
+    n_rows = int(sizes.sum())
     t = np.arange(n_shards, dtype=np.int64)
     counts = (base + n_rows + t) // n_shards - (base + t) // n_shards  # rows of each shard ...
     lo, hi = int(counts[:shard].sum()), int(counts[:shard + 1].sum())  # ... and this one's slice
@@ -790,8 +792,11 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
                                 float(e.get("weight", 1.0)) * weight, folder))
         else:
             entries.append((p, p, weight, None))
-    return [Source(name, data_files(path), w, folder, i, seed)
-            for i, (name, path, w, folder) in enumerate(entries)]
+    srcs = [Source(name, data_files(path), w, folder, i, seed) for i, (name, path, w, folder) in enumerate(entries)]
+    starts = np.cumsum([0] + [s.n_rows for s in srcs]).tolist()
+    for s, before in zip(srcs, starts):  # the sources are dealt as one sequence, epoch after epoch
+        s.dealt = (before, starts[-1])
+    return srcs
 
 
 # --------------------------------------------------------------------------------------------------
