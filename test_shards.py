@@ -1,0 +1,141 @@
+"""Sharding over ranks x DataLoader workers, simulated in-process (every (rank, worker) shard built in
+this process, nothing spawned), and a 4-rank gloo run on data that used to leave ranks empty.
+
+Each test names the bug it catches."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import data
+from test_data import small_cfg
+from test_train import RECORDS, ckpt, data_config  # noqa: F401 (fixture)
+
+RANKS, WORKERS = 8, 4
+
+
+def rec(i: int) -> dict:
+    return {"messages": json.dumps([{"role": "user", "content": f"q{i}"},
+                                    {"role": "assistant", "content": "a " * (1 + i % 9)}])}
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> Path:
+    """Three parquet files of 5, 1 and 40 row groups of 50 rows, in one directory and as a weighted
+    yaml mixture (0.3 / 0.2 / 0.5); jsonl files of 1,025 and 11 lines; a mixture of 250, 11 and
+    2,000 rows."""
+    d = tmp_path_factory.mktemp("layout")
+    (d / "dir").mkdir()
+    for name, groups in (("a", 5), ("b", 1), ("c", 40)):
+        pq.write_table(pa.Table.from_pylist([rec(i) for i in range(50 * groups)]), d / "dir" / f"{name}.parquet",
+                       row_group_size=50)
+    (d / "mix.yaml").write_text(yaml.safe_dump({"datasets": [
+        {"path": f"dir/{n}.parquet", "weight": w} for n, w in (("a", 0.3), ("b", 0.2), ("c", 0.5))]}))
+    (d / "mix_small.yaml").write_text(yaml.safe_dump({"datasets": [
+        {"path": p, "weight": w} for p, w in (("dir/a.parquet", 0.3), ("l11.jsonl", 0.2), ("dir/c.parquet", 0.5))]}))
+    for n in (1025, 11):
+        (d / f"l{n}.jsonl").write_text("".join(json.dumps({"messages": json.loads(rec(i)["messages"])}) + "\n"
+                                               for i in range(n)))
+    return d
+
+
+def rows_read(src: data.Source, epoch: int, shard: int, n: int) -> list[tuple[int, int]]:
+    return [(u, p) for u, a, b in src.plan(epoch, shard, n) for p in range(a, b)]
+
+
+@pytest.mark.parametrize("name", ["dir", "l1025.jsonl", "l11.jsonl"])
+def test_every_shard_reads_its_share_every_epoch(layout, name):
+    """8 ranks x 4 workers, 4 epochs: each epoch every row is read once, every shard reads N // 32
+    or N // 32 + 1 rows, and over the epochs no shard falls more than one row behind another (so the
+    11-row source is read by the shards in turn, and no shard is empty for good). Catches the units
+    cut into ceil(shards / units) slices: 1,025 lines left 31 of 32 shards with 33 rows and one with
+    one (or none), and 11 rows were read 11, 9, 9, 9 times."""
+    src = data.find_sources([str(layout / name)])[0]
+    n, total = RANKS * WORKERS, np.zeros(RANKS * WORKERS, dtype=int)
+    for epoch in range(4):
+        per = [rows_read(src, epoch, s, n) for s in range(n)]
+        got = sorted(r for rows in per for r in rows)
+        assert got == sorted((u, p) for u, (_, _, k) in enumerate(src.units) for p in range(k))  # each row once
+        counts = np.array([len(rows) for rows in per])
+        assert counts.min() == src.n_rows // n and counts.max() - counts.min() <= 1
+        total += counts
+        assert total.max() - total.min() <= 1
+    if src.n_rows >= n:  # and each shard reads few units: a unit is cut only where a slice ends in it
+        assert max(len(src.plan(0, s, n)) for s in range(n)) <= -(-src.n_rows // n) // min(k for *_, k in src.units) + 2
+
+
+def test_the_epoch_counter_moves_on_for_a_shard_without_rows(layout):
+    """The 11-line source over 8 x 4 shards and 4 epochs, through ShardStream: together the shards read
+    44 rows, each of the 11 four times. Catches ready() stopping for good on an empty slice."""
+    cfg = small_cfg(data=(str(layout / "l11.jsonl"),), epochs=4, num_workers=WORKERS, packing_length=128)
+    seen = Counter()
+    for r in range(RANKS):
+        ds = data.PackedDataset(cfg, r, RANKS)
+        for w in range(WORKERS):
+            seen.update(ds.sources[0].read(k)[0] for k in iter(ds.stream(w, WORKERS).next_key, None))
+    assert len(seen) == 11 and set(seen.values()) == {4}
+
+
+def test_mixture_shares_hold_at_8x4(layout):
+    """Endless stream, 300 draws per shard: each source's share of the samples is within 2% of its
+    weight although the sources hold 250, 11 and 2,000 rows. Catches shards that stop drawing a
+    source whose slice is empty (the weights drift)."""
+    cfg = small_cfg(data=(str(layout / "mix_small.yaml"),), epochs=None, num_workers=WORKERS)
+    picks = Counter()
+    for r in range(RANKS):
+        ds = data.PackedDataset(cfg, r, RANKS)
+        for w in range(WORKERS):
+            st = ds.stream(w, WORKERS)
+            picks.update(st.next_key()[0] for _ in range(300))
+    share = np.array([picks[i] for i in range(3)]) / sum(picks.values())
+    assert np.abs(share - [0.3, 0.2, 0.5]).max() < 0.02, share
+
+
+@pytest.mark.parametrize("spec", ["dir", "mix.yaml"])
+def test_a_finite_epoch_is_balanced_over_ranks(layout, spec):
+    """--data.epochs 1 on the 5 / 1 / 40 layout at 8 x 4: every record is in exactly one pack of one
+    rank and the ranks' record counts differ by at most one per worker (the trainer steps ranks
+    together and pads the ranks that run dry with idle packs, see test_four_ranks_train_1025_lines).
+    Catches extra units landing on the low ranks (200 packs on ranks 0-2, 100 on ranks 4-7)."""
+    cfg = small_cfg(data=(str(layout / spec),), epochs=1, num_workers=WORKERS, packing_length=128)
+    per_rank, seen = [], Counter()
+    for r in range(RANKS):
+        ds, n = data.PackedDataset(cfg, r, RANKS), 0
+        for w in range(WORKERS):
+            for pack, _, _ in ds.stream(w, WORKERS):
+                seen.update(s.where for s in pack)
+                n += len(pack)
+        per_rank.append(n)
+    assert len(seen) == 2300 and set(seen.values()) == {1}
+    assert max(per_rank) - min(per_rank) <= WORKERS, per_rank
+
+
+def test_four_ranks_train_1025_lines(ckpt, tmp_path):  # noqa: F811
+    """torchrun --nproc-per-node 4 train.py --data.epochs 1 on a 1,025-line jsonl trains: every rank
+    gets rows, the run steps until the last rank's data runs out and says all records were trained.
+    Catches the rank left with an empty slice stopping the run at step 0 with nothing trained."""
+    cfg = data_config()
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(RECORDS["text"] if i % 2 else {"messages": [
+        {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a " * (1 + i % 9)}]}) + "\n"
+        for i in range(1025)))
+    sizes = [f"--data.{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("vit_min_size", "vit_max_size",
+                                                                        "vae_min_size", "vae_max_size")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "train.py", "--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"),
+           "--precision", "fp32", "--no-activation-checkpointing", "--log-every", "1", "--eval.every", "0",
+           "--data.packing-length", "4096", "--data.num-workers", "0", "--data.epochs", "1", "--max-steps", "50",
+           "--ckpt.every", "0", *sizes]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    assert rows and "the data ran out (--data.epochs): every rank trained all its records;" in out.stdout, out.stdout
