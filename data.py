@@ -38,6 +38,8 @@ from packing import Geometry, SpecialTokens
 DATA_EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json files in HF save_to_disk dirs
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
+LINE_STRIDE = 1024  # the .jsonl index keeps the line number of every this-many-th record (for errors)
+BIG_UNIT_BYTES = 256 << 20  # a parquet row group larger than this is warned about (a whole-file row group)
 RECORD_FIELDS = ("messages", "images", "videos", "image", "captions")  # all parse_record reads
 # a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
 # a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; bench.py --what data)
@@ -146,15 +148,28 @@ def match_model(cfg: DataConfig, model_config) -> DataConfig:
                    visual_und=c.visual_und, visual_gen=c.visual_gen)
 
 
-class BadSample(ValueError):
+class DataError(packing.UserError, ValueError):
+    """A problem with the data the user can fix; raised in a DataLoader worker, it is handed to the
+    training process as it is (PackedDataset.__iter__), so it pickles with its arguments."""
+
+    def __reduce__(self):
+        return type(self), self.args
+
+
+class BadSample(DataError):
     """A record we cannot train on. `reason` is the counter name used with skip_bad."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
+        super().__init__(reason, message)
         self.reason = reason
 
-    def __reduce__(self):  # pickled out of DataLoader workers (see PackedDataset.__iter__)
-        return BadSample, (self.reason, str(self))
+    def __str__(self):
+        return self.args[1]
+
+
+class ReadError(BadSample):
+    """A read unit that cannot be read (a damaged or truncated file): with skip_bad, the rows of it
+    that the shard was to read are skipped and counted under `reason`."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,100 +586,162 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
 # (or raw lines), and only the rows taken are turned into Python objects. Arrow files are
 # memory-mapped.
 
-def index_lines(path: str) -> np.ndarray:
-    """Byte offsets of the non-blank lines of a .jsonl file, and of its end."""
-    offsets, pos = [], 0
+def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets of the non-blank lines of a .jsonl file and of its end, and the 1-based line number
+    of every LINE_STRIDE-th non-blank line (so that an error can name its line)."""
+    offsets, lines, pos = [], [], 0
     try:
         with open(path, "rb") as fh:
-            for line in fh:
+            for no, line in enumerate(fh, 1):
                 if line.strip():
+                    if len(offsets) % LINE_STRIDE == 0:
+                        lines.append(no)
                     offsets.append(pos)
                 pos += len(line)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e}") from None
-    return np.array(offsets + [pos], dtype=np.int64)
+        raise DataError(f"{path}: cannot read: {e}") from None
+    return np.array(offsets + [pos], dtype=np.int64), np.array(lines, dtype=np.int64)
+
+
+def line_index(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """`index_lines` of a .jsonl file, computed once per node: kept in the temporary folder under a
+    name of the file's path, size and modification time, built by the first process that takes its
+    lock (the others wait and read it) and memory-mapped, so the ranks of a node share one copy."""
+    import fcntl
+    import hashlib
+    import tempfile
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    folder = os.path.join(tempfile.gettempdir(), "bagel-train-index")
+    base = os.path.join(folder, key)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(base + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(base + ".npy"):
+                offsets, lines = index_lines(path)
+                for name, a in ((".lines.npy", lines), (".npy", offsets)):  # offsets last: the file is complete
+                    np.save(base + ".tmp.npy", a)
+                    os.replace(base + ".tmp.npy", base + name)
+    except OSError:  # no writable temporary folder: index in this process
+        return index_lines(path)
+    return np.load(base + ".npy", mmap_mode="r"), np.load(base + ".lines.npy")
 
 
 class DataFile:
+    """One data file, read in units. No file stays open between two reads (a source may have
+    thousands of files); the parquet footer is parsed once and reused."""
+
     def __init__(self, path: str):
         self.path, self.ext = path, Path(path).suffix.lower()
-        self._h = self._pid = None
-        if self.ext == ".jsonl":  # indexed once here, in the parent: the workers inherit it
-            self.offsets = index_lines(path)
-        self._open()
-        self.unit_rows = self._unit_rows()
-        # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
-        # for a file without `messages` or `image` + `captions` lists its fields)
-        self.columns = None
-        if self.ext in (".parquet", ".arrow"):
-            names = self._h.schema_arrow.names if self.ext == ".parquet" else self._h[0].schema.names if self._h else []
-            cols = [c for c in names if c in RECORD_FIELDS]
-            self.columns = cols if "messages" in cols or {"image", "captions"} <= set(cols) else None
-        self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
-
-    def __getstate__(self):  # open handles stay in the process that opened them
-        return {**self.__dict__, "_h": None}
-
-    def _open(self):
-        if self._h is not None and self._pid == os.getpid():
-            return
-        # (re)open in each process: DataLoader workers must not share the parent's file handles
-        self._pid, p = os.getpid(), self.path
+        self.meta = self.rows = None
+        if self.ext == ".jsonl":  # indexed once per node; the workers inherit it
+            self.offsets, self.lines = line_index(path)
+        elif self.ext == ".json":
+            # a JSON list cannot be streamed without a streaming parser: loaded whole (use .jsonl
+            # or parquet for big data)
+            try:
+                with open(path) as fh:
+                    self.rows = json.load(fh)
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}: cannot read: {e}") from None
+            if not isinstance(self.rows, list):
+                raise DataError(f"{path}: expected a JSON list of records, got {type(self.rows).__name__}")
+        elif self.ext not in (".parquet", ".arrow"):
+            raise DataError(f"{path}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
+        names = []
         try:
             if self.ext == ".parquet":
-                # pre_buffer (pyarrow's default) keeps the last row group read by each open file in
-                # its read-ahead cache, so memory would grow with the number of files; without
-                # buffer_size a column chunk is read whole into one more buffer before its pages
-                # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
-                self._h = pq.ParquetFile(p, pre_buffer=False, buffer_size=1 << 20)
+                with self.open() as h:
+                    self.meta, names = h.metadata, h.schema_arrow.names
+                md = self.meta
+                self.unit_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+                big = max([md.row_group(i).total_byte_size for i in range(md.num_row_groups)], default=0)
+                if big > BIG_UNIT_BYTES:
+                    print(f"data: warning: {path} has row groups of up to {big / 2**20:,.0f} MB: each data worker "
+                          f"holds a row group per source (write the file with row groups of "
+                          f"{BIG_UNIT_BYTES // 2**20} MB or less)", file=sys.stderr)
             elif self.ext == ".arrow":
-                src = pa.memory_map(p)
-                try:  # Arrow IPC file format (random access)...
-                    r = pa.ipc.open_file(src)
-                    self._h = [r.get_batch(i) for i in range(r.num_record_batches)]
-                except pa.ArrowInvalid:  # ...or the stream format, used by HF `datasets` shards
-                    src.seek(0)
-                    self._h = list(pa.ipc.open_stream(src))
-            elif self.ext == ".jsonl":
-                self._h = True  # read by seeking to self.offsets
-            elif self.ext == ".json":
-                # a JSON list cannot be streamed without a streaming parser: loaded whole (use .jsonl
-                # or parquet for big data)
-                with open(p) as fh:
-                    rows = json.load(fh)
-                if not isinstance(rows, list):
-                    raise ValueError(f"{p}: expected a JSON list of records, got {type(rows).__name__}")
-                self._h = rows
+                batches = self.batches()
+                self.unit_rows, names = [b.num_rows for b in batches], batches[0].schema.names if batches else []
             else:
-                raise ValueError(f"{p}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
-        except (pa.ArrowInvalid, OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: cannot read: {e}") from None
+                n = len(self.offsets) - 1 if self.ext == ".jsonl" else len(self.rows)
+                self.unit_rows = [min(LINES_PER_UNIT, n - s) for s in range(0, n, LINES_PER_UNIT)]
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+        # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
+        # for a file without `messages` or `image` + `captions` lists its fields)
+        cols = [c for c in names if c in RECORD_FIELDS]
+        self.columns = cols if "messages" in cols or {"image", "captions"} <= set(cols) else None
+        self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
 
-    def _unit_rows(self) -> list[int]:
+    def open(self):
+        """A new reader of a parquet file, or the file itself (callers close it)."""
         if self.ext == ".parquet":
-            md = self._h.metadata
-            return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        if self.ext == ".arrow":
-            return [b.num_rows for b in self._h]
-        n = len(self.offsets) - 1 if self.ext == ".jsonl" else len(self._h)
-        return [min(LINES_PER_UNIT, n - s) for s in range(0, n, LINES_PER_UNIT)]
+            # pre_buffer (pyarrow's default) keeps the last row group read in a read-ahead cache;
+            # without buffer_size a column chunk is read whole into one more buffer before its pages
+            # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
+            return pq.ParquetFile(self.path, metadata=self.meta, pre_buffer=False, buffer_size=1 << 20)
+        return open(self.path, "rb")
+
+    def batches(self, unit: int | None = None) -> list:
+        """The record batches of an Arrow file (or only batch `unit`), memory-mapped: they keep the
+        mapping, not a file handle."""
+        with pa.memory_map(self.path) as src:
+            try:  # Arrow IPC file format (random access)...
+                r = pa.ipc.open_file(src)
+                return [r.get_batch(i) for i in (range(r.num_record_batches) if unit is None else [unit])]
+            except pa.ArrowInvalid:  # ...or the stream format, used by HF `datasets` shards
+                src.seek(0)
+                return [b for i, b in enumerate(pa.ipc.open_stream(src)) if unit is None or i == unit]
+
+    def unit_name(self, unit: int) -> str:
+        a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
+        if self.ext == ".jsonl":
+            return f"lines {self.line(a)}-{self.line(b - 1)}"
+        return f"{'row group' if self.ext == '.parquet' else 'record batch'} {unit} (rows {a}-{b - 1})"
 
     def load(self, unit: int) -> Any:
-        """The rows of one unit, as stored (Arrow table/batch, a slice of the JSON list, raw lines)."""
-        self._open()
+        """The rows of one unit, as stored (Arrow table/batch, a slice of the JSON list, raw lines).
+        A unit that cannot be read raises ReadError naming the file, the unit and the field."""
         a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
-        if self.ext == ".parquet":
-            md = self._h.metadata.row_group(unit)
-            batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
-            return pa.Table.from_batches(list(self._h.iter_batches(
-                batch, row_groups=[unit], columns=self.columns, use_threads=False)))
-        if self.ext == ".arrow":
-            return self._h[unit].select(self.columns) if self.columns else self._h[unit]
         if self.ext == ".json":
-            return self._h[a:b]
+            return self.rows[a:b]
+        try:
+            if self.ext == ".arrow":
+                batch = self.batches(unit)[0]
+                return batch.select(self.columns) if self.columns else batch
+            with self.open() as h:
+                if self.ext == ".jsonl":
+                    h.seek(int(self.offsets[a]))
+                    return h.read(int(self.offsets[b] - self.offsets[a]))
+                md = self.meta.row_group(unit)
+                batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
+                return pa.Table.from_batches(list(h.iter_batches(
+                    batch, row_groups=[unit], columns=self.columns, use_threads=False)))
+        except (pa.ArrowException, OSError, EOFError, IndexError) as e:
+            why = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())  # one line
+            raise ReadError("unreadable_unit", f"{self.path}: {self.unit_name(unit)}{self.bad_field(unit)}: "
+                            f"cannot read ({type(e).__name__}: {why})") from None
+
+    def bad_field(self, unit: int) -> str:
+        """`: field 'x'` for the first parquet column of the unit that cannot be decoded alone."""
+        if self.ext != ".parquet":
+            return ""
+        for c in self.columns or self.meta.schema.to_arrow_schema().names:
+            try:
+                with self.open() as h:
+                    h.read_row_group(unit, columns=[c], use_threads=False)
+            except (pa.ArrowException, OSError, EOFError):
+                return f": field {c!r}"
+        return ""
+
+    def line(self, r: int) -> int:
+        """The 1-based line number of non-blank line r of a .jsonl file."""
+        k = r // LINE_STRIDE * LINE_STRIDE
         with open(self.path, "rb") as fh:
-            fh.seek(int(self.offsets[a]))
-            return fh.read(int(self.offsets[b] - self.offsets[a]))
+            fh.seek(int(self.offsets[k]))
+            return int(self.lines[r // LINE_STRIDE]) + fh.read(int(self.offsets[r] - self.offsets[k])).count(b"\n")
 
     def record(self, rows: Any, unit: int, row: int) -> tuple[str, Any]:
         """(where, record) of row `row` of a loaded unit; `where` names file and row for errors."""
@@ -678,7 +755,7 @@ class DataFile:
         try:
             return where, json.loads(rows[self.offsets[r] - base:self.offsets[r + 1] - base])
         except json.JSONDecodeError as e:
-            raise BadSample("malformed_json", f"{where}: malformed JSON ({e})") from None
+            raise BadSample("malformed_json", f"{where} (line {self.line(r)}): malformed JSON ({e})") from None
 
 
 def data_files(path: str) -> list[str]:
@@ -916,13 +993,24 @@ class ShardStream:
             self.tried[i] += 1
             try:
                 sample = self.make(key)
+            except ReadError as e:
+                if not self.cfg.skip_bad:
+                    raise
+                # the unit's rows this shard was to read are lost, the key's and the rest of its range;
+                # they are not held against the source (the > MAX_SKIPPED stop): a shard reads few
+                # units, so one damaged row group would look like most of the source
+                self.tried[i] -= 1
+                _, start, end = self.plan(i)[self.pos[i][1]]
+                self.skips[e.reason] += 1 + end - start - self.pos[i][2]
+                self.pos[i][2] = end - start
+                continue
             except BadSample as e:
                 if not self.cfg.skip_bad:
                     raise
                 self.skips[e.reason] += 1
                 self.bad[i] += 1
                 if self.tried[i] >= SKIP_CHECK_AFTER and self.bad[i] > MAX_SKIPPED * self.tried[i]:
-                    raise ValueError(
+                    raise DataError(
                         f"{self.ds.sources[i].name}: {self.bad[i]} of the {self.tried[i]} records read "
                         f"so far are bad (--data.skip-bad allows {MAX_SKIPPED:.0%}); the last: {e}") from None
                 continue
@@ -973,7 +1061,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
             for _, batch, state in self.stream((w + self.rotate) % nw, nw):
                 batch["_state"] = state
                 yield batch
-        except BadSample as e:
+        except DataError as e:
             if info is None:
                 raise
             yield e  # PackLoader raises it: raised here, the user would get it inside a worker traceback
@@ -1017,7 +1105,7 @@ class PackLoader:
                                              collate_fn=_no_collate, worker_init_fn=_worker_init,
                                              pin_memory=torch.cuda.is_available())
         for batch in loader:
-            if isinstance(batch, BadSample):
+            if isinstance(batch, DataError):
                 raise batch
             state = batch.pop("_state")
             self.shards[state["shard"]] = state

@@ -419,8 +419,8 @@ def test_bad_input(reason, rec, msg, tmp_path):
 
 def test_bad_json_line_and_column_type(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text(json.dumps(good()) + "\n{not json\n")
-    with pytest.raises(data.BadSample, match=r"bad.jsonl: row 1: malformed JSON"):
+    p.write_text(json.dumps(good()) + "\n\n{not json\n")  # record 1 is on line 3 (blank lines are no records)
+    with pytest.raises(data.BadSample, match=r"bad.jsonl: row 1 \(line 3\): malformed JSON"):
         all_packs(small_cfg(data=(str(p),)))
     q = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"messages": [1, 2]}), q)

@@ -139,3 +139,49 @@ def test_four_ranks_train_1025_lines(ckpt, tmp_path):  # noqa: F811
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
     assert rows and "the data ran out (--data.epochs): every rank trained all its records;" in out.stdout, out.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader errors: named, carried out of DataLoader workers, skipped under --data.skip-bad
+
+def corrupt_parquet(path: Path, row_group: int, column: str = "messages"):
+    """3 row groups of 50 records; the first page header of `column` in `row_group` overwritten."""
+    pq.write_table(pa.Table.from_pylist([rec(i) for i in range(150)]), path, row_group_size=50, compression="none")
+    md = pq.ParquetFile(path).metadata.row_group(row_group)
+    col = next(md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema == column)
+    with open(path, "r+b") as f:
+        f.seek(col.data_page_offset)
+        f.write(b"\xff" * 16)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_row_group_is_named_and_skipped(tmp_path, workers):
+    """A damaged page in row group 1: the error names the file, the row group and its rows, and the
+    field, as a DataError (a user error) that crosses the DataLoader worker as itself (not as
+    "Caught OSError in DataLoader worker process 0" with pyarrow's bare "Couldn't deserialize
+    thrift"). With skip_bad its 50 rows are skipped and counted, the other 100 trained, and the
+    source is not stopped as mostly bad (a third of it is lost, but one damaged unit is no sign that
+    its records are in the wrong form)."""
+    path = tmp_path / "bad.parquet"
+    corrupt_parquet(path, 1)
+    cfg = small_cfg(data=(str(path),), packing_length=128, num_workers=workers, epochs=1)
+    with pytest.raises(data.ReadError) as e:
+        list(data.PackLoader(cfg))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: row group 1 (rows 50-99): field 'messages': cannot read") and "\n" not in msg, msg
+    assert isinstance(e.value, data.packing.UserError)
+    loader = data.PackLoader(small_cfg(data=(str(path),), packing_length=128, num_workers=workers, epochs=1,
+                                       skip_bad=True))
+    packs = list(loader)
+    assert sum(len(b["sample_lens"]) for b in packs) == 100
+    assert loader.stats()["skipped"] == {"unreadable_unit": 50}
+
+
+def test_the_mostly_bad_stop_crosses_a_worker_with_the_source_name(tmp_path):
+    """The > 20% bad stop, raised in a DataLoader worker, reaches the loop as a DataError naming the
+    source (not a worker traceback)."""
+    p = tmp_path / "bad.jsonl"
+    p.write_text("".join(json.dumps({"messages": []} if i % 2 else {"messages": json.loads(rec(i)["messages"])})
+                         + "\n" for i in range(300)))
+    with pytest.raises(data.DataError, match=rf"^{p}: \d+ of the \d+ records read so far are bad"):
+        list(data.PackLoader(small_cfg(data=(str(p),), packing_length=128, num_workers=1, skip_bad=True)))
