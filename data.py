@@ -73,6 +73,9 @@ class DataConfig:
     """DataLoader worker processes per rank (0: load in the training process)"""
     skip_bad: bool = False
     """skip bad records and count them per reason instead of stopping with an error"""
+    fresh_pass: bool = False
+    """on resume, when the data differ from the checkpoint's (files added, removed or changed, another
+    mixture): start a new pass over the data as they are now, from the resumed step"""
     text_cond_dropout: float = 0.1
     """CFG dropout of conditioning text in generation/edit samples (upstream default, DESIGN.md#cfg-dropout)"""
     vit_cond_dropout: float = 0.3
@@ -635,6 +638,7 @@ class DataFile:
     def __init__(self, path: str):
         self.path, self.ext = path, Path(path).suffix.lower()
         self.meta = self.rows = None
+        self.size = os.path.getsize(path)
         if self.ext == ".jsonl":  # indexed once per node; the workers inherit it
             self.offsets, self.lines = line_index(path)
         elif self.ext == ".json":
@@ -1087,6 +1091,42 @@ def check_format(states: list[dict]):
                          "whole units): it cannot be continued; resume from a newer checkpoint or start over")
 
 
+FINGERPRINT_FILES = 1000  # a source of at most this many files lists them in checkpoints (to name a change)
+
+
+def fingerprint(sources: list[Source]) -> list[dict]:
+    """What a data state is a position in: per source its name, weight, rows and files (path, size,
+    rows), the file list as a digest when it is long."""
+    import hashlib
+    out = []
+    for s in sources:
+        files = [[f.path, f.size, int(f.unit_start[-1])] for f in s.files]
+        out.append(dict(name=s.name, weight=s.weight, rows=s.n_rows,
+                        digest=hashlib.sha1(json.dumps(files).encode()).hexdigest(),
+                        files=files if len(files) <= FINGERPRINT_FILES else None))
+    return out
+
+
+def data_changes(old: list[dict], new: list[dict]) -> list[str]:
+    """What differs between two fingerprints, in words (empty: nothing)."""
+    if [s["name"] for s in old] != [s["name"] for s in new]:
+        return [f"the sources were {[s['name'] for s in old]}, now {[s['name'] for s in new]}"]
+    out = []
+    for a, b in zip(old, new):
+        if a["weight"] != b["weight"]:
+            out.append(f"{a['name']}: weight {a['weight']:g} -> {b['weight']:g}")
+        if a["digest"] == b["digest"]:
+            continue
+        fa, fb = ({f[0]: f[1:] for f in x["files"] or []} for x in (a, b))
+        said = [f"{len(set(fb) - set(fa))} files added (e.g. {min(set(fb) - set(fa))})" if set(fb) - set(fa) else "",
+                f"{len(set(fa) - set(fb))} files removed (e.g. {min(set(fa) - set(fb))})" if set(fa) - set(fb) else "",
+                next((f"{p} changed (size {fa[p][0]:,} -> {fb[p][0]:,} bytes, {fa[p][1]:,} -> {fb[p][1]:,} rows)"
+                      for p in sorted(set(fa) & set(fb)) if fa[p] != fb[p]), "")]
+        out.append(f"{a['name']}: " + (", ".join(x for x in said if x) or "files changed")
+                   + f" ({a['rows']:,} -> {b['rows']:,} rows)")
+    return out
+
+
 class PackLoader:
     """What the training loop uses: iterate for batches (Bagel.forward's keyword arguments)."""
 
@@ -1095,6 +1135,7 @@ class PackLoader:
         self.dataset = PackedDataset(cfg, rank, world_size)
         self.shards: dict[int, dict] = {}  # state after the last consumed pack of each worker shard
         self.consumed = 0
+        self.fingerprint = fingerprint(self.dataset.sources)
 
     def __iter__(self):
         nw = self.cfg.num_workers
@@ -1126,9 +1167,27 @@ class PackLoader:
     def state_dict(self) -> dict:
         return dict(consumed=self.consumed, num_workers=self.cfg.num_workers,
                     world_size=self.dataset.world_size, seed=self.cfg.seed,
-                    shards=copy.deepcopy(self.shards))
+                    shards=copy.deepcopy(self.shards), sources=self.fingerprint)
+
+    def same_data(self, sd: dict) -> bool:
+        """True when `sd` is a position in the data this loader reads. Otherwise a DataError naming
+        what changed, or, with --data.fresh-pass, False: the caller starts a new pass."""
+        changes = data_changes(sd["sources"], self.fingerprint) if "sources" in sd else []
+        if not changes:
+            return True
+        if not self.cfg.fresh_pass:
+            raise DataError("the data changed since the checkpoint: " + "; ".join(changes) + ". Resuming "
+                            "would re-read or skip rows: restore the data, or pass --data.fresh-pass to "
+                            "start a new pass over the data as they are now from the resumed step")
+        if self.dataset.rank == 0:
+            print("data: the data changed since the checkpoint (" + "; ".join(changes) + "): --data.fresh-pass, "
+                  "a new pass starts", file=sys.stderr)
+        self.consumed, self.shards = 0, {}
+        return False
 
     def load_state_dict(self, sd: dict):
+        if not self.same_data(sd):
+            return
         check_format([sd])
         for k in ("num_workers", "world_size", "seed"):
             mine = self.cfg.num_workers if k == "num_workers" else \
@@ -1146,6 +1205,8 @@ class PackLoader:
         yet in it are dealt to the new shards as row ranges, and the samples that waited in open
         packs are handed out again as open packs. No record is skipped; rows a faster old shard had
         already read in the next epoch are read again there. Counters and timestep draws restart."""
+        if not self.same_data(states[0]):
+            return
         check_format(states)
         if any(st["seed"] != self.cfg.seed for st in states):
             raise ValueError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
