@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 import data
@@ -223,3 +224,26 @@ def test_resume_on_changed_data_stops_and_says_what_changed(tmp_path):
         assert fresh.consumed == 0 and fresh.shards == {}
         for f in d.glob("c.jsonl"):
             f.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# Lean transport: pixels cross from the workers as uint8
+
+def test_pixels_cross_as_uint8_and_come_back_bit_exact(tmp_path):
+    """Packs with ViT and VAE images of several sizes (zero padding in padded_images): the loader's
+    pack carries its pixels as uint8 (a quarter of the bytes) and data.to_float gives back the
+    worker's float pack bit for bit, padding included. Catches a lossy conversion (a scale of
+    1/255 vs 2/255, a floor instead of a round), padding left at -1 or at the value 128 maps to,
+    and the float pixels shipped."""
+    from test_data import SIZES_DIR, records, same_batch, write
+    path = write("jsonl", records("abspath", SIZES_DIR(tmp_path)), tmp_path)
+    cfg = small_cfg(data=(path,), packing_length=160, epochs=1)
+    want = [b for _, b, _ in data.PackedDataset(cfg).stream()]
+    got = list(data.PackLoader(cfg))
+    assert len(got) == len(want) and any(b["padded_images"].shape[0] > 1 for b in want)
+    for g, w in zip(got, want):
+        assert g["padded_images"].dtype == g["packed_vit_tokens"].dtype == torch.uint8
+        same_batch(data.to_float(g), w)
+        big = sum(v.nbytes for v in w.values() if torch.is_tensor(v))
+        small = sum(v.nbytes for v in g.values() if torch.is_tensor(v))
+        assert small < big

@@ -510,7 +510,7 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
     # every micro-batch's copy is queued now (pinned, non-blocking; already done by `take` in train):
     # the host runs on to queue the kernels, and nothing in the micro-steps below waits for the device
-    batches = [to_device(b, dev) for b in batches]
+    batches = [data_lib.to_float(to_device(b, dev)) for b in batches]  # pixels come as uint8 (data.to_uint8)
     sums = torch.zeros(2, device=dev)
     by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
     for micro, b in enumerate(batches):
