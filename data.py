@@ -1118,12 +1118,14 @@ FINGERPRINT_FILES = 1000  # a source of at most this many files lists them in ch
 
 
 def fingerprint(sources: list[Source]) -> list[dict]:
-    """What a data state is a position in: per source its name, weight, rows and files (path, size,
-    rows), the file list as a digest when it is long."""
+    """What a data state is a position in: per source its name, weight, rows and files (path below the
+    source's folder, size, rows), the file list as a digest when it is long. Data moved to another
+    folder as they are is the same data."""
     import hashlib
     out = []
     for s in sources:
-        files = [[f.path, f.size, int(f.unit_start[-1])] for f in s.files]
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f.path)) for f in s.files])
+        files = [[os.path.relpath(os.path.abspath(f.path), root), f.size, int(f.unit_start[-1])] for f in s.files]
         out.append(dict(name=s.name, weight=s.weight, rows=s.n_rows,
                         digest=hashlib.sha1(json.dumps(files).encode()).hexdigest(),
                         files=files if len(files) <= FINGERPRINT_FILES else None))
@@ -1132,7 +1134,7 @@ def fingerprint(sources: list[Source]) -> list[dict]:
 
 def data_changes(old: list[dict], new: list[dict]) -> list[str]:
     """What differs between two fingerprints, in words (empty: nothing)."""
-    if [s["name"] for s in old] != [s["name"] for s in new]:
+    if len(old) != len(new):
         return [f"the sources were {[s['name'] for s in old]}, now {[s['name'] for s in new]}"]
     out = []
     for a, b in zip(old, new):
