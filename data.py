@@ -39,6 +39,9 @@ DATA_EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json files in HF save_to_disk dirs
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
 LINE_STRIDE = 1024  # the .jsonl index keeps the line number of every this-many-th record (for errors)
+PREFETCH = 2  # packs each DataLoader worker keeps ready (torch's default prefetch_factor)
+PACK_BYTES_PER_TOKEN = 2 * 16 * 16 * 3  # shared-memory bytes of a pack per token, at most: a VAE token's
+#   uint8 pixels (a ViT token has fewer), twice for the padding of padded_images and the other tensors
 BIG_UNIT_BYTES = 256 << 20  # a parquet row group larger than this is warned about (a whole-file row group)
 RECORD_FIELDS = ("messages", "images", "videos", "image", "captions")  # all parse_record reads
 # a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
@@ -1162,14 +1165,31 @@ class PackLoader:
         self.consumed = 0
         self.fingerprint = fingerprint(self.dataset.sources)
 
+    def check_shm(self):
+        """DataLoader workers hand packs over in /dev/shm, PREFETCH per worker: fail at the start, with
+        the fix, where it cannot hold them (Docker's default is 64 MB), not with a bus error mid-run."""
+        import shutil
+        nw = self.cfg.num_workers
+        if not nw or not os.path.isdir("/dev/shm"):
+            return
+        need = nw * PREFETCH * self.cfg.packing_length * PACK_BYTES_PER_TOKEN
+        free = shutil.disk_usage("/dev/shm").free
+        if free < need:
+            raise DataError(f"/dev/shm has {free / 2**20:,.0f} MB free, the prefetched packs need up to "
+                            f"{need / 2**20:,.0f} MB ({nw} workers x {PREFETCH} packs of --data.packing-length "
+                            f"{self.cfg.packing_length:,} tokens): lower --data.num-workers (0: no shared "
+                            f"memory) or give the container more (docker run --shm-size 1g)")
+
     def __iter__(self):
         nw = self.cfg.num_workers
+        self.check_shm()
         self.dataset.rotate = self.consumed % max(nw, 1)
         self.dataset.resume = copy.deepcopy(self.shards)
         # pinned batches: the trainer's copies to the GPU do not block the host (train.to_device)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=nw,
                                              collate_fn=_no_collate, worker_init_fn=_worker_init,
-                                             pin_memory=torch.cuda.is_available())
+                                             pin_memory=torch.cuda.is_available(),
+                                             prefetch_factor=PREFETCH if nw else None)
         for batch in loader:
             if isinstance(batch, DataError):
                 raise batch

@@ -247,3 +247,17 @@ def test_pixels_cross_as_uint8_and_come_back_bit_exact(tmp_path):
         big = sum(v.nbytes for v in w.values() if torch.is_tensor(v))
         small = sum(v.nbytes for v in g.values() if torch.is_tensor(v))
         assert small < big
+
+
+def test_a_small_dev_shm_fails_at_the_start_with_the_fix(tmp_path, monkeypatch):
+    """/dev/shm smaller than the workers' prefetched packs: an error before any worker starts that
+    names --data.num-workers (not a bus error in a worker mid-run); num_workers 0 needs none."""
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(64 << 20, 60 << 20, 4 << 20))
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps({"messages": json.loads(rec(0)["messages"])}) + "\n")
+    with pytest.raises(data.DataError, match=r"/dev/shm has 4 MB free, .* lower --data.num-workers"):
+        next(iter(data.PackLoader(small_cfg(data=(str(p),), num_workers=2, packing_length=10240))))
+    next(iter(data.PackLoader(small_cfg(data=(str(p),), num_workers=0, packing_length=10240))))
