@@ -4,8 +4,8 @@ this process, nothing spawned), and a 4-rank gloo run on data that used to leave
 Each test names the bug it catches."""
 import json
 import os
-import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -119,10 +119,22 @@ def test_a_finite_epoch_is_balanced_over_ranks(layout, spec):
     assert max(per_rank) - min(per_rank) <= WORKERS, per_rank
 
 
-def test_four_ranks_train_1025_lines(ckpt, tmp_path):  # noqa: F811
-    """torchrun --nproc-per-node 4 train.py --data.epochs 1 on a 1,025-line jsonl trains: every rank
-    gets rows, the run steps until the last rank's data runs out and says all records were trained.
-    Catches the rank left with an empty slice stopping the run at step 0 with nothing trained."""
+def _rank(rank: int, port: int, argv: list[str]):
+    import train
+    os.environ.update(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="4",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.main(argv)
+    sys.stdout.flush()
+    os._exit(0)  # skip the interpreter's exit (gloo threads, see test_train._worker)
+
+
+def test_four_ranks_train_1025_lines(ckpt, tmp_path, capfd):  # noqa: F811
+    """4 ranks (gloo) of train.py --data.epochs 1 on a 1,025-line jsonl trains: every rank gets rows,
+    the run steps until the last rank's data runs out and says all records were trained. Catches
+    the rank left with an empty slice stopping the run at step 0 with nothing trained."""
+    import torch.multiprocessing as mp
+    from test_train import free_port
     cfg = data_config()
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(RECORDS["text"] if i % 2 else {"messages": [
@@ -130,16 +142,19 @@ def test_four_ranks_train_1025_lines(ckpt, tmp_path):  # noqa: F811
         for i in range(1025)))
     sizes = [f"--data.{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("vit_min_size", "vit_max_size",
                                                                         "vae_min_size", "vae_max_size")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           "train.py", "--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"),
-           "--precision", "fp32", "--no-activation-checkpointing", "--log-every", "1", "--eval.every", "0",
-           "--data.packing-length", "4096", "--data.num-workers", "0", "--data.epochs", "1", "--max-steps", "50",
-           "--ckpt.every", "0", *sizes]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, env=env, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    argv = ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), "--precision", "fp32",
+            "--no-activation-checkpointing", "--log-every", "1", "--eval.every", "0", "--data.packing-length", "512",
+            "--data.num-workers", "0", "--data.epochs", "1", "--max-steps", "50", "--ckpt.every", "0", *sizes]
+    ctx = mp.start_processes(_rank, args=(free_port(), argv), nprocs=4, join=False, start_method="fork")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("4-rank run did not finish in 240 s")
+    out = capfd.readouterr().out
     rows = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
-    assert rows and "the data ran out (--data.epochs): every rank trained all its records;" in out.stdout, out.stdout
+    assert rows and "the data ran out (--data.epochs): every rank trained all its records;" in out, out[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------
