@@ -1066,21 +1066,20 @@ class PackedDataset(torch.utils.data.IterableDataset):
         # turn it is: `rotate` is the number of packs consumed modulo the number of workers
         try:
             for _, batch, state in self.stream((w + self.rotate) % nw, nw):
-                yield dict(to_uint8(batch), _state=state)
+                yield dict(to_uint8(batch, self.geo), _state=state)
         except DataError as e:
             if info is None:
                 raise
             yield e  # PackLoader raises it: raised here, the user would get it inside a worker traceback
 
 
-def to_uint8(batch: dict) -> dict:
+def to_uint8(batch: dict, geo: Geometry) -> dict:
     """The pack's pixels as uint8 for the trip out of a DataLoader worker, through shared memory:
     a quarter of the bytes (a 1024x1024 edit pack: ~7 MB, not ~28). Exact: every pixel is k/127.5 - 1
     for an integer k (`to_tensor`), and padding is restored from `_image_hw` by `to_float`."""
-    imgs = batch["padded_images"]
-    return dict(batch, padded_images=((imgs + 1) * 127.5).round().to(torch.uint8),
-                packed_vit_tokens=((batch["packed_vit_tokens"] + 1) * 127.5).round().to(torch.uint8),
-                _image_hw=[(int((img[0] != 0).any(1).sum()), int((img[0] != 0).any(0).sum())) for img in imgs])
+    k = lambda x: x.add(1).mul_(127.5).round_().to(torch.uint8)
+    return dict(batch, padded_images=k(batch["padded_images"]), packed_vit_tokens=k(batch["packed_vit_tokens"]),
+                _image_hw=[(h * geo.latent_down, w * geo.latent_down) for h, w in batch["patchified_vae_latent_shapes"]])
 
 
 def to_float(batch: dict) -> dict:
