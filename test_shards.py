@@ -4,6 +4,7 @@ this process, nothing spawned), and a 4-rank gloo run on data that used to leave
 Each test names the bug it catches."""
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -317,3 +318,19 @@ def test_ranks_and_workers_never_share_draws_and_resume_draws_the_same(tmp_path)
     assert len(got) == len(want)
     for a, b in zip(got, want):
         same_batch(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded at scale
+
+def test_2000_files_are_read_under_ulimit_256(tmp_path):
+    """A source of 2,000 parquet files read by one shard in a process limited to 256 open files:
+    every row is read (a process used to keep a handle per file: "Too many open files" at start-up)."""
+    pq.write_table(pa.Table.from_pylist([rec(0)]), tmp_path / "f0.parquet")
+    for i in range(1, 2000):
+        os.link(tmp_path / "f0.parquet", tmp_path / f"f{i}.parquet")
+    code = ("import resource, data; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+            f"src = data.find_sources([{str(tmp_path)!r}])[0]; "
+            "print(len({src.read((0, 0, u, 0))[0] for u in range(len(src.units))}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert out.stdout.split() == ["2000"], out.stderr[-2000:]
