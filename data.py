@@ -794,9 +794,17 @@ class Source:
     """
 
     def __init__(self, name: str, files: list[str], weight: float, folder: str | None, index: int,
-                 seed: int):
+                 seed: int, skip_bad: bool = False):
         self.name, self.weight, self.index, self.seed = name, float(weight), index, seed
-        self.files = [DataFile(f) for f in files]
+        self.files, self.unreadable = [], []  # unreadable: (file, error) skipped under skip_bad
+        for f in files:
+            try:
+                self.files.append(DataFile(f))
+            except DataError as e:  # e.g. a truncated parquet file: its footer is gone
+                if not skip_bad:
+                    raise
+                self.unreadable.append((f, str(e)))
+        files = [f.path for f in self.files]
         self.folders = [folder if folder is not None else os.path.dirname(os.path.abspath(f))
                         for f in files]
         self.units = [(fi, ui, n) for fi, f in enumerate(self.files)
@@ -846,7 +854,7 @@ def deal(ranges: list, shard: int, n_shards: int, base: int = 0) -> list[tuple[i
     return out
 
 
-def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Source]:
+def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0, skip_bad: bool = False) -> list[Source]:
     """--data values → mixture sources. `x.yaml` is a mixture (`datasets: [{path, weight,
     data_folder}]`, paths relative to the yaml file); `path:weight` weights a plain path."""
     entries = []  # (name, path, weight, folder)
@@ -876,7 +884,8 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
                                 float(e.get("weight", 1.0)) * weight, folder))
         else:
             entries.append((p, p, weight, None))
-    srcs = [Source(name, data_files(path), w, folder, i, seed) for i, (name, path, w, folder) in enumerate(entries)]
+    srcs = [Source(name, data_files(path), w, folder, i, seed, skip_bad)
+            for i, (name, path, w, folder) in enumerate(entries)]
     starts = np.cumsum([0] + [s.n_rows for s in srcs]).tolist()
     for s, before in zip(srcs, starts):  # the sources are dealt as one sequence, epoch after epoch
         s.dealt = (before, starts[-1])
@@ -1048,10 +1057,12 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.tok = load_tokenizer(cfg.model)
         self.specials = special_tokens(self.tok)
         self.geo = cfg.geometry()
-        self.sources = find_sources(cfg.data, cfg.seed)
+        self.sources = find_sources(cfg.data, cfg.seed, cfg.skip_bad)
         self.rotate, self.resume = 0, {}
         n_shards = world_size * max(cfg.num_workers, 1)
         for src in self.sources:
+            for f, e in src.unreadable if rank == 0 else []:
+                print(f"data: skipped (--data.skip-bad), cannot be opened: {e}", file=sys.stderr)
             if src.n_rows < n_shards and rank == 0:
                 print(f"data: {src.name} has {src.n_rows} rows for {n_shards} shards (ranks x workers): "
                       f"each epoch {src.n_rows} of them read one row, in turn", file=sys.stderr)

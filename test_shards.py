@@ -165,7 +165,9 @@ def corrupt_parquet(path: Path, row_group: int, column: str = "messages"):
     """3 row groups of 50 records; the first page header of `column` in `row_group` overwritten."""
     pq.write_table(pa.Table.from_pylist([rec(i) for i in range(150)]), path, row_group_size=50, compression="none")
     md = pq.ParquetFile(path).metadata.row_group(row_group)
-    col = next(md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema == column)
+    col = next((md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema == column), None)
+    if col is None:
+        return
     with open(path, "r+b") as f:
         f.seek(col.data_page_offset)
         f.write(b"\xff" * 16)
@@ -192,6 +194,19 @@ def test_a_corrupt_row_group_is_named_and_skipped(tmp_path, workers):
     packs = list(loader)
     assert sum(len(b["sample_lens"]) for b in packs) == 100
     assert loader.stats()["skipped"] == {"unreadable_unit": 50}
+
+
+def test_a_truncated_file_is_named_and_skipped(tmp_path, capsys):
+    """A parquet file cut short (its footer gone) beside a good one: the start-up error names it;
+    with skip_bad it is left out with a line that names it, and the good file trains."""
+    corrupt_parquet(tmp_path / "good.parquet", 0, "nothing")  # no such column: nothing overwritten
+    data_bytes = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data_bytes[:len(data_bytes) // 2])
+    with pytest.raises(data.DataError, match=r"cut.parquet: cannot read"):
+        data.PackLoader(small_cfg(data=(str(tmp_path),), packing_length=128))
+    loader = data.PackLoader(small_cfg(data=(str(tmp_path),), packing_length=128, skip_bad=True))
+    assert sum(len(b["sample_lens"]) for b in loader) == 150
+    assert "data: skipped (--data.skip-bad), cannot be opened: " in capsys.readouterr().err
 
 
 def test_the_mostly_bad_stop_crosses_a_worker_with_the_source_name(tmp_path):
