@@ -1131,7 +1131,7 @@ FINGERPRINT_FILES = 1000  # a source of at most this many files lists them in ch
 
 
 def fingerprint(sources: list[Source]) -> list[dict]:
-    """What a data state is a position in: per source its name, weight, rows and files (path below the
+    """What a data state is a position in: per source its weight, rows and files (path below the
     source's folder, size, rows), the file list as a digest when it is long. Data moved to another
     folder as they are is the same data."""
     import hashlib
@@ -1139,20 +1139,20 @@ def fingerprint(sources: list[Source]) -> list[dict]:
     for s in sources:
         root = os.path.commonpath([os.path.dirname(os.path.abspath(f.path)) for f in s.files])
         files = [[os.path.relpath(os.path.abspath(f.path), root), f.size, int(f.unit_start[-1])] for f in s.files]
-        out.append(dict(name=s.name, weight=s.weight, rows=s.n_rows,
+        out.append(dict(weight=s.weight, rows=s.n_rows,
                         digest=hashlib.sha1(json.dumps(files).encode()).hexdigest(),
                         files=files if len(files) <= FINGERPRINT_FILES else None))
     return out
 
 
-def data_changes(old: list[dict], new: list[dict]) -> list[str]:
-    """What differs between two fingerprints, in words (empty: nothing)."""
+def data_changes(old: list[dict], new: list[dict], names: list[str]) -> list[str]:
+    """What differs between two fingerprints, in words (empty: nothing); `names`: the new sources'."""
     if len(old) != len(new):
-        return [f"the sources were {[s['name'] for s in old]}, now {[s['name'] for s in new]}"]
+        return [f"{len(old)} sources then, {len(new)} now ({', '.join(names)})"]
     out = []
-    for a, b in zip(old, new):
+    for a, b, name in zip(old, new, names):
         if a["weight"] != b["weight"]:
-            out.append(f"{a['name']}: weight {a['weight']:g} -> {b['weight']:g}")
+            out.append(f"{name}: weight {a['weight']:g} -> {b['weight']:g}")
         if a["digest"] == b["digest"]:
             continue
         fa, fb = ({f[0]: f[1:] for f in x["files"] or []} for x in (a, b))
@@ -1160,7 +1160,7 @@ def data_changes(old: list[dict], new: list[dict]) -> list[str]:
                 f"{len(set(fa) - set(fb))} files removed (e.g. {min(set(fa) - set(fb))})" if set(fa) - set(fb) else "",
                 next((f"{p} changed (size {fa[p][0]:,} -> {fb[p][0]:,} bytes, {fa[p][1]:,} -> {fb[p][1]:,} rows)"
                       for p in sorted(set(fa) & set(fb)) if fa[p] != fb[p]), "")]
-        out.append(f"{a['name']}: " + (", ".join(x for x in said if x) or "files changed")
+        out.append(f"{name}: " + (", ".join(x for x in said if x) or "files changed")
                    + f" ({a['rows']:,} -> {b['rows']:,} rows)")
     return out
 
@@ -1227,7 +1227,8 @@ class PackLoader:
     def same_data(self, sd: dict) -> bool:
         """True when `sd` is a position in the data this loader reads. Otherwise a DataError naming
         what changed, or, with --data.fresh-pass, False: the caller starts a new pass."""
-        changes = data_changes(sd["sources"], self.fingerprint) if "sources" in sd else []
+        changes = data_changes(sd["sources"], self.fingerprint, [s.name for s in self.dataset.sources]) \
+            if "sources" in sd else []
         if not changes:
             return True
         if not self.cfg.fresh_pass:

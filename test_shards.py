@@ -239,7 +239,7 @@ def test_resume_on_changed_data_stops_and_says_what_changed(tmp_path):
             ((str(d),), lambda: (d / "b.jsonl").write_text((d / "b.jsonl").read_text() * 2),
              r"b.jsonl changed \(size .* bytes, 50 -> 100 rows\)"),
             ((str(tmp_path / "mix.yaml"),), lambda: (tmp_path / "mix.yaml").write_text(yaml.safe_dump(
-                {"datasets": [{"path": "d/a.jsonl"}, {"path": "d/b.jsonl", "weight": 2}]})), r"the sources were")]:
+                {"datasets": [{"path": "d/a.jsonl"}, {"path": "d/b.jsonl", "weight": 2}]})), r"1 sources then, 2 now")]:
         cfg = small_cfg(data=spec, packing_length=128, epochs=None)
         loader = data.PackLoader(cfg)
         it = iter(loader)
