@@ -40,8 +40,9 @@ HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json f
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
 LINE_STRIDE = 1024  # the .jsonl index keeps the line number of every this-many-th record (for errors)
 PREFETCH = 2  # packs each DataLoader worker keeps ready (torch's default prefetch_factor)
-PACK_BYTES_PER_TOKEN = 2 * 16 * 16 * 3  # shared-memory bytes of a pack per token, at most: a VAE token's
-#   uint8 pixels (a ViT token has fewer), twice for the padding of padded_images and the other tensors
+# shared-memory bytes of a pack per token: a VAE token's uint8 pixels (16*16*3; a ViT token has fewer)
+# plus padding and indexes (a 1024x1024 edit pack: 7.5 MiB for 9.6k tokens, ~820 per token)
+PACK_BYTES_PER_TOKEN = 1024
 BIG_UNIT_BYTES = 256 << 20  # a parquet row group larger than this is warned about (a whole-file row group)
 RECORD_FIELDS = ("messages", "images", "videos", "image", "captions")  # all parse_record reads
 # a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,

@@ -146,7 +146,8 @@ def test_four_ranks_train_1025_lines(ckpt, tmp_path, capfd):  # noqa: F811
     argv = ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), "--precision", "fp32",
             "--no-activation-checkpointing", "--log-every", "1", "--eval.every", "0", "--data.packing-length", "512",
             "--data.num-workers", "0", "--data.epochs", "1", "--max-steps", "50", "--ckpt.every", "0", *sizes]
-    ctx = mp.start_processes(_rank, args=(free_port(), argv), nprocs=4, join=False, start_method="fork")
+    # spawned, not forked: a fork of the pytest process (other tests' threads) hung once before gloo started
+    ctx = mp.start_processes(_rank, args=(free_port(), argv), nprocs=4, join=False, start_method="spawn")
     deadline = time.time() + 240
     while not ctx.join(timeout=5):
         if time.time() > deadline:
