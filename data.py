@@ -41,6 +41,11 @@ from packing import Geometry, SpecialTokens
 DATA_EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}  # json files in HF save_to_disk dirs
 LINES_PER_UNIT = 1024  # json/jsonl rows are shuffled and sharded in units of this many rows
+PREFETCH = 2  # packs each DataLoader worker keeps ready (torch's default prefetch_factor)
+# shared-memory bytes of a pack per token: a VAE token's uint8 pixels (16*16*3; a ViT token has fewer)
+# plus padding and indexes (a 1024x1024 edit pack: 7.5 MiB for 9.6k tokens, ~820 per token)
+PACK_BYTES_PER_TOKEN = 1024
+BIG_UNIT_BYTES = 256 << 20  # a parquet row group larger than this is warned about (a whole-file row group)
 # record forms, each known by the fields it needs (the first that a record has wins; a yaml mixture
 # can name one with `format:`): chat messages, and upstream BAGEL's three dataset forms as they are
 FORMS = {"messages": ("messages",),  # {role, content parts}, `images` / `videos` filling {"type": "image"}
@@ -92,6 +97,9 @@ class DataConfig:
     truncated_images: Literal["load", "error"] = "load"
     """a truncated image file: decode what is there, as upstream does (PIL's LOAD_TRUNCATED_IMAGES), or
     treat it as a bad record"""
+    fresh_pass: bool = False
+    """on resume, when the data differ from the checkpoint's (files added, removed or changed, another
+    mixture): start a new pass over the data as they are now, from the resumed step"""
     text_cond_dropout: float = 0.1
     """CFG dropout of conditioning text in generation/edit samples (upstream default, DESIGN.md#cfg-dropout)"""
     vit_cond_dropout: float = 0.3
@@ -215,18 +223,27 @@ def draw_size_problem(flag: str, size: int, model_config) -> str | None:
 
 
 class DataError(packing.UserError, ValueError):
-    """Data or data options that cannot be used as given: the message names the file or option."""
+    """Data or data options the user can fix, the message naming the file or option; raised in a
+    DataLoader worker, it is handed to the training process as it is, so it pickles with its arguments."""
+
+    def __reduce__(self):
+        return type(self), self.args
 
 
 class BadSample(DataError):
     """A record we cannot train on (the user's to fix or skip). `reason` is the counter name used with skip_bad."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
+        super().__init__(reason, message)
         self.reason = reason
 
-    def __reduce__(self):  # pickled out of DataLoader workers (see PackedDataset.__iter__)
-        return BadSample, (self.reason, str(self))
+    def __str__(self):
+        return self.args[1]
+
+
+class ReadError(BadSample):
+    """A read unit that cannot be read (a damaged or truncated file): with skip_bad, the rows of it
+    that the shard was to read are skipped and counted under `reason`."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +354,13 @@ def open_file(path: str):
         return open(path, "rb")
     fs, p = filesystem(path)
     return fs.open_input_file(p)
+
+
+def file_size(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -885,110 +909,167 @@ def cut_steps(items: list[dict], cfg: DataConfig, rng: random.Random) -> tuple[l
 # memory-mapped.
 
 def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offsets of the non-blank lines of a .jsonl file and of its end; their 1-based line numbers."""
+    """Byte offsets of the non-blank lines of a .jsonl file and of its end, and the 1-based line number
+    of each (so that an error names the line an editor shows)."""
     offsets, lines, pos = [], [], 0
     try:
         with open_file(path) as fh:
-            for i, line in enumerate(fh if not is_remote(path) else io.BufferedReader(fh, 1 << 20), 1):
+            for no, line in enumerate(fh if not is_remote(path) else io.BufferedReader(fh, 1 << 20), 1):
                 if line.strip():
                     offsets.append(pos)
-                    lines.append(i)
+                    lines.append(no)
                 pos += len(line)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
-    return np.array(offsets + [pos], dtype=np.int64), np.array(lines, dtype=np.int64)
+    return np.array(offsets + [pos], dtype=np.int64), np.array(lines, dtype=np.uint32)
+
+
+def line_index(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """`index_lines` of a .jsonl file, computed once per node: kept in the temporary folder under a
+    name of the file's path, size and modification time, built by the first process that takes its
+    lock (the others wait and read it) and memory-mapped, so the ranks of a node share one copy."""
+    import fcntl
+    import hashlib
+    import tempfile
+    if is_remote(path):  # each process indexes a remote file itself (no shared local name for it)
+        return index_lines(path)
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    folder = os.path.join(tempfile.gettempdir(), "bagel-train-index")
+    base = os.path.join(folder, key)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(base + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(base + ".npy"):
+                offsets, lines = index_lines(path)
+                for name, a in ((".lines.npy", lines), (".npy", offsets)):  # offsets last: the file is complete
+                    np.save(base + ".tmp.npy", a)
+                    os.replace(base + ".tmp.npy", base + name)
+    except OSError:  # no writable temporary folder: index in this process
+        return index_lines(path)
+    return np.load(base + ".npy", mmap_mode="r"), np.load(base + ".lines.npy", mmap_mode="r")
 
 
 class DataFile:
+    """One data file, read in units. No file stays open between two reads (a source may have
+    thousands of files); the parquet footer is parsed once and reused."""
+
     def __init__(self, path: str):
         self.path, self.ext = path, Path(path).suffix.lower()
-        self._h = self._pid = None
-        if self.ext == ".jsonl":  # indexed once here, in the parent: the workers inherit it
-            self.offsets, self.lines = index_lines(path)
-        self._open()
-        self.unit_rows = self._unit_rows()
-        # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
-        # for a file without `messages` or `image` + `captions` lists its fields)
-        self.columns = None
-        if self.ext in (".parquet", ".arrow"):
-            names = self._h.schema_arrow.names if self.ext == ".parquet" else self._h[0].schema.names if self._h else []
-            cols = [c for c in names if c in RECORD_FIELDS]
-            self.columns = cols if any(set(f) <= set(cols) for f in FORMS.values()) else None
-        self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
-
-    def __getstate__(self):  # open handles stay in the process that opened them
-        return {**self.__dict__, "_h": None}
-
-    def _open(self):
-        if self._h is not None and self._pid == os.getpid():
-            return
-        # (re)open in each process: DataLoader workers must not share the parent's file handles
-        self._pid, p = os.getpid(), self.path
+        self.meta = self.rows = None
+        self.size = file_size(path)
+        if self.ext == ".jsonl":  # indexed once per node; the workers inherit it
+            self.offsets, self.lines = line_index(path)
+        elif self.ext == ".json":
+            # a JSON list cannot be streamed without a streaming parser: loaded whole (use .jsonl
+            # or parquet for big data)
+            try:
+                with open_file(path) as fh:
+                    self.rows = json.loads(fh.read())
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}: cannot read: {e}") from None
+            if not isinstance(self.rows, list):
+                raise DataError(f"{path}: expected a JSON list of records, got {type(self.rows).__name__}")
+        elif self.ext not in (".parquet", ".arrow"):
+            raise DataError(f"{path}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
+        names = []
         try:
             if self.ext == ".parquet":
-                # pre_buffer (pyarrow's default) keeps the last row group read by each open file in
-                # its read-ahead cache, so memory would grow with the number of files; without
-                # buffer_size a column chunk is read whole into one more buffer before its pages
-                # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
-                self._h = pq.ParquetFile(open_file(p) if is_remote(p) else p, pre_buffer=False, buffer_size=1 << 20)
+                with self.open() as h:
+                    self.meta, names = h.metadata, h.schema_arrow.names
+                md = self.meta
+                self.unit_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+                big = max([md.row_group(i).total_byte_size for i in range(md.num_row_groups)], default=0)
+                if big > BIG_UNIT_BYTES:
+                    print(f"data: warning: {path} has row groups of up to {big / 2**20:,.0f} MB: each data worker "
+                          f"holds a row group per source (write the file with row groups of "
+                          f"{BIG_UNIT_BYTES // 2**20} MB or less)", file=sys.stderr)
             elif self.ext == ".arrow":
-                src = open_file(p) if is_remote(p) else pa.memory_map(p)
-                try:  # Arrow IPC file format (random access)...
-                    r = pa.ipc.open_file(src)
-                    self._h = [r.get_batch(i) for i in range(r.num_record_batches)]
-                except pa.ArrowInvalid:  # ...or the stream format, used by HF `datasets` shards
-                    src.seek(0)
-                    self._h = list(pa.ipc.open_stream(src))
-            elif self.ext == ".jsonl":
-                self._h = True  # read by seeking to self.offsets
-            elif self.ext == ".json":
-                # a JSON list cannot be streamed without a streaming parser: loaded whole (use .jsonl
-                # or parquet for big data)
-                with open_file(p) as fh:
-                    rows = json.loads(fh.read())
-                if not isinstance(rows, list):
-                    raise DataError(f"{p}: expected a JSON list of records, got {type(rows).__name__}")
-                self._h = rows
+                batches = self.batches()
+                self.unit_rows, names = [b.num_rows for b in batches], batches[0].schema.names if batches else []
             else:
-                raise DataError(f"{p}: unknown data file type {self.ext!r}; expected one of {DATA_EXTS}")
-        except (pa.ArrowInvalid, OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{p}: cannot read: {e}") from None
+                n = len(self.offsets) - 1 if self.ext == ".jsonl" else len(self.rows)
+                self.unit_rows = [min(LINES_PER_UNIT, n - s) for s in range(0, n, LINES_PER_UNIT)]
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+        # parquet and Arrow: only the columns a record can use are read (None: all, so that the error
+        # for a file without `messages` or `image` + `captions` lists its fields)
+        cols = [c for c in names if c in RECORD_FIELDS]
+        self.columns = cols if any(set(f) <= set(cols) for f in FORMS.values()) else None
+        self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
 
-    def _unit_rows(self) -> list[int]:
+    def open(self):
+        """A new reader of a parquet file, or the file itself (callers close it)."""
         if self.ext == ".parquet":
-            md = self._h.metadata
-            return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        if self.ext == ".arrow":
-            return [b.num_rows for b in self._h]
-        n = len(self.offsets) - 1 if self.ext == ".jsonl" else len(self._h)
-        return [min(LINES_PER_UNIT, n - s) for s in range(0, n, LINES_PER_UNIT)]
+            # pre_buffer (pyarrow's default) keeps the last row group read in a read-ahead cache;
+            # without buffer_size a column chunk is read whole into one more buffer before its pages
+            # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
+            return pq.ParquetFile(open_file(self.path) if is_remote(self.path) else self.path, metadata=self.meta,
+                                  pre_buffer=False, buffer_size=1 << 20)
+        return open_file(self.path)
+
+    def batches(self, unit: int | None = None) -> list:
+        """The record batches of an Arrow file (or only batch `unit`), memory-mapped: they keep the
+        mapping, not a file handle."""
+        with (open_file(self.path) if is_remote(self.path) else pa.memory_map(self.path)) as src:
+            try:  # Arrow IPC file format (random access)...
+                r = pa.ipc.open_file(src)
+                return [r.get_batch(i) for i in (range(r.num_record_batches) if unit is None else [unit])]
+            except pa.ArrowInvalid:  # ...or the stream format, used by HF `datasets` shards
+                src.seek(0)
+                return [b for i, b in enumerate(pa.ipc.open_stream(src)) if unit is None or i == unit]
+
+    def unit_name(self, unit: int) -> str:
+        a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
+        if self.ext == ".jsonl":
+            return f"lines {self.line(a)}-{self.line(b - 1)}"
+        return f"{'row group' if self.ext == '.parquet' else 'record batch'} {unit} (rows {a}-{b - 1})"
 
     def load(self, unit: int) -> Any:
-        """The rows of one unit, as stored (Arrow table/batch, a slice of the JSON list, raw lines)."""
-        self._open()
+        """The rows of one unit, as stored (Arrow table/batch, a slice of the JSON list, raw lines).
+        A unit that cannot be read raises ReadError naming the file, the unit and the field."""
         a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
-        if self.ext == ".parquet":
-            md = self._h.metadata.row_group(unit)
-            batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
-            try:
-                return pa.Table.from_batches(list(self._h.iter_batches(
-                    batch, row_groups=[unit], columns=self.columns, use_threads=False)))
-            except (pa.ArrowInvalid, OSError) as e:  # pages garbled after a footer that reads
-                raise DataError(f"{self.path}: rows {a}-{b - 1} (row group {unit}): cannot read: "
-                                f"{' '.join(str(e).split())}") from None  # pyarrow's message spans lines
-        if self.ext == ".arrow":
-            return self._h[unit].select(self.columns) if self.columns else self._h[unit]
         if self.ext == ".json":
-            return self._h[a:b]
-        with open_file(self.path) as fh:
-            fh.seek(int(self.offsets[a]))
-            return fh.read(int(self.offsets[b] - self.offsets[a]))
+            return self.rows[a:b]
+        try:
+            if self.ext == ".arrow":
+                batch = self.batches(unit)[0]
+                return batch.select(self.columns) if self.columns else batch
+            with self.open() as h:
+                if self.ext == ".jsonl":
+                    h.seek(int(self.offsets[a]))
+                    return h.read(int(self.offsets[b] - self.offsets[a]))
+                md = self.meta.row_group(unit)
+                batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
+                return pa.Table.from_batches(list(h.iter_batches(
+                    batch, row_groups=[unit], columns=self.columns, use_threads=False)))
+        except (pa.ArrowException, OSError, EOFError, IndexError) as e:
+            why = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())  # one line
+            raise ReadError("unreadable_unit", f"{self.path}: {self.unit_name(unit)}{self.bad_field(unit)}: "
+                            f"cannot read ({type(e).__name__}: {why})") from None
+
+    def bad_field(self, unit: int) -> str:
+        """`: field 'x'` for the first parquet column of the unit that cannot be decoded alone."""
+        if self.ext != ".parquet":
+            return ""
+        for c in self.columns or self.meta.schema.to_arrow_schema().names:
+            try:
+                with self.open() as h:
+                    h.read_row_group(unit, columns=[c], use_threads=False)
+            except (pa.ArrowException, OSError, EOFError):
+                return f": field {c!r}"
+        return ""
+
+    def line(self, r: int) -> int:
+        """The 1-based line number of non-blank line r of a .jsonl file."""
+        return int(self.lines[r])
 
     def record(self, rows: Any, unit: int, row: int) -> tuple[str, Any]:
         """(where, record) of row `row` of a loaded unit; `where` names file and row for errors."""
         r = int(self.unit_start[unit]) + row
         # a jsonl record is named by its line in the file (1-based, as editors count), others by row index
-        where = f"{self.path}: line {self.lines[r]}" if self.ext == ".jsonl" else f"{self.path}: row {r}"
+        where = f"{self.path}: line {self.line(r)}" if self.ext == ".jsonl" else f"{self.path}: row {r}"
         if self.ext in (".parquet", ".arrow"):
             return where, rows.slice(row, 1).to_pylist()[0]
         if self.ext == ".json":
@@ -1034,21 +1115,28 @@ def data_files(path: str) -> list[str]:
 class Source:
     """One entry of the mixture: some files, a weight, and the folder relative image paths are in.
 
-    Sharding is by whole units, so a shard reads only its own units, each once per epoch. Epoch e
-    shuffles the units with a seed of (seed, source, e) and deals them to the n shards in turn:
-    shard s reads units s, s+n, s+2n, ... of that order, one after the other, each unit's rows in an
-    order shuffled with (seed, source, e, unit). A source with fewer units than shards has each unit
-    cut into k = ceil(shards / units) ranges of that row order, dealt the same way, so that every
-    shard draws from every source and the mixture weights hold; such a unit is read by k shards.
-    A sample is named by the key (source, epoch, unit, place in the unit's row order): it is found
-    again from its key alone, whatever the shard.
+    Epoch e shuffles the units with a seed of (seed, source, e) and lays their rows end to end, each
+    unit's rows in an order shuffled with (seed, source, e, unit). The n shards take consecutive
+    slices of that sequence (`deal`), so a shard reads few units, most of them whole, each shard
+    reads the same number of rows within one, and a unit is cut into row ranges only where a slice
+    ends inside it. The odd rows (rows mod n) go to other shards each epoch, so a source with fewer
+    rows than shards is read by the shards in turn. A sample is named by the key (source, epoch,
+    unit, place in the unit's row order): it is found again from its key alone, whatever the shard.
     """
 
     def __init__(self, name: str, files: list[str], weight: float, folder: str | None, index: int,
-                 seed: int, form: str | None = None):
+                 seed: int, form: str | None = None, skip_bad: bool = False):
         self.name, self.weight, self.index, self.seed = name, float(weight), index, seed
         self.form = form  # FORMS key named in a yaml mixture; None: detected per record
-        self.files = [DataFile(f) for f in files]
+        self.files, self.unreadable = [], []  # unreadable: (file, error) skipped under skip_bad
+        for f in files:
+            try:
+                self.files.append(DataFile(f))
+            except DataError as e:  # e.g. a truncated parquet file: its footer is gone
+                if not skip_bad:
+                    raise
+                self.unreadable.append((f, str(e)))
+        files = [f.path for f in self.files]
         self.folders = [folder if folder is not None else parent(f) for f in files]
         self.units = [(fi, ui, n) for fi, f in enumerate(self.files)
                       for ui, n in enumerate(f.unit_rows) if n > 0]
@@ -1057,16 +1145,15 @@ class Source:
             raise DataError(f"{name}: no rows")
         if self.weight <= 0:
             raise DataError(f"{name}: mixture weight must be > 0, got {weight}")
+        self.dealt = (0, self.n_rows)  # set by find_sources: rows of the sources before it, of all sources
         self._unit: tuple = (None, None)  # (unit, its rows): the one unit this source holds
         self._order: tuple = (None, None)  # ((epoch, unit), row order)
 
     def plan(self, epoch: int, shard: int, n_shards: int) -> list[tuple[int, int, int]]:
         """The (unit, start, end) ranges of the unit row orders that `shard` reads in `epoch`."""
-        k = -(-n_shards // len(self.units))
         order = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.units))
-        ranges = [(int(u), n * j // k, n * (j + 1) // k) for u in order
-                  for n in [self.units[u][2]] for j in range(k)]
-        return [r for r in ranges[shard::n_shards] if r[2] > r[1]]
+        before, total = self.dealt  # rows of the sources before this one, and of all sources
+        return deal([(int(u), 0, self.units[u][2]) for u in order], shard, n_shards, epoch * total + before)
 
     def read(self, key: tuple[int, int, int, int]) -> tuple[str, str, Any]:
         _, epoch, u, place = key
@@ -1080,7 +1167,25 @@ class Source:
         return where, self.folders[fi], rec
 
 
-def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Source]:
+def deal(ranges: list, shard: int, n_shards: int, base: int = 0) -> list[tuple[int, int, int]]:
+    """Shard `shard`'s slice of the N rows of `ranges` ((unit, start, end), in reading order), as if
+    `base` rows had been dealt before: shard s takes floor((base + N + s) / n) - floor((base + s) / n)
+    rows, N // n or N // n + 1. Dealt on from one base to the next (epochs, mixture sources), the odd
+    rows go round all shards, so that no shard ever has more than one row more than another."""
+    sizes = np.array([b - a for _, a, b in ranges], dtype=np.int64)
+    n_rows = int(sizes.sum())
+    t = np.arange(n_shards, dtype=np.int64)
+    counts = (base + n_rows + t) // n_shards - (base + t) // n_shards  # rows of each shard ...
+    lo, hi = int(counts[:shard].sum()), int(counts[:shard + 1].sum())  # ... and this one's slice
+    out, pos = [], 0
+    for (u, a, b), n in zip(ranges, sizes.tolist()):
+        if pos < hi and pos + n > lo:
+            out.append((int(u), a + max(lo - pos, 0), a + min(hi - pos, n)))
+        pos += n
+    return out
+
+
+def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0, skip_bad: bool = False) -> list[Source]:
     """--data values → mixture sources. `x.yaml` is a mixture (`datasets: [{path, weight,
     data_folder, format}]`, paths relative to the yaml file, local or remote; `format` names a FORMS
     key, otherwise each record's form is detected from its fields); `path:weight` weights a plain path."""
@@ -1116,8 +1221,12 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0) -> list[Sour
                                 float(e.get("weight", 1.0)) * weight, folder, form))
         else:
             entries.append((p, p, weight, None, None))
-    return [Source(name, data_files(path), w, folder, i, seed, form)
+    srcs = [Source(name, data_files(path), w, folder, i, seed, form, skip_bad)
             for i, (name, path, w, folder, form) in enumerate(entries)]
+    starts = np.cumsum([0] + [s.n_rows for s in srcs]).tolist()
+    for s, before in zip(srcs, starts):  # the sources are dealt as one sequence, epoch after epoch
+        s.dealt = (before, starts[-1])
+    return srcs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1177,7 +1286,9 @@ class ShardStream:
         return self._plan[i][1]
 
     def ready(self, i: int) -> bool:
-        """Move source i's position to its next row; False when it has none left for this shard."""
+        """Move source i's position to its next row; False when it has none left for this shard.
+        An epoch in which this shard reads no row of the source (fewer rows than shards) is passed
+        over: the next epoch deals the odd rows to other shards."""
         while self.cfg.epochs is None or self.pos[i][0] < self.cfg.epochs:
             epoch, j, place = self.pos[i]
             plan = self.plan(i)
@@ -1185,8 +1296,6 @@ class ShardStream:
                 return True
             if j + 1 < len(plan):
                 self.pos[i] = [epoch, j + 1, 0]
-            elif not plan and self.plans[i] is None:  # fewer rows than shards: none ever for this one
-                return False
             else:
                 self.pos[i], self.plans[i] = [epoch + 1, 0, 0], None
         return False
@@ -1250,6 +1359,17 @@ class ShardStream:
             self.tried[i] += 1
             try:
                 sample = self.make(key)
+            except ReadError as e:
+                if not self.cfg.skip_bad:
+                    raise
+                # the unit's rows this shard was to read are lost, the key's and the rest of its range;
+                # they are not held against the source (the > MAX_SKIPPED stop): a shard reads few
+                # units, so one damaged row group would look like most of the source
+                self.tried[i] -= 1
+                _, start, end = self.plan(i)[self.pos[i][1]]
+                self.skips[e.reason] += 1 + end - start - self.pos[i][2]
+                self.pos[i][2] = end - start
+                continue
             except BadSample as e:
                 if e.reason == "too_long" and self.cfg.skip_too_long:  # valid, just big: not a sign of a broken source
                     self.skips[e.reason] += 1
@@ -1291,14 +1411,15 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.tok = load_tokenizer(cfg.model)
         self.specials = special_tokens(self.tok)
         self.geo = cfg.geometry()
-        self.sources = find_sources(cfg.data, cfg.seed)
+        self.sources = find_sources(cfg.data, cfg.seed, cfg.skip_bad)
         self.rotate, self.resume = 0, {}
         n_shards = world_size * max(cfg.num_workers, 1)
         for src in self.sources:
-            if len(src.units) < n_shards and rank == 0 and notes:  # (train.check_args' copy stays quiet)
-                print(f"data: {src.name} has {len(src.units)} read units (row groups, record batches or "
-                      f"{LINES_PER_UNIT}-line blocks) for {n_shards} shards: each unit is cut into "
-                      f"{-(-n_shards // len(src.units))} row ranges read by a shard each", file=sys.stderr)
+            for f, e in src.unreadable if rank == 0 else []:
+                print(f"data: skipped (--data.skip-bad), cannot be opened: {e}", file=sys.stderr)
+            if src.n_rows < n_shards and rank == 0 and notes:  # (train.check_args' copy stays quiet)
+                print(f"data: {src.name} has {src.n_rows} rows for {n_shards} shards (ranks x workers): "
+                      f"each epoch {src.n_rows} of them read one row, in turn", file=sys.stderr)
 
     def stream(self, vshard: int = 0, n_workers: int = 1) -> ShardStream:
         return ShardStream(self, vshard, n_workers, self.resume.get(vshard))
@@ -1310,12 +1431,39 @@ class PackedDataset(torch.utils.data.IterableDataset):
         # turn it is: `rotate` is the number of packs consumed modulo the number of workers
         try:
             for _, batch, state in self.stream((w + self.rotate) % nw, nw):
-                batch["_state"] = state
-                yield batch
+                yield dict(to_uint8(batch, self.geo), _state=state)
         except packing.UserError as e:  # a bad record, or a file that cannot be read
             if info is None:
                 raise
             yield e  # PackLoader raises it: raised here, the user would get it inside a worker traceback
+
+
+def to_uint8(batch: dict, geo: Geometry) -> dict:
+    """The pack's pixels as uint8 for the trip out of a DataLoader worker, through shared memory:
+    a quarter of the bytes (a 1024x1024 edit pack: ~7 MB, not ~28). Exact: every pixel is k/127.5 - 1
+    for an integer k (`to_tensor`), and padding is restored from `_image_hw` by `to_float`."""
+    k = lambda x: x.add(1).mul_(127.5).round_().to(torch.uint8)
+    return dict(batch, padded_images=k(batch["padded_images"]), packed_vit_tokens=k(batch["packed_vit_tokens"]),
+                _image_hw=[(h * geo.latent_down, w * geo.latent_down) for h, w in batch["patchified_vae_latent_shapes"]])
+
+
+def to_float(batch: dict) -> dict:
+    """Undo `to_uint8` where the pack is used (on its device: the training step), bit for bit as
+    `to_tensor` computes the pixels; the zero padding of `padded_images` is restored. A float pack
+    is returned as it is."""
+    if "_image_hw" not in batch:
+        return batch
+    b = dict(batch)
+    pix = lambda x: (x.float() / 255 - 0.5) / 0.5  # = to_tensor's arithmetic
+    imgs = pix(b["padded_images"])
+    for img, (h, w) in zip(imgs, b.pop("_image_hw")):
+        img[:, h:], img[:, :, w:] = 0, 0
+    return dict(b, padded_images=imgs, packed_vit_tokens=pix(b["packed_vit_tokens"]))
+
+
+def idle(batch: dict) -> bool:
+    """The pack trains nothing: no CE and no MSE token (PackLoader.padded's packs; no record makes one)."""
+    return len(batch["ce_loss_indexes"]) + len(batch["mse_loss_indexes"]) == 0
 
 
 def _no_collate(x):
@@ -1333,6 +1481,44 @@ def check_format(states: list[dict]):
                         "whole units): it cannot be continued; resume from a newer checkpoint or start over")
 
 
+FINGERPRINT_FILES = 1000  # a source of at most this many files lists them in checkpoints (to name a change)
+
+
+def fingerprint(sources: list[Source]) -> list[dict]:
+    """What a data state is a position in: per source its weight, rows and files (path below the
+    source's folder, size, rows), the file list as a digest when it is long. Data moved to another
+    folder as they are is the same data."""
+    import hashlib
+    out = []
+    for s in sources:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f.path)) for f in s.files])
+        files = [[os.path.relpath(os.path.abspath(f.path), root), f.size, int(f.unit_start[-1])] for f in s.files]
+        out.append(dict(weight=s.weight, rows=s.n_rows,
+                        digest=hashlib.sha1(json.dumps(files).encode()).hexdigest(),
+                        files=files if len(files) <= FINGERPRINT_FILES else None))
+    return out
+
+
+def data_changes(old: list[dict], new: list[dict], names: list[str]) -> list[str]:
+    """What differs between two fingerprints, in words (empty: nothing); `names`: the new sources'."""
+    if len(old) != len(new):
+        return [f"{len(old)} sources then, {len(new)} now ({', '.join(names)})"]
+    out = []
+    for a, b, name in zip(old, new, names):
+        if a["weight"] != b["weight"]:
+            out.append(f"{name}: weight {a['weight']:g} -> {b['weight']:g}")
+        if a["digest"] == b["digest"]:
+            continue
+        fa, fb = ({f[0]: f[1:] for f in x["files"] or []} for x in (a, b))
+        said = [f"{len(set(fb) - set(fa))} files added (e.g. {min(set(fb) - set(fa))})" if set(fb) - set(fa) else "",
+                f"{len(set(fa) - set(fb))} files removed (e.g. {min(set(fa) - set(fb))})" if set(fa) - set(fb) else "",
+                next((f"{p} changed (size {fa[p][0]:,} -> {fb[p][0]:,} bytes, {fa[p][1]:,} -> {fb[p][1]:,} rows)"
+                      for p in sorted(set(fa) & set(fb)) if fa[p] != fb[p]), "")]
+        out.append(f"{name}: " + (", ".join(x for x in said if x) or "files changed")
+                   + f" ({a['rows']:,} -> {b['rows']:,} rows)")
+    return out
+
+
 class PackLoader:
     """What the training loop uses: iterate for batches (Bagel.forward's keyword arguments)."""
 
@@ -1341,15 +1527,33 @@ class PackLoader:
         self.dataset = PackedDataset(cfg, rank, world_size)
         self.shards: dict[int, dict] = {}  # state after the last consumed pack of each worker shard
         self.consumed = 0
+        self.fingerprint = fingerprint(self.dataset.sources)
+
+    def check_shm(self):
+        """DataLoader workers hand packs over in /dev/shm, PREFETCH per worker: fail at the start, with
+        the fix, where it cannot hold them (Docker's default is 64 MB), not with a bus error mid-run."""
+        import shutil
+        nw = self.cfg.num_workers
+        if not nw or not os.path.isdir("/dev/shm"):
+            return
+        need = nw * PREFETCH * self.cfg.packing_length * PACK_BYTES_PER_TOKEN
+        free = shutil.disk_usage("/dev/shm").free
+        if free < need:
+            raise DataError(f"/dev/shm has {free / 2**20:,.0f} MB free, the prefetched packs need up to "
+                            f"{need / 2**20:,.0f} MB ({nw} workers x {PREFETCH} packs of --data.packing-length "
+                            f"{self.cfg.packing_length:,} tokens): lower --data.num-workers (0: no shared "
+                            f"memory) or give the container more (docker run --shm-size 1g)")
 
     def __iter__(self):
         nw = self.cfg.num_workers
+        self.check_shm()
         self.dataset.rotate = self.consumed % max(nw, 1)
         self.dataset.resume = copy.deepcopy(self.shards)
         # pinned batches: the trainer's copies to the GPU do not block the host (train.to_device)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=nw,
                                              collate_fn=_no_collate, worker_init_fn=_worker_init,
-                                             pin_memory=torch.cuda.is_available())
+                                             pin_memory=torch.cuda.is_available(),
+                                             prefetch_factor=PREFETCH if nw else None)
         for batch in loader:
             if isinstance(batch, packing.UserError):
                 raise batch
@@ -1358,12 +1562,42 @@ class PackLoader:
             self.consumed += 1
             yield batch
 
+    def padded(self):
+        """Iterate, then yield packs that train nothing (`idle`) for good. Ranks step together, so a
+        rank whose finite data ran out keeps stepping with idle packs while the others train their
+        last packs; the loop stops when every rank's step is idle."""
+        yield from self
+        ds = self.dataset
+        items = [dict(type="text", ids=[ds.specials.eos], loss=0, enable_cfg=0, desc="idle")]
+        while True:
+            yield packing.collate([packing.layout_sample(items, ds.specials, ds.geo)], timesteps=torch.zeros(0),
+                                  geo=ds.geo)
+
     def state_dict(self) -> dict:
         return dict(consumed=self.consumed, num_workers=self.cfg.num_workers,
                     world_size=self.dataset.world_size, seed=self.cfg.seed,
-                    shards=copy.deepcopy(self.shards))
+                    shards=copy.deepcopy(self.shards), sources=self.fingerprint)
+
+    def same_data(self, sd: dict) -> bool:
+        """True when `sd` is a position in the data this loader reads. Otherwise a DataError naming
+        what changed, or, with --data.fresh-pass, False: the caller starts a new pass."""
+        changes = data_changes(sd["sources"], self.fingerprint, [s.name for s in self.dataset.sources]) \
+            if "sources" in sd else []
+        if not changes:
+            return True
+        if not self.cfg.fresh_pass:
+            raise DataError("the data changed since the checkpoint: " + "; ".join(changes) + ". Resuming "
+                            "would re-read or skip rows: restore the data, or pass --data.fresh-pass to "
+                            "start a new pass over the data as they are now from the resumed step")
+        if self.dataset.rank == 0:
+            print("data: the data changed since the checkpoint (" + "; ".join(changes) + "): --data.fresh-pass, "
+                  "a new pass starts", file=sys.stderr)
+        self.consumed, self.shards = 0, {}
+        return False
 
     def load_state_dict(self, sd: dict):
+        if not self.same_data(sd):
+            return
         check_format([sd])
         for k in ("num_workers", "world_size", "seed"):
             mine = self.cfg.num_workers if k == "num_workers" else \
@@ -1381,6 +1615,8 @@ class PackLoader:
         yet in it are dealt to the new shards as row ranges, and the samples that waited in open
         packs are handed out again as open packs. No record is skipped; rows a faster old shard had
         already read in the next epoch are read again there. Counters and timestep draws restart."""
+        if not self.same_data(states[0]):
+            return
         check_format(states)
         if any(st["seed"] != self.cfg.seed for st in states):
             raise DataError(f"data state was saved with seed {states[0]['seed']}, this run has {self.cfg.seed}")
@@ -1407,7 +1643,7 @@ class PackLoader:
         n_new, first = self.dataset.world_size * nw, self.dataset.rank * nw
         self.consumed = 0
         self.shards = {v: dict(shard=v, draws=0, pos=[[e, 0, 0] for e in epoch],
-                               plans=[rs[first + v::n_new] for rs in left], tried=[0] * len(srcs),
+                               plans=[deal(rs, first + v, n_new) for rs in left], tried=[0] * len(srcs),
                                bad=[0] * len(srcs), packs=0, samples=0, tokens=0, skips={},
                                open=waiting[first + v::n_new]) for v in range(nw)}
 

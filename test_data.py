@@ -635,7 +635,7 @@ def test_workers_interleave_in_step_order(tmp_path):
     s0, s1 = iter(ds.stream(0, 2)), iter(ds.stream(1, 2))
     want = [next(s)[1] for _ in range(3) for s in (s0, s1)]
     for a, b in zip(got, want):
-        same_batch(a, b)
+        same_batch(data.to_float(a), b)  # the loader's pixels cross as uint8
 
 
 def test_inspect_cli(tmp_path, ckpt, capsys):
@@ -736,8 +736,8 @@ def test_each_unit_is_read_by_one_shard(container, tmp_path, monkeypatch):
     cfg = small_cfg(data=(path,), packing_length=128, epochs=2, num_workers=2)
     rows = {}  # (epoch, shard) -> rows in reading order
     for rank in range(4):
-        ds = data.PackedDataset(cfg, rank, 4)
         for w in range(2):
+            ds = data.PackedDataset(cfg, rank, 4)  # a dataset each: a worker process each, no shared cache
             for pack, _, _ in ds.stream(w, 2):
                 for s in pack:
                     rows.setdefault((s.key[1], rank * 2 + w), []).append(row_of(s.where))
@@ -750,13 +750,15 @@ def test_each_unit_is_read_by_one_shard(container, tmp_path, monkeypatch):
                 assert owner.setdefault(unit(r), shard) == shard
         assert sorted(r for s in range(8) for r in rows[epoch, s]) == list(range(48))
     assert [{unit(r) for r in rows[0, s]} for s in range(8)] != [{unit(r) for r in rows[1, s]} for s in range(8)]
-    if container == "parquet":
-        assert sorted(reads) == sorted(list(range(16)) * 2)
+    if container == "parquet":  # at most once per epoch (a shard whose last unit of one epoch is its first
+        # of the next keeps it)
+        assert set(reads) == set(range(16)) and max(Counter(reads).values()) <= 2 and len(reads) >= 30
 
 
 def test_fewer_units_than_shards(tmp_path, monkeypatch):
-    """3 row groups on 8 shards: each is cut into 3 row ranges, so every shard draws from both
-    sources (the mixture holds) and a row group is read by 3 shards, not 8."""
+    """3 row groups of 6 rows on 8 shards: the 18 rows are cut into slices of 2 or 3, so every shard
+    draws from both sources (the mixture holds) and a row group is read by the 2 or 3 shards whose
+    slices touch it, not 8."""
     path, _ = unit_file("parquet", tmp_path, 3, 6, monkeypatch)
     reads = count_row_group_reads(monkeypatch)
     cfg = small_cfg(data=(path, text_data(tmp_path, 80)), packing_length=128, num_workers=2)
@@ -768,7 +770,7 @@ def test_fewer_units_than_shards(tmp_path, monkeypatch):
             assert {k[0] for k in keys} == {0, 1}
             seen += [ds.sources[k[0]].read(k)[0] for k in keys]
     assert len(seen) == len(set(seen)) == 18 + 80
-    assert sorted(reads) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sorted(Counter(reads).values()) == [2, 3, 3]
 
 
 def test_parquet_decode_peak_in_a_fresh_process(tmp_path):

@@ -485,14 +485,15 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     # one big-batch token mean, whatever the split over ranks and micro-steps (DESIGN.md#losses, bug L1)
     counts = torch.tensor([sum(len(b["ce_loss_indexes"]) for b in batches),
                            sum(len(b["mse_loss_indexes"]) for b in batches),
-                           int(len(batches) < args.optim.grad_accum)], dtype=torch.float64, device=dev)
+                           int(len(batches) < args.optim.grad_accum), int(all(map(data_lib.idle, batches)))],
+                          dtype=torch.float64, device=dev)
     dist.all_reduce(counts)
-    if counts[2] > 0:
+    if counts[2] > 0 or counts[3] == d.world_size:  # no rank has a pack to train (data.PackLoader.padded)
         return None
     n_ce, n_mse = counts[0].clamp(min=1).float(), counts[1].clamp(min=1).float()
     # every micro-batch's copy is queued now (pinned, non-blocking; already done by `take` in train):
     # the host runs on to queue the kernels, and nothing in the micro-steps below waits for the device
-    batches = [to_device(b, dev) for b in batches]
+    batches = [data_lib.to_float(to_device(b, dev)) for b in batches]  # pixels come as uint8 (data.to_uint8)
     sums = torch.zeros(2, device=dev)
     by_t = torch.zeros(2, T_BUCKETS, device=dev)  # MSE sum and token count per timestep bucket
     for micro, b in enumerate(batches):
@@ -1109,7 +1110,7 @@ def train(args: Args, d: fsdp.Dist):
                    f"(--ckpt.resume none starts over)")
 
     saver, meter = Saver(args, d, args_json, model, opt, sched, ema), Meter(args, d, loader, loggers, step)
-    it = iter(loader)
+    it = loader.padded()  # a rank whose data ran out steps along with idle packs
     ahead = take(it, args.optim.grad_accum, loader, d.device)
     while step < args.max_steps:
         batches, data_state, wait, copied = ahead
@@ -1118,7 +1119,7 @@ def train(args: Args, d: fsdp.Dist):
         ahead = take(it, args.optim.grad_accum, loader, d.device)  # copies overlap this step
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
-        if s is None:  # some rank ran out of data: ranks step together, so all stop here
+        if s is None:  # every rank's data ran out (--data.epochs): ranks step together, so all stop here
             log(out_of_data(step, loader, batches + ahead[0], d))
             log(loader.log_line())  # rank 0's shards: skips, cuts and the images its resize treated badly
             saver.save(step, data_state, again=False)
@@ -1166,10 +1167,11 @@ def resume_from(path: str, args: Args, d: fsdp.Dist, model, opt, sched, ema, loa
 def out_of_data(step: int, loader, untrained: list[dict], d: fsdp.Dist) -> str:
     """The line saying the data ran out. `untrained`: the packs of this step and those taken for the
     next (the loader counts them as consumed); with the rows the ranks still hold, they go untrained."""
+    untrained = [b for b in untrained if not data_lib.idle(b)]  # idle packs carry no records
     left = torch.tensor(loader.rows_left() + sum(len(b["sample_lens"]) for b in untrained), device=d.device)
     dist.all_reduce(left)
-    return (f"step {step}: the data ran out (--data.epochs); {int(left):,} records that ranks still held "
-            f"are not trained on; saving and stopping")
+    return (f"step {step}: the data ran out (--data.epochs): every rank trained all its records"
+            + (f" but {int(left):,}" if left else "") + "; saving and stopping")
 
 
 class Saver:
