@@ -25,17 +25,20 @@ QUESTION = "what shape is this ?"
 SIZE = 32  # pixels: 4x4 generated latent patches (demo VAE stride 4, patch 2)
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 VAE_STEPS = 150  # steps of the demo VAE's fit (the tests set 0: a random VAE)
+RADIUS = (0.36, 0.40)  # of the side: a shape's half-width (a square's, a circle's radius)
 
 # The demo's settings, as flags: train.parse_args puts them before the command line's own, so the
 # command line wins, and every option not named here keeps Args's default.
 FLAGS = ["--output-dir", "out/demo", "--max-steps", "300", "--log-every", "20", "--no-activation-checkpointing",
          "--optim.lr", "3e-3", "--optim.warmup-steps", "20", "--optim.schedule", "cosine", "--optim.min-lr", "1e-4",
+         "--timestep-shift", "3",  # more of training at the noisy end, where a sample's shape is decided
          "--ckpt.every", "100", "--ckpt.keep-last", "2",
          "--lora.targets", "all",  # with --lora.rank: the demo's base is random, its text needs adapting too
          "--eval.every", "150", "--eval.prompts", *PROMPTS, "--eval.question", QUESTION,
          "--eval.size", str(SIZE), "--eval.steps", "20",
          "--data.packing-length", "384", "--data.num-workers", "0", "--data.vae-max-size", str(SIZE),
-         "--data.vae-min-size", "16", "--data.vit-max-size", "56", "--data.vit-min-size", "28"]
+         "--data.vae-min-size", "16",
+         "--data.vit-max-size", "56", "--data.vit-min-size", "56"]  # 4x4 ViT patches: at 2x2 it named shapes by chance
 
 
 def setup(args, d):
@@ -63,14 +66,14 @@ def setup(args, d):
 
 
 def draw_shape(shape: str, colour: str, size: int = SIZE, rng: random.Random | None = None):
-    """A coloured shape on white, jittered a little in size and position: with more jitter (radius
-    0.25-0.4 of the side, centre +-10%) the demo's 300 steps drew blobs of the right colour; with
-    this much they draw the shapes (README, the demo). 32 pixels rather than 64: the demo VAE's fit
-    costs a quarter, and the model still generates 4x4 latent patches."""
+    """A coloured shape on white, jittered a little in size (RADIUS) and position (+-3% of the side).
+    Large, because a circle differs from a square only in its corners: at radius 0.3 of the side 300
+    steps drew the circle as a rounded square. 32 pixels rather than 64: the demo VAE's fit costs a
+    quarter, and the model still generates 4x4 latent patches."""
     from PIL import Image, ImageDraw
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), (255, 255, 255))
-    r = size * rng.uniform(0.28, 0.32)
+    r = size * rng.uniform(*RADIUS)
     cx, cy = (size / 2 + rng.uniform(-0.03, 0.03) * size for _ in range(2))
     box = (cx - r, cy - r, cx + r, cy + r)
     draw, fill = ImageDraw.Draw(img), COLOURS[colour]
@@ -111,7 +114,8 @@ def make_data(folder: str, n_images: int = 400, n_val: int = 40, seed: int = 0) 
 def fit_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0) -> float:
     """Teach the demo's tiny VAE to reconstruct the shapes (reparameterised sample + a light KL, so
     the posterior samples that training draws keep the picture). The released BAGEL starts from the
-    FLUX ae; a random VAE would leave the demo's generated images as noise. Returns the last loss."""
+    FLUX ae; a random VAE would leave the demo's generated images as noise. Returns the last loss,
+    and the shift and scale that take its latents to mean 0 and std 1."""
     from PIL import Image
     files = sorted(os.listdir(images))
     x_all = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(images, f)).convert("RGB"))).permute(2, 0, 1)
@@ -120,6 +124,10 @@ def fit_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0) -> float:
     # image with a grey blob, and where it leaves that plateau depends on float rounding (the number
     # of threads); weighted, it reconstructs held-out shapes to the same loss on 1 or 2 threads
     weight = 1 + 3 * (x_all < 0.9).any(1, keepdim=True).float()  # [N, 1, H, W]
+    # a nearly deterministic posterior, as FLUX's: its std starts at ~0.007, not the random init's
+    # ~0.5, which 150 steps would keep and the posterior samples of training would blur the shapes with
+    with torch.no_grad():
+        ae.encoder.conv_out.bias[ae.config.z_channels:] -= 10  # the logvar half
     g, opt = torch.Generator().manual_seed(seed), torch.optim.Adam(ae.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))  # 10 warmup steps
     for _ in range(steps):
@@ -133,7 +141,9 @@ def fit_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0) -> float:
         loss.backward()
         opt.step()
         sched.step()
-    return loss.item()
+    with torch.no_grad():
+        z = torch.cat([ae.encoder(x).chunk(2, dim=1)[0] for x in x_all.split(64)])  # posterior means
+    return loss.item(), z.mean().item(), 1 / z.std().item()
 
 
 def make_checkpoint(path: str, images: str, seed: int = 0) -> str:
@@ -162,8 +172,12 @@ def make_checkpoint(path: str, images: str, seed: int = 0) -> str:
     model, ae = Bagel(config), AutoEncoder(config.vae)
     if VAE_STEPS:
         t0 = time.time()
-        loss = fit_vae(ae, images, VAE_STEPS, seed)
-        print(f"demo VAE fitted to the shapes: {VAE_STEPS} steps, reconstruction loss {loss:.3f}, {time.time() - t0:.0f}s")
+        loss, shift, scale = fit_vae(ae, images, VAE_STEPS, seed)
+        # as FLUX's shift and scale: the flow sees latents of mean 0 and std 1, so at each t it sees as
+        # much picture against its noise as a released model does
+        model.config = dataclasses.replace(config, vae=dataclasses.replace(config.vae, shift_factor=shift, scale_factor=scale))
+        print(f"demo VAE fitted to the shapes: {VAE_STEPS} steps, reconstruction loss {loss:.3f}, latent shift "
+              f"{shift:.3f} scale {scale:.3f}, {time.time() - t0:.0f}s")
     save_pretrained(path, model, ae)
     tok.save(os.path.join(path, "tokenizer.json"))
     return path

@@ -331,7 +331,7 @@ def template(shape: str, size: int) -> np.ndarray:
     """A centred shape of the demo's mean radius, drawn here (not with demo_lib.draw_shape)."""
     from PIL import ImageDraw
     img = Image.new("1", (size, size), 0)
-    c, r = size / 2, size * 0.3
+    c, r = size / 2, size * sum(demo_lib.RADIUS) / 2
     box = (c - r, c - r, c + r, c + r)
     draw = ImageDraw.Draw(img)
     if shape == "circle":
