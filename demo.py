@@ -100,7 +100,8 @@ def make_data(folder: str, n_images: int = 400, n_val: int = 40, seed: int = 0) 
             name = f"{images}/{i:05d}.png"
             draw_shape(shape, colour, SIZE, rng).save(os.path.join(folder, name))
             img = {"type": "image_url", "image_url": {"url": name}}
-            q, a = rng.choice([(QUESTION, f"a {shape} ."), ("what colour is it ?", f"{colour} ."),
+            # the shape question twice as often as the others: the hardest, and the one the samples ask
+            q, a = rng.choice([(QUESTION, f"a {shape} ."), (QUESTION, f"a {shape} ."), ("what colour is it ?", f"{colour} ."),
                                ("describe the image .", f"a {colour} {shape} .")])
             records += [{"messages": [{"role": "user", "content": f"a {colour} {shape}"},
                                       {"role": "assistant", "content": [img]}]},
