@@ -101,8 +101,8 @@ def make_data(folder: str, n_images: int = 400, n_val: int = 40, seed: int = 0) 
             draw_shape(shape, colour, SIZE, rng).save(os.path.join(folder, name))
             img = {"type": "image_url", "image_url": {"url": name}}
             # the shape question twice as often as the others: the hardest, and the one the samples ask
-            q, a = rng.choice([(QUESTION, f"a {shape} ."), (QUESTION, f"a {shape} ."), ("what colour is it ?", f"{colour} ."),
-                               ("describe the image .", f"a {colour} {shape} .")])
+            q, a = rng.choice([(QUESTION, f"a {shape} ."), (QUESTION, f"a {shape} ."), ("what colour is it ?",
+                               f"{colour} ."), ("describe the image .", f"a {colour} {shape} .")])
             records += [{"messages": [{"role": "user", "content": f"a {colour} {shape}"},
                                       {"role": "assistant", "content": [img]}]},
                         {"messages": [{"role": "user", "content": [img, {"type": "text", "text": q}]},
@@ -176,7 +176,8 @@ def make_checkpoint(path: str, images: str, seed: int = 0) -> str:
         loss, shift, scale = fit_vae(ae, images, VAE_STEPS, seed)
         # as FLUX's shift and scale: the flow sees latents of mean 0 and std 1, so at each t it sees as
         # much picture against its noise as a released model does
-        model.config = dataclasses.replace(config, vae=dataclasses.replace(config.vae, shift_factor=shift, scale_factor=scale))
+        vae = dataclasses.replace(config.vae, shift_factor=shift, scale_factor=scale)
+        model.config = dataclasses.replace(config, vae=vae)  # save_pretrained writes ae_config.json from it
         print(f"demo VAE fitted to the shapes: {VAE_STEPS} steps, reconstruction loss {loss:.3f}, latent shift "
               f"{shift:.3f} scale {scale:.3f}, {time.time() - t0:.0f}s")
     save_pretrained(path, model, ae)

@@ -17,7 +17,7 @@ def main(run: str, png: str):
     out.paste(grid, (0, 0))
     out.paste(loss, (0, grid.height))
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
-    out.quantize(64).save(png, optimize=True)  # a palette: the picture stays a few tens of KB
+    out.quantize(256).save(png, optimize=True)  # a palette: the picture stays a few tens of KB
     print(f"{png}: {out.width}x{out.height}, {os.path.getsize(png) / 1024:.0f} KB")
 
 
