@@ -217,6 +217,15 @@ def test_loggers_get_the_metrics_rows_and_the_sample_grids(runs):
     assert [c for c in tb if c[0] == "image"] == [("image", s, "samples", (h, w, 3), "HWC") for s in (2, 4)]
 
 
+def test_the_demo_asks_about_the_next_held_out_image_at_each_eval(runs):
+    a = runs[0]
+    val = os.path.join(a, "demo_data", "val")
+    held_out = [np.asarray(Image.open(os.path.join(val, f))) for f in sorted(os.listdir(val))]
+    asked = [np.asarray(Image.open(os.path.join(a, "samples", f"step-{s:07d}", "question.png"))) for s in (2, 4)]
+    # eval k (step 2k with --eval.every 2) asks about held-out image k
+    assert [[i for i, h in enumerate(held_out) if np.array_equal(q, h)] for q in asked] == [[1], [2]]
+
+
 def wandb_history(path: str) -> list[dict]:
     """The history rows of an offline wandb run, read from its .wandb file: a 7-byte file header,
     then LevelDB-log records (crc 4 bytes, length 2, type 1 = whole, 2/3/4 = first/middle/last
