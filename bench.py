@@ -3,16 +3,14 @@
     python bench.py                                   # CPU: 4 layers, width 512, 8k tokens, sdpa + flex table
     python bench.py --layers 28 --width 3584 --heads 28 --kv-heads 4 --ffn 18944 --device cuda --dtype bf16
     python bench.py --tokens 32768 --only fwdbwd --attn flex --device cuda
-    python bench.py --what data                       # packing fill, reads per shard, worker RSS, samples/s
-    python bench.py --what video                      # decode + transform of a 720p 10 s H.264 clip, tokens
     python bench.py --what nsa --tokens 4096 16384    # one NSA attention vs dense sdpa, fwd+bwd
     python bench.py --what nsa --device cuda --dtype bf16 --tokens 8192 32768 65536  # + flex, library
-    python bench.py --what host --tokens 8192 16384 32768 --layers 1 --width 3584 --heads 28 --kv-heads 4 --ffn 18944
     python bench.py --what gpu --tokens 8192 16384 32768    # the prepared GPU check (README)
     python bench.py --what memory                     # BAGEL-7B-MoT GPU memory, LoRA and full (computed)
 
 Each (attention, mode) runs in a fresh subprocess so that peak memory (CUDA: max allocated; CPU:
 peak RSS growth over the process's baseline) is its own. Prints tokens/s and, on CUDA, MFU.
+Benchmarks of the code rather than of a user's run (data pipeline, video, host time) are in dev/.
 """
 import copy
 import dataclasses
@@ -27,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 
@@ -35,18 +32,14 @@ import packing
 from model import AEConfig, AutoEncoder, Bagel, BagelConfig, LLMConfig, ViTConfig, add_lora, is_lora
 from train import peak_flops, step_flops
 
-TOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "golden", "tokenizer")
 
 @dataclass
 class Args:
-    what: Literal["model", "data", "video", "nsa", "host", "gpu", "memory"] = "model"
-    """model: the packed forward/backward; data: packing fill, parquet reads per shard, a data
-    worker's memory and throughput; video: one data worker's time per 720p clip and tokens per video
-    sample at the defaults; nsa: one NSA attention vs dense sdpa on a causal sample (Hq=7, Hkv=1,
-    D=128: one KV group of BAGEL-7B); host: the host work per micro-step (data worker and training
-    process), outside kernels; gpu: the prepared GPU check (golden-pack parity, 7B-shape table, NSA),
-    see the README; memory: BAGEL-7B-MoT's GPU memory for LoRA and full fine-tuning, computed from
-    its shapes (the README's table)"""
+    what: Literal["model", "nsa", "gpu", "memory"] = "model"
+    """model: the packed forward/backward; nsa: one NSA attention vs dense sdpa on a causal sample
+    (Hq=7, Hkv=1, D=128: one KV group of BAGEL-7B); gpu: the prepared GPU check (golden-pack parity,
+    7B-shape table, NSA), see the README; memory: BAGEL-7B-MoT's GPU memory for LoRA and full
+    fine-tuning, computed from its shapes (the README's table)"""
     layers: int = 4
     """LLM decoder layers (BAGEL-7B: 28)"""
     width: int = 512
@@ -67,10 +60,6 @@ class Args:
     """fwd: no-grad forward; fwdbwd: forward + backward (not for flex on CPU: no backward there)"""
     repeats: int = 3
     seed: int = 0
-    data_files: int = 200
-    """--what data: parquet files one worker streams for its peak RSS (8 written, the rest hard links)"""
-    data_row_group_mb: int = 64
-    """--what data: row group size of those files in MB"""
     child: str = ""
     """internal: run one measurement (attn,mode) and print JSON"""
 
@@ -171,7 +160,7 @@ GPU_BUDGET = {"parity": 70, "7B shapes": 135, "one attention": 60}
 def gpu_part(a: Args, part: str):
     """One part of the GPU check (a child process of `bench_gpu`): prints one JSON line per row,
     {"row": [what, result, ok]}, as each finishes. A row that raises is a failed row, not a crash."""
-    from test_smoke import CASES, golden_batch, tiny_bagel  # the golden packs and the tests' tiny BAGEL
+    from golden import CASES, golden_batch, tiny_bagel  # the golden packs and the tiny BAGEL they fit
     dev = a.device
     cuda = dev.startswith("cuda")
 
@@ -272,240 +261,6 @@ def bench_gpu(a: Args):
     print("GPU check: " + (f"FAILED: {fails}" if fails else "no failures") + (f"; cut by the budget: {cut}" if cut else ""))
 
 
-def bench_data(a: Args):
-    """The data pipeline at real sizes, budget DataConfig().packing_length (10240):
-    - packing fill on a mix with 1024^2 edits (token counts from the resize rule, 20k samples);
-    - row groups each shard reads per epoch (16 row groups, 4 ranks x 2 workers);
-    - peak RSS of one data worker streaming `data_files` parquet files of `data_row_group_mb` MB
-      row groups (a fresh process);
-    - samples/s of one worker on 1024^2 JPEG edit records and on 512^2 JPEG VQA/T2I records."""
-    import tempfile
-    from data import DataConfig
-    budget = DataConfig().packing_length
-    fill_with_edits(budget, a.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        row_groups_per_shard(tmp)
-        worker_rss(tmp, a.data_files, a.data_row_group_mb)
-        jpeg_throughput(tmp, budget)
-
-
-def fill_with_edits(budget: int, seed: int = 0):
-    """First-fit fill at `budget` on 40% understanding (one photo, 378-980 px ViT), 30% T2I and 30%
-    edits, images drawn from common photo sizes, half of the T2I/edit ones 1024^2. Token counts are
-    computed with data.resize_shape (the rule data.py uses), not by decoding images."""
-    from data import VAE_MAX_PIXELS, VIT_MAX_PIXELS, DataConfig, resize_shape
-    c, rng = DataConfig(), random.Random(seed)
-    sizes = [(640, 480), (800, 600), (1024, 768), (1280, 720), (1920, 1080), (1080, 1350), (512, 512)]
-
-    def img(vit=None):
-        w, h = (1024, 1024) if vit != "und" and rng.random() < 0.5 else rng.choice(sizes)
-        if vit == "und":
-            w, h = resize_shape(w, h, c.vit_max_size, c.vit_min_size, 14, VIT_MAX_PIXELS)
-            return (w // 14) * (h // 14) + 2, None
-        vae = resize_shape(w, h, c.vae_max_size, c.vae_min_size, 16, VAE_MAX_PIXELS)
-        vits = {k: resize_shape(w, h, mx, mn, 14, px) for k, mx, mn, px in
-                (("new", c.edit_vit_max_size, c.edit_vit_min_size, c.edit_vit_max_pixels),
-                 ("old", c.vit_max_size, c.vit_min_size, c.vit_max_pixels))}  # old: sized like understanding
-        return (vae[0] // 16) * (vae[1] // 16) + 2, {k: (w // 14) * (h // 14) + 2 for k, (w, h) in vits.items()}
-
-    samples = []  # (tokens with edit ViT 224-518, tokens with the old 378-980)
-    for _ in range(20000):
-        kind = rng.choices(["und", "t2i", "edit"], [4, 3, 3])[0]
-        if kind == "und":
-            n = img("und")[0] + rng.randint(20, 80) + rng.randint(30, 400) + 4
-            samples.append((n, n))
-        elif kind == "t2i":
-            n = img()[0] + rng.randint(10, 80) + 2
-            samples.append((n, n))
-        else:
-            vae, vit = img()
-            n = 2 * vae + rng.randint(5, 40) + 2
-            samples.append((n + vit["new"], n + vit["old"]))
-    for name, col, b, open_packs in (("edit ViT 224-518, 10240, first-fit", 0, budget, 8),
-                                     ("edit ViT 224-518, 10240, next-fit", 0, budget, 1),
-                                     ("edit ViT 378-980, 8192 (before), first-fit", 1, 8192, 8)):
-        fits = [s[col] for s in samples if s[col] <= b]
-        packer, packs = packing.FirstFitPacker(b, open_packs, size=lambda n: n), []
-        for n in fits:
-            packs += packer.add(n)
-        packs += packer.flush()
-        fill = sum(map(sum, packs)) / (len(packs) * b)
-        print(f"packing fill, mix with 1024^2 edits, {name:42s} | fill {fill:.1%} | {len(fits) / len(packs):.1f} "
-              f"samples/pack | over budget (error / skipped): {1 - len(fits) / len(samples):.1%} of samples")
-
-
-def row_groups_per_shard(tmp: str, ranks: int = 4, workers: int = 2, groups: int = 16):
-    """Counts the row groups ParquetFile.iter_batches decodes of each shard over one epoch (a dataset per shard,
-    as each DataLoader worker is its own process)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from data import DataConfig, PackedDataset
-    path = os.path.join(tmp, "rg.parquet")
-    rows = [{"messages": json.dumps([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}])}
-            for i in range(groups * 8)]
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8)
-    real, reads = pq.ParquetFile.iter_batches, []
-    pq.ParquetFile.iter_batches = lambda self, *x, row_groups, **k: reads.extend(row_groups) or real(self, *x, row_groups=row_groups, **k)
-    per_shard = []
-    try:
-        for r in range(ranks):
-            for w in range(workers):
-                ds = PackedDataset(DataConfig(data=(path,), model=TOK_DIR, epochs=1, num_workers=workers), r, ranks)
-                n = len(reads)
-                for _ in ds.stream(w, workers):
-                    pass
-                per_shard.append(len(reads) - n)
-    finally:
-        pq.ParquetFile.iter_batches = real
-    print(f"row groups read per shard per epoch: {groups} row groups, {ranks} ranks x {workers} workers | "
-          f"min {min(per_shard)} max {max(per_shard)} | ideal {groups / (ranks * workers):g} | "
-          f"dataset read {sum(per_shard) / groups:g}x per epoch")
-
-
-def worker_rss(tmp: str, n_files: int, mb: int, distinct: int = 8):
-    """Writes `distinct` parquet files of 2 row groups of `mb` MB (16 rows, each a text record + an
-    incompressible mb/16 MB image in the `images` column, which its messages do not use), hard-links
-    them up to n_files (disk: the issue's 200 x 128 MB would be 25 GB; every file is still opened
-    and read on its own), and streams them all in a fresh process (one data worker): peak RSS and
-    peak pyarrow allocation over that process's baseline after start-up."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    folder = os.path.join(tmp, "rss")
-    os.makedirs(folder)
-    for f in range(n_files):
-        path = os.path.join(folder, f"{f:04d}.parquet")
-        if f >= distinct:
-            os.link(os.path.join(folder, f"{f % distinct:04d}.parquet"), path)
-            continue
-        msgs = [json.dumps([{"role": "user", "content": f"q{f} {i}"}, {"role": "assistant", "content": "a"}])
-                for i in range(32)]
-        t = pa.table({"messages": msgs, "images": [[os.urandom(mb * 2**20 // 16)] for _ in range(32)]})
-        pq.write_table(t, path, row_group_size=16, compression="none")
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import bench; bench.stream_rss({folder!r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        print(f"worker RSS failed: {out.stderr.strip().splitlines()[-1]}")
-        return
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"one data worker, {n_files} parquet files ({min(n_files, distinct)} distinct, the rest hard links) x 2 "
-          f"row groups of {mb} MB ({n_files * 2 * mb / 1024:.1f} GB) | {r['samples']} samples in {r['seconds']:.1f} s | "
-          f"peak RSS {r['base_mb']:.0f} MB at start + {r['peak_mb'] - r['base_mb']:.0f} MB while streaming "
-          f"({(r['peak_mb'] - r['base_mb']) / mb:.1f} row groups), + {r['end_mb'] - r['base_mb']:.0f} MB at the end | "
-          f"pyarrow: peak {r['arrow_peak_mb']:.0f} MB, "
-          f"{r['arrow_end_mb']:.0f} MB at the end")
-
-
-def stream_rss(folder: str):
-    """(In a fresh process) one shard streams every record of `folder` once; prints JSON."""
-    import pyarrow as pa
-    from data import DataConfig, PackedDataset
-
-    def mb(field):  # VmRSS: now; VmHWM: the peak since the reset below
-        line = next(x for x in open("/proc/self/status") if x.startswith(field))
-        return int(line.split()[1]) / 1024
-    ds = PackedDataset(DataConfig(data=(folder,), model=TOK_DIR, epochs=1, num_workers=0))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak: the imports' transient peak is not the data's (Linux)
-    base, t, n, arrow = mb("VmRSS"), time.perf_counter(), 0, pa.total_allocated_bytes()
-    for pack, _, _ in ds.stream():
-        n += len(pack)
-    print(json.dumps({"samples": n, "seconds": time.perf_counter() - t, "base_mb": base, "peak_mb": mb("VmHWM"),
-                      "end_mb": mb("VmRSS"),
-                      "arrow_peak_mb": (pa.default_memory_pool().max_memory() - arrow) / 2**20,
-                      "arrow_end_mb": (pa.total_allocated_bytes() - arrow) / 2**20}))
-
-
-def jpeg_throughput(tmp: str, budget: int):
-    """Samples/s of one worker (this process, 1 torch thread) on 1024^2 JPEG edit records (source
-    image → instruction → edited image: two 1024^2 decodes, a 518 px ViT resize, VAE tensors) and on
-    512^2 JPEG records (half T2I targets, half VQA inputs)."""
-    from PIL import Image
-    from data import DataConfig, PackedDataset
-    rng = np.random.default_rng(0)
-    torch.set_num_threads(1)  # as data._worker_init sets it in each DataLoader worker
-    for side, n_img in ((1024, 8), (512, 32)):
-        recs = []
-        for i in range(n_img):  # a smooth picture with some noise: JPEG sizes like photos' (~100-300 kB)
-            g = np.add.outer(np.linspace(0, 200, side), np.linspace(0, 55, side))[..., None] * [1, 0.7, 0.4]
-            px = np.clip(g + rng.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(os.path.join(tmp, f"{side}_{i}.jpg"), quality=90)
-            img = lambda j: {"type": "image_url", "image_url": {"url": f"{side}_{j % n_img}.jpg"}}
-            if side == 1024:
-                recs.append([{"role": "user", "content": [img(i), {"type": "text", "text": "make it warmer"}]},
-                             {"role": "assistant", "content": [img(i + 1)]}])
-            elif i % 2:
-                recs.append([{"role": "user", "content": f"a photo number {i}"}, {"role": "assistant", "content": [img(i)]}])
-            else:
-                recs.append([{"role": "user", "content": [img(i), {"type": "text", "text": "what is this?"}]},
-                             {"role": "assistant", "content": "a gradient."}])
-        path = os.path.join(tmp, f"{side}.jsonl")
-        with open(path, "w") as f:
-            f.writelines(json.dumps({"messages": m}) + "\n" for m in recs)
-        ds = PackedDataset(DataConfig(data=(path,), model=TOK_DIR, packing_length=budget, num_workers=0))
-        t, cpu, n, tokens, packs = time.perf_counter(), time.process_time(), 0, 0, 0
-        for pack, batch, _ in ds.stream():
-            n, tokens, packs = n + len(pack), tokens + batch["sequence_length"], packs + 1
-            if n >= (24 if side == 1024 else 128):
-                break
-        dt, cpu = time.perf_counter() - t, time.process_time() - cpu
-        kind = "edit" if side == 1024 else "VQA/T2I"
-        print(f"one worker, {side}^2 JPEG {kind} records | {n / dt:.1f} samples/s ({n / cpu:.1f} per CPU "
-              f"second) | {tokens / dt:,.0f} tokens/s | fill {tokens / (packs * budget):.1%}")
-
-
-def bench_video(a: Args):
-    """One data worker (one thread) on a 1280x720, 10 s, 30 fps H.264 clip, with a keyframe every 250
-    frames (x264's default) and every 30: wall and CPU time of `load_video` (12 frames) + the ViT
-    transform, against decoding every frame; then tokens of a video-QA sample at the default sizes."""
-    import tempfile
-    import av
-    from data import DataConfig, load_tokenizer, load_video, record_to_items, special_tokens, transform
-    torch.set_num_threads(1)
-    cfg = DataConfig(model=TOK_DIR, video_min_frames=12, video_max_frames=12)
-    y, x = np.mgrid[0:720, 0:1280]
-    grain = np.random.default_rng(a.seed).integers(0, 40, (720, 1280, 1), dtype=np.uint8)
-
-    def timed(fn):  # best (wall, cpu) seconds of a.repeats runs
-        runs = []
-        for r in range(a.repeats):
-            w, c = time.perf_counter(), time.process_time()
-            out = fn(r)
-            runs.append((time.perf_counter() - w, time.process_time() - c))
-        return out, min(w for w, _ in runs), min(c for _, c in runs)
-
-    def all_frames(clip):
-        with av.open(clip) as box:
-            box.streams.video[0].codec_context.thread_count = 1
-            return sum(1 for _ in box.decode(video=0))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for gop in (250, 30):
-            clip = os.path.join(tmp, f"clip{gop}.mp4")
-            with av.open(clip, "w") as box:  # a moving colour pattern with fixed grain
-                s = box.add_stream("libx264", rate=30, options={"preset": "veryfast", "g": str(gop)})
-                s.width, s.height, s.pix_fmt = 1280, 720, "yuv420p"
-                for i in range(300):
-                    rgb = np.stack([(x + 4 * i) % 256, (y + 2 * i) % 256, (x + y - 3 * i) % 256], -1)
-                    box.mux(s.encode(av.VideoFrame.from_ndarray(rgb.astype(np.uint8) + grain, format="rgb24")))
-                box.mux(s.encode())
-            frames, w_dec, c_dec = timed(lambda r: load_video(clip, "", "bench", cfg, random.Random(r)))
-            vit, w_tr, c_tr = timed(lambda r: [transform(img, "vit", cfg, len(frames), "bench") for img, _ in frames])
-            n_all, w_all, c_all = timed(lambda r: all_frames(clip))
-            print(f"720p 10 s H.264, keyframe every {gop:3d} | 12 frames: decode {w_dec:.2f} s wall / {c_dec:.2f} s "
-                  f"cpu, ViT transform {w_tr:.2f} / {c_tr:.2f} s -> {vit[0].shape[1]}x{vit[0].shape[2]} (HxW) | "
-                  f"all {n_all} frames: {w_all:.2f} / {c_all:.2f} s | best of {a.repeats}")
-        tok = load_tokenizer(TOK_DIR)
-        rec = {"messages": [{"role": "user", "content": [{"type": "video", "video": clip},
-                                                           {"type": "text", "text": "What moves in this clip?"}]},
-                            {"role": "assistant", "content": "A colour pattern drifting to the left."}]}
-        for n in range(8, 13):
-            c = DataConfig(model=TOK_DIR, video_min_frames=n, video_max_frames=n)
-            lay = packing.layout_sample(record_to_items(rec, "bench", "", c, tok, random.Random(0)),
-                                        special_tokens(tok), c.geometry())
-            print(f"video-QA sample, {n:2d} frames of 720p at the default ViT sizes | {lay.n:,} tokens")
-
-
 def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7, hkv: int = 1, d: int = 128) -> dict:
     """Forward + backward of one attention over a single causal sample of n tokens. kind: sdpa, flex,
     nsa (the Triton kernels on CUDA when importable, else the pure-PyTorch path) or nsa-torch (always
@@ -535,47 +290,6 @@ def measure_nsa(kind: str, n: int, dtype: torch.dtype, device: str, hq: int = 7,
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"attn": kind, "tokens": n, "seconds": time.perf_counter() - t, "peak_gb": peak / 2**30}
-
-
-def bench_host(a: Args):
-    """Host time per pack of `tokens`: the worker's `packing.attention_layout`, the training process's
-    attention structures from it (`plan_attention`), and one sdpa micro-step (forward + backward) of
-    the model on the meta device, where no kernel runs: what is left is Python, dispatch and our
-    host work, plus PyTorch's meta shape functions (Python, slower than CUDA's), so an upper bound."""
-    from model import plan_attention
-    from train import to_device
-
-    def ms(fn, repeats=5):
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return sorted(times)[repeats // 2] * 1e3
-
-    with torch.device("meta"):
-        model = build(dataclasses.replace(a, device="meta")).to("meta")  # (the sin-cos tables too)
-    model.attn = "sdpa"
-    print(f"host time per micro-step: {a.layers} layers, width {a.width}, ffn {a.ffn}, heads {a.heads}/{a.kv_heads}")
-    for n in a.tokens:
-        batch = mixed_pack(dataclasses.replace(a, tokens=(n,), device="cpu"))
-        lay, sl, spl, modes = batch["attention_layout"], batch["sample_lens"], batch["split_lens"], batch["attn_modes"]
-        worker = ms(lambda: packing.attention_layout(sl, spl, modes, lay["vit_seqlens"]))
-        plans = {k: ms(lambda: plan_attention(k, sl, spl, modes, a.device, lay)) for k in ("sdpa", "flex")}
-        meta = to_device(batch, "meta")
-
-        def step():
-            out = model(**meta)
-            (out["ce"].mean() + out["mse"].mean()).backward()
-        step_ms = ms(step, 3)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step()  # top-level aten ops: each is at least one kernel launch on a GPU
-        ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
-        print(f"{batch['sequence_length']:6d} tokens, {len(sl):2d} samples, {len(spl):3d} splits | worker layout "
-              f"{worker:6.1f} ms | training process: sdpa plan {plans['sdpa']:5.2f} ms, flex BlockMask "
-              f"{plans['flex']:5.2f} ms ({a.device}) | meta sdpa fwd+bwd {step_ms:6.0f} ms, {ops} aten ops")
 
 
 GB = 1e9
@@ -635,12 +349,6 @@ def main():
         return bench_memory()
     if a.child:
         return child(a)
-    if a.what == "data":
-        return bench_data(a)
-    if a.what == "video":
-        return bench_video(a)
-    if a.what == "host":
-        return bench_host(a)
     if a.what == "gpu":
         return bench_gpu(a)
     if a.what == "nsa":

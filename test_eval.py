@@ -18,6 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import data
+import demo as demo_lib
 import fsdp
 import model as model_lib
 import packing
@@ -27,8 +28,8 @@ from model import AutoEncoder, Bagel
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
-    """Tiny ops: threads only wait on each other; and no demo VAE fit (~15 s, not tested here)."""
-    monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)
+    """Tiny ops: threads only wait on each other; and no demo VAE fit (seconds, not tested here)."""
+    monkeypatch.setattr(demo_lib, "VAE_STEPS", 0)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -39,17 +40,17 @@ def one_thread(monkeypatch):
 def demo(tmp_path_factory) -> tuple[str, str, str]:
     """The demo's base checkpoint (random VAE) and a small generated set: 24 shapes, 12 held out."""
     root = tmp_path_factory.mktemp("demo")
-    train_jsonl, val_jsonl = train.make_demo_data(str(root / "data"), n_images=24, n_val=12)
+    train_jsonl, val_jsonl = demo_lib.make_data(str(root / "data"), n_images=24, n_val=12)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "DEMO_VAE_STEPS", 0)
-        base = train.make_demo_checkpoint(str(root / "base"), str(root / "data" / "images"))
+        m.setattr(demo_lib, "VAE_STEPS", 0)
+        base = demo_lib.make_checkpoint(str(root / "base"), str(root / "data" / "images"))
     return base, train_jsonl, val_jsonl
 
 
 def val_args(demo, dropout: float = 0.0, packs: int = 3, **kw) -> train.Args:
     """The demo's arguments as train() completes them, fp32 so that 1e-5 means something."""
     base, train_jsonl, val_jsonl = demo
-    a = train.demo_args()
+    a = train.parse_args([])
     cfg = dataclasses.replace(a.data, data=(train_jsonl,), model=base, packing_length=160, text_cond_dropout=dropout,
                               vit_cond_dropout=dropout, vae_cond_dropout=dropout)
     return dataclasses.replace(a, model=base, dtype="fp32", data=data.match_model(cfg, model_lib.read_config(base)),
@@ -107,7 +108,7 @@ def test_val_metrics_equal_a_plain_model_and_repeat_bit_for_bit(demo, world1, ch
         model(**packs[0][1], generator=torch.Generator().manual_seed(1))
     assert train.validate(model, packs, args, world1) == first
 
-    ref = Bagel.from_pretrained(args.model)
+    ref = Bagel.from_pretrained(args.model, **train.config_overrides(args))  # the demo trains at its own timestep shift
     ce, mse, t = [], [], []
     with torch.no_grad():
         for i, b, _ in packs:
@@ -171,7 +172,7 @@ def runs(demo, tmp_path_factory):
     wandb, tb = StubWandb(), types.ModuleType("torch.utils.tensorboard")
     tb.SummaryWriter = StubWriter
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "DEMO_VAE_STEPS", 0)
+        m.setattr(demo_lib, "VAE_STEPS", 0)
         m.setitem(sys.modules, "wandb", wandb)
         m.setitem(sys.modules, "torch.utils.tensorboard", tb)
         torch.set_num_threads(1)
@@ -215,6 +216,15 @@ def test_loggers_get_the_metrics_rows_and_the_sample_grids(runs):
     assert scalars == flat
     w, h = Image.open(want[0][1][1]).size
     assert [c for c in tb if c[0] == "image"] == [("image", s, "samples", (h, w, 3), "HWC") for s in (2, 4)]
+
+
+def test_the_demo_asks_about_the_next_held_out_image_at_each_eval(runs):
+    a = runs[0]
+    val = os.path.join(a, "demo_data", "val")
+    held_out = [np.asarray(Image.open(os.path.join(val, f))) for f in sorted(os.listdir(val))]
+    asked = [np.asarray(Image.open(os.path.join(a, "samples", f"step-{s:07d}", "question.png"))) for s in (2, 4)]
+    # eval k (step 2k with --eval.every 2) asks about held-out image k
+    assert [[i for i, h in enumerate(held_out) if np.array_equal(q, h)] for q in asked] == [[1], [2]]
 
 
 def wandb_history(path: str) -> list[dict]:
@@ -328,10 +338,10 @@ def test_loss_plot_axes(tmp_path):
 # the demo draws shapes: the prompted colour's pixels overlap the prompted shape best
 
 def template(shape: str, size: int) -> np.ndarray:
-    """A centred shape of the demo's mean radius, drawn here (not with train.draw_shape)."""
+    """A centred shape of the demo's mean radius, drawn here (not with demo_lib.draw_shape)."""
     from PIL import ImageDraw
     img = Image.new("1", (size, size), 0)
-    c, r = size / 2, size * 0.3
+    c, r = size / 2, size * sum(demo_lib.RADIUS) / 2
     box = (c - r, c - r, c + r, c + r)
     draw = ImageDraw.Draw(img)
     if shape == "circle":
@@ -346,16 +356,16 @@ def template(shape: str, size: int) -> np.ndarray:
 def shape_ious(img: Image.Image, colour: str) -> dict[str, float]:
     """IoU of the pixels near `colour` (RGB distance < 100 of 441) with each shape's template."""
     x = np.asarray(img.convert("RGB"), dtype=np.float64)
-    mask = np.linalg.norm(x - np.array(train.DEMO_COLOURS[colour]), axis=-1) < 100
+    mask = np.linalg.norm(x - np.array(demo_lib.COLOURS[colour]), axis=-1) < 100
     return {s: float((mask & template(s, len(x))).sum() / max((mask | template(s, len(x))).sum(), 1))
-            for s in train.DEMO_SHAPES}
+            for s in demo_lib.SHAPES}
 
 
 def shape_check(images: list[Image.Image]) -> list[tuple[str, dict]]:
     """For each demo prompt: (prompt, IoUs); raises AssertionError unless the prompted shape wins,
     with an IoU of at least 0.5 (noise or a blob of the right colour does not pass)."""
     out = []
-    for img, prompt in zip(images, train.DEMO_PROMPTS):
+    for img, prompt in zip(images, demo_lib.PROMPTS):
         _, colour, shape = prompt.split()
         ious = shape_ious(img, colour)
         out.append((prompt, ious))
@@ -369,26 +379,26 @@ def test_shape_check_accepts_drawn_shapes_and_rejects_blobs():
     def drawn(shape, colour, dx, dy):  # a template, shifted by a few pixels, in the prompted colour
         mask = Image.fromarray(template(shape, 64)).convert("L")
         img = Image.new("RGB", (64, 64), "white")
-        img.paste(Image.new("RGB", (64, 64), train.DEMO_COLOURS[colour]), mask=ImageChops.offset(mask, dx, dy))
+        img.paste(Image.new("RGB", (64, 64), demo_lib.COLOURS[colour]), mask=ImageChops.offset(mask, dx, dy))
         return img
     for dx, dy in ((0, 0), (3, -2), (-3, 3)):
-        shape_check([drawn(p.split()[2], p.split()[1], dx, dy) for p in train.DEMO_PROMPTS])
-    blobs = [train.draw_shape("circle", p.split()[1], 64).filter(ImageFilter.GaussianBlur(4)) for p in train.DEMO_PROMPTS]
+        shape_check([drawn(p.split()[2], p.split()[1], dx, dy) for p in demo_lib.PROMPTS])
+    blobs = [demo_lib.draw_shape("circle", p.split()[1], 64).filter(ImageFilter.GaussianBlur(4)) for p in demo_lib.PROMPTS]
     with pytest.raises(AssertionError):  # blobs of the right colour
         shape_check(blobs)
     speckles = []  # a third of each template's pixels: the right shapes win, but nothing solid is drawn
-    for p in train.DEMO_PROMPTS:
+    for p in demo_lib.PROMPTS:
         keep = template(p.split()[2], 64) & (np.random.default_rng(0).random((64, 64)) < 0.35)
-        speckles.append(Image.fromarray(np.where(keep[..., None], train.DEMO_COLOURS[p.split()[1]], 255).astype(np.uint8)))
+        speckles.append(Image.fromarray(np.where(keep[..., None], demo_lib.COLOURS[p.split()[1]], 255).astype(np.uint8)))
     with pytest.raises(AssertionError, match="a red circle"):
         shape_check(speckles)
     with pytest.raises(AssertionError):  # shapes in the wrong order
-        shape_check([drawn(s, p.split()[1], 0, 0) for s, p in zip(("square", "triangle", "circle"), train.DEMO_PROMPTS)])
+        shape_check([drawn(s, p.split()[1], 0, 0) for s, p in zip(("square", "triangle", "circle"), demo_lib.PROMPTS)])
 
 
 @pytest.mark.skipif(not os.environ.get("BAGEL_DEMO_CHECK"), reason="the whole demo (minutes): BAGEL_DEMO_CHECK=1")
 def test_demo_draws_the_prompted_shapes(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "DEMO_VAE_STEPS", DEMO_VAE_STEPS)
+    monkeypatch.setattr(demo_lib, "VAE_STEPS", DEMO_VAE_STEPS)
     out = str(tmp_path / "demo")
     train.main(["--output-dir", out])
     args = json.load(open(os.path.join(out, "args.json")))
@@ -396,4 +406,4 @@ def test_demo_draws_the_prompted_shapes(tmp_path, monkeypatch):
     print(shape_check([Image.open(os.path.join(samples, f"prompt-{i}.png")) for i in range(3)]))
 
 
-DEMO_VAE_STEPS = train.DEMO_VAE_STEPS  # the autouse fixture sets it to 0 for the other tests
+DEMO_VAE_STEPS = demo_lib.VAE_STEPS  # the autouse fixture sets it to 0 for the other tests

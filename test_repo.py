@@ -52,3 +52,20 @@ def test_ci_runs_the_readme_commands():
     assert install_and_demo.endswith(" && python train.py")
     ci = open(os.path.join(HERE, ".ci", "run")).read().splitlines()
     assert install_and_demo.removesuffix(" && python train.py") in ci and tests in ci
+
+
+def test_no_product_file_imports_a_test_file():
+    """The product (the CLIs, their modules, bench.py, dev/) runs without the tests: shared fixtures
+    live in a module of their own (golden.py), never in a test file."""
+    import ast
+    py = [n for n in tracked_files() if n.endswith(".py")]
+    tests = {os.path.basename(n)[:-3] for n in py if os.path.basename(n).startswith("test_") or n.endswith("conftest.py")}
+    bad = []
+    for name in py:
+        if os.path.basename(name)[:-3] in tests:
+            continue
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, name)).read(), name)):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{name}:{node.lineno}: imports {m}" for m in mods if m.split(".")[0] in tests]
+    assert not bad, "\n".join(bad)

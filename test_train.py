@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import data
+import demo
 import fsdp
 import model as model_lib
 import packing
@@ -551,7 +552,7 @@ DEMO = ["--log-every", "1", "--data.packing-length", "160", "--optim.schedule", 
 
 @pytest.fixture(autouse=True)
 def random_demo_vae(monkeypatch):
-    monkeypatch.setattr(train, "DEMO_VAE_STEPS", 0)  # fitting the demo VAE takes ~15 s; not what these tests test
+    monkeypatch.setattr(demo, "VAE_STEPS", 0)  # fitting the demo VAE takes seconds; not what these tests test
 
 
 def read_dcp(path: str, out: str) -> dict:
@@ -724,6 +725,15 @@ def test_readme_commands_parse(cmd):
         assert args.model == argv[argv.index("--model") + 1] and args.data.data
     if "--freeze und" in cmd:
         assert args.freeze == ("und",) and args.visual_und is False
+
+
+def test_the_demo_settings_live_in_demo_py_and_stay_out_of_real_runs(monkeypatch):
+    real = train.parse_args(["--model", "m", "--max-steps", "7"])
+    assert real == dataclasses.replace(train.Args(), model="m", max_steps=7)  # Args's defaults, nothing of the demo's
+    monkeypatch.setattr(demo, "FLAGS", [*demo.FLAGS, "--optim.lr", "1e-3"])  # a fork edits the demo's settings
+    run = train.parse_args(["--max-steps", "7"])
+    assert run.model == "" and run.max_steps == 7 and run.optim.lr == 1e-3 and run.eval.prompts == demo.PROMPTS
+    assert train.parse_args(["--model", "m", "--max-steps", "7"]) == real
 
 
 def test_nsa_on_a_dense_checkpoint_trains_and_exports(tmp_path):

@@ -15,7 +15,6 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import resource
 import sys
 import socket
@@ -32,14 +31,14 @@ import torch.distributed as dist
 import tyro
 
 import data as data_lib
+import demo
 import fsdp
 import packing
 from data import DataConfig
 from packing import UserError
 from nsa import NSAConfig
-from model import (POS_TABLES, TOP_LEVEL, AEConfig, AutoEncoder, Bagel, BagelConfig, CheckpointReader,
-                   LLMConfig, ViTConfig, add_lora, checkpoint_index, is_lora, lora_target, read_config, resolve,
-                   save_pretrained)
+from model import (POS_TABLES, TOP_LEVEL, AutoEncoder, Bagel, BagelConfig, CheckpointReader, add_lora,
+                   checkpoint_index, is_lora, lora_target, read_config, resolve)
 from sample import Context, generate_image, generate_text, latent_to_pil
 
 # -------------------------------------------------------------------------------------------------
@@ -99,8 +98,9 @@ class EvalConfig:
     """validate on the first this many packs of --eval.data (built once, split over the ranks)"""
     prompts: tuple[str, ...] = ("A photo of a red apple on a wooden table.",)
     """text-to-image prompts"""
-    image: str = ""
-    """image for the understanding sample ('': a drawn test pattern)"""
+    image: tuple[str, ...] = ()
+    """images for the understanding sample, the k-th eval asks about the k-th in turn (none: a drawn
+    test pattern; the demo: its held-out images)"""
     question: str = "What is in this image?"
     size: int = 512
     """side of the generated images (pixels)"""
@@ -129,8 +129,8 @@ class LoRAConfig:
 
 @dataclass
 class Args:
-    """Fine-tune BAGEL with FSDP2. Without --model the defaults are the CPU demo's (tiny random
-    BAGEL, generated data); `--model DIR --help` shows the fine-tuning defaults."""
+    """Fine-tune BAGEL with FSDP2. Without --model: the CPU demo (demo.py: a tiny random BAGEL,
+    generated data, its own settings before the command line's)."""
     model: str = ""
     """BAGEL checkpoint directory (official or HF layout); '' builds the tiny demo model"""
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,144 +189,13 @@ class Args:
     """show the traceback of user errors too (bad paths, options, records), not just their `error:` line"""
 
 
-def demo_args() -> Args:
-    """The defaults of `python train.py`: a few CPU minutes on generated shapes."""
-    return Args(output_dir="out/demo", max_steps=300, log_every=20, activation_checkpointing=False,
-                optim=OptimConfig(lr=3e-3, warmup_steps=20, schedule="cosine", min_lr=1e-4),
-                ckpt=CkptConfig(every=100, keep_last=2),
-                lora=LoRAConfig(targets="all"),  # the demo's base is random: its text needs adapting too
-                eval=EvalConfig(every=150, prompts=DEMO_PROMPTS, question="what shape is this ?",
-                                size=DEMO_SIZE, steps=20),
-                data=DataConfig(packing_length=384, num_workers=0, vae_max_size=DEMO_SIZE, vae_min_size=16,
-                                vit_max_size=56, vit_min_size=28))
-
-
 def parse_args(argv: list[str] | None = None) -> Args:
+    """Args from the command line. Without --model it is the demo: demo.FLAGS go first, so the
+    command line's own flags override them and every other option keeps its default above."""
     argv = sys.argv[1:] if argv is None else argv
-    demo = not any(a == "--model" or a.startswith("--model=") for a in argv)
-    return tyro.cli(Args, args=argv, default=demo_args() if demo else Args(),
-                    console_outputs=int(os.environ.get("RANK", 0)) == 0)
-
-
-# -------------------------------------------------------------------------------------------------
-# the demo: a tiny random BAGEL in the official layout and a generated dataset of shapes
-
-DEMO_SHAPES = ("circle", "square", "triangle")
-DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
-DEMO_PROMPTS = ("a red circle", "a blue square", "a yellow triangle")
-DEMO_SIZE = 32  # pixels: 4x4 generated latent patches (demo VAE stride 4, patch 2)
-SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
-
-
-def draw_shape(shape: str, colour: str, size: int = DEMO_SIZE, rng: random.Random | None = None):
-    """A coloured shape on white, jittered a little in size and position: with more jitter (radius
-    0.25-0.4 of the side, centre +-10%) the demo's 300 steps drew blobs of the right colour; with
-    this much they draw the shapes (README, the demo). 32 pixels rather than 64: the demo VAE's fit
-    costs a quarter, and the model still generates 4x4 latent patches."""
-    from PIL import Image, ImageDraw
-    rng = rng or random.Random(0)
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    r = size * rng.uniform(0.28, 0.32)
-    cx, cy = (size / 2 + rng.uniform(-0.03, 0.03) * size for _ in range(2))
-    box = (cx - r, cy - r, cx + r, cy + r)
-    draw, fill = ImageDraw.Draw(img), DEMO_COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-    return img
-
-
-def make_demo_data(folder: str, n_images: int = 400, n_val: int = 40, seed: int = 0) -> tuple[str, str]:
-    """Shapes and colours with captions (text-to-image) and questions (understanding) -> train.jsonl,
-    and `n_val` more drawn the same way into val/ and val.jsonl: held out from training and from the
-    VAE fit, for the validation loss."""
-    rng = random.Random(seed)
-    for split, n, first in (("train", n_images, 0), ("val", n_val, n_images)):
-        images = "images" if split == "train" else "val"
-        os.makedirs(os.path.join(folder, images), exist_ok=True)
-        records = []
-        for i in range(first, first + n):
-            shape, colour = rng.choice(DEMO_SHAPES), rng.choice(list(DEMO_COLOURS))
-            name = f"{images}/{i:05d}.png"
-            draw_shape(shape, colour, DEMO_SIZE, rng).save(os.path.join(folder, name))
-            img = {"type": "image_url", "image_url": {"url": name}}
-            q, a = rng.choice([("what shape is this ?", f"a {shape} ."), ("what colour is it ?", f"{colour} ."),
-                               ("describe the image .", f"a {colour} {shape} .")])
-            records += [{"messages": [{"role": "user", "content": f"a {colour} {shape}"},
-                                      {"role": "assistant", "content": [img]}]},
-                        {"messages": [{"role": "user", "content": [img, {"type": "text", "text": q}]},
-                                      {"role": "assistant", "content": a}]}]
-        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:  # val.jsonl last: it marks a complete set
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    return os.path.join(folder, "train.jsonl"), os.path.join(folder, "val.jsonl")
-
-
-def fit_demo_vae(ae: AutoEncoder, images: str, steps: int, seed: int = 0) -> float:
-    """Teach the demo's tiny VAE to reconstruct the shapes (reparameterised sample + a light KL, so
-    the posterior samples that training draws keep the picture). The released BAGEL starts from the
-    FLUX ae; a random VAE would leave the demo's generated images as noise. Returns the last loss."""
-    from PIL import Image
-    files = sorted(os.listdir(images))
-    x_all = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(images, f)).convert("RGB"))).permute(2, 0, 1)
-                         for f in files]).float() / 127.5 - 1  # [N, 3, H, W]
-    # the shape's pixels weigh 4x the white background's. Unweighted, the fit lingers on a white
-    # image with a grey blob, and where it leaves it depends on float rounding (the 64-pixel fit
-    # before took ~150 of 300 steps, and on 2 threads ended at wrong colours); weighted, 150 steps
-    # reconstruct held-out shapes, to the same loss on 1 or 2 threads (README, the demo)
-    weight = 1 + 3 * (x_all < 0.9).any(1, keepdim=True).float()  # [N, 1, H, W]
-    g, opt = torch.Generator().manual_seed(seed), torch.optim.Adam(ae.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))  # 10 warmup steps
-    for _ in range(steps):
-        i = torch.randint(0, len(x_all), (8,), generator=g)
-        x, w = x_all[i], weight[i]
-        mean, logvar = ae.encoder(x).chunk(2, dim=1)
-        rec = ae.decoder(mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g))
-        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
-        loss = (w * (rec - x).pow(2)).mean() / w.mean() + 1e-3 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return loss.item()
-
-
-DEMO_VAE_STEPS = 150  # ~15 s of CPU; the tests set 0
-
-
-def make_demo_checkpoint(path: str, images: str, seed: int = 0) -> str:
-    """A tiny random BAGEL written like a released one (configs, ema.safetensors, ae.safetensors,
-    tokenizer.json), so the demo loads, trains and converts through exactly the real code path. Its
-    VAE is fitted to the demo's shapes first (`fit_demo_vae`)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    words = sorted({w for s in DEMO_SHAPES for w in (s, "a", ".", "?")} | set(DEMO_COLOURS) |
-                   set("what shape is this colour it describe the image".split()))
-    vocab = {w: i for i, w in enumerate(["<unk>", *words, *SPECIALS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    config = BagelConfig(
-        llm=LLMConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64),
-        vit=ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                      image_size=112),
-        # the FLUX ae's layout with 3 levels (stride 4: 32-pixel images give 8x8 latents, as 64 pixels
-        # at FLUX's stride 8) of 32 channels, the fewest its GroupNorm's 32 groups allow
-        vae=AEConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=16),
-        max_latent_size=8, vit_max_num_patch_per_side=8)
-    torch.manual_seed(seed)  # only here, before any training code runs: the demo's random init
-    # PyTorch's init throughout, llm2vae too (not upstream's zero, Bagel.init_weights): a frozen zero
-    # llm2vae, as in a LoRA run, would pass no MSE gradient to anything
-    model, ae = Bagel(config), AutoEncoder(config.vae)
-    if DEMO_VAE_STEPS:
-        t0 = time.time()
-        loss = fit_demo_vae(ae, images, DEMO_VAE_STEPS, seed)
-        print(f"demo VAE fitted to the shapes: {DEMO_VAE_STEPS} steps, reconstruction loss {loss:.3f}, {time.time() - t0:.0f}s")
-    save_pretrained(path, model, ae)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    return path
+    console = int(os.environ.get("RANK", 0)) == 0
+    args = tyro.cli(Args, args=argv, console_outputs=console)
+    return tyro.cli(Args, args=[*demo.FLAGS, *argv], console_outputs=console) if not args.model else args
 
 
 # -------------------------------------------------------------------------------------------------
@@ -652,8 +521,8 @@ def reshard(model: Bagel):
 
 @torch.no_grad()
 def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.Dist):
-    """Answer a question about a fixed image and draw the fixed prompts, with model.py's inference
-    helpers. Every rank runs the same calls (the sharded layers gather their weights collectively);
+    """Answer the question about an image (the next of --eval.image) and draw the prompts, with
+    model.py's inference helpers. Every rank runs the same calls (the sharded layers gather their weights collectively);
     rank 0 writes output_dir/samples/step-N/: the images, samples.txt, and grid.png with all of
     them captioned."""
     from PIL import Image
@@ -663,7 +532,9 @@ def evaluate(model: Bagel, ae: AutoEncoder, tok, args: Args, step: int, d: fsdp.
     model.unshard()  # the root unit's weights (embedding, connector, heads) for the direct calls below
     try:
         if c.visual_und:
-            img = Image.open(args.eval.image).convert("RGB") if args.eval.image else draw_shape("square", "blue")
+            images = args.eval.image
+            img = (Image.open(images[step // max(args.eval.every, 1) % len(images)]).convert("RGB") if images
+                   else demo.draw_shape("square", "blue"))
             x = data_lib.transform(img, "vit", args.data, 1, "eval image")
             ctx = Context(model, tokens)
             ctx.add_vit_image(*packing.vit_tokens(x, args.data.vit_patch_size, c.vit_max_num_patch_per_side))
@@ -978,12 +849,12 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
     if lo.rank < 0 or not 0 <= lo.dropout < 1 or (lo.alpha is not None and lo.alpha <= 0):
         bad.append(f"--lora.rank {lo.rank} --lora.alpha {lo.alpha} --lora.dropout {lo.dropout}: need a rank >= 0 "
                    f"(0: off), alpha > 0 and dropout in [0, 1)")
-    if args.eval.every and args.eval.image:  # read at the first eval step, possibly hours in
+    for path in args.eval.image if args.eval.every else ():  # read at the eval steps, possibly hours in
         from PIL import Image
         try:
-            Image.open(args.eval.image).verify()
+            Image.open(path).verify()
         except OSError as e:
-            bad.append(f"--eval.image {args.eval.image}: cannot read the image ({e})")
+            bad.append(f"--eval.image {path}: cannot read the image ({e})")
 
     cfg = model = None
     try:
@@ -1056,29 +927,11 @@ def seed_rng(seed: int, d: fsdp.Dist):
     torch.manual_seed((int(s[0]) << 31 | int(s[1])) & (2**63 - 1))
 
 
-def demo_setup(args: Args, d: fsdp.Dist) -> Args:
-    """The demo: rank 0 writes a base checkpoint and data into --output-dir, then it is a normal run."""
-    # its ops are too small to split over threads: 2 threads waiting on each other are far slower than 1
-    torch.set_num_threads(1)
-    if args.data.data:
-        raise UserError("--data needs --model (the demo model only knows the demo's words)")
-    base, folder = os.path.join(args.output_dir, "base"), os.path.join(args.output_dir, "demo_data")
-    if d.rank == 0:
-        if not os.path.exists(os.path.join(folder, "val.jsonl")):
-            make_demo_data(folder, seed=args.seed)
-        if not os.path.exists(os.path.join(base, "tokenizer.json")):  # written last
-            make_demo_checkpoint(base, os.path.join(folder, "images"), args.seed)
-    dist.barrier()
-    return dataclasses.replace(args, model=os.path.abspath(base),
-                               data=dataclasses.replace(args.data, data=(os.path.join(folder, "train.jsonl"),)),
-                               eval=dataclasses.replace(args.eval, data=args.eval.data or (os.path.join(folder, "val.jsonl"),)))
-
-
 def train(args: Args, d: fsdp.Dist):
     log = functools.partial(print, flush=True) if d.rank == 0 else (lambda *a, **k: None)
     check_output_dir(args.output_dir, d)  # before anything is written there
-    if not args.model:
-        args = demo_setup(args, d)
+    if not args.model:  # the demo: rank 0 writes a base checkpoint and data, then it is a normal run
+        args = demo.setup(args, d)
     args = preflight(args, d)  # every user error that is cheap to find, before any weight is read
     args_json = dataclasses.asdict(args)
     if d.rank == 0:
