@@ -297,16 +297,16 @@ def test_readme_commands_of_the_other_clis_parse():
 
 
 def test_each_note_prints_once(ckpt, tmp_path, capfd, world1):
-    """The checkpoint's geometry line and the data's read-units note (here: 1 unit for 2 worker shards) each
-    print once, with the shard count of the run: the start-up checks and then the run's loader."""
-    args = train.check_args(train.parse_args(["--model", ckpt, "--data", jsonl(tmp_path / "d.jsonl", [GOOD] * 4),
+    """The checkpoint's geometry line and the data's note on a small source (here: 1 row for 2 worker
+    shards) each print once, with the shard count of the run: the start-up checks and then the run's loader."""
+    args = train.check_args(train.parse_args(["--model", ckpt, "--data", jsonl(tmp_path / "d.jsonl", [GOOD]),
                                               "--output-dir", str(tmp_path / "out"), *SMALL, "--data.num-workers", "2"]),
                             world1)
     data.PackLoader(args.data, world1.rank, world1.world_size)  # what train() builds
     out, err = capfd.readouterr()
     assert (out + err).count("model geometry: ViT patch 14, 8 patches per side; latent stride 16, 8 latents") == 1
-    notes = [line for line in (out + err).splitlines() if "read units" in line]
-    assert len(notes) == 1 and "1 read units (row groups, record batches or 1024-line blocks) for 2 shards" in notes[0]
+    notes = [line for line in (out + err).splitlines() if "rows for" in line]
+    assert len(notes) == 1 and "d.jsonl has 1 rows for 2 shards (ranks x workers)" in notes[0], notes
 
 
 def test_nsa_options_on_an_nsa_checkpoint_are_refused(tmp_path, capsys, no_load):

@@ -186,9 +186,9 @@ def test_unified_edit_parquet_reads_only_its_columns_and_inspects(tmp_path, monk
     pq.write_table(pa.Table.from_pylist([{**chain(3), "source": "web"}] * 2), tmp_path / "e.parquet")
     assert data.DataFile(str(tmp_path / "e.parquet")).columns == ["image_list", "instruction_list"]
     monkeypatch.setattr(sys, "argv", ["data.py", "--data", str(tmp_path / "e.parquet"), "--model", str(TOK_DIR),
-                                      "--inspect", "1", "--epochs", "1", "--vit-min-size", "14", "--vit-max-size",
-                                      "112", "--vae-min-size", "16", "--vae-max-size", "128",
-                                      "--vit-max-num-patch-per-side", "8", "--max-latent-size", "8"])
+                                      "--inspect", "1", "--data.epochs", "1", "--data.vit-min-size", "14",
+                                      "--data.vit-max-size", "112", "--data.vae-min-size", "16", "--data.vae-max-size",
+                                      "128"])
     data.main()
     out = capsys.readouterr().out
     assert "user image → clean VAE" in out and "user image → ViT" in out and "noisy VAE target" in out, out
@@ -250,7 +250,7 @@ def test_long_chain_cut_to_the_longest_run_that_fits(tmp_path, tok):
     path.write_text((json.dumps(long_chain(3)) + "\n") * 150)  # nothing fits: an endless run would spin
     with pytest.raises(ValueError, match=r"chain.jsonl: none of the 150 records read so far fits"):
         list(data.PackedDataset(replace(tiny, epochs=None)).stream())
-    with pytest.raises(data.BadSample, match="more than packing_length.*skip-too-long"):
+    with pytest.raises(data.BadSample, match="more than --data.packing-length.*skip-too-long"):
         all_packs(small_cfg(data=(str(path),), vae_max_size=128, packing_length=one - 1, skip_too_long=False))
 
 

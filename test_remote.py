@@ -99,7 +99,7 @@ def test_s3_sources_read_like_local_files(s3, tmp_path):
     put(s3, "sft/bad.jsonl", json.dumps({"image": "nope.png", "conversations": [
         {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}).encode())
     cfg.data = ("s3://bkt/sft/bad.jsonl",)
-    with pytest.raises(data.BadSample, match=r"s3://bkt/sft/bad.jsonl: row 0: .*cannot read image s3://bkt/sft/nope.png"):
+    with pytest.raises(data.BadSample, match=r"s3://bkt/sft/bad.jsonl: line 1: .*cannot read image s3://bkt/sft/nope.png"):
         list(data.PackedDataset(cfg).stream())
 
 
@@ -132,7 +132,7 @@ def test_train_from_s3_on_two_ranks_and_resume(s3, ckpt, tmp_path):
     sizes = [f"--data.{k.replace('_', '-')}={getattr(cfg, k)}" for k in
              ("vit_min_size", "vit_max_size", "vae_min_size", "vae_max_size", "text_cond_dropout",
               "vit_cond_dropout", "vae_cond_dropout")]
-    argv = ["--model", ckpt, "--data", url, "--precision", "fp32", "--no-activation-checkpointing",
+    argv = ["--model", ckpt, "--data", url, "--dtype", "fp32", "--no-activation-checkpointing",
             "--optim.warmup-steps", "0", "--optim.lr", "1e-3", "--log-every", "1", "--eval.every", "0",
             "--data.packing-length", "200", "--data.num-workers", "1", *sizes]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}

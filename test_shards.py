@@ -143,7 +143,7 @@ def test_four_ranks_train_1025_lines(ckpt, tmp_path, capfd):  # noqa: F811
         for i in range(1025)))
     sizes = [f"--data.{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("vit_min_size", "vit_max_size",
                                                                         "vae_min_size", "vae_max_size")]
-    argv = ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), "--precision", "fp32",
+    argv = ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), "--dtype", "fp32",
             "--no-activation-checkpointing", "--log-every", "1", "--eval.every", "0", "--data.packing-length", "512",
             "--data.num-workers", "0", "--data.epochs", "1", "--max-steps", "50", "--ckpt.every", "0", *sizes]
     # spawned, not forked: a fork of the pytest process (other tests' threads) hung once before gloo started
