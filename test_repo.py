@@ -52,3 +52,50 @@ def test_ci_runs_the_readme_commands():
     assert install_and_demo.endswith(" && python train.py")
     ci = open(os.path.join(HERE, ".ci", "run")).read().splitlines()
     assert install_and_demo.removesuffix(" && python train.py") in ci and tests in ci
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(script, its arguments) of every `python X.py ...` / `torchrun ... X.py ...` line in the README's
+    bash blocks, with continuation lines joined and comments dropped."""
+    import shlex
+    readme = open(os.path.join(HERE, "README.md")).read()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for i, w in enumerate(words):
+                if w.endswith(".py") and os.path.exists(os.path.join(HERE, w)):
+                    out.append((w, [a for a in words[i + 1:] if a not in ("&&",)]))
+                    break
+    return out
+
+
+def test_readme_links_resolve():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    links = [l.split("#")[0] for l in re.findall(r"\]\(([^)\s]+)\)", readme) if "://" not in l]
+    assert links, "the README links its docs"
+    missing = [l for l in links if not os.path.exists(os.path.join(HERE, l))]
+    assert not missing, f"README links to files that do not exist: {missing}"
+    for name in os.listdir(os.path.join(HERE, "docs")):  # and the docs' own relative links
+        if name.endswith(".md"):
+            text = open(os.path.join(HERE, "docs", name)).read()
+            bad = [l for l in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text) if "://" not in l
+                   and not os.path.exists(os.path.join(HERE, "docs", l))]
+            assert not bad, f"docs/{name} links to files that do not exist: {bad}"
+
+
+def test_readme_commands_parse():
+    """Every command the README shows parses with its script's CLI (no renamed or misspelt flag)."""
+    import importlib
+    import tyro
+    commands = readme_commands()
+    assert {s for s, _ in commands} >= {"train.py", "data.py", "sample.py", "convert_weights.py"}, commands
+    for script, argv in commands:
+        mod = importlib.import_module(script.removesuffix(".py"))
+        try:
+            if hasattr(mod, "parse_args"):
+                mod.parse_args(argv)
+            else:
+                tyro.cli(mod.Args, args=argv)
+        except SystemExit as e:
+            raise AssertionError(f"README: `{script} {' '.join(argv)}` does not parse (exit {e.code})") from None
