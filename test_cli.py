@@ -283,19 +283,6 @@ def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
         assert got == dict(model=want, files=sorted(os.listdir(ckpt))), rank
 
 
-def test_readme_commands_of_the_other_clis_parse():
-    """Every sample.py / convert_weights.py / data.py command in README.md parses (a renamed flag would not)."""
-    import shlex
-    import tyro
-    text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
-    mods = {"sample.py": sample, "convert_weights.py": convert_weights, "data.py": data}
-    cmds = [shlex.split(line.split("#")[0].strip()) for line in text.splitlines()
-            if line.strip().startswith(tuple(f"python {m}" for m in mods))]
-    assert len(cmds) >= 10
-    for argv in cmds:
-        tyro.cli(mods[argv[1]].Args, args=argv[2:])
-
-
 def test_each_note_prints_once(ckpt, tmp_path, capfd, world1):
     """The checkpoint's geometry line and the data's note on a small source (here: 1 row for 2 worker
     shards) each print once, with the shard count of the run: the start-up checks and then the run's loader."""

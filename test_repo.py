@@ -69,3 +69,57 @@ def test_no_product_file_imports_a_test_file():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad += [f"{name}:{node.lineno}: imports {m}" for m in mods if m.split(".")[0] in tests]
     assert not bad, "\n".join(bad)
+
+
+CLIS = ("train.py", "data.py", "sample.py", "convert_weights.py", "bench.py")
+
+
+def shown_commands(doc: str) -> list[tuple[str, list[str]]]:
+    """(script, its arguments) of every `python X.py ...` / `torchrun ... X.py ...` line of one of the
+    CLIS in the bash blocks of `doc`, with continuation lines joined and comments dropped."""
+    import shlex
+    text = open(os.path.join(HERE, doc)).read()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for i, w in enumerate(words):
+                if w in CLIS:
+                    args = words[i + 1:]
+                    ends = [j for j, a in enumerate(args) if a in ("&&", "|", ";", ">", "2>&1")]  # shell, not ours
+                    out.append((w, args[:ends[0]] if ends else args))
+                    break
+    return out
+
+
+def test_readme_links_resolve():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    links = [l.split("#")[0] for l in re.findall(r"\]\(([^)\s]+)\)", readme) if "://" not in l]
+    assert links, "the README links its docs"
+    missing = [l for l in links if not os.path.exists(os.path.join(HERE, l))]
+    assert not missing, f"README links to files that do not exist: {missing}"
+    for name in os.listdir(os.path.join(HERE, "docs")):  # and the docs' own relative links
+        if name.endswith(".md"):
+            text = open(os.path.join(HERE, "docs", name)).read()
+            bad = [l for l in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text) if "://" not in l
+                   and not os.path.exists(os.path.join(HERE, "docs", l))]
+            assert not bad, f"docs/{name} links to files that do not exist: {bad}"
+
+
+def test_readme_commands_parse():
+    """Every command the README and docs/ show parses with its script's CLI (no renamed or misspelt flag)."""
+    import importlib
+    import tyro
+    readme = shown_commands("README.md")
+    assert {s for s, _ in readme} >= {"train.py", "data.py", "sample.py", "convert_weights.py"}, readme
+    docs = [c for n in sorted(os.listdir(os.path.join(HERE, "docs"))) if n.endswith(".md")
+            for c in shown_commands(os.path.join("docs", n))]
+    for script, argv in readme + docs:
+        mod = importlib.import_module(script.removesuffix(".py"))
+        try:
+            if hasattr(mod, "parse_args"):
+                mod.parse_args(argv)
+            else:
+                tyro.cli(mod.Args, args=argv)
+        except SystemExit as e:
+            raise AssertionError(f"`{script} {' '.join(argv)}` (README or docs/) does not parse (exit {e.code})") from None
