@@ -201,15 +201,15 @@ class AttnPlan:
     """
     kind: str
     jobs: torch.Tensor | None = None   # sdpa: host int64 [6 * n_splits]: (q0, q1, k0, k1, gathered, causal) each
-    keys: torch.Tensor | None = None   # sdpa: gathered key positions [K + 1] (one spare, so never empty)
+    keys: torch.Tensor | None = None   # sdpa: gathered key positions [K]
     block_mask: object = None          # flex
     nsa: object = None                 # nsa: nsa.Layout
 
 
 def sdpa_plan(jobs: list[tuple], keys: torch.Tensor, device) -> AttnPlan:
     """An sdpa plan from (q0, q1, k0, k1, gathered, causal) tuples and the gathered key positions."""
-    table = torch.tensor(jobs, dtype=torch.long).reshape(-1)
-    return AttnPlan("sdpa", jobs=table, keys=torch.cat([keys, keys.new_zeros(1)]).to(device, non_blocking=True))
+    table = torch.tensor([x for job in jobs for x in job], dtype=torch.long)  # flat: not a view of a [J, 6]
+    return AttnPlan("sdpa", jobs=table, keys=keys.to(device, non_blocking=True))
 
 
 def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
@@ -233,6 +233,15 @@ def vit_plan(seqlens: list[int], device) -> AttnPlan:
     # no image: one empty job still, so k and v get (zero) gradients on every rank (see `Route`)
     ends = np.cumsum([0] + [int(s) for s in seqlens or [0]]).tolist()
     return sdpa_plan([(s, e, s, e, 0, 0) for s, e in zip(ends, ends[1:])], torch.zeros(0, dtype=torch.long), device)
+
+
+def any_rows(*tensors: torch.Tensor | None):
+    """Mark dim 0 (tokens, rows, jobs) as any size to torch.compile, 0 and 1 included, so a compiled
+    block compiles once for all packs: as a plain dynamic size it would specialise on 0 and 1 and on
+    size thresholds of inductor's CPU reductions. A no-op outside torch.compile."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.decorators.mark_unbacked(t, 0)
 
 
 def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = None):
@@ -316,14 +325,15 @@ class Route(NamedTuple):
     instead of gathering its rows again for every projection. Only attention needs pack order."""
     perm: torch.Tensor  # [N] pack position of each routed row
     inv: torch.Tensor  # [N] routed row of each pack position
-    n_und: int  # rows [:n_und] use the understanding weights, [n_und:] the `_moe_gen` ones
+    und: torch.Tensor  # [n_und] pack positions of the und rows: rows [:n_und] use the understanding weights,
+    # [n_und:] the `_moe_gen` ones (a tensor, so n_und is a shape: a compiled block need not guard on it)
     detach_und: bool = False  # upstream's freeze_und (see Bagel.freeze_und)
 
     @classmethod
     def of(cls, und: torch.Tensor, gen: torch.Tensor, detach_und: bool = False) -> "Route":
         perm = torch.cat([und, gen])
         inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device))
-        return cls(perm, inv, len(und), detach_und)  # len: a shape, not a read of device memory
+        return cls(perm, inv, und, detach_und)
 
     def __call__(self, x, f_und, f_gen):
         """f_und on the und rows of x (routed order), f_gen on the rest. Both experts always run, on
@@ -331,8 +341,9 @@ class Route(NamedTuple):
         `detach_und` the und output carries no gradient: every routed call of the LLM (q/k/v after
         their norms, the NSA gate, o_proj, the MLP, the final norm) is one of upstream's freeze_und
         detach points, plus the input norms, which changes no gradient and skips their backward."""
-        yu = f_und(x[:self.n_und])
-        return torch.cat([yu.detach() if self.detach_und else yu, f_gen(x[self.n_und:])])
+        n_und = self.und.shape[0]  # a shape, not a read of device memory
+        yu = f_und(x[:n_und])
+        return torch.cat([yu.detach() if self.detach_und else yu, f_gen(x[n_und:])])
 
 
 class MoTAttention(nn.Module):
@@ -405,6 +416,7 @@ class Qwen2Model(nn.Module):
         route = Route.of(und, gen, freeze_und)
         x = x.index_select(0, route.perm)
         for i, layer in enumerate(self.layers):
+            any_rows(x, cos, sin, *route[:3], *(() if not isinstance(attend, AttnPlan) else (attend.jobs, attend.keys)))
             x = layer(x, cos, sin, route, attend if isinstance(attend, AttnPlan) else partial(attend, i))
         return route(x, self.norm, self.norm_moe_gen).index_select(0, route.inv)
 
@@ -500,6 +512,7 @@ class SiglipVisionTransformer(nn.Module):
         x = self.embeddings(pixels, pos_ids)
         plan = vit_plan(seqlens, x.device)
         for layer in self.encoder.layers:
+            any_rows(x, plan.jobs, plan.keys)
             x = layer(x, plan)
         return self.post_layernorm(x)
 

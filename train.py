@@ -165,7 +165,12 @@ class Args:
     activation_checkpointing: bool = True
     """recompute each LLM/ViT layer in backward instead of storing its activations"""
     compile: bool = False
-    """torch.compile each LLM/ViT layer"""
+    """torch.compile each LLM/ViT layer: one compile per layer kind, dynamic over pack lengths and mixes"""
+    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    """float8 matmuls (torchao, optional: pip install torchao) in the LLM decoder projections of both
+    experts, with this scaling; weights stay high precision. Needs a GPU of compute capability 8.9+"""
+    float8_emulate: bool = False
+    """run --float8 emulated (high-precision matmuls): CPU and older GPUs, for checks only"""
     cpu_offload: bool = False
     """keep sharded parameters, gradients and optimizer state in host memory"""
     reshard_after_forward: bool = True
@@ -374,7 +379,7 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
         if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
             p.data = p.data.to(dtype)
     fsdp.shard_model(model, mesh, dtype, args.activation_checkpointing, args.compile, args.cpu_offload,
-                     args.reshard_after_forward)
+                     args.reshard_after_forward, "" if args.float8 == "off" else args.float8, args.float8_emulate)
     model.to_empty(device="cpu" if args.cpu_offload else d.device)
     frozen = {fsdp.fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
     model.frozen_crc32 = fsdp.load_pretrained(model, args.model, d, None if load else frozen)
