@@ -28,8 +28,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
-from model import (LORA_PREFIX, TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, checkpoint_index,
-                   fresh_tensors, sincos_2d)
+from model import (LORA_PREFIX, TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, any_rows,
+                   checkpoint_index, fresh_tensors, sincos_2d)
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
 
@@ -122,12 +122,14 @@ def shard_model(model: Bagel, mesh: DeviceMesh, param_dtype: torch.dtype | None,
         stacks.append(model.vit_model.vision_model.encoder.layers)
     for layers in stacks:
         for i, layer in enumerate(layers):
-            if compile:
-                layer.compile(backend="inductor" if compile is True else compile)
+            if compile:  # the forward only: FSDP's and the checkpoint's hooks stay outside the graph
+                layer.forward = torch.compile(layer.forward, backend="inductor" if compile is True else compile)
             if ac:  # the recompute must redraw the same numbers: only LoRA's dropout draws any
                 layer = checkpoint_wrapper(layer, preserve_rng_state=any(isinstance(m, LoRALinear) and m.dropout > 0
                                                                     for m in layer.modules()))
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+            if compile:  # after FSDP's pre-forward hook, which hands the block new tensors
+                layer.register_forward_pre_hook(any_rows)
             layers[i] = layer
     # lm_head (vocab x hidden, the largest matrix) gets its own unit so it is not held through the
     # whole step; it runs last in forward, so resharding it would only gather it again at once

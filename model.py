@@ -209,6 +209,7 @@ class AttnPlan:
 def sdpa_plan(jobs: list[tuple], keys: torch.Tensor, device) -> AttnPlan:
     """An sdpa plan from (q0, q1, k0, k1, gathered, causal) tuples and the gathered key positions."""
     table = torch.tensor([x for job in jobs for x in job], dtype=torch.long)  # flat: not a view of a [J, 6]
+    keys = keys if keys.numel() else keys.new_empty(0)  # numpy's empty arrays have stride 0: one guard less
     return AttnPlan("sdpa", jobs=table, keys=keys.to(device, non_blocking=True))
 
 
@@ -235,13 +236,16 @@ def vit_plan(seqlens: list[int], device) -> AttnPlan:
     return sdpa_plan([(s, e, s, e, 0, 0) for s, e in zip(ends, ends[1:])], torch.zeros(0, dtype=torch.long), device)
 
 
-def any_rows(*tensors: torch.Tensor | None):
-    """Mark dim 0 (tokens, rows, jobs) as any size to torch.compile, 0 and 1 included, so a compiled
-    block compiles once for all packs: as a plain dynamic size it would specialise on 0 and 1 and on
-    size thresholds of inductor's CPU reductions. A no-op outside torch.compile."""
-    for t in tensors:
-        if t is not None:
-            torch._dynamo.decorators.mark_unbacked(t, 0)
+def any_rows(block: nn.Module, args: tuple):
+    """Forward pre-hook of a compiled block: marks dim 0 of its tensor arguments (tokens, routed rows,
+    sdpa jobs and keys) as any size, 0 and 1 included, so the block compiles once for all packs. As
+    plain dynamic sizes they would specialise on 0 and 1 (a pack without images) and on the size
+    thresholds of inductor's CPU reductions. A block's argument structure never varies: a missing
+    modality is an empty tensor, never a missing argument."""
+    for a in args:
+        for t in a if isinstance(a, tuple) else (a.jobs, a.keys) if isinstance(a, AttnPlan) else (a,):
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.decorators.mark_unbacked(t, 0)
 
 
 def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = None):
@@ -416,7 +420,6 @@ class Qwen2Model(nn.Module):
         route = Route.of(und, gen, freeze_und)
         x = x.index_select(0, route.perm)
         for i, layer in enumerate(self.layers):
-            any_rows(x, cos, sin, *route[:3], *(() if not isinstance(attend, AttnPlan) else (attend.jobs, attend.keys)))
             x = layer(x, cos, sin, route, attend if isinstance(attend, AttnPlan) else partial(attend, i))
         return route(x, self.norm, self.norm_moe_gen).index_select(0, route.inv)
 
@@ -512,7 +515,6 @@ class SiglipVisionTransformer(nn.Module):
         x = self.embeddings(pixels, pos_ids)
         plan = vit_plan(seqlens, x.device)
         for layer in self.encoder.layers:
-            any_rows(x, plan.jobs, plan.keys)
             x = layer(x, plan)
         return self.post_layernorm(x)
 

@@ -1,0 +1,56 @@
+"""--compile (regional, one compile per block kind over any pack) and --float8 (torchao, emulated on CPU)."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+import fsdp
+from model import Qwen2MoTDecoderLayer, SiglipEncoderLayer
+from test_smoke import CASES, golden_batch, tiny_bagel
+from test_train import one_thread, world1  # noqa: F401 (fixtures)
+
+
+def losses_and_grads(model, cases) -> list[torch.Tensor]:
+    got = []
+    for case in cases:
+        model.zero_grad(set_to_none=True)
+        out = model(**golden_batch(case))
+        (out["ce"].sum() + out["mse"].mean()).backward()
+        got += [out["ce"].detach(), out["mse"].detach()] + [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                                                            for p in model.parameters()]
+    return got
+
+
+def test_compiled_blocks_compile_once_over_all_packs_without_graph_breaks(world1):
+    """The golden packs (1-5 samples, with and without ViT images, VAE latents, CE tokens) through
+    FSDP + activation checkpointing + compiled blocks: one compile per block kind in all, no graph
+    break, and the eager model's losses and gradients. aot_eager: dynamo and the autograd of the
+    attention op are what is tested, inductor's code generation is torch's (bench.py measures it)."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    mesh = fsdp.make_mesh(world1, 0)
+    want = losses_and_grads(fsdp.shard_model(tiny_bagel(), mesh, None, ac=True), CASES)
+    got = losses_and_grads(fsdp.shard_model(tiny_bagel(), mesh, None, ac=True, compile="aot_eager"), CASES)
+    compiles = {kind.__name__: len(_debug_get_cache_entry_list(kind.forward.__code__))
+                for kind in (Qwen2MoTDecoderLayer, SiglipEncoderLayer)}
+    assert compiles == {"Qwen2MoTDecoderLayer": 1, "SiglipEncoderLayer": 1}, compiles
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_explain_finds_no_graph_break_in_either_block():
+    """torch._dynamo.explain on one decoder layer and one ViT layer, as the model calls them."""
+    model = tiny_bagel()
+    seen = {}
+    hooks = [layers[0].register_forward_pre_hook(lambda m, a, kind=kind: seen.setdefault(kind, (m, a)) and None)
+             for kind, layers in (("llm", model.language_model.model.layers), ("vit", model.vit_model.vision_model.encoder.layers))]
+    model(**golden_batch("case6_pack"))
+    for h in hooks:
+        h.remove()
+    for kind, (layer, args) in seen.items():
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(lambda *a: layer(*a))(*args)
+        assert ex.graph_break_count == 0 and ex.graph_count == 1, (kind, ex.break_reasons)
