@@ -54,3 +54,16 @@ def test_explain_finds_no_graph_break_in_either_block():
         torch._dynamo.reset()
         ex = torch._dynamo.explain(lambda *a: layer(*a))(*args)
         assert ex.graph_break_count == 0 and ex.graph_count == 1, (kind, ex.break_reasons)
+
+
+def test_step_flops_reads_host_side_numbers_only():
+    """train.step_flops (the log's MFU and bench.py's) takes the ViT lengths from the layout collate
+    ships on the host: a device tensor read per image would stall the GPU every step."""
+    import train
+    from test_train import make_batches
+    from test_smoke import TINY
+    b = make_batches(0)[0][0]
+    assert b["vit_token_seqlens"].numel()  # the pack has ViT images
+    want = train.step_flops(TINY, [{**b, "attention_layout": None}])  # read from the tensor
+    b["vit_token_seqlens"] = None  # what a device tensor is to the host: not to be read
+    assert train.step_flops(TINY, [b]) == want > 0
