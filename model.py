@@ -327,17 +327,26 @@ class Route(NamedTuple):
     """The MoT routing of one pack. The LLM runs on its tokens permuted once, understanding rows (text,
     ViT) first and generation rows (VAE latents) after, so each expert reads one contiguous slice
     instead of gathering its rows again for every projection. Only attention needs pack order."""
-    perm: torch.Tensor  # [N] pack position of each routed row
+    perm: torch.Tensor  # [N] pack position of each routed row (N + 2 with `pad`)
     inv: torch.Tensor  # [N] routed row of each pack position
     und: torch.Tensor  # [n_und] pack positions of the und rows: rows [:n_und] use the understanding weights,
     # [n_und:] the `_moe_gen` ones (a tensor, so n_und is a shape: a compiled block need not guard on it)
     detach_und: bool = False  # upstream's freeze_und (see Bagel.freeze_und)
+    pad: bool = False  # one zero row more per expert (pack position N), so that no expert's input is empty
 
     @classmethod
-    def of(cls, und: torch.Tensor, gen: torch.Tensor, detach_und: bool = False) -> "Route":
+    def of(cls, und: torch.Tensor, gen: torch.Tensor, detach_und: bool = False, pad: bool = False) -> "Route":
+        n = len(und) + len(gen)
+        if pad:
+            und, gen = (torch.cat([t, t.new_full((1,), n)]) for t in (und, gen))
         perm = torch.cat([und, gen])
         inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device))
-        return cls(perm, inv, und, detach_und)
+        inv = inv[:n].clone() if pad else inv  # not a view: torch.compile would guard on its base's size
+        return cls(perm, inv, und, detach_und, pad)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x [N, ...] from pack order to routed order (the pad rows zero)."""
+        return (F.pad(x, (0, 0) * (x.dim() - 1) + (0, 1)) if self.pad else x).index_select(0, self.perm)
 
     def __call__(self, x, f_und, f_gen):
         """f_und on the und rows of x (routed order), f_gen on the rest. Both experts always run, on
@@ -366,13 +375,13 @@ class MoTAttention(nn.Module):
         self.nsa: nsa.NSA | None = None  # set by Bagel when config.nsa is set
 
     def forward(self, x, cos, sin, route: Route, attend):
-        n = x.shape[0]
+        n = route.inv.shape[0]  # tokens of the pack (x has Route.pad's rows too)
         # projections and QK-norm per expert (routed order), THEN RoPE and attention in pack order (DESIGN.md#model)
         q = route(x, lambda t: self.q_norm(self.q_proj(t).view(-1, self.nq, self.d)),
                   lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)))
         k = route(x, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
                   lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)))
-        v = route(x, self.v_proj, self.v_proj_moe_gen).view(n, self.nkv, self.d)
+        v = route(x, self.v_proj, self.v_proj_moe_gen).view(-1, self.nkv, self.d)
         q, k, v = (t.index_select(0, route.inv) for t in (q, k, v))
         extra = None
         if self.nsa is not None:  # NSA also needs per-expert gates and the keys before RoPE (nsa.py)
@@ -384,7 +393,7 @@ class MoTAttention(nn.Module):
         else:  # a callable: inference's KV cache (sample.py)
             a = attend(q, k, v) if extra is None else attend(q, k, v, extra)
         a = a.reshape(n, self.nq * self.d)
-        return route(a.index_select(0, route.perm), self.o_proj, self.o_proj_moe_gen)
+        return route(route.routed(a), self.o_proj, self.o_proj_moe_gen)
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -411,14 +420,17 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm, self.norm_moe_gen = RMSNorm(c.hidden_size, c.rms_norm_eps), RMSNorm(c.hidden_size, c.rms_norm_eps)
+        # each expert gets a zero row more (Route.pad): float8 linears scale by an amax over their
+        # input's rows, which an empty slice (a pack without VAE latents) does not have
+        self.pad_experts = False
 
     def forward(self, x, pos, und, gen, attend, freeze_und: bool = False):
         """x [N, hidden]; pos [N] RoPE ids; und / gen: the rows of each expert; attend: the pack's
         AttnPlan, or attend(layer_index, q, k, v) -> attention output (pack order). Returns the final hidden state in pack order, normed
         per expert (`norm` / `norm_moe_gen`). `freeze_und`: no gradient through und rows (Route)."""
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
-        route = Route.of(und, gen, freeze_und)
-        x = x.index_select(0, route.perm)
+        route = Route.of(und, gen, freeze_und, self.pad_experts)
+        x = route.routed(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, route, attend if isinstance(attend, AttnPlan) else partial(attend, i))
         return route(x, self.norm, self.norm_moe_gen).index_select(0, route.inv)

@@ -67,3 +67,49 @@ def test_step_flops_reads_host_side_numbers_only():
     want = train.step_flops(TINY, [{**b, "attention_layout": None}])  # read from the tensor
     b["vit_token_seqlens"] = None  # what a device tensor is to the host: not to be read
     assert train.step_flops(TINY, [b]) == want > 0
+
+
+F8_TOL = 0.05  # relative loss gap to bf16 after a few steps: e4m3 keeps 3 mantissa bits (2^-4 steps)
+
+
+def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
+    """--float8 tensorwise, emulated (CPU), with FSDP, checkpointing and compiled blocks: the decoder
+    projections of both experts are converted (not lm_head, the ViT or the connector), five AdamW steps
+    on the golden packs track bf16 within F8_TOL, and the state dict holds plain tensors under the
+    official names, which a model built without torchao loads strictly."""
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from packing import UserError
+    mesh = fsdp.make_mesh(world1, 0)
+    with pytest.raises(UserError, match="needs a GPU with float8 matmuls .* --float8-emulate"):
+        fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, float8="tensorwise")
+    runs = {}
+    for f8 in ("", "tensorwise"):
+        torch._dynamo.reset()
+        model = fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, compile="aot_eager", float8=f8, float8_emulate=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for step in range(5):
+            out = model(**golden_batch(CASES[step % len(CASES)]))
+            loss = sum(t.float().sum() / max(t.numel(), 1) for t in (out["ce"], out["mse"]))  # a pack may lack one
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[f8] = model, torch.tensor(losses)
+    model, f8_losses = runs["tensorwise"]
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert len(converted) == 2 * 2 * 7  # layers x experts x (q, k, v, o, gate, up, down)
+    assert all(".layers." in n and "language_model" in n for n in converted)
+    gap = ((f8_losses - runs[""][1]).abs() / runs[""][1]).max().item()
+    print(f"float8 vs bf16 loss gap over 5 steps: {gap:.2%}")
+    assert 0 < gap < F8_TOL, gap  # 0: float8 did not run at all
+    dcp.save({"model": fsdp.trained_state_dict(model)}, checkpoint_id=str(tmp_path))  # what save_checkpoint writes
+    plain = tiny_bagel(seed=1)  # a model without float8, its state dict of plain tensors
+    sd = {k: v.clone() for k, v in plain.state_dict().items() if k in fsdp.trained_state_dict(model)}
+    dcp.load({"model": sd}, checkpoint_id=str(tmp_path))
+    plain.load_state_dict(sd, strict=False)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert set(sd) == set(full) and all(torch.equal(sd[k], fsdp.plain(full[k]).float()) for k in sd)
