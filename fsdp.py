@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import distribute_tensor
 
 from model import (LORA_PREFIX, TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, any_rows,
                    checkpoint_index, fresh_tensors, sincos_2d)
@@ -379,18 +379,7 @@ def trained_state_dict(model: nn.Module) -> dict:
     """The model state dict without the frozen parameters: they never change, so checkpoints do not
     store them; a resume and convert_weights.py read them from the base checkpoint."""
     frozen = {fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: plain(v) for k, v in get_model_state_dict(model).items() if k not in frozen}
-
-
-def plain(t: torch.Tensor) -> torch.Tensor:
-    """The high-precision tensor inside torchao's float8 weight wrapper (--float8 with FSDP), so that
-    checkpoints hold plain tensors that load without torchao; any other tensor as it is."""
-    local = t.to_local() if isinstance(t, DTensor) else t
-    if type(local) is torch.Tensor or not hasattr(local, "_tensor"):
-        return t
-    if not isinstance(t, DTensor):
-        return local._tensor
-    return DTensor.from_local(local._tensor, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
 
 
 def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema: dict | None,
