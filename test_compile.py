@@ -113,3 +113,25 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
     plain.load_state_dict(sd, strict=False)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     assert set(sd) == set(full) and all(torch.equal(sd[k], full[k].float()) for k in sd)
+
+
+def test_gpu_check_table_runs_on_cpu(capsys):
+    """bench.py --what gpu's table at tiny shapes, the same code as on a GPU: one part (compile +
+    float8, emulated here), its warm-up line first, then a row with tokens/s/GPU, the FLOPs counted,
+    MFU and peak memory. aot_eager keeps it to seconds; the float8 and compile paths are the real ones."""
+    pytest.importorskip("torchao")
+    import json
+    import bench
+    a = bench.Args(what="gpu", device="cpu", tokens=(2400,), layers=1, width=64, heads=4, kv_heads=2, ffn=128,
+                   vocab=400, vit_width=64, vit_layers=1, backend="aot_eager")
+    try:
+        bench.gpu_part(a, "compile+float8,sdpa")
+    finally:
+        dist.destroy_process_group()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert "warm" in lines[0] and len(lines) == 2
+    what, text, ok = lines[1]["row"]
+    assert ok, text
+    assert what == "compile+float8 sdpa, 1 layer(s), 2400 tok"
+    for part in ("fwdbwd", "tok/s/GPU", "TFLOP (LLM + ViT + lm_head on CE tokens + attention; no VAE)", "mfu", "peak"):
+        assert part in text, (part, text)
