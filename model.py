@@ -256,7 +256,7 @@ def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = No
         return torch.compiler.disable(nsa.attention)(plan.nsa, q, k, v, extra)
     if plan.kind == "flex":
         n, pad = q.shape[0], plan.block_mask.seq_lengths[0] - q.shape[0]
-        qh, kh, vh = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for x in (q, k, v))
+        qh, kh, vh = (F.pad(x.transpose(0, 1)[None], (0, 0, 0, pad)) for x in (q, k, v))  # [1, H, padded, D]
         # always compiled: eager flex materialises the [heads, N, N] scores (7 GiB at 8k tokens on CPU);
         # inside a compiled block flex_attention is traced into the block's graph
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()

@@ -135,3 +135,18 @@ def test_gpu_check_table_runs_on_cpu(capsys):
     assert what == "compile+float8 sdpa, 1 layer(s), 2400 tok"
     for part in ("fwdbwd", "tok/s/GPU", "TFLOP (LLM + ViT + lm_head on CE tokens + attention; no VAE)", "mfu", "peak"):
         assert part in text, (part, text)
+
+
+def test_compiled_flex_block_lowers_on_cpu_and_matches_sdpa(world1):
+    """Inductor's CPU flex template reads q/k/v as 4-D buffers: a transposed view of a padded [N, H, D]
+    tensor failed to lower ("expected 4, got 3"), so packed_attention pads after the transpose. No
+    flex backward on CPU: forward only."""
+    torch._dynamo.reset()
+    b = golden_batch("case6_pack")
+    with torch.no_grad():
+        want = tiny_bagel()(**b)  # eager sdpa
+        model = fsdp.shard_model(tiny_bagel(), fsdp.make_mesh(world1, 0), None, ac=False, compile=True)
+        model.attn = "flex"
+        got = model(**b)
+    for k in ("ce", "mse"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
