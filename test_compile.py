@@ -1,4 +1,6 @@
 """--compile (regional, one compile per block kind over any pack) and --float8 (torchao, emulated on CPU)."""
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -150,3 +152,11 @@ def test_compiled_flex_block_lowers_on_cpu_and_matches_sdpa(world1):
         got = model(**b)
     for k in ("ce", "mse"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+def test_float8_without_torchao_names_the_package(monkeypatch):
+    from packing import UserError
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without it imports
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(UserError, match="optional package torchao: pip install torchao"):
+        fsdp.float8_linears(tiny_bagel(), "tensorwise", emulate=True)
