@@ -158,9 +158,10 @@ def float8_linears(model: Bagel, recipe: str, emulate: bool = False, device: tor
         raise UserError("--float8 needs the optional package torchao: pip install torchao") from e
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("--float8 with --lora: the adapters' frozen base linears are not converted; use one of them")
-    # tensorwise scales let FSDP all-gather the weights in float8 (half the bytes); rowwise cannot
+    # no float8 all-gather: it wraps every converted weight in a torchao tensor subclass, which DCP
+    # then pickles into checkpoints that convert_weights.py cannot read without torchao
     cfg = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
-                              enable_fsdp_float8_all_gather=recipe == "tensorwise")
+                              enable_fsdp_float8_all_gather=False)
     convert_to_float8_training(model, config=cfg, module_filter_fn=lambda m, name: bool(LORA_PREFIX.match(name)))
     model.language_model.model.pad_experts = True  # float8 scaling needs rows: no expert's input may be empty
 

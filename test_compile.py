@@ -1,4 +1,6 @@
 """--compile (regional, one compile per block kind over any pack) and --float8 (torchao, emulated on CPU)."""
+import os
+import subprocess
 import sys
 
 import pytest
@@ -115,6 +117,11 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
     plain.load_state_dict(sd, strict=False)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     assert set(sd) == set(full) and all(torch.equal(sd[k], full[k].float()) for k in sd)
+    # what convert_weights.py exports, read in a process where torchao cannot be imported
+    read = ("import sys; sys.modules['torchao'] = None; from convert_weights import dcp_sources; "
+            f"print(sum(s.read().numel() for s in dcp_sources({str(tmp_path)!r}, 'model').values()))")
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, cwd=os.path.dirname(fsdp.__file__))
+    assert out.returncode == 0 and int(out.stdout) == sum(v.numel() for v in sd.values()), out.stderr[-500:]
 
 
 def test_gpu_check_table_runs_on_cpu(capsys):
