@@ -1,9 +1,9 @@
 """FSDP2 for BAGEL: process group and mesh, sharding, rank-0 loading, sharded EMA, DCP checkpoints.
 
 The order follows torchtitan: optional float8 linears -> per block: optional compile inside an
-activation-checkpointing wrapper -> `fully_shard` -> `fully_shard` of the root. Trained parameters are fp32 master shards;
-compute runs in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS Engine bug P1: bf16
-masters with AdamW). Frozen parameters are stored in the compute dtype and never saved: checkpoints
+activation-checkpointing wrapper -> `fully_shard` -> `fully_shard` of the root. Trained parameters
+are fp32 master shards; compute runs in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS
+Engine bug P1: bf16 masters with AdamW). Frozen parameters are stored in the compute dtype and never saved: checkpoints
 hold what training changes, plus the CRC of the frozen weights loaded from the base. Nothing here
 reads the environment at import time.
 """

@@ -283,7 +283,8 @@ def sdpa_jobs(q, k, v, jobs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 # specialise the block's graph to one pack. The backward recomputes the attention forward (an op
 # cannot keep an autograd graph between forward and backward).
 @torch.library.custom_op("bagel::packed_sdpa", mutates_args=())
-def _packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jobs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jobs: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:
     return sdpa_jobs(q, k, v, jobs, keys)
 
 
@@ -297,7 +298,7 @@ def _packed_sdpa_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 
 _packed_sdpa.register_fake(lambda q, k, v, jobs, keys: torch.empty_like(q))
-_packed_sdpa_backward.register_fake(lambda g, q, k, v, jobs, keys: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+_packed_sdpa_backward.register_fake(lambda g, q, k, v, jobs, keys: tuple(torch.empty_like(t) for t in (q, k, v)))
 _packed_sdpa.register_autograd(
     lambda ctx, g: (*_packed_sdpa_backward(g, *ctx.saved_tensors), None, None),
     setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
