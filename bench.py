@@ -60,18 +60,31 @@ class Args:
     """fwd: no-grad forward; fwdbwd: forward + backward (not for flex on CPU: no backward there)"""
     repeats: int = 3
     seed: int = 0
+    backend: str = "inductor"
+    """--what gpu: torch.compile backend of the compiled rows (the suite's CPU run: aot_eager, seconds)"""
     child: str = ""
     """internal: run one measurement (attn,mode) and print JSON"""
 
 
 def build(a: Args) -> Bagel:
+    """A random BAGEL of the given shapes, made directly in its dtype on the device (28 BAGEL-7B
+    layers are 26 GB in bf16: an fp32 copy first would not fit beside them). Values only need to be
+    finite: weights N(0, 0.02), norms 1, biases 0."""
     c = BagelConfig(llm=LLMConfig(a.width, a.ffn, a.layers, a.heads, a.kv_heads, a.vocab),
                     vit=ViTConfig(a.vit_width, 4 * a.vit_width, a.vit_layers, a.vit_width // 64),
                     vae=AEConfig())
-    torch.manual_seed(a.seed)
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    with torch.device(a.device):
-        model = Bagel(c).to(a.device, dtype)  # .to: the sin-cos tables are made on the CPU
+    from fsdp import reset_pos_tables
+    with torch.device("meta"):
+        model = Bagel(c)
+    model = model.to(torch.bfloat16 if a.dtype == "bf16" else torch.float32).to_empty(device=a.device)
+    g = torch.Generator(a.device).manual_seed(a.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.02, generator=g)
+            else:
+                p.fill_(float("norm" in name and name.endswith("weight")))
+    reset_pos_tables(model, a.device)
     return model
 
 
@@ -105,7 +118,7 @@ def mixed_pack(a: Args) -> dict:
 
 
 def child(a: Args):
-    attn, mode = a.child.split(",")
+    attn, mode = a.child.split(",", 1)
     if attn == "gpu":
         return gpu_part(a, mode)
     if a.what == "nsa":
@@ -117,8 +130,10 @@ def child(a: Args):
 
 
 def time_step(model: Bagel, batch: dict, mode: str, repeats: int, device: str) -> dict:
-    """Median time of `repeats` forwards (+ backwards) after one warm-up, tokens/s, peak memory (CUDA:
-    max allocated; CPU: RSS growth over the process's baseline) and on CUDA the MFU."""
+    """Median time of `repeats` forwards (+ backwards) after one untimed run (which compiles what is
+    compiled), tokens/s, the FLOPs counted (`train.step_flops`, the training log's count), MFU where
+    the device's peak is known, peak memory (CUDA: max allocated; CPU: RSS growth over the process's
+    baseline)."""
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -126,40 +141,46 @@ def time_step(model: Bagel, batch: dict, mode: str, repeats: int, device: str) -
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(repeats + 1):  # the first run warms up (and compiles flex on CUDA)
+    for _ in range(repeats + 1):
         model.zero_grad(set_to_none=True)
         sync()
         t = time.perf_counter()
         with torch.set_grad_enabled(mode == "fwdbwd"):
             out = model(**batch)
             if mode == "fwdbwd":
-                (out["ce"].mean() + out["mse"].mean()).backward()
+                (out["ce"].float().sum() + out["mse"].float().mean()).backward()
         sync()
         times.append(time.perf_counter() - t)
-    dt = sorted(times[1:])[len(times[1:]) // 2]
+    dt = sorted(times[1:])[len(times[1:]) // 2] if repeats else times[0]
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    flops = step_flops(model.config, [batch]) / (1 if mode == "fwdbwd" else 3)  # training = 3x forward
+    peak_fl = peak_flops(torch.device(device))
     res = {"attn": model.attn, "mode": mode, "tokens": batch["sequence_length"], "samples": len(batch["sample_lens"]),
-           "seconds": dt, "tok_s": batch["sequence_length"] / dt, "peak_gb": peak / 2**30}
+           "seconds": dt, "tok_s": batch["sequence_length"] / dt, "peak_gb": peak / 2**30, "flops": flops,
+           "mfu": flops / dt / peak_fl if peak_fl else None}
     if cuda:
-        # the trainer's FLOP count (training = 3x forward) and peak-FLOPs table
-        flops = step_flops(model.config, [batch]) / (1 if mode == "fwdbwd" else 3)
-        peak_fl = peak_flops(torch.device(device))
-        res["mfu"] = flops / dt / peak_fl if peak_fl else None
         res["gpu"] = torch.cuda.get_device_name()
     return res
 
 
-SEVEN_B = dict(width=3584, heads=28, kv_heads=4, ffn=18944, vit_width=1152, vit_layers=1)  # BAGEL-7B layers
+SEVEN_B = dict(width=3584, heads=28, kv_heads=4, ffn=18944, vit_width=1152, vit_layers=1, dtype="bf16")  # BAGEL-7B layers
+GPU_LAYERS = (1, 4, 28)  # LLM layers of the 7B-shape rows (CPU: 1 and --layers)
 NSA_TOKENS = (8192, 32768)
-# seconds per part of the GPU check, start-up included: 4.4 min in all, so the one command stays
-# under 5 minutes. Each part is a process of its own, killed at its budget (a clean stop even inside
-# a compile or a kernel); the rows it printed by then count, the rest are reported as cut.
-GPU_BUDGET = {"parity": 70, "7B shapes": 135, "one attention": 60}
+# Seconds of each part's timed rows. A part is a process of its own, killed at its budget (a clean
+# stop even inside a kernel); the rows it printed by then count, the rest are reported as cut. Its
+# warm-up (the compiles, one per block kind) comes first, capped at WARMUP_CAP and reported apart.
+# Estimated on one H100 (not yet run there): about 6 x 60 s of compiles (all six table processes
+# together: the eager ones compile flex) + 6 x 45 + 40 + 30 s of rows + start-ups < GPU_TOTAL.
+GPU_BUDGET = {f"{mode},{attn}": 45 for mode in ("eager", "compile", "compile+float8") for attn in ("sdpa", "flex")}
+GPU_BUDGET.update({"parity": 40, "one attention": 30})
+WARMUP_CAP = 100
+GPU_TOTAL = 570  # the whole check stops starting parts past this: under 10 minutes in all
 
 
 def gpu_part(a: Args, part: str):
-    """One part of the GPU check (a child process of `bench_gpu`): prints one JSON line per row,
-    {"row": [what, result, ok]}, as each finishes. A row that raises is a failed row, not a crash."""
+    """One part of the GPU check (a child process of `bench_gpu`): prints {"warm": seconds} once its
+    warm-up is done, then one JSON line per row, {"row": [what, result, ok]}, as each finishes. A row
+    that raises is a failed row, not a crash."""
     from golden import CASES, golden_batch, tiny_bagel  # the golden packs and the tiny BAGEL they fit
     dev = a.device
     cuda = dev.startswith("cuda")
@@ -188,76 +209,115 @@ def gpu_part(a: Args, part: str):
         return f"losses + {len(got['sdpa']) - 2} grads: max err {err:.1e} of the largest value", \
             err < tol and len(got["flex"]) == len(got["sdpa"])
 
-    def step(c, attn, built: list):
-        if not built:  # one model and pack for both backends
-            built += [build(c), mixed_pack(c)]
-        model, batch = built
-        model.attn = attn
-        r = time_step(model, batch, "fwdbwd" if cuda or attn == "sdpa" else "fwd", 2, dev)
-        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-        return (f"{r['mode']} {r['tokens']} tok, {r['samples']} samples | {r['seconds'] * 1e3:.1f} ms | "
-                f"{r['tok_s']:,.0f} tok/s | mfu {mfu} | peak {r['peak_gb']:.1f} GiB"), True
-
     def one(kind, n):
         r = measure_nsa(kind, n, torch.bfloat16 if cuda else torch.float32, dev)
         return f"fwd+bwd {r['seconds'] * 1e3:.1f} ms | peak {r['peak_gb']:.2f} GiB", True
 
     if part == "parity":  # bf16 first: its tolerance is the open question
+        print(json.dumps({"warm": 0.0}), flush=True)
         for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-3)):  # tol: of the largest |value|
             model = tiny_bagel().to(dev, dtype)
             for case in CASES:
                 b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in golden_batch(case).items()}
                 run(f"flex vs sdpa {str(dtype)[6:]} {case}", lambda: parity(model, b, tol))
-    elif part == "7B shapes":
-        shapes = dataclasses.replace(a, **SEVEN_B, dtype="bf16") if cuda else a  # CPU: the given (small) sizes
-        for layers in (1, 4):
-            for n in a.tokens:
-                c, built = dataclasses.replace(shapes, layers=layers, tokens=(n,)), []
-                for attn in ("flex", "sdpa"):
-                    run(f"{layers} layer(s) of width {c.width}, {n} tok, {attn}", lambda: step(c, attn, built))
-                del built
-    else:
+    elif part == "one attention":
+        print(json.dumps({"warm": 0.0}), flush=True)
         for n in NSA_TOKENS if cuda else a.tokens:
             for kind in ("sdpa", "flex", "nsa", "nsa-torch") if cuda else ("sdpa", "nsa"):
                 run(f"Hq=7 Hkv=1 D=128, {n} tok, {kind}", lambda: one(kind, n))
+    else:
+        mode, attn = part.split(",")
+        table(a, mode, attn, run)
+
+
+def table(a: Args, mode: str, attn: str, run):
+    """Rows of the 7B-shape table for one (mode, attention): mode eager, compile or compile+float8
+    (tensorwise; emulated off CUDA), through fsdp.shard_model on one rank as train.py builds its
+    model (FSDP, activation checkpointing, compiled blocks, float8 linears), forward + backward in
+    bf16 at GPU_LAYERS x --tokens. The warm-up step on the smallest model compiles each block kind
+    once; the compiled code is dynamic over lengths, so the timed rows do not compile again."""
+    import fsdp
+    cuda = a.device.startswith("cuda")
+    shapes = dataclasses.replace(a, **SEVEN_B) if cuda else a  # CPU: the given (small) sizes
+    d = fsdp.init_distributed("cuda" if cuda else "cpu")
+    mesh = fsdp.make_mesh(d, 0)
+    how = "fwdbwd" if cuda or attn == "sdpa" else "fwd"  # torch 2.13: no flex backward on CPU
+
+    def make(layers: int, n: int):
+        c = dataclasses.replace(shapes, layers=layers, tokens=(n,))
+        model = fsdp.shard_model(build(c), mesh, None, ac=True, compile=mode != "eager" and a.backend,
+                                 float8="tensorwise" if "float8" in mode else "", float8_emulate=not cuda)
+        model.attn = attn
+        return model, mixed_pack(c)
+
+    t = time.perf_counter()
+    model, batch = make(1, min(a.tokens))
+    time_step(model, batch, how, 0, a.device)
+    del model, batch
+    print(json.dumps({"warm": time.perf_counter() - t}), flush=True)
+
+    def step(layers, n):
+        model, batch = make(layers, n)
+        r = time_step(model, batch, how, 2, a.device)
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "- (peak FLOPs unknown)"
+        return (f"{r['mode']} {r['tokens']} tok, {r['samples']} samples | {r['seconds'] * 1e3:.1f} ms | "
+                f"{r['tok_s']:,.0f} tok/s/GPU | {r['flops'] / 1e12:.3g} TFLOP (LLM + ViT + lm_head on CE "
+                f"tokens + attention; no VAE) | mfu {mfu} | peak {r['peak_gb']:.1f} GiB"), True
+
+    for layers in GPU_LAYERS if cuda else sorted({1, a.layers}):
+        for n in a.tokens:
+            run(f"{mode} {attn}, {layers} layer(s), {n} tok", lambda: step(layers, n))
 
 
 def bench_gpu(a: Args):
-    """The prepared GPU check: one command, < 5 minutes on one H200 (GPU_BUDGET), rows printed as
-    they finish and a summary table at the end: (1) sdpa vs flex on the golden packs, outputs and
-    every gradient, bf16 and fp32; (2) BAGEL-7B layer shapes, 1 and 4 layers, fwd+bwd at the --tokens
-    sizes, flex and sdpa: time, tokens/s, MFU, peak memory; (3) one attention, sdpa / flex / NSA
-    library / NSA PyTorch. No GPU has run it yet. `--device cpu` is a dry run of the same code with
-    the command line's (small) model sizes and --tokens in place of the 7B shapes and NSA_TOKENS, and
-    forward parity only (no flex backward on CPU)."""
+    """The prepared GPU check: one command, < 10 minutes on one H100 (GPU_TOTAL), rows printed as
+    they finish and a summary table at the end: (1) BAGEL-7B layer shapes on 1, 4 and 28 LLM layers at
+    the --tokens sizes, eager vs --compile vs --compile --float8, sdpa vs flex: time, tokens/s/GPU,
+    the FLOPs counted, MFU, peak memory, each part's compile warm-up reported apart; (2) sdpa vs flex
+    on the golden packs, outputs and every gradient, bf16 and fp32; (3) one attention, sdpa / flex /
+    NSA library / NSA PyTorch. `--device cpu` runs the same code with the command line's (small)
+    model sizes in place of the 7B shapes and NSA_TOKENS, float8 emulated, forward only for flex."""
     import threading
     cuda = a.device.startswith("cuda")
     print(f"GPU check on {torch.cuda.get_device_name(a.device) if cuda else a.device}, torch {torch.__version__}, "
-          f"budget per part (s) {GPU_BUDGET}", flush=True)
+          f"timed budget per part (s) {GPU_BUDGET}, warm-up cap {WARMUP_CAP} s, total {GPU_TOTAL} s", flush=True)
     rows, t_all = [], time.time()
     for part, budget in GPU_BUDGET.items():
-        t = time.time()
+        t, left = time.time(), GPU_TOTAL - (time.time() - t_all)
+        if left < 15:
+            rows.append((part, "(all its rows)", "cut", f"not started: {GPU_TOTAL} s in all ran out"))
+            continue
         proc = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--child", f"gpu,{part}"],
                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        timer = threading.Timer(budget, proc.kill)
+        timer = threading.Timer(min(WARMUP_CAP + budget, left), proc.kill)
         timer.start()
+        warm = None
         for line in proc.stdout:
-            if line.startswith('{"row"'):
+            if line.startswith('{"warm"'):  # the budget counts from here: it bounds the timed rows only
+                warm = json.loads(line)["warm"]
+                timer.cancel()
+                timer = threading.Timer(min(budget, GPU_TOTAL - (time.time() - t_all)), proc.kill)
+                timer.start()
+                print(f"{part} | warm-up (compiles) {warm:.1f} s", flush=True)
+            elif line.startswith('{"row"'):
                 what, text, ok = json.loads(line)["row"]
                 rows.append((part, what, "ok" if ok else "FAIL", text))
                 print(f"{part} | {what} | {rows[-1][2]} | {text}", flush=True)
         proc.wait()
         timer.cancel()
         if proc.returncode:
-            why = f"cut at its {budget} s budget" if proc.returncode == -9 else f"exited with code {proc.returncode}"
-            rows.append((part, "(the rows after the last above)", "cut" if proc.returncode == -9 else "FAIL", why))
-        print(f"{part}: {time.time() - t:.0f} s of {budget} s", flush=True)
+            cut = proc.returncode == -9
+            why = (f"exited with code {proc.returncode}" if not cut else f"cut in its warm-up" if warm is None
+                   else f"cut at its {budget} s budget")
+            rows.append((part, "(the rows after the last above)", "cut" if cut else "FAIL", why))
+        print(f"{part}: {time.time() - t:.0f} s" + (f" ({warm:.0f} s warm-up, {time.time() - t - warm:.0f} s of "
+                                                    f"{budget} s timed)" if warm else ""), flush=True)
     w = max(len(r[1]) for r in rows)
     print(f"\nsummary ({time.time() - t_all:.0f} s)")
     for part, what, status, text in rows:
-        print(f"{part:13s} | {what:{w}s} | {status:4s} | {text}")
+        print(f"{part:19s} | {what:{w}s} | {status:4s} | {text}")
     fails = [f"{part}: {what}" for part, what, status, _ in rows if status == "FAIL"]
-    cut = [part for part, _, status, _ in rows if status == "cut"]
+    cut = sorted({part for part, _, status, _ in rows if status == "cut"})
     print("GPU check: " + (f"FAILED: {fails}" if fails else "no failures") + (f"; cut by the budget: {cut}" if cut else ""))
 
 

@@ -1,9 +1,9 @@
 """FSDP2 for BAGEL: process group and mesh, sharding, rank-0 loading, sharded EMA, DCP checkpoints.
 
-The order follows torchtitan: activation checkpointing per block -> optional compile per block ->
-`fully_shard` per block -> `fully_shard` of the root. Trained parameters are fp32 master shards;
-compute runs in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS Engine bug P1: bf16
-masters with AdamW). Frozen parameters are stored in the compute dtype and never saved: checkpoints
+The order follows torchtitan: optional float8 linears -> per block: optional compile inside an
+activation-checkpointing wrapper -> `fully_shard` -> `fully_shard` of the root. Trained parameters
+are fp32 master shards; compute runs in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS
+Engine bug P1: bf16 masters with AdamW). Frozen parameters are stored in the compute dtype and never saved: checkpoints
 hold what training changes, plus the CRC of the frozen weights loaded from the base. Nothing here
 reads the environment at import time.
 """
@@ -30,8 +30,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import distribute_tensor
 
 import packing
-from model import (TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, checkpoint_index,
-                   fresh_tensors, read_config, sincos_2d)
+from model import (LORA_PREFIX, TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, any_rows,
+                   checkpoint_index, fresh_tensors, read_config, sincos_2d)
 from packing import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")  # output_dir/step-0001000/ (the convert_weights.py contract)
@@ -103,27 +103,40 @@ def fqn(name: str) -> str:
 
 
 def shard_model(model: Bagel, mesh: DeviceMesh, param_dtype: torch.dtype | None, ac: bool = True,
-                compile: bool = False, offload: bool = False, reshard_after_forward: bool = True) -> Bagel:
-    """fully_shard every LLM decoder layer and ViT layer, then lm_head, then the root, in place.
+                compile: bool | str = False, offload: bool = False, reshard_after_forward: bool = True,
+                float8: str = "", float8_emulate: bool = False) -> Bagel:
+    """float8 linears -> per block: compile -> activation checkpointing -> fully_shard; then lm_head,
+    then the root, in place.
 
     The root unit holds the embedding, connector, time embedder, vae2llm/llm2vae and final norms. All
     of them run on every forward (on empty inputs when a pack lacks a modality, see Bagel.forward), so
     every rank reduce-scatters every unit each step and mixed-modality packs cannot hang (bug D1).
-    The VAE is not here at all: it is frozen and runs outside, under no_grad (bugs P3, F4)."""
+    The VAE is not here at all: it is frozen and runs outside, under no_grad (bugs P3, F4).
+
+    `compile` (True, or an inductor-less backend name for tests) compiles each block's own forward,
+    once per block kind (decoder layer, ViT layer: their code is shared by every layer of the kind)
+    and dynamic over pack lengths and modality mixes (model.any_rows); the activation-checkpoint
+    wrapper goes around the compiled block, so its recompute reruns the compiled code. `float8`:
+    "tensorwise" or "rowwise" scaling for the decoder projections (`float8_linears`), before the
+    wrappers, as torchtitan converts its model before applying them."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    if float8:
+        float8_linears(model, float8, float8_emulate, torch.device(mesh.device_type))
     stacks = [model.language_model.model.layers]
     if model.config.visual_und:
         stacks.append(model.vit_model.vision_model.encoder.layers)
     for layers in stacks:
         for i, layer in enumerate(layers):
+            if compile:  # the forward only: FSDP's and the checkpoint's hooks stay outside the graph
+                layer.forward = torch.compile(layer.forward, backend="inductor" if compile is True else compile)
             if ac:  # the recompute must redraw the same numbers: only LoRA's dropout draws any
                 layer = checkpoint_wrapper(layer, preserve_rng_state=any(isinstance(m, LoRALinear) and m.dropout > 0
                                                                     for m in layer.modules()))
-            if compile:
-                layer.compile()
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+            if compile:  # after FSDP's pre-forward hook, which hands the block new tensors
+                layer.register_forward_pre_hook(any_rows)
             layers[i] = layer
     # lm_head (vocab x hidden, the largest matrix) gets its own unit so it is not held through the
     # whole step; it runs last in forward, so resharding it would only gather it again at once
@@ -132,6 +145,32 @@ def shard_model(model: Bagel, mesh: DeviceMesh, param_dtype: torch.dtype | None,
     fully_shard(model, **{**kw, "mp_policy": MixedPrecisionPolicy(param_dtype, torch.float32,
                                                                   cast_forward_inputs=False)})
     return model
+
+
+def float8_linears(model: Bagel, recipe: str, emulate: bool = False, device: torch.device | None = None):
+    """torchao float8 training (as torchtitan does) on the LLM decoder projections of both experts:
+    q/k/v/o and gate/up/down, und and `_moe_gen`, the linears LoRA targets too. Not lm_head (its
+    logits need the precision), norms, the ViT or the VAE. Parameters stay high-precision nn.Parameters
+    under their official names: only the matmuls cast, so checkpoints and exports hold plain weights.
+    `emulate` runs the float8 casts with high-precision matmuls (CPU, older GPUs: for tests)."""
+    import dataclasses
+    from packing import UserError
+    dev = device or next(model.parameters()).device
+    if not emulate and not (dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)):
+        raise UserError(f"--float8 needs a GPU with float8 matmuls (compute capability 8.9+: Ada, Hopper or "
+                        f"newer), not {dev.type}; --float8-emulate runs it emulated (slow, for checks)")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise UserError("--float8 needs the optional package torchao: pip install torchao") from e
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("--float8 with --lora: the adapters' frozen base linears are not converted; use one of them")
+    # no float8 all-gather: it wraps every converted weight in a torchao tensor subclass, which DCP
+    # then pickles into checkpoints that convert_weights.py cannot read without torchao
+    cfg = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
+                              enable_fsdp_float8_all_gather=False)
+    convert_to_float8_training(model, config=cfg, module_filter_fn=lambda m, name: bool(LORA_PREFIX.match(name)))
+    model.language_model.model.pad_experts = True  # float8 scaling needs rows: no expert's input may be empty
 
 
 def reset_pos_tables(model: nn.Module, device):

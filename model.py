@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import flex_attention
 
 import nsa
 import packing
@@ -195,12 +196,21 @@ class AttnPlan:
     sdpa: one SDPA call per split over the keys `packing.attention_layout` derives from the rule
     (`packing.allowed`), its own split last and causal if `causal`: no mask tensor at all except the
     lazy lower-right causal bias. flex: one BlockMask over the padded pack.
+    Only tensors vary from pack to pack (their shapes are dynamic under --compile), so a compiled
+    block traces once whatever the pack: no Python list or int here that torch.compile would guard on.
     """
     kind: str
-    jobs: list = field(default_factory=list)  # sdpa: (q_start, q_end, keys: slice | LongTensor, causal)
-    block_mask: object = None                 # flex
-    padded_len: int = 0                       # flex
-    nsa: object = None                        # nsa: nsa.Layout
+    jobs: torch.Tensor | None = None   # sdpa: host int64 [6 * n_splits]: (q0, q1, k0, k1, gathered, causal) each
+    keys: torch.Tensor | None = None   # sdpa: gathered key positions [K]
+    block_mask: object = None          # flex
+    nsa: object = None                 # nsa: nsa.Layout
+
+
+def sdpa_plan(jobs: list[tuple], keys: torch.Tensor, device) -> AttnPlan:
+    """An sdpa plan from (q0, q1, k0, k1, gathered, causal) tuples and the gathered key positions."""
+    table = torch.tensor([x for job in jobs for x in job], dtype=torch.long)  # flat: not a view of a [J, 6]
+    keys = keys if keys.numel() else keys.new_empty(0)  # numpy's empty arrays have stride 0: one guard less
+    return AttnPlan("sdpa", jobs=table, keys=keys.to(device, non_blocking=True))
 
 
 def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], attn_modes: list[str],
@@ -215,36 +225,88 @@ def plan_attention(kind: str, sample_lens: list[int], split_lens: list[int], att
     if kind == "nsa":
         return AttnPlan("nsa", nsa=nsa.plan(sample_lens, split_lens, attn_modes, device, lay))
     if kind == "flex":
-        return AttnPlan("flex", block_mask=packing.flex_block_mask(lay, device), padded_len=len(lay["sample"]))
-    keys = lay["sdpa_keys"].to(device, non_blocking=True)
-    return AttnPlan("sdpa", jobs=[(q0, q1, keys[k0:k1] if gathered else slice(k0, k1), causal)
-                                  for q0, q1, k0, k1, gathered, causal in lay["sdpa_jobs"]])
+        return AttnPlan("flex", block_mask=packing.flex_block_mask(lay, device))
+    return sdpa_plan(lay["sdpa_jobs"], lay["sdpa_keys"], device)
+
+
+def vit_plan(seqlens: list[int], device) -> AttnPlan:
+    """The ViT's sdpa plan: each image attends to itself, whole, never to another image of the pack."""
+    # no image: one empty job still, so k and v get (zero) gradients on every rank (see `Route`)
+    ends = np.cumsum([0] + [int(s) for s in seqlens or [0]]).tolist()
+    return sdpa_plan([(s, e, s, e, 0, 0) for s, e in zip(ends, ends[1:])], torch.zeros(0, dtype=torch.long), device)
+
+
+def any_rows(block: nn.Module, args: tuple):
+    """Forward pre-hook of a compiled block: marks dim 0 of its tensor arguments (tokens, routed rows,
+    sdpa jobs and keys) as any size, 0 and 1 included, so the block compiles once for all packs. As
+    plain dynamic sizes they would specialise on 0 and 1 (a pack without images) and on the size
+    thresholds of inductor's CPU reductions. A block's argument structure never varies: a missing
+    modality is an empty tensor, never a missing argument."""
+    for a in args:
+        for t in a if isinstance(a, tuple) else (a.jobs, a.keys) if isinstance(a, AttnPlan) else (a,):
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.decorators.mark_unbacked(t, 0)
 
 
 def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = None):
     """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D] under the pack's mask. `extra`: what a layer with
     NSA parameters passes (gates, pre-RoPE keys, RoPE table); only the nsa plan uses it."""
     if plan.kind == "nsa":
-        return nsa.attention(plan.nsa, q, k, v, extra)
+        # NSA's branches loop over host-side block tables: under --compile they run eager
+        return torch.compiler.disable(nsa.attention)(plan.nsa, q, k, v, extra)
     if plan.kind == "flex":
-        n, pad = q.shape[0], plan.padded_len - q.shape[0]
-        qh, kh, vh = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for x in (q, k, v))
-        # always compiled: eager flex materialises the [heads, N, N] scores (7 GiB at 8k tokens on CPU)
-        return _compiled_flex()(qh, kh, vh, block_mask=plan.block_mask, enable_gqa=True)[0].transpose(0, 1)[:n]
+        n, pad = q.shape[0], plan.block_mask.seq_lengths[0] - q.shape[0]
+        qh, kh, vh = (F.pad(x.transpose(0, 1)[None], (0, 0, 0, pad)) for x in (q, k, v))  # [1, H, padded, D]
+        # always compiled: eager flex materialises the [heads, N, N] scores (7 GiB at 8k tokens on CPU);
+        # inside a compiled block flex_attention is traced into the block's graph
+        flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+        return flex(qh, kh, vh, block_mask=plan.block_mask, enable_gqa=True)[0].transpose(0, 1)[:n]
+    if torch.compiler.is_compiling():  # an opaque op: the per-split loop is host work on the job table
+        return torch.ops.bagel.packed_sdpa(q, k, v, plan.jobs, plan.keys)
+    return sdpa_jobs(q, k, v, plan.jobs, plan.keys)
+
+
+def sdpa_jobs(q, k, v, jobs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The sdpa plan's loop: one SDPA call per split, its keys a slice of the pack or gathered."""
     out = torch.empty_like(q)
-    for qs, qe, keys, causal in plan.jobs:
+    for qs, qe, k0, k1, gathered, causal in jobs.view(-1, 6).tolist():
+        ks = keys[k0:k1] if gathered else slice(k0, k1)
         qh = q[qs:qe].transpose(0, 1)[None]
-        kh, vh = k[keys].transpose(0, 1)[None], v[keys].transpose(0, 1)[None]
+        kh, vh = k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None]
         lq, lk = qe - qs, kh.shape[2]
         mask = causal_lower_right(lq, lk) if causal and lq > 1 else None  # see all keys, own split causally
         out[qs:qe] = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
     return out
 
 
+# `sdpa_jobs` as one opaque op for torch.compile: its loop depends on the pack, so tracing it would
+# specialise the block's graph to one pack. The backward recomputes the attention forward (an op
+# cannot keep an autograd graph between forward and backward).
+@torch.library.custom_op("bagel::packed_sdpa", mutates_args=())
+def _packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jobs: torch.Tensor,
+                 keys: torch.Tensor) -> torch.Tensor:
+    return sdpa_jobs(q, k, v, jobs, keys)
+
+
+@torch.library.custom_op("bagel::packed_sdpa_backward", mutates_args=())
+def _packed_sdpa_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jobs: torch.Tensor,
+                          keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # an op's body runs with autograd dispatch excluded: switch it back on for the recompute
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(sdpa_jobs(q, k, v, jobs, keys), (q, k, v), g)
+
+
+_packed_sdpa.register_fake(lambda q, k, v, jobs, keys: torch.empty_like(q))
+_packed_sdpa_backward.register_fake(lambda g, q, k, v, jobs, keys: tuple(torch.empty_like(t) for t in (q, k, v)))
+_packed_sdpa.register_autograd(
+    lambda ctx, g: (*_packed_sdpa_backward(g, *ctx.saved_tensors), None, None),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
 @lru_cache(maxsize=None)
 def _compiled_flex():
     # FlexAttention is only fast (and memory-light) compiled; compile once per process, lazily
-    from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention)
 
 
@@ -266,16 +328,26 @@ class Route(NamedTuple):
     """The MoT routing of one pack. The LLM runs on its tokens permuted once, understanding rows (text,
     ViT) first and generation rows (VAE latents) after, so each expert reads one contiguous slice
     instead of gathering its rows again for every projection. Only attention needs pack order."""
-    perm: torch.Tensor  # [N] pack position of each routed row
+    perm: torch.Tensor  # [N] pack position of each routed row (N + 2 with `pad`)
     inv: torch.Tensor  # [N] routed row of each pack position
-    n_und: int  # rows [:n_und] use the understanding weights, [n_und:] the `_moe_gen` ones
+    und: torch.Tensor  # [n_und] pack positions of the und rows: rows [:n_und] use the understanding weights,
+    # [n_und:] the `_moe_gen` ones (a tensor, so n_und is a shape: a compiled block need not guard on it)
     detach_und: bool = False  # upstream's freeze_und (see Bagel.freeze_und)
+    pad: bool = False  # one zero row more per expert (pack position N), so that no expert's input is empty
 
     @classmethod
-    def of(cls, und: torch.Tensor, gen: torch.Tensor, detach_und: bool = False) -> "Route":
+    def of(cls, und: torch.Tensor, gen: torch.Tensor, detach_und: bool = False, pad: bool = False) -> "Route":
+        n = len(und) + len(gen)
+        if pad:
+            und, gen = (torch.cat([t, t.new_full((1,), n)]) for t in (und, gen))
         perm = torch.cat([und, gen])
         inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device))
-        return cls(perm, inv, len(und), detach_und)  # len: a shape, not a read of device memory
+        inv = inv[:n].clone() if pad else inv  # not a view: torch.compile would guard on its base's size
+        return cls(perm, inv, und, detach_und, pad)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x [N, ...] from pack order to routed order (the pad rows zero)."""
+        return (F.pad(x, (0, 0) * (x.dim() - 1) + (0, 1)) if self.pad else x).index_select(0, self.perm)
 
     def __call__(self, x, f_und, f_gen):
         """f_und on the und rows of x (routed order), f_gen on the rest. Both experts always run, on
@@ -283,8 +355,9 @@ class Route(NamedTuple):
         `detach_und` the und output carries no gradient: every routed call of the LLM (q/k/v after
         their norms, the NSA gate, o_proj, the MLP, the final norm) is one of upstream's freeze_und
         detach points, plus the input norms, which changes no gradient and skips their backward."""
-        yu = f_und(x[:self.n_und])
-        return torch.cat([yu.detach() if self.detach_und else yu, f_gen(x[self.n_und:])])
+        n_und = self.und.shape[0]  # a shape, not a read of device memory
+        yu = f_und(x[:n_und])
+        return torch.cat([yu.detach() if self.detach_und else yu, f_gen(x[n_und:])])
 
 
 class MoTAttention(nn.Module):
@@ -303,21 +376,25 @@ class MoTAttention(nn.Module):
         self.nsa: nsa.NSA | None = None  # set by Bagel when config.nsa is set
 
     def forward(self, x, cos, sin, route: Route, attend):
-        n = x.shape[0]
+        n = route.inv.shape[0]  # tokens of the pack (x has Route.pad's rows too)
         # projections and QK-norm per expert (routed order), THEN RoPE and attention in pack order (DESIGN.md#model)
         q = route(x, lambda t: self.q_norm(self.q_proj(t).view(-1, self.nq, self.d)),
                   lambda t: self.q_norm_moe_gen(self.q_proj_moe_gen(t).view(-1, self.nq, self.d)))
         k = route(x, lambda t: self.k_norm(self.k_proj(t).view(-1, self.nkv, self.d)),
                   lambda t: self.k_norm_moe_gen(self.k_proj_moe_gen(t).view(-1, self.nkv, self.d)))
-        v = route(x, self.v_proj, self.v_proj_moe_gen).view(n, self.nkv, self.d)
+        v = route(x, self.v_proj, self.v_proj_moe_gen).view(-1, self.nkv, self.d)
         q, k, v = (t.index_select(0, route.inv) for t in (q, k, v))
         extra = None
         if self.nsa is not None:  # NSA also needs per-expert gates and the keys before RoPE (nsa.py)
             g = route(x, self.nsa.g_proj, self.nsa.g_proj_moe_gen).index_select(0, route.inv)
             extra = nsa.NSAInputs(self.nsa, g.view(n, self.nq, 3).sigmoid(), k, cos, sin)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        a = (attend(q, k, v) if extra is None else attend(q, k, v, extra)).reshape(n, self.nq * self.d)
-        return route(a.index_select(0, route.perm), self.o_proj, self.o_proj_moe_gen)
+        if isinstance(attend, AttnPlan):  # training: the pack's plan (a compiled block traces this)
+            a = packed_attention(attend, q, k, v, extra)
+        else:  # a callable: inference's KV cache (sample.py)
+            a = attend(q, k, v) if extra is None else attend(q, k, v, extra)
+        a = a.reshape(n, self.nq * self.d)
+        return route(route.routed(a), self.o_proj, self.o_proj_moe_gen)
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -344,16 +421,19 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm, self.norm_moe_gen = RMSNorm(c.hidden_size, c.rms_norm_eps), RMSNorm(c.hidden_size, c.rms_norm_eps)
+        # each expert gets a zero row more (Route.pad): float8 linears scale by an amax over their
+        # input's rows, which an empty slice (a pack without VAE latents) does not have
+        self.pad_experts = False
 
     def forward(self, x, pos, und, gen, attend, freeze_und: bool = False):
-        """x [N, hidden]; pos [N] RoPE ids; und / gen: the rows of each expert; attend(layer_index, q,
-        k, v) -> attention output (pack order). Returns the final hidden state in pack order, normed
+        """x [N, hidden]; pos [N] RoPE ids; und / gen: the rows of each expert; attend: the pack's
+        AttnPlan, or attend(layer_index, q, k, v) -> attention output (pack order). Returns the final hidden state in pack order, normed
         per expert (`norm` / `norm_moe_gen`). `freeze_und`: no gradient through und rows (Route)."""
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
-        route = Route.of(und, gen, freeze_und)
-        x = x.index_select(0, route.perm)
+        route = Route.of(und, gen, freeze_und, self.pad_experts)
+        x = route.routed(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, route, partial(attend, i))
+            x = layer(x, cos, sin, route, attend if isinstance(attend, AttnPlan) else partial(attend, i))
         return route(x, self.norm, self.norm_moe_gen).index_select(0, route.inv)
 
 
@@ -391,14 +471,10 @@ class SiglipAttention(nn.Module):
         self.heads = c.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c.hidden_size, c.hidden_size) for _ in range(4))
 
-    def forward(self, x, seqlens: list[int]):
+    def forward(self, x, plan: AttnPlan):  # plan: `vit_plan`, bidirectional within each image
         n, d = x.shape
-        q, k, v = (p(x).view(n, self.heads, d // self.heads).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
-        # bidirectional within each image, never across images of a pack
-        seqlens = seqlens or [n]  # an empty pack still runs (k, v get zero gradients, see `Route`)
-        out = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in
-                         zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))], dim=1)
-        return self.out_proj(out.transpose(0, 1).reshape(n, d))
+        q, k, v = (p(x).view(n, self.heads, d // self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(packed_attention(plan, q, k, v).reshape(n, d))
 
 
 class SiglipMLP(nn.Module):
@@ -418,8 +494,8 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = SiglipMLP(c)
 
-    def forward(self, x, seqlens: list[int]):
-        x = x + self.self_attn(self.layer_norm1(x), seqlens)
+    def forward(self, x, plan: AttnPlan):
+        x = x + self.self_attn(self.layer_norm1(x), plan)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -450,8 +526,9 @@ class SiglipVisionTransformer(nn.Module):
     def forward(self, pixels, pos_ids, seqlens: list[int]):
         """pixels [n_patches, 3*p*p] in [-1, 1]; pos_ids [n_patches] = r*side + c; seqlens per image."""
         x = self.embeddings(pixels, pos_ids)
+        plan = vit_plan(seqlens, x.device)
         for layer in self.encoder.layers:
-            x = layer(x, seqlens)
+            x = layer(x, plan)
         return self.post_layernorm(x)
 
 
@@ -762,9 +839,7 @@ class Bagel(nn.Module):
             raise ValueError("attn='flex' has no backward on CPU (torch 2.13): train with attn='sdpa' there")
         plan = plan_attention(attn, sample_lens, split_lens, list(attn_modes), dev, lay)
         und = torch.cat([text_idx, vit_idx])
-        h = self.language_model.model(seq, long(packed_position_ids), und, vae_idx,
-                                      lambda i, q, k, v, *extra: packed_attention(plan, q, k, v, *extra),
-                                      self.freeze_und)
+        h = self.language_model.model(seq, long(packed_position_ids), und, vae_idx, plan, self.freeze_und)
 
         out = {"ce": self.language_model.lm_head(h[ce_idx], long(packed_label_ids))}
         if c.visual_gen:

@@ -394,7 +394,8 @@ def upstream_freeze_und_llm(llm, x, pos, und, gen, attend, *_):
         q = per_expert(heads(q, c.num_attention_heads), a.q_norm, a.q_norm_moe_gen, True)
         k = per_expert(heads(k, c.num_key_value_heads), a.k_norm, a.k_norm_moe_gen, True)
         q, k = q * cos + model_lib.rotate_half(q) * sin, k * cos + model_lib.rotate_half(k) * sin
-        o = attend(i, q, k, v).reshape(n, -1)
+        o = (model_lib.packed_attention(attend, q, k, v) if isinstance(attend, model_lib.AttnPlan)
+             else attend(i, q, k, v)).reshape(n, -1)
         x = x + per_expert(o, a.o_proj, a.o_proj_moe_gen, True)
         x = x + per_expert(x, lambda t: layer.mlp(layer.post_attention_layernorm(t)),
                            lambda t: layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(t)), True)

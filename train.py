@@ -165,7 +165,12 @@ class Args:
     activation_checkpointing: bool = True
     """recompute each LLM/ViT layer in backward instead of storing its activations"""
     compile: bool = False
-    """torch.compile each LLM/ViT layer"""
+    """torch.compile each LLM/ViT layer: one compile per layer kind, dynamic over pack lengths and mixes"""
+    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    """float8 matmuls (torchao, optional: pip install torchao) in the LLM decoder projections of both
+    experts, with this scaling; weights stay high precision. Needs a GPU of compute capability 8.9+"""
+    float8_emulate: bool = False
+    """run --float8 emulated (high-precision matmuls): CPU and older GPUs, for checks only"""
     cpu_offload: bool = False
     """keep sharded parameters, gradients and optimizer state in host memory"""
     reshard_after_forward: bool = True
@@ -244,7 +249,7 @@ def build_model(args: Args, d: fsdp.Dist, mesh, load: bool = True) -> Bagel:
         if not p.requires_grad and dtype:  # never updated: no fp32 master needed (half the bytes)
             p.data = p.data.to(dtype)
     fsdp.shard_model(model, mesh, dtype, args.activation_checkpointing, args.compile, args.cpu_offload,
-                     args.reshard_after_forward)
+                     args.reshard_after_forward, "" if args.float8 == "off" else args.float8, args.float8_emulate)
     model.to_empty(device="cpu" if args.cpu_offload else d.device)
     frozen = {fsdp.fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
     model.frozen_crc32 = fsdp.load_pretrained(model, args.model, d, None if load else frozen)
@@ -416,21 +421,26 @@ def peak_flops(device) -> float | None:
 
 
 def step_flops(c: BagelConfig, batches: list[dict]) -> float:
-    """Training FLOPs of some packs: 6 * N_active per token (one MoT expert per token, lm_head only
-    on CE tokens, ViT on its patches) + attention 12 * L * heads * head_dim * sum(len^2) per
-    sample, as upstream but with per-sample lengths (LMMS Engine counts a pack as one sequence, F7).
-    The VAE encoder is left out."""
+    """Training FLOPs of some packs (forward + backward = 3 x forward), from host-side numbers only:
+    shapes and host lists, never a device tensor's values (each read would stall the GPU every step).
+    Counted: the LLM at 6 * N_active per token (one MoT expert per token: q/k/v/o and the MLP), lm_head
+    on CE tokens only, the ViT on its patches, and attention at 12 * layers * heads * head_dim * len^2
+    per sample (per image in the ViT), as upstream but with per-sample lengths (LMMS Engine counts a
+    pack as one sequence, F7). Not counted: the VAE encoder (frozen and outside the trained model, no
+    backward), embeddings, connector, vae2llm/llm2vae, time embedder and norms (< 1% at BAGEL-7B).
+    bench.py's MFU uses this function too."""
     l, v = c.llm, c.vit
     hd = l.head_dim
     layer = l.hidden_size * hd * (2 * l.num_attention_heads + 2 * l.num_key_value_heads) + 3 * l.hidden_size * l.intermediate_size
     vit_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
     f = 0.0
     for b in batches:
+        lay = b.get("attention_layout")  # packing.collate's host copy; a hand-built batch may lack it
+        vit_lens = lay["vit_seqlens"] if lay else [int(s) for s in b.get("vit_token_seqlens", ())]
         f += 6 * (layer * l.num_hidden_layers * b["sequence_length"] + l.hidden_size * l.vocab_size * len(b["ce_loss_indexes"])
-                  + vit_layer * v.num_hidden_layers * len(b["packed_vit_token_indexes"]))
+                  + vit_layer * v.num_hidden_layers * sum(vit_lens))
         f += 12 * l.num_hidden_layers * l.num_attention_heads * hd * sum(int(s) ** 2 for s in b["sample_lens"])
-        # the ViT lengths as host ints (the layout's), not vit_token_seqlens: on the GPU, that read waits for the device
-        f += 12 * v.num_hidden_layers * v.hidden_size * sum(s ** 2 for s in b["attention_layout"]["vit_seqlens"])
+        f += 12 * v.num_hidden_layers * v.hidden_size * sum(s ** 2 for s in vit_lens)
     return f
 
 

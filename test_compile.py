@@ -1,0 +1,169 @@
+"""--compile (regional, one compile per block kind over any pack) and --float8 (torchao, emulated on CPU)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+import fsdp
+from model import Qwen2MoTDecoderLayer, SiglipEncoderLayer
+from test_smoke import CASES, golden_batch, tiny_bagel
+from test_train import one_thread, world1  # noqa: F401 (fixtures)
+
+
+def losses_and_grads(model, cases) -> list[torch.Tensor]:
+    got = []
+    for case in cases:
+        model.zero_grad(set_to_none=True)
+        out = model(**golden_batch(case))
+        (out["ce"].sum() + out["mse"].mean()).backward()
+        got += [out["ce"].detach(), out["mse"].detach()] + [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                                                            for p in model.parameters()]
+    return got
+
+
+def test_compiled_blocks_compile_once_over_all_packs_without_graph_breaks(world1):
+    """The golden packs (1-5 samples, with and without ViT images, VAE latents, CE tokens) through
+    FSDP + activation checkpointing + compiled blocks: one compile per block kind in all, no graph
+    break, and the eager model's losses and gradients. aot_eager: dynamo and the autograd of the
+    attention op are what is tested, inductor's code generation is torch's (bench.py measures it)."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    mesh = fsdp.make_mesh(world1, 0)
+    want = losses_and_grads(fsdp.shard_model(tiny_bagel(), mesh, None, ac=True), CASES)
+    got = losses_and_grads(fsdp.shard_model(tiny_bagel(), mesh, None, ac=True, compile="aot_eager"), CASES)
+    compiles = {kind.__name__: len(_debug_get_cache_entry_list(kind.forward.__code__))
+                for kind in (Qwen2MoTDecoderLayer, SiglipEncoderLayer)}
+    assert compiles == {"Qwen2MoTDecoderLayer": 1, "SiglipEncoderLayer": 1}, compiles
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_explain_finds_no_graph_break_in_either_block():
+    """torch._dynamo.explain on one decoder layer and one ViT layer, as the model calls them."""
+    model = tiny_bagel()
+    seen = {}
+    hooks = [layers[0].register_forward_pre_hook(lambda m, a, kind=kind: seen.setdefault(kind, (m, a)) and None)
+             for kind, layers in (("llm", model.language_model.model.layers), ("vit", model.vit_model.vision_model.encoder.layers))]
+    model(**golden_batch("case6_pack"))
+    for h in hooks:
+        h.remove()
+    for kind, (layer, args) in seen.items():
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(lambda *a: layer(*a))(*args)
+        assert ex.graph_break_count == 0 and ex.graph_count == 1, (kind, ex.break_reasons)
+
+
+def test_step_flops_reads_host_side_numbers_only():
+    """train.step_flops (the log's MFU and bench.py's) takes the ViT lengths from the layout collate
+    ships on the host: a device tensor read per image would stall the GPU every step."""
+    import train
+    from test_train import make_batches
+    from test_smoke import TINY
+    b = make_batches(0)[0][0]
+    assert b["vit_token_seqlens"].numel()  # the pack has ViT images
+    want = train.step_flops(TINY, [{**b, "attention_layout": None}])  # read from the tensor
+    b["vit_token_seqlens"] = None  # what a device tensor is to the host: not to be read
+    assert train.step_flops(TINY, [b]) == want > 0
+
+
+F8_TOL = 0.05  # relative loss gap to bf16 after a few steps: e4m3 keeps 3 mantissa bits (2^-4 steps)
+
+
+def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
+    """--float8 tensorwise, emulated (CPU), with FSDP, checkpointing and compiled blocks: the decoder
+    projections of both experts are converted (not lm_head, the ViT or the connector), five AdamW steps
+    on the golden packs track bf16 within F8_TOL, and the state dict holds plain tensors under the
+    official names, which a model built without torchao loads strictly."""
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from packing import UserError
+    mesh = fsdp.make_mesh(world1, 0)
+    with pytest.raises(UserError, match="needs a GPU with float8 matmuls .* --float8-emulate"):
+        fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, float8="tensorwise")
+    runs = {}
+    for f8 in ("", "tensorwise"):
+        torch._dynamo.reset()
+        model = fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, compile="aot_eager", float8=f8, float8_emulate=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for step in range(5):
+            out = model(**golden_batch(CASES[step % len(CASES)]))
+            loss = sum(t.float().sum() / max(t.numel(), 1) for t in (out["ce"], out["mse"]))  # a pack may lack one
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[f8] = model, torch.tensor(losses)
+    model, f8_losses = runs["tensorwise"]
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert len(converted) == 2 * 2 * 7  # layers x experts x (q, k, v, o, gate, up, down)
+    assert all(".layers." in n and "language_model" in n for n in converted)
+    gap = ((f8_losses - runs[""][1]).abs() / runs[""][1]).max().item()
+    print(f"float8 vs bf16 loss gap over 5 steps: {gap:.2%}")
+    assert 0 < gap < F8_TOL, gap  # 0: float8 did not run at all
+    dcp.save({"model": fsdp.trained_state_dict(model)}, checkpoint_id=str(tmp_path))  # what save_checkpoint writes
+    plain = tiny_bagel(seed=1)  # a model without float8, its state dict of plain tensors
+    sd = {k: v.clone() for k, v in plain.state_dict().items() if k in fsdp.trained_state_dict(model)}
+    dcp.load({"model": sd}, checkpoint_id=str(tmp_path))
+    plain.load_state_dict(sd, strict=False)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert set(sd) == set(full) and all(torch.equal(sd[k], full[k].float()) for k in sd)
+    # what convert_weights.py exports, read in a process where torchao cannot be imported
+    read = ("import sys; sys.modules['torchao'] = None; from convert_weights import dcp_sources; "
+            f"print(sum(s.read().numel() for s in dcp_sources({str(tmp_path)!r}, 'model').values()))")
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, cwd=os.path.dirname(fsdp.__file__))
+    assert out.returncode == 0 and int(out.stdout) == sum(v.numel() for v in sd.values()), out.stderr[-500:]
+
+
+def test_gpu_check_table_runs_on_cpu(capsys):
+    """bench.py --what gpu's table at tiny shapes, the same code as on a GPU: one part (compile +
+    float8, emulated here), its warm-up line first, then a row with tokens/s/GPU, the FLOPs counted,
+    MFU and peak memory. aot_eager keeps it to seconds; the float8 and compile paths are the real ones."""
+    pytest.importorskip("torchao")
+    import json
+    import bench
+    a = bench.Args(what="gpu", device="cpu", tokens=(2400,), layers=1, width=64, heads=4, kv_heads=2, ffn=128,
+                   vocab=400, vit_width=64, vit_layers=1, backend="aot_eager")
+    try:
+        bench.gpu_part(a, "compile+float8,sdpa")
+    finally:
+        dist.destroy_process_group()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert "warm" in lines[0] and len(lines) == 2
+    what, text, ok = lines[1]["row"]
+    assert ok, text
+    assert what == "compile+float8 sdpa, 1 layer(s), 2400 tok"
+    for part in ("fwdbwd", "tok/s/GPU", "TFLOP (LLM + ViT + lm_head on CE tokens + attention; no VAE)", "mfu", "peak"):
+        assert part in text, (part, text)
+
+
+def test_compiled_flex_block_lowers_on_cpu_and_matches_sdpa(world1):
+    """Inductor's CPU flex template reads q/k/v as 4-D buffers: a transposed view of a padded [N, H, D]
+    tensor failed to lower ("expected 4, got 3"), so packed_attention pads after the transpose. No
+    flex backward on CPU: forward only."""
+    torch._dynamo.reset()
+    b = golden_batch("case6_pack")
+    with torch.no_grad():
+        want = tiny_bagel()(**b)  # eager sdpa
+        model = fsdp.shard_model(tiny_bagel(), fsdp.make_mesh(world1, 0), None, ac=False, compile=True)
+        model.attn = "flex"
+        got = model(**b)
+    for k in ("ce", "mse"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+def test_float8_without_torchao_names_the_package(monkeypatch):
+    from packing import UserError
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without it imports
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(UserError, match="optional package torchao: pip install torchao"):
+        fsdp.float8_linears(tiny_bagel(), "tensorwise", emulate=True)
