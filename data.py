@@ -783,7 +783,7 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
     - In a sample that generates an image, inputs are CFG conditions (enable_cfg=1) and input
       images also enter as clean VAE latents before their ViT tokens (editing).
     - A generated image that more conversation follows is re-added as clean VAE + ViT, after its
-      noisy copy (upstream edit chains), so later turns can see it (LMMS Engine bug D6).
+      noisy copy (upstream edit chains), so later turns can see it: a noisy copy is invisible to them.
     - Sizes by role: VAE images 512-1024 px; the ViT copy of an image that also enters as clean VAE
       latents (any input of a sample that generates an image) 224-518 px (upstream `unified_edit`);
       other ViT images 378-980 px, sharing one pixel budget (upstream VLM SFT).
@@ -797,7 +797,7 @@ def record_to_items(rec: Any, where: str, folder: str, cfg: DataConfig, tok,
         raise BadSample("no_loss_token", f"{where}: messages: no assistant text or image, so nothing "
                         f"to train on")
     gen = any(role == "assistant" and kind == "image" for _, role, kind, _ in parts)
-    # fail rather than feed the model inputs it has no module for (LMMS Engine bug D2)
+    # fail rather than feed the model inputs it has no module for: they would silently attend to zeros
     if gen and not cfg.visual_gen:
         raise BadSample("needs_visual_gen", f"{where}: an assistant image is a generation target, but "
                         f"visual_gen is off (--visual-gen False, or the checkpoint's config)")

@@ -2,8 +2,8 @@
 
 The order follows torchtitan: optional float8 linears -> per block: optional compile inside an
 activation-checkpointing wrapper -> `fully_shard` -> `fully_shard` of the root. Trained parameters
-are fp32 master shards; compute runs in `param_dtype` (bf16) and gradients are reduced in fp32 (LMMS
-Engine bug P1: bf16 masters with AdamW). Frozen parameters are stored in the compute dtype and never saved: checkpoints
+are fp32 master shards; compute runs in `param_dtype` (bf16) and gradients are reduced in fp32 (AdamW
+on bf16 masters rounds most fine-tuning updates away). Frozen parameters are stored in the compute dtype and never saved: checkpoints
 hold what training changes, plus the CRC of the frozen weights loaded from the base. Nothing here
 reads the environment at import time.
 """
@@ -110,8 +110,9 @@ def shard_model(model: Bagel, mesh: DeviceMesh, param_dtype: torch.dtype | None,
 
     The root unit holds the embedding, connector, time embedder, vae2llm/llm2vae and final norms. All
     of them run on every forward (on empty inputs when a pack lacks a modality, see Bagel.forward), so
-    every rank reduce-scatters every unit each step and mixed-modality packs cannot hang (bug D1).
-    The VAE is not here at all: it is frozen and runs outside, under no_grad (bugs P3, F4).
+    every rank reduce-scatters every unit each step and mixed-modality packs cannot hang (a rank
+    skipping a branch would wait forever in a collective the others never join). The VAE is not here
+    at all: it is frozen and runs outside, under no_grad (no gradient, optimizer state or sharding).
 
     `compile` (True, or an inductor-less backend name for tests) compiles each block's own forward,
     once per block kind (decoder layer, ViT layer: their code is shared by every layer of the kind)
@@ -188,8 +189,8 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
     Only rank 0 reads files, with plain reads at the header offsets (convert_weights.py's reader: a
     memory map would keep every page of a 29 GB file in its RSS until closed). Each tensor is
     broadcast once in its stored dtype and every rank keeps its shard (cast to the parameter's dtype
-    by the copy), so peak host memory is a rank's shard plus one tensor: LMMS Engine (bug F6) and
-    upstream (B2 #1) materialise the whole model on every rank. Returns the CRC-32 of the frozen
+    by the copy), so peak host memory is a rank's shard plus one tensor, where loading the full
+    checkpoint on every rank would hold 8 copies of 29 GB on a node. Returns the CRC-32 of the frozen
     parameters' bytes as stored (hex; resume compares it with the one in the checkpoint's meta.json)."""
     from convert_weights import safetensors_sources
     params = {fqn(n): p for n, p in model.named_parameters()}
@@ -234,7 +235,7 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
 
 
 # -------------------------------------------------------------------------------------------------
-# EMA: fp32 shards beside the master shards (bug P2: an EMA in bf16 does not move)
+# EMA: fp32 shards beside the master shards (in bf16, decay 0.9999 rounds every update away: it would not move)
 
 def ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
     """Sharded fp32 copies of the trainable parameters, keyed by official name. Frozen parameters

@@ -800,7 +800,7 @@ class Bagel(nn.Module):
                 vpos = long(packed_vit_position_ids)
                 x = vit(pix, vpos, lay["vit_seqlens"])
                 seq[vit_idx] = (self.connector(x) + self.vit_pos_embed(vpos).to(dtype)).to(dtype)
-            elif vit_idx.numel():  # LMMS Engine bug D2: silently attending to zero vectors
+            elif vit_idx.numel():  # never silently attend to zero vectors
                 raise ValueError("the pack has ViT tokens but the model was built with visual_und=False")
 
         mse_target = None

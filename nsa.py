@@ -408,7 +408,7 @@ def _library_attention(lay: Layout, q, k, v, x: NSAInputs):
     fn = {"weightedpool": ops.weightedpool_compress, "linear": ops.linear_compress, "avgpool": ops.avgpool_compress}[c.compress_type]
     p, dt = x.params, q.dtype
     cast = lambda t: None if t is None else t.to(dt)
-    cu = torch.tensor(lay.bounds, dtype=torch.int32, device=q.device)  # cumulative (LMMS Engine bug N1)
+    cu = torch.tensor(lay.bounds, dtype=torch.int32, device=q.device)  # cumulative: sample lengths would cut every pack of 2+ samples wrongly
     ck, ccu = fn(x.k_raw, cast(p.compress_key), cu, c.kernel_size, c.kernel_stride, cast(p.intra_block_pe))
     cv, _ = fn(v, cast(p.compress_value), cu, c.kernel_size, c.kernel_stride, None)
     if c.compress_rope:  # BAGEL's position id of each window's first token, not the library's j*S
@@ -421,5 +421,5 @@ def _library_attention(lay: Layout, q, k, v, x: NSAInputs):
                                           mx, mcx, None, c.init_blocks, c.local_blocks)
     o_slc = ops.topk_sparse_attention(q, k, v, idx, c.block_size, cu, None)
     o_swa = flash(q, k, v, cu, cu, mx, mx, causal=True, window_size=(c.window_size, -1))
-    g = x.gates.to(dt)  # outputs are token-major [N, H, D]: no transpose (LMMS Engine bug)
+    g = x.gates.to(dt)  # outputs are token-major [N, H, D]: a transpose would mix tokens and heads
     return g[..., 0, None] * o_cmp + g[..., 1, None] * o_slc + g[..., 2, None] * o_swa, idx

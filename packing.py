@@ -153,7 +153,8 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
     """Lay out one sequence plan exactly as upstream `PackedDataset.pack_sequence` (DESIGN.md#layout, DESIGN.md#cfg-dropout).
 
     dropout = (text, vit, vae) CFG dropout probabilities, applied only to items with enable_cfg=1
-    (the conditions of generation and editing, never VQA inputs: LMMS Engine bug D4). A dropped text
+    (the conditions of generation and editing, never VQA inputs: a dropped question trains an answer
+    to nothing). A dropped text
     does not advance the RoPE id; a dropped image does (by 1), as upstream.
     """
     out, rope = Layout(), 0
@@ -246,14 +247,15 @@ def layout_sample(items: list[dict], tok: SpecialTokens, geo: Geometry = Geometr
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The generator for the random draws of one pack: a function of (seed, rank, step) only, so
-    resumed runs draw the same and no code touches the global RNG (LMMS Engine bug C1)."""
+    resumed runs draw the same and no code touches the global RNG (a fixed reseed would repeat the
+    same draws on every rank and step)."""
     g = torch.Generator()
     g.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63)
     return g
 
 
 def _long(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.long)  # empty lists give empty Long tensors, never float (bug D3)
+    return torch.tensor(x, dtype=torch.long)  # empty lists give empty Long tensors, never float (indexing needs Long)
 
 
 def collate(layouts: list[Layout], generator: torch.Generator | None = None,
@@ -320,7 +322,7 @@ def collate(layouts: list[Layout], generator: torch.Generator | None = None,
 
 # --------------------------------------------------------------------------------------------------
 # First-fit packing. Upstream packs next-fit with an overflow buffer and silently drops samples that
-# do not fit (DESIGN.md#packing); LMMS Engine is next-fit (bug F3). We keep a few packs open and put each
+# do not fit (DESIGN.md#packing). We keep a few packs open and put each
 # sample into the first one with room, which fills packs to ~98% on mixed lengths.
 
 class FirstFitPacker:

@@ -487,7 +487,7 @@ def test_cfg_dropout_scope_and_rope(tok, specials):
 
 
 def test_record_enable_cfg_scope(tok, image_dir):
-    """VQA inputs are never CFG conditions; inputs of generation/edit samples are (bug D4)."""
+    """VQA inputs are never CFG conditions; inputs of generation/edit samples are."""
     cfg = small_cfg()
     recs = chat(lambda n: {"type": "image_url", "image_url": {"url": f"{n}.png"}})
     vqa = data.record_to_items(recs[0], "r", str(image_dir), cfg, tok, None)

@@ -205,7 +205,7 @@ def test_cfg_dropout_between_0_and_1_through_the_dataset(tmp_path):
     """Text, ViT and clean-VAE conditions of edit samples are dropped at their own rates (0.2, 0.5,
     0.8 over 150 samples), independently, and VQA inputs never. Catches the three probabilities
     mixed up, dropout only at p = 1 (or at 1 - p), one draw shared by the three conditions, and
-    understanding inputs dropped (bug D4)."""
+    understanding inputs dropped."""
     path = write_jsonl(tmp_path / "d.jsonl", [RECORDS["edit"]] * 150 + [RECORDS["vqa"]] * 30)
     cfg = data_config(data=(path,), packing_length=4096, epochs=1, text_cond_dropout=0.2,
                       vit_cond_dropout=0.5, vae_cond_dropout=0.8)

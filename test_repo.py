@@ -6,9 +6,10 @@ import subprocess
 HERE = os.path.dirname(os.path.abspath(__file__))
 # pointers to documents a reader of the repo does not have: a sibling `shared/` folder, its `spec/`
 # files, section numbers of those specs, or our own tracker's issue numbers (upstream's, named with
-# their project as in "Bagel #157", are public)
+# their project as in "Bagel #157", are public), or bug ids of another project's review
 OUTSIDE = re.compile(r"\.\./shared|\bshared/spec|\bspec/|spec §|§\s?\d|\.\./DESIGN\.md|lmms_engine\.md|bagel\.md|nsa\.md|anchors\.md"
-                     r"|\b[Ii]ssues? #?\d")
+                     r"|\b[Ii]ssues? #?\d"
+                     r"|\bbugs? [A-Z]\d|LMMS Engine bug")  # another project's bug ids: the reason belongs in the comment
 
 
 def tracked_files() -> list[str]:

@@ -56,8 +56,8 @@ RECORDS = {
                           {"role": "assistant", "content": [_img(32, 64, 4)]}]},
 }
 # PACKS[rank][micro] of steps 0 and 1: rank 0 never has a VAE image, rank 1 never has a CE token (the
-# modality-hang case, bug D1). Step 2: both ranks have both losses, with other token counts per rank
-# and micro-step (per-rank or per-micro-step means, bug L1, would differ from the global mean).
+# modality-hang case). Step 2: both ranks have both losses, with other token counts per rank
+# and micro-step (per-rank or per-micro-step means would differ from the global mean).
 PACKS = [[["vqa", "text"], ["vqa"]],
          [["t2i"], ["edit", "t2i"]]]
 PACKS_LAST = [[["vqa", "t2i"], ["text"]],
@@ -108,7 +108,7 @@ def ckpt(tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny ops: threads only wait on each other (15x slower on a busy 2-core machine)."""
+    """Tiny ops: threads only wait on each other."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -327,8 +327,8 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
 
 
 def test_bf16_compute_keeps_fp32_masters_that_move_at_lr_1e_6(ckpt, world1):
-    """AdamW at lr 1e-6 over bf16 compute changes (nearly) every fp32 master weight (bug P1: with
-    bf16 masters ~2% move); the VAE gets no gradient and does not change (bug P3); the global RNG is
+    """AdamW at lr 1e-6 over bf16 compute changes (nearly) every fp32 master weight (with bf16
+    masters ~2% move); the VAE gets no gradient and does not change; the global RNG is
     never used."""
     optim = train.OptimConfig(lr=1e-6, warmup_steps=0)
     args = train.Args(model=ckpt, dtype="bf16", activation_checkpointing=False, optim=optim)

@@ -301,7 +301,8 @@ T_BUCKETS = 4  # the MSE is also logged per quarter of t: an edit model that cop
 
 def keyed_generator(seed: int, step: int, pack: int, stream: int, device) -> torch.Generator:
     """A generator that is a function of (seed, step, pack, stream) only: fresh noise every step and
-    rank (LMMS Engine bug C1 reseeds 42), identical after a resume, never the global RNG. `pack` is
+    rank (a fixed reseed would draw the same noise everywhere), identical after a resume, never the
+    global RNG. `pack` is
     the global index of a micro-batch in its step, rank * grad_accum + micro, so one rank
     accumulating packs 0..3 draws exactly what two ranks accumulating two each draw."""
     s = np.random.SeedSequence([seed, step, pack, stream]).generate_state(2, np.uint32)
@@ -356,7 +357,7 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
     (on every rank) when some rank ran out of data; raises FloatingPointError on a non-finite norm."""
     dev = d.device
     # the global token counts are known before any backward: each micro-batch's loss is its share of
-    # one big-batch token mean, whatever the split over ranks and micro-steps (DESIGN.md#losses, bug L1)
+    # one big-batch token mean, whatever the split over ranks and micro-steps (DESIGN.md#losses)
     counts = torch.tensor([sum(len(b["ce_loss_indexes"]) for b in batches),
                            sum(len(b["mse_loss_indexes"]) for b in batches),
                            int(len(batches) < args.optim.grad_accum), int(all(map(data_lib.idle, batches)))],
@@ -376,13 +377,13 @@ def train_step(model: Bagel, ae: AutoEncoder, opt, batches: list[dict], step: in
         # all-reduced across HSDP replicas (between nodes) once per step, after the last backward
         model.set_requires_all_reduce(micro == len(batches) - 1)
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            # frozen VAE outside the sharded model and outside autograd (bugs P3, F4); the posterior
+            # frozen VAE outside the sharded model and outside autograd (no gradient, no sharding); the posterior
             # is sampled as upstream does (DESIGN.md#flow), from a keyed generator
             g = keyed_generator(args.seed, step, pack, POSTERIOR, dev)
             b["padded_latent"] = ae.encode(b.pop("padded_images"), generator=g).float()
         out = model(**b, generator=keyed_generator(args.seed, step, pack, NOISE, dev))
         # both terms always enter the loss, even empty, so every parameter gets a gradient on every
-        # rank and the reduce-scatters match (bug D1)
+        # rank and the reduce-scatters match (a rank without images would otherwise hang the others)
         ce = out["ce"].sum()
         mse = out["mse"].mean(-1).sum() if "mse" in out else ce * 0
         # FSDP averages gradients over ranks; the world size turns that average back into the sum
