@@ -233,14 +233,16 @@ def test_sample_with_defaults_sizes_images_as_training(ckpt, tmp_path, capsys, m
 
 
 # one rank of the hub test, as its own process: huggingface_hub is a stub that logs its calls and
-# "downloads" a copy of the tiny checkpoint
+# "downloads" a copy of the tiny checkpoint, the first time slower than the process group's timeout
 HUB_RANK = """
-import json, os, shutil, sys, types
+import json, os, shutil, sys, time, types
 rank, port, ckpt, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
 def download(repo, **kw):
+    if not os.path.exists(os.path.join(out, "calls")):
+        time.sleep(6)  # rank 1 waits longer than timeout_min below: never inside a collective
     with open(os.path.join(out, "calls"), "a") as f:
         f.write(f"{rank} {repo}\\n")
     return shutil.copytree(ckpt, os.path.join(out, "cache", repo), dirs_exist_ok=True)
@@ -248,7 +250,7 @@ def download(repo, **kw):
 sys.modules["huggingface_hub"] = types.SimpleNamespace(snapshot_download=download)
 import torch.distributed as dist
 import fsdp, train
-d = fsdp.init_distributed("cpu", timeout_min=1)
+d = fsdp.init_distributed("cpu", timeout_min=0.05)
 args = train.preflight(train.parse_args(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"),
                                          "--output-dir", out, *sys.argv[5:]]), d)
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -262,8 +264,9 @@ train.main(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.json
 
 
 def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
-    """2 gloo ranks: rank 0 downloads, both get its folder. Then train.main, where rank 1 cannot see
-    that folder: both exit with code 2, and rank 0 alone says why, in one line."""
+    """2 gloo ranks: rank 0 downloads (for longer than the process group's 3 s timeout: rank 1 waits on
+    the store, not in a collective), both get its folder. Then train.main, where rank 1 cannot see that
+    folder: both exit with code 2, and rank 0 alone says why, in one line."""
     jsonl(tmp_path / "d.jsonl", [GOOD])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import resource
 import sys
 import socket
@@ -790,10 +791,22 @@ class Relay:
 
 def preflight(args: Args, d: fsdp.Dist) -> Args:
     """Rank 0 runs `check_args` and every rank gets the args it returns (an error of rank 0 reaches
-    the others through `Relay`). So a typo in a data path costs seconds, not the minutes of loading 29 GB."""
-    checked = [check_args(args, d) if d.rank == 0 else None]
-    dist.broadcast_object_list(checked, src=0)
-    args = checked[0]
+    the others through `Relay`). So a typo in a data path costs seconds, not the minutes of loading 29 GB.
+    The others wait on the launcher's store, not in a collective: a hub download on rank 0 may take
+    longer than the process group's timeout (--timeout-min)."""
+    if d.rank == 0:
+        args = check_args(args, d)
+    if d.store is not None:  # several ranks
+        if d.rank == 0:
+            d.store.set("preflight", pickle.dumps(args))
+        else:
+            while True:
+                try:
+                    d.store.wait(["preflight"], timedelta(minutes=10))
+                    break
+                except dist.DistStoreError:  # still checking (or downloading); rank 0's error ends this rank
+                    continue
+            args = pickle.loads(d.store.get("preflight"))
     # every rank must see what rank 0 checked: not so for a node-local disk (or hub cache) on several nodes
     seen = lambda p: data_lib.is_remote(p) or os.path.exists(p) or os.path.exists(p.rpartition(":")[0])  # path:weight
     missing = [p for p in (args.model, *args.data.data) if not seen(p)]
