@@ -59,7 +59,7 @@ RECORD_FIELDS = ("messages", "images", "videos", "image", "captions", "image_lis
 EXTREME_ASPECT = 4.0
 IMAGE_WARN_SHARE = 0.1  # a source with more than this share of such images gets a warning in the data line
 # a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
-# a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; bench.py --what data)
+# a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; dev/bench_data.py)
 PARQUET_BATCH_BYTES = 1 << 20
 VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # upstream ImageTransform default (data/transforms.py)
 VIT_MAX_PIXELS = 2_007_040  # upstream data/configs/example.yaml, VLM SFT ViT transform
@@ -1004,7 +1004,7 @@ class DataFile:
         if self.ext == ".parquet":
             # pre_buffer (pyarrow's default) keeps the last row group read in a read-ahead cache;
             # without buffer_size a column chunk is read whole into one more buffer before its pages
-            # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (bench.py --what data)
+            # are decoded: pyarrow peaks at ~3 row groups instead of ~2 (dev/bench_data.py)
             return pq.ParquetFile(open_file(self.path) if is_remote(self.path) else self.path, metadata=self.meta,
                                   pre_buffer=False, buffer_size=1 << 20)
         return open_file(self.path)
