@@ -1,7 +1,7 @@
 """Training data for BAGEL: records in any common container → checked samples → first-fit packs.
 
     records (.parquet/.arrow/.json/.jsonl, .yaml mixtures, directories)
-      → chat `messages` (the seed guide's format) or upstream T2I rows (`image` + `captions`)
+      → chat `messages` (LMMS Engine's format) or upstream T2I rows (`image` + `captions`)
       → a sequence plan per sample (text / ViT image / VAE image items, DESIGN.md#layout)
       → packing.layout_sample (tokens, RoPE ids, splits, labels, CFG dropout)
       → packing.FirstFitPacker → packing.collate → the batch `Bagel.forward` takes (DESIGN.md#packing)

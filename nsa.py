@@ -49,7 +49,7 @@ GATE_BIAS = (-2.0, 0.0, 0.0)  # initial gate logits (cmp, slc, swa): sigmoid = (
 
 @dataclass
 class NSAConfig:
-    """NSA hyper-parameters: the names and defaults of the seed guide's `patch_type: ["nsa"]`."""
+    """NSA hyper-parameters: the names and defaults of LMMS Engine's NSA patch (`patch_type: ["nsa"]`)."""
     block_size: int = 64
     """tokens per selection block (the CUDA kernels need 32, 64, 128 or 256)"""
     compress_type: Literal["weightedpool", "linear", "avgpool"] = "weightedpool"

@@ -159,7 +159,7 @@ class Args:
     attn: Literal["auto", "sdpa", "flex", "nsa"] = "auto"
     """attention backend (auto: nsa if the checkpoint has NSA weights, else flex on CUDA, sdpa on CPU)"""
     nsa: NSAConfig = field(default_factory=NSAConfig)
-    """Native Sparse Attention settings, used with --attn nsa on a dense checkpoint (seed-guide names)"""
+    """Native Sparse Attention settings, used with --attn nsa on a dense checkpoint (LMMS Engine's names)"""
     dtype: Literal["bf16", "fp32"] = "bf16"
     """compute dtype, also of frozen weights; trained weights' masters, gradients' reduction, optimizer
     state and EMA are always fp32"""
