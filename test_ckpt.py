@@ -372,7 +372,8 @@ def test_each_rank_hashes_and_verifies_its_own_files(tmp_path):
     damaged-checkpoint test above are unchanged). Catches rank 0 reading every byte while the others
     wait, a file nobody checks, and ranks disagreeing on the verdict (one resumes, one skips: a hang)."""
     import torch.multiprocessing as mp
-    mp.start_processes(share_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    multiprocessing.set_forkserver_preload(["train", "test_ckpt"])  # as the elastic test above
+    mp.start_processes(share_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="forkserver")
     got = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert got[0]["saved"] == got[0]["read"] == [".metadata", SHARD]
     assert got[1]["saved"] == got[1]["read"] == ["__1_0.distcp"]

@@ -3,6 +3,7 @@ this process, nothing spawned), and a 4-rank gloo run on data that used to leave
 
 Each test names the bug it catches."""
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -146,8 +147,10 @@ def test_four_ranks_train_1025_lines(ckpt, tmp_path, capfd):  # noqa: F811
     argv = ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), "--dtype", "fp32",
             "--no-activation-checkpointing", "--log-every", "1", "--eval.every", "0", "--data.packing-length", "512",
             "--data.num-workers", "0", "--data.epochs", "1", "--max-steps", "50", "--ckpt.every", "0", *sizes]
-    # spawned, not forked: a fork of the pytest process (other tests' threads) hung once before gloo started
-    ctx = mp.start_processes(_rank, args=(free_port(), argv), nprocs=4, join=False, start_method="spawn")
+    # forked from a fresh server that imported this file once: a fork of the pytest process (other tests'
+    # threads) hung once before gloo started, and spawned ranks would each import torch again
+    multiprocessing.set_forkserver_preload(["test_shards"])
+    ctx = mp.start_processes(_rank, args=(free_port(), argv), nprocs=4, join=False, start_method="forkserver")
     deadline = time.time() + 240
     while not ctx.join(timeout=5):
         if time.time() > deadline:
