@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from test_paths import run_main
-from test_train import ckpt, free_port, one_thread, random_demo_vae, read_dcp, world1  # noqa: F401 (fixtures)
+from test_train import ckpt, free_port, one_thread, print_to, random_demo_vae, read_dcp, world1  # noqa: F401 (fixtures)
 
 RECORDS = ["vqa", "t2i", "edit", "text"]
 SHARD = "__0_0.distcp"  # rank 0's DCP data file
@@ -212,6 +212,7 @@ def elastic_worker(argv: list[str], ref: str):
     import train
     torch.set_num_threads(1)
     rank, first = int(os.environ["RANK"]), os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+    print_to(os.path.join(os.path.dirname(ref), f"worker{rank}.log"))  # both attempts
     save = fsdp.save_checkpoint
     def save_then_die(path, *a, **k):
         pending = save(path, *a, **k)
@@ -229,7 +230,7 @@ def elastic_worker(argv: list[str], ref: str):
     train.main(argv + (["--ckpt.async"] if first else []))
 
 
-def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, monkeypatch):
+def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, monkeypatch):
     """2 ranks under torchrun's agent with --max-restarts 1 (elastic_launch, the function behind the
     torchrun command, its workers forked from a server that imported train once). The first attempt saves steps 1
     and 2 with --ckpt.async; then rank 1 garbles its shard of step 2 and dies. The agent restarts both
@@ -262,7 +263,7 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies(ckpt, tmp_path, capfd, 
         faulthandler.cancel_dump_traceback_later()
         for s, h in handlers.items():
             signal.signal(s, h)
-    log = capfd.readouterr().out
+    log = open(tmp_path / "worker0.log").read()
     line = f"checkpoint {out}/step-0000002 is damaged, skipped: rank 1: __1_0.distcp: DCP cannot read it"
     assert line in log and f"resumed from {out}/step-0000001 at step 1" in log, log[-3000:]
     assert "staged" in log  # the first attempt saved async
@@ -372,7 +373,8 @@ def test_each_rank_hashes_and_verifies_its_own_files(tmp_path):
     damaged-checkpoint test above are unchanged). Catches rank 0 reading every byte while the others
     wait, a file nobody checks, and ranks disagreeing on the verdict (one resumes, one skips: a hang)."""
     import torch.multiprocessing as mp
-    mp.start_processes(share_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    multiprocessing.set_forkserver_preload(["train", "test_ckpt"])  # as the elastic test above
+    mp.start_processes(share_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="forkserver")
     got = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert got[0]["saved"] == got[0]["read"] == [".metadata", SHARD]
     assert got[1]["saved"] == got[1]["read"] == ["__1_0.distcp"]

@@ -90,9 +90,10 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
     with pytest.raises(UserError, match="needs a GPU with float8 matmuls .* --float8-emulate"):
         fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, float8="tensorwise")
     runs = {}
-    for f8 in ("", "tensorwise"):
+    # the bf16 reference runs eager: aot_eager changes no loss bit there, and each compile costs seconds
+    for f8, compile in (("", None), ("tensorwise", "aot_eager")):
         torch._dynamo.reset()
-        model = fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, compile="aot_eager", float8=f8, float8_emulate=True)
+        model = fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, compile=compile, float8=f8, float8_emulate=True)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses = []
         for step in range(5):
@@ -109,7 +110,7 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
     assert all(".layers." in n and "language_model" in n for n in converted)
     gap = ((f8_losses - runs[""][1]).abs() / runs[""][1]).max().item()
     print(f"float8 vs bf16 loss gap over 5 steps: {gap:.2%}")
-    assert 0 < gap < F8_TOL, gap  # 0: float8 did not run at all
+    assert 1e-3 < gap < F8_TOL, gap  # ~0: float8 did not run at all
     dcp.save({"model": fsdp.trained_state_dict(model)}, checkpoint_id=str(tmp_path))  # what save_checkpoint writes
     plain = tiny_bagel(seed=1)  # a model without float8, its state dict of plain tensors
     sd = {k: v.clone() for k, v in plain.state_dict().items() if k in fsdp.trained_state_dict(model)}

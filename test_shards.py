@@ -3,6 +3,7 @@ this process, nothing spawned), and a 4-rank gloo run on data that used to leave
 
 Each test names the bug it catches."""
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 
 import data
 from test_data import small_cfg
-from test_train import RECORDS, ckpt, data_config  # noqa: F401 (fixture)
+from test_train import RECORDS, ckpt, data_config, print_to  # noqa: F401 (fixture)
 
 RANKS, WORKERS = 8, 4
 
@@ -120,8 +121,9 @@ def test_a_finite_epoch_is_balanced_over_ranks(layout, spec):
     assert max(per_rank) - min(per_rank) <= WORKERS, per_rank
 
 
-def _rank(rank: int, port: int, argv: list[str]):
+def _rank(rank: int, port: int, argv: list[str], log: str):
     import train
+    print_to(f"{log}{rank}")
     os.environ.update(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="4",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -130,7 +132,7 @@ def _rank(rank: int, port: int, argv: list[str]):
     os._exit(0)  # skip the interpreter's exit (gloo threads, see test_train._worker)
 
 
-def test_four_ranks_train_1025_lines(ckpt, tmp_path, capfd):  # noqa: F811
+def test_four_ranks_train_1025_lines(ckpt, tmp_path):  # noqa: F811
     """4 ranks (gloo) of train.py --data.epochs 1 on a 1,025-line jsonl trains: every rank gets rows,
     the run steps until the last rank's data runs out and says all records were trained. Catches
     the rank left with an empty slice stopping the run at step 0 with nothing trained."""
@@ -146,15 +148,18 @@ def test_four_ranks_train_1025_lines(ckpt, tmp_path, capfd):  # noqa: F811
     argv = ["--model", ckpt, "--data", str(path), "--output-dir", str(tmp_path / "out"), "--dtype", "fp32",
             "--no-activation-checkpointing", "--log-every", "1", "--eval.every", "0", "--data.packing-length", "512",
             "--data.num-workers", "0", "--data.epochs", "1", "--max-steps", "50", "--ckpt.every", "0", *sizes]
-    # spawned, not forked: a fork of the pytest process (other tests' threads) hung once before gloo started
-    ctx = mp.start_processes(_rank, args=(free_port(), argv), nprocs=4, join=False, start_method="spawn")
+    # forked from a fresh server that imported this file once: a fork of the pytest process (other tests'
+    # threads) hung once before gloo started, and spawned ranks would each import torch again
+    multiprocessing.set_forkserver_preload(["test_shards"])
+    log = str(tmp_path / "rank")
+    ctx = mp.start_processes(_rank, args=(free_port(), argv, log), nprocs=4, join=False, start_method="forkserver")
     deadline = time.time() + 240
     while not ctx.join(timeout=5):
         if time.time() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail("4-rank run did not finish in 240 s")
-    out = capfd.readouterr().out
+    out = open(f"{log}0").read()
     rows = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
     assert rows and "the data ran out (--data.epochs): every rank trained all its records;" in out, out[-3000:]
 

@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import shlex
@@ -254,6 +255,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def print_to(path: str):
+    """In a rank forked by the forkserver: print (stdout and stderr) into `path`, for the test to read.
+    The forkserver is shared by every test, and its children print where it does, not where this test's
+    capture listens."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+
+
 def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     """2-rank FSDP2 and HSDP == a plain 1-process loop after 3 SGD steps (grad accumulation, clipping,
     one rank without VAE images and the other without CE tokens: no hang, run under a timeout), with
@@ -262,8 +272,10 @@ def test_two_ranks_match_one_process_and_resume_on_one_rank(ckpt, tmp_path):
     validation on 2 ranks gives 1 rank's val_ce / val_mse / val_mse_by_t."""
     for attempt in (1, 2):
         write_val_data(str(tmp_path))
+        # forked from a fresh server that imported this file once (as test_shards' 4 ranks)
+        multiprocessing.set_forkserver_preload(["test_train"])
         ctx = mp.start_processes(_worker, args=(free_port(), ckpt, str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
+                                 start_method="forkserver")
         deadline = time.time() + 240
         try:
             while not ctx.join(timeout=5):
