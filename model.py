@@ -262,7 +262,7 @@ def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = No
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
         return flex(qh, kh, vh, block_mask=plan.block_mask, enable_gqa=True)[0].transpose(0, 1)[:n]
     if torch.compiler.is_compiling():  # an opaque op: the per-split loop is host work on the job table
-        return torch.ops.bagel.packed_sdpa(q, k, v, plan.jobs, plan.keys)
+        return torch.ops.bagel.packed_sdpa(q, k, v, plan.jobs, plan.keys)[0]
     return sdpa_jobs(q, k, v, plan.jobs, plan.keys)
 
 
@@ -280,28 +280,79 @@ def sdpa_jobs(q, k, v, jobs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 # `sdpa_jobs` as one opaque op for torch.compile: its loop depends on the pack, so tracing it would
-# specialise the block's graph to one pack. The backward recomputes the attention forward (an op
-# cannot keep an autograd graph between forward and backward).
+# specialise the block's graph to one pack. On CPU the op also returns each row's logsumexp and its
+# backward calls the SDPA backward kernel per split, as eager autograd does; elsewhere (no kernel
+# wired here yet) the backward recomputes the attention forward, since an op keeps no autograd graph.
+def _split(q, k, v, keys, job):
+    """One job's q/k/v as [1, H, L, D] views and its float mask (None: none, or `is_causal`)."""
+    qs, qe, k0, k1, gathered, causal = job
+    ks = keys[k0:k1] if gathered else slice(k0, k1)
+    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q[qs:qe], k[ks], v[ks]))
+    lq, lk = qh.shape[2], kh.shape[2]
+    upper = bool(causal) and lq > 1 and lq == lk  # lower right = upper left: the kernel's own causal flag
+    # F.sdpa turns the lower-right bias into this additive mask before the same kernel
+    mask = (torch.zeros(lq, lk, dtype=q.dtype, device=q.device).masked_fill(
+        ~causal_lower_right(lq, lk)._materialize(q.device), float("-inf"))
+        if causal and lq > 1 and not upper else None)
+    return qh, kh, vh, ks, mask, upper
+
+
 @torch.library.custom_op("bagel::packed_sdpa", mutates_args=())
 def _packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jobs: torch.Tensor,
-                 keys: torch.Tensor) -> torch.Tensor:
-    return sdpa_jobs(q, k, v, jobs, keys)
+                 keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.device.type != "cpu":
+        return sdpa_jobs(q, k, v, jobs, keys), q.new_empty(0, dtype=torch.float32)
+    out, lse = torch.empty_like(q), q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)  # lse [Hq, N]
+    for job in jobs.view(-1, 6).tolist():
+        if job[1] > job[0]:
+            qh, kh, vh, _, mask, upper = _split(q, k, v, keys, job)
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, upper, attn_mask=mask)
+            out[job[0]:job[1]], lse[:, job[0]:job[1]] = o[0].transpose(0, 1), l[0]
+    return out, lse
 
 
 @torch.library.custom_op("bagel::packed_sdpa_backward", mutates_args=())
-def _packed_sdpa_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jobs: torch.Tensor,
+def _packed_sdpa_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, jobs: torch.Tensor,
                           keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # an op's body runs with autograd dispatch excluded: switch it back on for the recompute
-    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), torch.enable_grad():
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        return torch.autograd.grad(sdpa_jobs(q, k, v, jobs, keys), (q, k, v), g)
+    if q.device.type != "cpu":
+        # an op's body runs with autograd dispatch excluded: switch it back on for the recompute
+        with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
+                torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            return torch.autograd.grad(sdpa_jobs(q, k, v, jobs, keys), (q, k, v), g)
+    dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+    for job in jobs.view(-1, 6).tolist():
+        qs, qe = job[:2]
+        if qe > qs:
+            qh, kh, vh, ks, mask, upper = _split(q, k, v, keys, job)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g[qs:qe].transpose(0, 1)[None], qh, kh, vh, out[qs:qe].transpose(0, 1)[None],
+                lse[None, :, qs:qe].contiguous(), 0.0, upper, attn_mask=mask)
+            dq[qs:qe] = gq[0].transpose(0, 1)
+            if isinstance(ks, slice):  # splits may share keys: accumulate
+                dk[ks] += gk[0].transpose(0, 1)
+                dv[ks] += gv[0].transpose(0, 1)
+            else:
+                dk.index_add_(0, ks, gk[0].transpose(0, 1))
+                dv.index_add_(0, ks, gv[0].transpose(0, 1))
+    return dq, dk, dv
 
 
-_packed_sdpa.register_fake(lambda q, k, v, jobs, keys: torch.empty_like(q))
-_packed_sdpa_backward.register_fake(lambda g, q, k, v, jobs, keys: tuple(torch.empty_like(t) for t in (q, k, v)))
-_packed_sdpa.register_autograd(
-    lambda ctx, g: (*_packed_sdpa_backward(g, *ctx.saved_tensors), None, None),
-    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+_packed_sdpa.register_fake(lambda q, k, v, jobs, keys: (
+    torch.empty_like(q),
+    q.new_empty((q.shape[1], q.shape[0]) if q.device.type == "cpu" else (0,), dtype=torch.float32)))
+_packed_sdpa_backward.register_fake(
+    lambda g, q, k, v, out, lse, jobs, keys: tuple(torch.empty_like(t) for t in (q, k, v)))
+
+
+def _save(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs[:3], *output, *inputs[3:])
+
+
+_packed_sdpa.register_autograd(lambda ctx, g, _: (*_packed_sdpa_backward(g, *ctx.saved_tensors), None, None),
+                               setup_context=_save)
 
 
 @lru_cache(maxsize=None)

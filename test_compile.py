@@ -45,6 +45,28 @@ def test_compiled_blocks_compile_once_over_all_packs_without_graph_breaks(world1
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_sdpa_op_matches_the_eager_loop_and_its_backward_recomputes_nothing():
+    """The compiled path's attention op against the eager loop (autograd through F.sdpa): splits that
+    share keys, gathered keys, a lower-right causal split, a one-query split, GQA and an empty job.
+    Its backward runs the SDPA backward kernel on the saved outputs, no attention forward."""
+    from model import sdpa_jobs, sdpa_plan
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+    plan = sdpa_plan([(0, 10, 0, 10, 0, 1), (10, 20, 0, 4, 1, 0), (20, 30, 4, 14, 1, 1), (30, 31, 0, 31, 0, 1),
+                      (31, 40, 20, 40, 0, 1), (40, 40, 0, 0, 0, 0)], torch.tensor([0, 1, 2, 3, *range(10, 20)]), "cpu")
+    want = sdpa_jobs(q, k, v, plan.jobs, plan.keys)
+    dout = torch.randn(want.shape, generator=g)
+    got = torch.ops.bagel.packed_sdpa(q, k, v, plan.jobs, plan.keys)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.profiler.profile() as prof:
+        grads = torch.autograd.grad(got, (q, k, v), dout)
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in names
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in names, "the backward recomputed the forward"
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_explain_finds_no_graph_break_in_either_block():
     """torch._dynamo.explain on one decoder layer and one ViT layer, as the model calls them."""
     model = tiny_bagel()
