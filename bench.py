@@ -307,7 +307,7 @@ def bench_gpu(a: Args):
         timer.cancel()
         if proc.returncode:
             cut = proc.returncode == -9
-            why = (f"exited with code {proc.returncode}" if not cut else f"cut in its warm-up" if warm is None
+            why = (f"exited with code {proc.returncode}" if not cut else "cut in its warm-up" if warm is None
                    else f"cut at its {budget} s budget")
             rows.append((part, "(the rows after the last above)", "cut" if cut else "FAIL", why))
         print(f"{part}: {time.time() - t:.0f} s" + (f" ({warm:.0f} s warm-up, {time.time() - t - warm:.0f} s of "

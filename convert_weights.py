@@ -34,7 +34,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Annotated, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed.checkpoint as dcp

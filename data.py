@@ -1696,7 +1696,7 @@ class PackLoader:
                 f"images {total['images']:,}: upscaled small {total['upscaled_small']:,}, extreme aspect "
                 f"{total['extreme_aspect']:,}, truncated {total['truncated']:,}")
         for src, n in zip(self.dataset.sources, s["notes"]):
-            for k, why in (("upscaled_small", f"smaller than the minimum side, upscaled"),
+            for k, why in (("upscaled_small", "smaller than the minimum side, upscaled"),
                            ("extreme_aspect", f"more than {EXTREME_ASPECT:g}:1, resized to a few rows")):
                 if n.get(k, 0) > IMAGE_WARN_SHARE * n.get("images", 0):
                     line += (f"\nwarning: {src.name}: {n[k]:,} of {n['images']:,} images "

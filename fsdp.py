@@ -666,8 +666,8 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
             extra and f"holds {len(extra)} tensors this run does not train (e.g. {extra[0]})",
             shape and f"{len(shape)} tensors have other shapes (e.g. {shape[0]}: {have[shape[0]]} saved, "
                       f"{want[shape[0]]} here)") if x) +
-            f": it was saved with other model options or another --model (its args.json has them); the checkpoint "
-            f"is fine. Resume with its options, or start over (--ckpt.resume none, or another --output-dir)")
+            ": it was saved with other model options or another --model (its args.json has them); the checkpoint "
+            "is fine. Resume with its options, or start over (--ckpt.resume none, or another --output-dir)")
     sd = {"model": model_sd, "optim": optim_sd, "trainer": ""}
     if old_world == d.world_size:  # a rank's RNG streams are its own: restored at the same world size only
         sd.update({k: v for k, v in rng_state(d).items() if k in keys})
