@@ -243,7 +243,8 @@ def test_a_logging_step_reads_back_one_vector_and_other_steps_nothing(device, tm
         batch, host = micro_batch(d.device), torch.device("cpu") if device != "cpu" else None
         for step in (1, 2):
             with SyncCounter(host) as add:
-                meter.add(s, [batch], 0.01, TINY)
+                meter.waited(0.01)
+                meter.add(s, [batch], TINY)
             with SyncCounter(host) as log:
                 meter.log(step, 1e-3, 0.5, {})
             print(f"sync ops at step {step}: add {Counter(add.ops)}, log {Counter(log.ops)}")

@@ -5,6 +5,7 @@ Each test names the bug it catches. Tiny model, 1-3 steps, one process (gloo wor
 import base64
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -175,6 +176,25 @@ def test_data_running_out_saves_and_stops(ckpt, tmp_path, capsys):
         log = capsys.readouterr().out
         assert f"step {last}: the data ran out" in log and log.count(f"saved {out}/step-{last:07d}") == 1
         assert json.load(open(out / f"step-{last:07d}" / "meta.json"))["step"] == last
+
+
+def test_data_wait_is_counted_in_the_window_it_was_spent_in(ckpt, tmp_path, monkeypatch):
+    """Packs are taken a step ahead, so the wait for step 2's packs happens during step 1: the log line's
+    data share counts it there (a wait of 0.5 s while step 1 ran), never as more than the whole of a
+    window. Catches the wait booked to the step that uses the packs (step 2: a share far above 1)."""
+    padded = data.PackLoader.padded
+
+    def slow_second(self):
+        for i, pack in enumerate(padded(self)):
+            if i == 1:
+                time.sleep(0.5)
+            yield pack
+    monkeypatch.setattr(data.PackLoader, "padded", slow_second)
+    run_main(ckpt, tmp_path, ["vqa", "t2i", "text"], "--max-steps", "3", "--ckpt.every", "0")
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert all(0 <= r["data_wait"] <= 1 for r in rows), [r["data_wait"] for r in rows]
+    dt = [b - a for a, b in zip([0] + [r["time"] for r in rows], [r["time"] for r in rows])]
+    assert rows[0]["data_wait"] * dt[0] >= 0.5, (rows[0], dt)
 
 
 def test_explicit_resume_path_and_its_errors(ckpt, tmp_path, capsys):

@@ -609,7 +609,7 @@ def test_demo_trains_resumes_bit_exactly_and_writes_the_checkpoint_contract(tmp_
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["ce"]) for r in rows)
     for r in rows:  # the per-quarter MSEs are a split of the MSE: their token-weighted mean is it
         n = r["mse_t_tokens"]
-        assert len(n) == train.T_BUCKETS and sum(n) > 0 and 0 <= r["data_wait"] < 1
+        assert len(n) == train.T_BUCKETS and sum(n) > 0 and 0 <= r["data_wait"] <= 1
         assert math.isclose(sum(v * k for v, k in zip(r["mse_by_t"], n) if k) / sum(n), r["mse"], rel_tol=1e-5)
     samples = os.path.join(a, "samples", "step-0000004")
     assert {"question.png", "prompt-0.png", "samples.txt"} <= set(os.listdir(samples))

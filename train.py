@@ -989,11 +989,13 @@ def train(args: Args, d: fsdp.Dist):
     saver, meter = Saver(args, d, args_json, model, opt, sched, ema), Meter(args, d, loader, loggers, step)
     it = loader.padded()  # a rank whose data ran out steps along with idle packs
     ahead = take(it, args.optim.grad_accum, loader, d.device)
+    meter.waited(ahead[2])
     while step < args.max_steps:
-        batches, data_state, wait, copied = ahead
+        batches, data_state, _, copied = ahead
         if copied is not None:
             torch.cuda.current_stream(d.device).wait_event(copied)
         ahead = take(it, args.optim.grad_accum, loader, d.device)  # copies overlap this step
+        meter.waited(ahead[2])
         lr = sched.get_last_lr()[0]
         s = train_step(model, ae, opt, batches, step, args, d)
         if s is None:  # every rank's data ran out (--data.epochs): ranks step together, so all stop here
@@ -1005,7 +1007,7 @@ def train(args: Args, d: fsdp.Dist):
         if ema is not None:
             fsdp.ema_update(ema, model, args.optim.ema_decay)
         step += 1
-        meter.add(s, batches, wait, model.config)
+        meter.add(s, batches, model.config)
         eval_now = args.eval.every and (step % args.eval.every == 0 or step == args.max_steps)
         meter.log(step, lr, s["gnorm"], validate(model, val_packs, args, d) if val_packs and eval_now else {})
         if (args.ckpt.every and step % args.ckpt.every == 0) or step == args.max_steps:
@@ -1095,14 +1097,18 @@ class Meter:
         self.window = torch.zeros(7 + 2 * T_BUCKETS, dtype=torch.float64, device=d.device)
         self.t_log, self.t_start, self.start = time.time(), time.time(), step
 
-    def add(self, s: dict, batches: list[dict], wait: float, config: BagelConfig):
+    def add(self, s: dict, batches: list[dict], config: BagelConfig):
         """One step's numbers, from train_step (device tensors) and the host: nothing is read back."""
         w = self.window
         w[:4] += torch.stack([s["ce"], s["mse"], s["n_ce"], s["n_mse"]]).double()
         w[4] += sum(b["sequence_length"] for b in batches)
         w[5] += step_flops(config, batches)
-        w[6] += wait
         w[7:] += s["by_t"].double()
+
+    def waited(self, seconds: float):
+        """Seconds spent waiting for packs, counted in the window they were spent in (packs are taken a
+        step ahead: the wait for step k + 1's packs happens during step k)."""
+        self.window[6] += seconds
 
     def log(self, step: int, lr: float, gnorm: float, val: dict):
         args, d = self.args, self.d
