@@ -99,7 +99,7 @@ F8_TOL = 0.05  # relative loss gap to bf16 after a few steps: e4m3 keeps 3 manti
 
 
 def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
-    """--float8 tensorwise, emulated (CPU), with FSDP, checkpointing and compiled blocks: the decoder
+    """--float8 tensorwise, emulated (CPU), with FSDP and activation checkpointing: the decoder
     projections of both experts are converted (not lm_head, the ViT or the connector) and all-gathered
     in float8, five AdamW steps on the golden packs track bf16 within F8_TOL, the checkpoint (model,
     optimizer, EMA) holds plain tensors under the official names, which a process without torchao
@@ -121,10 +121,9 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
         opt.step()
         opt.zero_grad()
         return loss.item()
-    # the bf16 reference runs eager: aot_eager changes no loss bit there, and each compile costs seconds
-    for f8, compile in (("", None), ("tensorwise", "aot_eager")):
-        torch._dynamo.reset()
-        model = fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, compile=compile, float8=f8, float8_emulate=True)
+    # eager: the GPU check's CPU run covers float8 under --compile; compiling here would cost more than the rest
+    for f8 in ("", "tensorwise"):
+        model = fsdp.shard_model(tiny_bagel(), mesh, torch.bfloat16, float8=f8, float8_emulate=True)
         opt, _ = train.make_optimizer(model, train.OptimConfig(lr=1e-3, warmup_steps=0), 10)
         runs[f8] = model, opt, torch.tensor([step(model, opt, CASES[i % len(CASES)]) for i in range(5)])
     model, opt, f8_losses = runs["tensorwise"]
