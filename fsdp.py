@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import packing
 from model import (LORA_PREFIX, TOP_LEVEL, Bagel, CheckpointReader, LoRALinear, PositionEmbedding, any_rows,
@@ -166,12 +166,21 @@ def float8_linears(model: Bagel, recipe: str, emulate: bool = False, device: tor
         raise UserError("--float8 needs the optional package torchao: pip install torchao") from e
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("--float8 with --lora: the adapters' frozen base linears are not converted; use one of them")
-    # no float8 all-gather: it wraps every converted weight in a torchao tensor subclass, which DCP
-    # then pickles into checkpoints that convert_weights.py cannot read without torchao
+    # tensorwise scaling all-gathers the converted weights in float8 (half the bytes of bf16; torchao has
+    # it for no other recipe). It wraps each one in a torchao tensor subclass, which `plain` takes off for DCP.
     cfg = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
-                              enable_fsdp_float8_all_gather=False)
+                              enable_fsdp_float8_all_gather=recipe == "tensorwise")
     convert_to_float8_training(model, config=cfg, module_filter_fn=lambda m, name: bool(LORA_PREFIX.match(name)))
     model.language_model.model.pad_experts = True  # float8 scaling needs rows: no expert's input may be empty
+    model.float8_all_gather = cfg.enable_fsdp_float8_all_gather
+
+
+def float8_scales(model: nn.Module):
+    """With float8 all-gather: every float8 weight's scale at once, one all-reduce (else one per weight,
+    in its all-gather). Run after anything that changes the weights: an optimizer step, a load."""
+    if getattr(model, "float8_all_gather", False):
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+        precompute_float8_dynamic_scale_for_fsdp(model)
 
 
 def reset_pos_tables(model: nn.Module, device):
@@ -240,7 +249,7 @@ def load_pretrained(model: nn.Module, path: str, d: Dist, only: set[str] | None 
 def ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
     """Sharded fp32 copies of the trainable parameters, keyed by official name. Frozen parameters
     never change, so they have no EMA (an export takes them from the base checkpoint)."""
-    return {fqn(n): p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return plain({fqn(n): p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad})
 
 
 @torch.no_grad()
@@ -499,7 +508,21 @@ def trained_state_dict(model: nn.Module) -> dict:
     """The model state dict without the frozen parameters: they never change, so checkpoints do not
     store them; a resume and convert_weights.py read them from the base checkpoint."""
     frozen = {fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+    return plain({k: v for k, v in get_model_state_dict(model).items() if k not in frozen})
+
+
+def plain(sd):
+    """The state dict's tensors without the wrapper subclass float8 all-gather puts on converted weights
+    (and their clones: the EMA), as plain tensors on the same storage: DCP then writes bytes any reader
+    loads without torchao, and loads in place into the weights. (AdamW's states are made plain.)"""
+    def unwrap(t):
+        if isinstance(t, DTensor) and type(t._local_tensor) is not torch.Tensor:
+            return DTensor.from_local(unwrap(t._local_tensor), t.device_mesh, t.placements, run_check=False,
+                                      shape=t.shape, stride=t.stride())
+        if type(t) not in (torch.Tensor, nn.Parameter, DTensor) and hasattr(t, "__tensor_flatten__"):
+            return getattr(t, t.__tensor_flatten__()[0][0])  # the one high-precision tensor it wraps
+        return t
+    return torch.utils._pytree.tree_map_only(torch.Tensor, unwrap, sd)
 
 
 @dataclass
@@ -690,6 +713,7 @@ def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, ema
     agree(problem, d)
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, opt, optim_sd)
+    float8_scales(model)
     if f"rng{d.rank}" in sd:
         torch.set_rng_state(sd[f"rng{d.rank}"])
     if f"device_rng{d.rank}" in sd:

@@ -280,6 +280,8 @@ def make_optimizer(model: Bagel, o: OptimConfig, max_steps: int):
         opt = torch.optim.SGD(params, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if getattr(model, "float8_all_gather", False):
+        opt.register_step_post_hook(lambda *_: fsdp.float8_scales(model))
 
     def factor(step: int) -> float:  # multiplies lr; `step` = optimizer steps taken so far
         if step < o.warmup_steps:
