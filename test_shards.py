@@ -66,13 +66,13 @@ def test_every_shard_reads_its_share_every_epoch(layout, name):
     for epoch in range(4):
         per = [rows_read(src, epoch, s, n) for s in range(n)]
         got = sorted(r for rows in per for r in rows)
-        assert got == sorted((u, p) for u, (_, _, k) in enumerate(src.units) for p in range(k))  # each row once
+        assert got == sorted((u, p) for u, unit in enumerate(src.units) for p in range(unit[2]))  # each row once
         counts = np.array([len(rows) for rows in per])
         assert counts.min() == src.n_rows // n and counts.max() - counts.min() <= 1
         total += counts
         assert total.max() - total.min() <= 1
     if src.n_rows >= n:  # and each shard reads few units: a unit is cut only where a slice ends in it
-        assert max(len(src.plan(0, s, n)) for s in range(n)) <= -(-src.n_rows // n) // min(k for *_, k in src.units) + 2
+        assert max(len(src.plan(0, s, n)) for s in range(n)) <= -(-src.n_rows // n) // min(u[2] for u in src.units) + 2
 
 
 def test_the_epoch_counter_moves_on_for_a_shard_without_rows(layout):
