@@ -1053,8 +1053,10 @@ class DataFile:
                     h.seek(int(self.offsets[a]))
                     return h.read(int(self.offsets[b] - self.offsets[a]))
                 md = self.meta.row_group(unit)
-                batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
-                end, pos, out = first + (b - a if n is None else n), 0, []
+                n = b - a if n is None else n
+                # batches no longer than the piece: the rows decoded past its end are wasted
+                batch = min(n, max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1)))
+                end, pos, out = first + n, 0, []
                 # a parquet reader cannot seek inside a row group: the rows before a piece are decoded
                 # and dropped, and the reader is closed after it (an open one holds its column pages)
                 for rb in h.iter_batches(batch, row_groups=[unit], columns=self.columns, use_threads=False):

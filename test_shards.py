@@ -54,25 +54,29 @@ def rows_read(src: data.Source, epoch: int, shard: int, n: int) -> list[tuple[in
     return [(u, p) for u, a, b in src.plan(epoch, shard, n) for p in range(a, b)]
 
 
-@pytest.mark.parametrize("name", ["dir", "l1025.jsonl", "l11.jsonl"])
+@pytest.mark.parametrize("name", ["dir", "mix.yaml", "l1025.jsonl", "l11.jsonl"])
 def test_every_shard_reads_its_share_every_epoch(layout, name):
     """8 ranks x 4 workers, 4 epochs: each epoch every row is read once, every shard reads N // 32
     or N // 32 + 1 rows, and over the epochs no shard falls more than one row behind another (so the
     11-row source is read by the shards in turn, and no shard is empty for good). Catches the units
     cut into ceil(shards / units) slices: 1,025 lines left 31 of 32 shards with 33 rows and one with
-    one (or none), and 11 rows were read 11, 9, 9, 9 times."""
-    src = data.find_sources([str(layout / name)])[0]
+    one (or none), and 11 rows were read 11, 9, 9, 9 times. The mixture of three parquet sources
+    reads its row groups in pieces (Source.cut): the same holds for its units."""
+    srcs = data.find_sources([str(layout / name)])
+    assert (len(srcs[0].units) > sum(len(f.unit_rows) for f in srcs[0].files)) == (name == "mix.yaml")
     n, total = RANKS * WORKERS, np.zeros(RANKS * WORKERS, dtype=int)
     for epoch in range(4):
-        per = [rows_read(src, epoch, s, n) for s in range(n)]
-        got = sorted(r for rows in per for r in rows)
-        assert got == sorted((u, p) for u, unit in enumerate(src.units) for p in range(unit[2]))  # each row once
-        counts = np.array([len(rows) for rows in per])
-        assert counts.min() == src.n_rows // n and counts.max() - counts.min() <= 1
-        total += counts
-        assert total.max() - total.min() <= 1
-    if src.n_rows >= n:  # and each shard reads few units: a unit is cut only where a slice ends in it
-        assert max(len(src.plan(0, s, n)) for s in range(n)) <= -(-src.n_rows // n) // min(u[2] for u in src.units) + 2
+        for src in srcs:
+            per = [rows_read(src, epoch, s, n) for s in range(n)]
+            got = sorted(r for rows in per for r in rows)
+            assert got == sorted((u, p) for u, unit in enumerate(src.units) for p in range(unit[2]))  # each row once
+            counts = np.array([len(rows) for rows in per])
+            assert counts.min() == src.n_rows // n and counts.max() - counts.min() <= 1
+            total += counts
+        assert total.max() - total.min() <= 1  # (the odd rows go round the shards across the sources too)
+    for src in srcs:
+        if src.n_rows >= n:  # and each shard reads few units: a unit is cut only where a slice ends in it
+            assert max(len(src.plan(0, s, n)) for s in range(n)) <= -(-src.n_rows // n) // min(u[2] for u in src.units) + 2
 
 
 def test_the_epoch_counter_moves_on_for_a_shard_without_rows(layout):
@@ -103,12 +107,14 @@ def test_mixture_shares_hold_at_8x4(layout):
 
 
 @pytest.mark.parametrize("spec", ["dir", "mix.yaml"])
-def test_a_finite_epoch_is_balanced_over_ranks(layout, spec):
+def test_a_finite_epoch_is_balanced_over_ranks(layout, spec, monkeypatch):
     """--data.epochs 1 on the 5 / 1 / 40 layout at 8 x 4: every record is in exactly one pack of one
     rank and the ranks' record counts differ by at most one per worker (the trainer steps ranks
     together and pads the ranks that run dry with idle packs, see test_four_ranks_train_1025_lines).
-    Catches extra units landing on the low ranks (200 packs on ranks 0-2, 100 on ranks 4-7)."""
+    Catches extra units landing on the low ranks (200 packs on ranks 0-2, 100 on ranks 4-7), and a
+    piece of a row group read with the whole row group's rows decoded each time."""
     cfg = small_cfg(data=(str(layout / spec),), epochs=1, num_workers=WORKERS, packing_length=128)
+    decoded = count_decoded_rows(monkeypatch)
     per_rank, seen = [], Counter()
     for r in range(RANKS):
         ds, n = data.PackedDataset(cfg, r, RANKS), 0
@@ -119,6 +125,21 @@ def test_a_finite_epoch_is_balanced_over_ranks(layout, spec):
         per_rank.append(n)
     assert len(seen) == 2300 and set(seen.values()) == {1}
     assert max(per_rank) - min(per_rank) <= WORKERS, per_rank
+    # rows decoded: a unit cut by a slice's end is decoded by both shards; a piece of a row group is
+    # read by decoding the row group from its start (the mixture's row groups are in two pieces)
+    assert decoded[0] <= (1.25 if spec == "dir" else 2) * 2300, decoded[0] / 2300
+
+
+def count_decoded_rows(monkeypatch) -> list[int]:
+    """[rows of parquet record batches decoded from now on]."""
+    real, n = pq.ParquetFile.iter_batches, [0]
+
+    def counted(self, *a, **k):
+        for b in real(self, *a, **k):
+            n[0] += b.num_rows
+            yield b
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    return n
 
 
 def _rank(rank: int, port: int, argv: list[str], log: str):
