@@ -142,6 +142,47 @@ def count_decoded_rows(monkeypatch) -> list[int]:
     return n
 
 
+def test_resume_mid_piece_at_another_worker_count(tmp_path):
+    """Three parquet sources (row groups read in two pieces), 2 ranks x 2 workers stopped after
+    uneven numbers of packs, some shards inside a piece, continued on 1 rank x 3 workers: every row
+    is trained once in the epoch, and every key read after the resume names the record that a fresh
+    reader finds for it, read in another order (backwards: each piece read again from its row
+    group's start); a piece's rows are shuffled, anew each epoch. Catches a piece read from the
+    wrong row (its row group's start), a piece's row order keyed by anything but (seed, source,
+    epoch, unit), and pieces left in file order."""
+    for name, groups in (("a", 2), ("b", 3), ("c", 4)):
+        pq.write_table(pa.Table.from_pylist([rec(100 * groups + i) for i in range(20 * groups)]),
+                       tmp_path / f"{name}.parquet", row_group_size=20)
+    paths = tuple(str(tmp_path / f"{n}.parquet") for n in "abc")
+    cfg = small_cfg(data=paths, packing_length=128, num_workers=2, epochs=1)
+    before, states, inside = [], [], 0
+    for rank in range(2):
+        ds, shards = data.PackedDataset(cfg, rank, 2), {}
+        for w in range(2):
+            for k, (pack, _, state) in enumerate(ds.stream(w, 2)):
+                before += [s.where for s in pack]
+                shards[w] = state
+                if k == 1 + 2 * rank + w:
+                    break
+            for src, (e, j, place) in zip(ds.sources, state["pos"]):  # stopped inside a piece (of 10 rows)?
+                plan = src.plan(e, 2 * rank + w, 4)
+                inside += j < len(plan) and 0 < plan[j][1] + place < 10
+        states.append(json.loads(json.dumps(dict(consumed=0, num_workers=2, world_size=2, seed=cfg.seed, shards=shards))))
+    assert inside and all(len(s.units) == 2 * len(s.files[0].unit_rows) for s in ds.sources)
+    loader = data.PackLoader(small_cfg(data=paths, packing_length=128, num_workers=3, epochs=1))
+    loader.continue_from(states)
+    loader.dataset.resume = loader.shards
+    after = [s for w in range(3) for pack, _, _ in loader.dataset.stream(w, 3) for s in pack]
+    seen = Counter(before + [s.where for s in after])
+    assert len(seen) == 180 and set(seen.values()) == {1}
+    fresh = data.find_sources(paths, cfg.seed)
+    assert [fresh[s.key[0]].read(s.key)[0] for s in after[::-1]] == [s.where for s in after[::-1]]
+    # within a piece the rows are shuffled, anew each epoch
+    order = lambda e, u: [int(fresh[2].read((2, e, u, p))[0].rsplit("row ", 1)[1]) for p in range(10)]
+    assert all(sorted(order(0, u)) == list(range(10 * u, 10 * u + 10)) for u in range(8))
+    assert order(0, 3) != sorted(order(0, 3)) and order(0, 3) != order(1, 3)
+
+
 def _rank(rank: int, port: int, argv: list[str], log: str):
     import train
     print_to(f"{log}{rank}")
@@ -221,6 +262,29 @@ def test_a_corrupt_row_group_is_named_and_skipped(tmp_path, workers):
     packs = list(loader)
     assert sum(len(b["sample_lens"]) for b in packs) == 100
     assert loader.stats()["skipped"] == {"unreadable_unit": 50}
+
+
+def test_a_corrupt_page_in_a_later_piece_is_named_and_skipped(tmp_path):
+    """Three parquet sources (row groups read in two pieces of 25 rows) where one value of row 90
+    (row group 1, second piece) is damaged: the error names the file, the row group, the piece's
+    rows and the field; with skip_bad only that piece's 25 rows are lost, the rows of the row group
+    before it are trained."""
+    for n in "abc":
+        pq.write_table(pa.Table.from_pylist([rec(i) for i in range(150)]), tmp_path / f"{n}.parquet",
+                       row_group_size=50, compression="none", use_dictionary=False)
+    raw = (tmp_path / "a.parquet").read_bytes()
+    at = raw.index(rec(90)["messages"].encode())
+    with open(tmp_path / "a.parquet", "r+b") as f:
+        f.seek(at - 4)  # the value's length
+        f.write(b"\xff\xff\xff\x7f")
+    paths = tuple(str(tmp_path / f"{n}.parquet") for n in "abc")
+    with pytest.raises(data.ReadError) as e:
+        list(data.PackLoader(small_cfg(data=paths, packing_length=128, epochs=1)))
+    assert str(e.value).startswith(f"{tmp_path / 'a.parquet'}: row group 1 (rows 75-99 of 50-99): field 'messages': "
+                                   f"cannot read"), str(e.value)
+    loader = data.PackLoader(small_cfg(data=paths, packing_length=128, epochs=1, skip_bad=True))
+    assert sum(len(b["sample_lens"]) for b in loader) == 450 - 25
+    assert loader.stats()["skipped"] == {"unreadable_unit": 25}
 
 
 def test_a_truncated_file_is_named_and_skipped(tmp_path, capsys):
