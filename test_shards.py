@@ -176,7 +176,11 @@ def test_resume_mid_piece_at_another_worker_count(tmp_path):
     seen = Counter(before + [s.where for s in after])
     assert len(seen) == 180 and set(seen.values()) == {1}
     fresh = data.find_sources(paths, cfg.seed)
-    assert [fresh[s.key[0]].read(s.key)[0] for s in after[::-1]] == [s.where for s in after[::-1]]
+    got = [fresh[s.key[0]].read(s.key) for s in after[::-1]]
+    assert [where for where, _, _ in got] == [s.where for s in after[::-1]]
+    for where, _, r in got:  # and the record is the one at that row
+        groups = {"a": 2, "b": 3, "c": 4}[Path(where.split(":")[0]).stem]
+        assert f'"q{100 * groups + int(where.rsplit("row ", 1)[1])}"' in r["messages"], (where, r)
     # within a piece the rows are shuffled, anew each epoch
     order = lambda e, u: [int(fresh[2].read((2, e, u, p))[0].rsplit("row ", 1)[1]) for p in range(10)]
     assert all(sorted(order(0, u)) == list(range(10 * u, 10 * u + 10)) for u in range(8))
