@@ -986,8 +986,8 @@ class DataFile:
                 self.unit_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
                 big = max([md.row_group(i).total_byte_size for i in range(md.num_row_groups)], default=0)
                 if big > BIG_UNIT_BYTES:
-                    print(f"data: warning: {path} has row groups of up to {big / 2**20:,.0f} MB: each data worker "
-                          f"holds a row group per source (write the file with row groups of "
+                    print(f"data: warning: {path} has row groups of up to {big / 2**20:,.0f} MB: a data worker "
+                          f"needs about twice that to decode one (write the file with row groups of "
                           f"{BIG_UNIT_BYTES // 2**20} MB or less)", file=sys.stderr)
             elif self.ext == ".arrow":
                 batches = self.batches()
