@@ -1537,6 +1537,8 @@ def fingerprint(sources: list[Source]) -> list[dict]:
         out.append(dict(weight=s.weight, rows=s.n_rows,
                         digest=hashlib.sha1(json.dumps(files).encode()).hexdigest(),
                         files=files if len(files) <= FINGERPRINT_FILES else None))
+        if any(u[3] for u in s.units):  # row groups read in pieces (Source.cut): keys count pieces
+            out[-1]["units"] = len(s.units)
     return out
 
 
@@ -1549,6 +1551,10 @@ def data_changes(old: list[dict], new: list[dict], names: list[str]) -> list[str
         if a["weight"] != b["weight"]:
             out.append(f"{name}: weight {a['weight']:g} -> {b['weight']:g}")
         if a["digest"] == b["digest"]:
+            if a.get("units") != b.get("units"):  # the same files cut into other pieces: keys name other rows
+                units = [f"{x['units']:,} units" if "units" in x else "whole row groups" for x in (a, b)]
+                out.append(f"{name}: read in {units[0]} then, {units[1]} now (a mixture of more than two parquet "
+                           f"sources reads row groups in pieces, sized by its largest row group)")
             continue
         fa, fb = ({f[0]: f[1:] for f in x["files"] or []} for x in (a, b))
         said = [f"{len(set(fb) - set(fa))} files added (e.g. {min(set(fb) - set(fa))})" if set(fb) - set(fa) else "",

@@ -2,6 +2,7 @@
 this process, nothing spawned), and a 4-rank gloo run on data that used to leave ranks empty.
 
 Each test names the bug it catches."""
+import copy
 import json
 import multiprocessing
 import os
@@ -350,6 +351,33 @@ def test_resume_on_changed_data_stops_and_says_what_changed(tmp_path):
         assert fresh.consumed == 0 and fresh.shards == {}
         for f in d.glob("c.jsonl"):
             f.unlink()
+
+
+def test_resume_with_row_groups_cut_into_other_pieces_stops(tmp_path, monkeypatch):
+    """Three parquet sources (row groups read in pieces): a state saved where the row groups were
+    read whole (an older data.py: its fingerprint has no unit count) or cut into other pieces (the
+    largest row group changed in another source, or the rule) stops with an error naming the change,
+    as a sample's key numbers pieces; unchanged, it resumes. Catches a resume that silently reads
+    other rows (or raises an IndexError) for the keys and positions of the state."""
+    for name, groups in (("a", 2), ("b", 3), ("c", 4)):
+        pq.write_table(pa.Table.from_pylist([rec(i) for i in range(20 * groups)]),
+                       tmp_path / f"{name}.parquet", row_group_size=20)
+    cfg = small_cfg(data=tuple(str(tmp_path / f"{n}.parquet") for n in "abc"), packing_length=128, epochs=None)
+    loader = data.PackLoader(cfg)
+    it = iter(loader)
+    [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert [s["units"] for s in state["sources"]] == [4, 6, 8]
+    data.PackLoader(cfg).load_state_dict(state)  # unchanged: resumes
+    old = copy.deepcopy(state)
+    for s in old["sources"]:
+        del s["units"]
+    with pytest.raises(data.DataError, match=r"the data changed since the checkpoint: .*a.parquet: read in whole "
+                                             r"row groups then, 4 units now .*--data.fresh-pass"):
+        data.PackLoader(cfg).load_state_dict(old)
+    monkeypatch.setattr(data, "HELD_ROW_GROUPS", 1)
+    with pytest.raises(data.DataError, match=r"c.parquet: read in 8 units then, 12 units now"):
+        data.PackLoader(cfg).continue_from([state])
 
 
 # --------------------------------------------------------------------------------------------------
