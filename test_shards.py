@@ -150,7 +150,7 @@ def test_resume_mid_piece_at_another_worker_count(tmp_path):
     reader finds for it, read in another order (backwards: each piece read again from its row
     group's start); a piece's rows are shuffled, anew each epoch. Catches a piece read from the
     wrong row (its row group's start), a piece's row order keyed by anything but (seed, source,
-    epoch, unit), and pieces left in file order."""
+    epoch, unit), a piece's rows left in file order, and a resume that re-reads a row."""
     for name, groups in (("a", 2), ("b", 3), ("c", 4)):
         pq.write_table(pa.Table.from_pylist([rec(100 * groups + i) for i in range(20 * groups)]),
                        tmp_path / f"{name}.parquet", row_group_size=20)

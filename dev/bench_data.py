@@ -160,7 +160,7 @@ def worker_rss(tmp: str, n_files: int, mb: int, sources: int = 1, distinct: int 
           f"peak RSS {r['base_mb']:.0f} MB at start + {r['peak_mb'] - r['base_mb']:.0f} MB while streaming "
           f"({(r['peak_mb'] - r['base_mb']) / mb:.1f} row groups), + {r['end_mb'] - r['base_mb']:.0f} MB at the end | "
           f"pyarrow: peak {r['arrow_peak_mb']:.0f} MB, "
-          f"{r['arrow_end_mb']:.0f} MB at the end")
+          f"{r['arrow_end_mb']:.0f} MB at the end | bytes read {r['read_x']:.2f}x the rows' bytes")
 
 
 def stream_rss(folders: list[str]):
@@ -174,11 +174,17 @@ def stream_rss(folders: list[str]):
     ds = PackedDataset(DataConfig(data=tuple(folders), model=TOK_DIR, epochs=1, num_workers=0))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak: the imports' transient peak is not the data's (Linux)
-    base, t, n, arrow = mb("VmRSS"), time.perf_counter(), 0, pa.total_allocated_bytes()
+    def read():  # bytes this process has read from files (page cache hits too: hard links share it)
+        return int(next(x for x in open("/proc/self/io") if x.startswith("rchar")).split()[1])
+    # the bytes of the rows used: every row is read once, so the stored bytes of the columns read
+    used = sum(c.total_compressed_size for s in ds.sources for f in s.files for i in range(f.meta.num_row_groups)
+               for c in (f.meta.row_group(i).column(j) for j in range(f.meta.num_columns))
+               if f.columns is None or c.path_in_schema.split(".")[0] in f.columns)
+    base, t, n, arrow, r0 = mb("VmRSS"), time.perf_counter(), 0, pa.total_allocated_bytes(), read()
     for pack, _, _ in ds.stream():
         n += len(pack)
     print(json.dumps({"samples": n, "seconds": time.perf_counter() - t, "base_mb": base, "peak_mb": mb("VmHWM"),
-                      "end_mb": mb("VmRSS"),
+                      "end_mb": mb("VmRSS"), "read_x": (read() - r0) / used,
                       "arrow_peak_mb": (pa.default_memory_pool().max_memory() - arrow) / 2**20,
                       "arrow_end_mb": (pa.total_allocated_bytes() - arrow) / 2**20}))
 
