@@ -18,6 +18,7 @@ import fnmatch
 import functools
 import io
 import json
+import math
 import os
 import random
 import re
@@ -61,6 +62,9 @@ IMAGE_WARN_SHARE = 0.1  # a source with more than this share of such images gets
 # a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
 # a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; dev/bench_data.py)
 PARQUET_BATCH_BYTES = 1 << 20
+# a worker holds one read unit per source: the parquet units of a mixture's sources together hold about
+# this many of its largest row groups (a mixture of more than two parquet sources reads row groups in pieces)
+HELD_ROW_GROUPS = 2
 VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # upstream ImageTransform default (data/transforms.py)
 VIT_MAX_PIXELS = 2_007_040  # upstream data/configs/example.yaml, VLM SFT ViT transform
 # --data.skip-bad is for the odd broken record: a source that is mostly bad stops the run instead
@@ -982,8 +986,8 @@ class DataFile:
                 self.unit_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
                 big = max([md.row_group(i).total_byte_size for i in range(md.num_row_groups)], default=0)
                 if big > BIG_UNIT_BYTES:
-                    print(f"data: warning: {path} has row groups of up to {big / 2**20:,.0f} MB: each data worker "
-                          f"holds a row group per source (write the file with row groups of "
+                    print(f"data: warning: {path} has row groups of up to {big / 2**20:,.0f} MB: a data worker "
+                          f"needs about twice that to decode one (write the file with row groups of "
                           f"{BIG_UNIT_BYTES // 2**20} MB or less)", file=sys.stderr)
             elif self.ext == ".arrow":
                 batches = self.batches()
@@ -998,6 +1002,12 @@ class DataFile:
         cols = [c for c in names if c in RECORD_FIELDS]
         self.columns = cols if any(set(f) <= set(cols) for f in FORMS.values()) else None
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
+        self.unit_bytes = [0] * len(self.unit_rows)  # parquet: the read columns' uncompressed bytes per row group
+        if self.ext == ".parquet":
+            for i, rg in enumerate(self.meta.row_group(i) for i in range(self.meta.num_row_groups)):
+                cs = [rg.column(j) for j in range(rg.num_columns)]
+                self.unit_bytes[i] = sum(c.total_uncompressed_size for c in cs
+                                         if self.columns is None or c.path_in_schema.split(".")[0] in self.columns)
 
     def open(self):
         """A new reader of a parquet file, or the file itself (callers close it)."""
@@ -1020,14 +1030,16 @@ class DataFile:
                 src.seek(0)
                 return [b for i, b in enumerate(pa.ipc.open_stream(src)) if unit is None or i == unit]
 
-    def unit_name(self, unit: int) -> str:
+    def unit_name(self, unit: int, first: int = 0, n: int | None = None) -> str:
         a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
         if self.ext == ".jsonl":
             return f"lines {self.line(a)}-{self.line(b - 1)}"
-        return f"{'row group' if self.ext == '.parquet' else 'record batch'} {unit} (rows {a}-{b - 1})"
+        piece = f"{a + first}-{a + first + n - 1} of " if n is not None and n < b - a else ""
+        return f"{'row group' if self.ext == '.parquet' else 'record batch'} {unit} (rows {piece}{a}-{b - 1})"
 
-    def load(self, unit: int) -> Any:
-        """The rows of one unit, as stored (Arrow table/batch, a slice of the JSON list, raw lines).
+    def load(self, unit: int, first: int = 0, n: int | None = None) -> Any:
+        """The rows of one unit, as stored (Arrow table/batch, a slice of the JSON list, raw lines);
+        of a parquet row group, rows first..first + n - 1 may be asked (a piece, see Source.cut).
         A unit that cannot be read raises ReadError naming the file, the unit and the field."""
         a, b = int(self.unit_start[unit]), int(self.unit_start[unit + 1])
         if self.ext == ".json":
@@ -1041,13 +1053,23 @@ class DataFile:
                     h.seek(int(self.offsets[a]))
                     return h.read(int(self.offsets[b] - self.offsets[a]))
                 md = self.meta.row_group(unit)
-                batch = max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1))
-                return pa.Table.from_batches(list(h.iter_batches(
-                    batch, row_groups=[unit], columns=self.columns, use_threads=False)))
+                n = b - a if n is None else n
+                # batches no longer than the piece: the rows decoded past its end are wasted
+                batch = min(n, max(1, PARQUET_BATCH_BYTES * md.num_rows // max(md.total_byte_size, 1)))
+                end, pos, out = first + n, 0, []
+                # a parquet reader cannot seek inside a row group: the rows before a piece are decoded
+                # and dropped, and the reader is closed after it (an open one holds its column pages)
+                for rb in h.iter_batches(batch, row_groups=[unit], columns=self.columns, use_threads=False):
+                    lo, hi, pos = max(first - pos, 0), min(end - pos, len(rb)), pos + len(rb)
+                    if lo < hi:  # a batch cut at a piece's edge is copied: a slice would keep all of it
+                        out.append(rb if hi - lo == len(rb) else rb.slice(lo, hi - lo).take(np.arange(hi - lo)))
+                    if pos >= end:
+                        break
+                return pa.Table.from_batches(out)
         except (pa.ArrowException, OSError, EOFError, IndexError) as e:
             why = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())  # one line
-            raise ReadError("unreadable_unit", f"{self.path}: {self.unit_name(unit)}{self.bad_field(unit)}: "
-                            f"cannot read ({type(e).__name__}: {why})") from None
+            raise ReadError("unreadable_unit", f"{self.path}: {self.unit_name(unit, first, n)}"
+                            f"{self.bad_field(unit)}: cannot read ({type(e).__name__}: {why})") from None
 
     def bad_field(self, unit: int) -> str:
         """`: field 'x'` for the first parquet column of the unit that cannot be decoded alone."""
@@ -1065,9 +1087,10 @@ class DataFile:
         """The 1-based line number of non-blank line r of a .jsonl file."""
         return int(self.lines[r])
 
-    def record(self, rows: Any, unit: int, row: int) -> tuple[str, Any]:
-        """(where, record) of row `row` of a loaded unit; `where` names file and row for errors."""
-        r = int(self.unit_start[unit]) + row
+    def record(self, rows: Any, unit: int, row: int, first: int = 0) -> tuple[str, Any]:
+        """(where, record) of row `row` of a loaded unit (or piece from row `first` of it); `where`
+        names file and row for errors."""
+        r = int(self.unit_start[unit]) + first + row
         # a jsonl record is named by its line in the file (1-based, as editors count), others by row index
         where = f"{self.path}: line {self.line(r)}" if self.ext == ".jsonl" else f"{self.path}: row {r}"
         if self.ext in (".parquet", ".arrow"):
@@ -1122,6 +1145,8 @@ class Source:
     ends inside it. The odd rows (rows mod n) go to other shards each epoch, so a source with fewer
     rows than shards is read by the shards in turn. A sample is named by the key (source, epoch,
     unit, place in the unit's row order): it is found again from its key alone, whatever the shard.
+    A source holds one unit at a time; in a mixture of many parquet sources a unit is a piece of a
+    row group (`cut`).
     """
 
     def __init__(self, name: str, files: list[str], weight: float, folder: str | None, index: int,
@@ -1138,9 +1163,10 @@ class Source:
                 self.unreadable.append((f, str(e)))
         files = [f.path for f in self.files]
         self.folders = [folder if folder is not None else parent(f) for f in files]
-        self.units = [(fi, ui, n) for fi, f in enumerate(self.files)
+        # (file, unit of the file, rows, first of them): a whole unit, until `cut` makes pieces
+        self.units = [(fi, ui, n, 0) for fi, f in enumerate(self.files)
                       for ui, n in enumerate(f.unit_rows) if n > 0]
-        self.n_rows = sum(n for _, _, n in self.units)
+        self.n_rows = sum(u[2] for u in self.units)
         if self.n_rows == 0:
             raise DataError(f"{name}: no rows")
         if self.weight <= 0:
@@ -1148,6 +1174,17 @@ class Source:
         self.dealt = (0, self.n_rows)  # set by find_sources: rows of the sources before it, of all sources
         self._unit: tuple = (None, None)  # (unit, its rows): the one unit this source holds
         self._order: tuple = (None, None)  # ((epoch, unit), row order)
+
+    def cut(self, most: float):
+        """Makes each parquet row group of more than `most` bytes (read columns, uncompressed) into
+        pieces of equal rows, each a unit of its own: a worker holds one unit per source, so the
+        pieces bound its memory whatever the number of sources. Rows are shuffled within a piece only,
+        and a piece is read by decoding its row group from the start (find_sources sets `most`)."""
+        units = []
+        for fi, ui, n, _ in self.units:
+            k = min(n, max(1, math.ceil(self.files[fi].unit_bytes[ui] / most)))
+            units += [(fi, ui, (j + 1) * n // k - j * n // k, j * n // k) for j in range(k)]
+        self.units = units
 
     def plan(self, epoch: int, shard: int, n_shards: int) -> list[tuple[int, int, int]]:
         """The (unit, start, end) ranges of the unit row orders that `shard` reads in `epoch`."""
@@ -1157,13 +1194,13 @@ class Source:
 
     def read(self, key: tuple[int, int, int, int]) -> tuple[str, str, Any]:
         _, epoch, u, place = key
-        fi, ui, n = self.units[u]
+        fi, ui, n, first = self.units[u]
         if self._order[0] != (epoch, u):
             self._order = ((epoch, u), np.random.default_rng([self.seed, self.index, epoch, u]).permutation(n))
         if self._unit[0] != u:
             self._unit = (None, None)  # free the old unit before reading the new one
-            self._unit = (u, self.files[fi].load(ui))
-        where, rec = self.files[fi].record(self._unit[1], ui, int(self._order[1][place]))
+            self._unit = (u, self.files[fi].load(ui, first, n))
+        where, rec = self.files[fi].record(self._unit[1], ui, int(self._order[1][place]), first)
         return where, self.folders[fi], rec
 
 
@@ -1223,6 +1260,10 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0, skip_bad: bo
             entries.append((p, p, weight, None, None))
     srcs = [Source(name, data_files(path), w, folder, i, seed, form, skip_bad)
             for i, (name, path, w, folder, form) in enumerate(entries)]
+    parquet = [s for s in srcs if any(f.ext == ".parquet" for f in s.files)]
+    big = max((b for s in parquet for f in s.files for b in f.unit_bytes), default=0)
+    for s in parquet:  # the units held, one per source, add up to about HELD_ROW_GROUPS row groups
+        s.cut(max(HELD_ROW_GROUPS * big / len(parquet), 1))
     starts = np.cumsum([0] + [s.n_rows for s in srcs]).tolist()
     for s, before in zip(srcs, starts):  # the sources are dealt as one sequence, epoch after epoch
         s.dealt = (before, starts[-1])
@@ -1496,6 +1537,8 @@ def fingerprint(sources: list[Source]) -> list[dict]:
         out.append(dict(weight=s.weight, rows=s.n_rows,
                         digest=hashlib.sha1(json.dumps(files).encode()).hexdigest(),
                         files=files if len(files) <= FINGERPRINT_FILES else None))
+        if any(u[3] for u in s.units):  # row groups read in pieces (Source.cut): keys count pieces
+            out[-1]["units"] = len(s.units)
     return out
 
 
@@ -1508,6 +1551,10 @@ def data_changes(old: list[dict], new: list[dict], names: list[str]) -> list[str
         if a["weight"] != b["weight"]:
             out.append(f"{name}: weight {a['weight']:g} -> {b['weight']:g}")
         if a["digest"] == b["digest"]:
+            if a.get("units") != b.get("units"):  # the same files cut into other pieces: keys name other rows
+                units = [f"{x['units']:,} units" if "units" in x else "whole row groups" for x in (a, b)]
+                out.append(f"{name}: read in {units[0]} then, {units[1]} now (a mixture of more than two parquet "
+                           f"sources reads row groups in pieces, sized by its largest row group)")
             continue
         fa, fb = ({f[0]: f[1:] for f in x["files"] or []} for x in (a, b))
         said = [f"{len(set(fb) - set(fa))} files added (e.g. {min(set(fb) - set(fa))})" if set(fb) - set(fa) else "",

@@ -869,6 +869,35 @@ def test_parquet_memory_is_bounded(tmp_path):
         pa.set_memory_pool(base)
 
 
+def test_a_mixture_of_ten_parquet_sources_holds_about_two_row_groups(tmp_path):
+    """One shard draws from 10 parquet sources, each 2 row groups of 16 rows of 64 kB of
+    incompressible bytes (one page per column chunk, as pyarrow writes rows this big): between two
+    records pyarrow holds about 2 row groups in all, not one per source (10), counted at pyarrow's
+    pool; while it decodes, a piece peaks under 2 row groups more (the column's page is read whole)."""
+    unit = 16 * 2**16  # in pieces of 3 or 4 rows: at most 10 x 4 / 16 held
+    for f in range(10):
+        pq.write_table(pa.table({"messages": [json.dumps(good()["messages"])] * 32,
+                                 "images": [[os.urandom(2**16)] for _ in range(32)]}),
+                       tmp_path / f"{f}.parquet", row_group_size=16, compression="none")
+    base = pa.default_memory_pool()
+    reader = pa.proxy_memory_pool(base)
+    POOLS.append(reader)
+    pa.set_memory_pool(reader)
+    try:
+        start = base.bytes_allocated()
+        ds = data.PackedDataset(small_cfg(data=tuple(str(tmp_path / f"{f}.parquet") for f in range(10)),
+                                          packing_length=4096))
+        st, held = ds.stream(), []
+        for key in iter(st.next_key, None):
+            ds.sources[key[0]].read(key)
+            held.append(base.bytes_allocated() - start)
+        assert len(held) == 320
+        assert max(held) < 2.6 * unit, f"pyarrow holds {max(held) / unit:.2f} row groups between records"
+        assert reader.max_memory() < 4.3 * unit, f"reading peaks at {reader.max_memory() / unit:.2f} row groups"
+    finally:
+        pa.set_memory_pool(base)
+
+
 # --------------------------------------------------------------------------------------------------
 # Real sizes: a 1024x1024 edit fits the defaults; over-budget and mostly-bad sources are errors.
 

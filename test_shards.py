@@ -2,6 +2,7 @@
 this process, nothing spawned), and a 4-rank gloo run on data that used to leave ranks empty.
 
 Each test names the bug it catches."""
+import copy
 import json
 import multiprocessing
 import os
@@ -54,25 +55,29 @@ def rows_read(src: data.Source, epoch: int, shard: int, n: int) -> list[tuple[in
     return [(u, p) for u, a, b in src.plan(epoch, shard, n) for p in range(a, b)]
 
 
-@pytest.mark.parametrize("name", ["dir", "l1025.jsonl", "l11.jsonl"])
+@pytest.mark.parametrize("name", ["dir", "mix.yaml", "l1025.jsonl", "l11.jsonl"])
 def test_every_shard_reads_its_share_every_epoch(layout, name):
     """8 ranks x 4 workers, 4 epochs: each epoch every row is read once, every shard reads N // 32
     or N // 32 + 1 rows, and over the epochs no shard falls more than one row behind another (so the
     11-row source is read by the shards in turn, and no shard is empty for good). Catches the units
     cut into ceil(shards / units) slices: 1,025 lines left 31 of 32 shards with 33 rows and one with
-    one (or none), and 11 rows were read 11, 9, 9, 9 times."""
-    src = data.find_sources([str(layout / name)])[0]
+    one (or none), and 11 rows were read 11, 9, 9, 9 times. The mixture of three parquet sources
+    reads its row groups in pieces (Source.cut): the same holds for its units."""
+    srcs = data.find_sources([str(layout / name)])
+    assert (len(srcs[0].units) > sum(len(f.unit_rows) for f in srcs[0].files)) == (name == "mix.yaml")
     n, total = RANKS * WORKERS, np.zeros(RANKS * WORKERS, dtype=int)
     for epoch in range(4):
-        per = [rows_read(src, epoch, s, n) for s in range(n)]
-        got = sorted(r for rows in per for r in rows)
-        assert got == sorted((u, p) for u, (_, _, k) in enumerate(src.units) for p in range(k))  # each row once
-        counts = np.array([len(rows) for rows in per])
-        assert counts.min() == src.n_rows // n and counts.max() - counts.min() <= 1
-        total += counts
-        assert total.max() - total.min() <= 1
-    if src.n_rows >= n:  # and each shard reads few units: a unit is cut only where a slice ends in it
-        assert max(len(src.plan(0, s, n)) for s in range(n)) <= -(-src.n_rows // n) // min(k for *_, k in src.units) + 2
+        for src in srcs:
+            per = [rows_read(src, epoch, s, n) for s in range(n)]
+            got = sorted(r for rows in per for r in rows)
+            assert got == sorted((u, p) for u, unit in enumerate(src.units) for p in range(unit[2]))  # each row once
+            counts = np.array([len(rows) for rows in per])
+            assert counts.min() == src.n_rows // n and counts.max() - counts.min() <= 1
+            total += counts
+        assert total.max() - total.min() <= 1  # (the odd rows go round the shards across the sources too)
+    for src in srcs:
+        if src.n_rows >= n:  # and each shard reads few units: a unit is cut only where a slice ends in it
+            assert max(len(src.plan(0, s, n)) for s in range(n)) <= -(-src.n_rows // n) // min(u[2] for u in src.units) + 2
 
 
 def test_the_epoch_counter_moves_on_for_a_shard_without_rows(layout):
@@ -103,12 +108,14 @@ def test_mixture_shares_hold_at_8x4(layout):
 
 
 @pytest.mark.parametrize("spec", ["dir", "mix.yaml"])
-def test_a_finite_epoch_is_balanced_over_ranks(layout, spec):
+def test_a_finite_epoch_is_balanced_over_ranks(layout, spec, monkeypatch):
     """--data.epochs 1 on the 5 / 1 / 40 layout at 8 x 4: every record is in exactly one pack of one
     rank and the ranks' record counts differ by at most one per worker (the trainer steps ranks
     together and pads the ranks that run dry with idle packs, see test_four_ranks_train_1025_lines).
-    Catches extra units landing on the low ranks (200 packs on ranks 0-2, 100 on ranks 4-7)."""
+    Catches extra units landing on the low ranks (200 packs on ranks 0-2, 100 on ranks 4-7), and a
+    piece of a row group read with the whole row group's rows decoded each time."""
     cfg = small_cfg(data=(str(layout / spec),), epochs=1, num_workers=WORKERS, packing_length=128)
+    decoded = count_decoded_rows(monkeypatch)
     per_rank, seen = [], Counter()
     for r in range(RANKS):
         ds, n = data.PackedDataset(cfg, r, RANKS), 0
@@ -119,6 +126,66 @@ def test_a_finite_epoch_is_balanced_over_ranks(layout, spec):
         per_rank.append(n)
     assert len(seen) == 2300 and set(seen.values()) == {1}
     assert max(per_rank) - min(per_rank) <= WORKERS, per_rank
+    # rows decoded: a unit cut by a slice's end is decoded by both shards; a piece of a row group is
+    # read by decoding the row group from its start (the mixture's row groups are in two pieces)
+    assert decoded[0] <= (1.25 if spec == "dir" else 2) * 2300, decoded[0] / 2300
+
+
+def count_decoded_rows(monkeypatch) -> list[int]:
+    """[rows of parquet record batches decoded from now on]."""
+    real, n = pq.ParquetFile.iter_batches, [0]
+
+    def counted(self, *a, **k):
+        for b in real(self, *a, **k):
+            n[0] += b.num_rows
+            yield b
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    return n
+
+
+def test_resume_mid_piece_at_another_worker_count(tmp_path):
+    """Three parquet sources (row groups read in two pieces), 2 ranks x 2 workers stopped after
+    uneven numbers of packs, some shards inside a piece, continued on 1 rank x 3 workers: every row
+    is trained once in the epoch, and every key read after the resume names the record that a fresh
+    reader finds for it, read in another order (backwards: each piece read again from its row
+    group's start); a piece's rows are shuffled, anew each epoch. Catches a piece read from the
+    wrong row (its row group's start), a piece's row order keyed by anything but (seed, source,
+    epoch, unit), a piece's rows left in file order, and a resume that re-reads a row."""
+    for name, groups in (("a", 2), ("b", 3), ("c", 4)):
+        pq.write_table(pa.Table.from_pylist([rec(100 * groups + i) for i in range(20 * groups)]),
+                       tmp_path / f"{name}.parquet", row_group_size=20)
+    paths = tuple(str(tmp_path / f"{n}.parquet") for n in "abc")
+    cfg = small_cfg(data=paths, packing_length=128, num_workers=2, epochs=1)
+    before, states, inside = [], [], 0
+    for rank in range(2):
+        ds, shards = data.PackedDataset(cfg, rank, 2), {}
+        for w in range(2):
+            for k, (pack, _, state) in enumerate(ds.stream(w, 2)):
+                before += [s.where for s in pack]
+                shards[w] = state
+                if k == 1 + 2 * rank + w:
+                    break
+            for src, (e, j, place) in zip(ds.sources, state["pos"]):  # stopped inside a piece (of 10 rows)?
+                plan = src.plan(e, 2 * rank + w, 4)
+                inside += j < len(plan) and 0 < plan[j][1] + place < 10
+        states.append(json.loads(json.dumps(dict(consumed=0, num_workers=2, world_size=2, seed=cfg.seed, shards=shards))))
+    assert inside and all(len(s.units) == 2 * len(s.files[0].unit_rows) for s in ds.sources)
+    loader = data.PackLoader(small_cfg(data=paths, packing_length=128, num_workers=3, epochs=1))
+    loader.continue_from(states)
+    loader.dataset.resume = loader.shards
+    after = [s for w in range(3) for pack, _, _ in loader.dataset.stream(w, 3) for s in pack]
+    seen = Counter(before + [s.where for s in after])
+    assert len(seen) == 180 and set(seen.values()) == {1}
+    fresh = data.find_sources(paths, cfg.seed)
+    got = [fresh[s.key[0]].read(s.key) for s in after[::-1]]
+    assert [where for where, _, _ in got] == [s.where for s in after[::-1]]
+    for where, _, r in got:  # and the record is the one at that row
+        groups = {"a": 2, "b": 3, "c": 4}[Path(where.split(":")[0]).stem]
+        assert f'"q{100 * groups + int(where.rsplit("row ", 1)[1])}"' in r["messages"], (where, r)
+    # within a piece the rows are shuffled, anew each epoch
+    order = lambda e, u: [int(fresh[2].read((2, e, u, p))[0].rsplit("row ", 1)[1]) for p in range(10)]
+    assert all(sorted(order(0, u)) == list(range(10 * u, 10 * u + 10)) for u in range(8))
+    assert order(0, 3) != sorted(order(0, 3)) and order(0, 3) != order(1, 3)
 
 
 def _rank(rank: int, port: int, argv: list[str], log: str):
@@ -202,6 +269,29 @@ def test_a_corrupt_row_group_is_named_and_skipped(tmp_path, workers):
     assert loader.stats()["skipped"] == {"unreadable_unit": 50}
 
 
+def test_a_corrupt_page_in_a_later_piece_is_named_and_skipped(tmp_path):
+    """Three parquet sources (row groups read in two pieces of 25 rows) where one value of row 90
+    (row group 1, second piece) is damaged: the error names the file, the row group, the piece's
+    rows and the field; with skip_bad only that piece's 25 rows are lost, the rows of the row group
+    before it are trained."""
+    for n in "abc":
+        pq.write_table(pa.Table.from_pylist([rec(i) for i in range(150)]), tmp_path / f"{n}.parquet",
+                       row_group_size=50, compression="none", use_dictionary=False)
+    raw = (tmp_path / "a.parquet").read_bytes()
+    at = raw.index(rec(90)["messages"].encode())
+    with open(tmp_path / "a.parquet", "r+b") as f:
+        f.seek(at - 4)  # the value's length
+        f.write(b"\xff\xff\xff\x7f")
+    paths = tuple(str(tmp_path / f"{n}.parquet") for n in "abc")
+    with pytest.raises(data.ReadError) as e:
+        list(data.PackLoader(small_cfg(data=paths, packing_length=128, epochs=1)))
+    assert str(e.value).startswith(f"{tmp_path / 'a.parquet'}: row group 1 (rows 75-99 of 50-99): field 'messages': "
+                                   f"cannot read"), str(e.value)
+    loader = data.PackLoader(small_cfg(data=paths, packing_length=128, epochs=1, skip_bad=True))
+    assert sum(len(b["sample_lens"]) for b in loader) == 450 - 25
+    assert loader.stats()["skipped"] == {"unreadable_unit": 25}
+
+
 def test_a_truncated_file_is_named_and_skipped(tmp_path, capsys):
     """A parquet file cut short (its footer gone) beside a good one: the start-up error names it;
     with skip_bad it is left out with a line that names it, and the good file trains."""
@@ -261,6 +351,33 @@ def test_resume_on_changed_data_stops_and_says_what_changed(tmp_path):
         assert fresh.consumed == 0 and fresh.shards == {}
         for f in d.glob("c.jsonl"):
             f.unlink()
+
+
+def test_resume_with_row_groups_cut_into_other_pieces_stops(tmp_path, monkeypatch):
+    """Three parquet sources (row groups read in pieces): a state saved where the row groups were
+    read whole (an older data.py: its fingerprint has no unit count) or cut into other pieces (the
+    largest row group changed in another source, or the rule) stops with an error naming the change,
+    as a sample's key numbers pieces; unchanged, it resumes. Catches a resume that silently reads
+    other rows (or raises an IndexError) for the keys and positions of the state."""
+    for name, groups in (("a", 2), ("b", 3), ("c", 4)):
+        pq.write_table(pa.Table.from_pylist([rec(i) for i in range(20 * groups)]),
+                       tmp_path / f"{name}.parquet", row_group_size=20)
+    cfg = small_cfg(data=tuple(str(tmp_path / f"{n}.parquet") for n in "abc"), packing_length=128, epochs=None)
+    loader = data.PackLoader(cfg)
+    it = iter(loader)
+    [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert [s["units"] for s in state["sources"]] == [4, 6, 8]
+    data.PackLoader(cfg).load_state_dict(state)  # unchanged: resumes
+    old = copy.deepcopy(state)
+    for s in old["sources"]:
+        del s["units"]
+    with pytest.raises(data.DataError, match=r"the data changed since the checkpoint: .*a.parquet: read in whole "
+                                             r"row groups then, 4 units now .*--data.fresh-pass"):
+        data.PackLoader(cfg).load_state_dict(old)
+    monkeypatch.setattr(data, "HELD_ROW_GROUPS", 1)
+    with pytest.raises(data.DataError, match=r"c.parquet: read in 8 units then, 12 units now"):
+        data.PackLoader(cfg).continue_from([state])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ class Args:
     """parquet files one worker streams for its peak RSS (8 written, the rest hard links)"""
     data_row_group_mb: int = 64
     """row group size of those files in MB"""
+    data_sources: int = 1
+    """mixture sources those files are dealt into (a worker holds a read unit per source)"""
 
 
 def main():
@@ -46,7 +48,7 @@ def main():
     fill_with_edits(budget, a.seed)
     with tempfile.TemporaryDirectory() as tmp:
         row_groups_per_shard(tmp)
-        worker_rss(tmp, a.data_files, a.data_row_group_mb)
+        worker_rss(tmp, a.data_files, a.data_row_group_mb, a.data_sources)
         jpeg_throughput(tmp, budget)
 
 
@@ -123,56 +125,66 @@ def row_groups_per_shard(tmp: str, ranks: int = 4, workers: int = 2, groups: int
           f"dataset read {sum(per_shard) / groups:g}x per epoch")
 
 
-def worker_rss(tmp: str, n_files: int, mb: int, distinct: int = 8):
+def worker_rss(tmp: str, n_files: int, mb: int, sources: int = 1, distinct: int = 8):
     """Writes `distinct` parquet files of 2 row groups of `mb` MB (16 rows, each a text record + an
     incompressible mb/16 MB image in the `images` column, which its messages do not use), hard-links
     them up to n_files (disk: the issue's 200 x 128 MB would be 25 GB; every file is still opened
-    and read on its own), and streams them all in a fresh process (one data worker): peak RSS and
-    peak pyarrow allocation over that process's baseline after start-up."""
+    and read on its own), deals them into `sources` folders (a mixture of that many sources), and
+    streams them all in a fresh process (one data worker): peak RSS and peak pyarrow allocation
+    over that process's baseline after start-up."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     folder = os.path.join(tmp, "rss")
-    os.makedirs(folder)
+    folders = [os.path.join(folder, str(i)) for i in range(sources)]
+    for d in folders:
+        os.makedirs(d)
     for f in range(n_files):
-        path = os.path.join(folder, f"{f:04d}.parquet")
+        path = os.path.join(folders[f % sources], f"{f:04d}.parquet")
         if f >= distinct:
-            os.link(os.path.join(folder, f"{f % distinct:04d}.parquet"), path)
+            os.link(os.path.join(folders[f % distinct % sources], f"{f % distinct:04d}.parquet"), path)
             continue
         msgs = [json.dumps([{"role": "user", "content": f"q{f} {i}"}, {"role": "assistant", "content": "a"}])
                 for i in range(32)]
         t = pa.table({"messages": msgs, "images": [[os.urandom(mb * 2**20 // 16)] for _ in range(32)]})
         pq.write_table(t, path, row_group_size=16, compression="none")
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import bench_data; bench_data.stream_rss({folder!r})")
+            f"import bench_data; bench_data.stream_rss({folders!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         print(f"worker RSS failed: {out.stderr.strip().splitlines()[-1]}")
         return
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"one data worker, {n_files} parquet files ({min(n_files, distinct)} distinct, the rest hard links) x 2 "
+    print(f"one data worker, {n_files} parquet files ({min(n_files, distinct)} distinct, the rest hard links"
+          f"{f'; {sources} sources' if sources > 1 else ''}) x 2 "
           f"row groups of {mb} MB ({n_files * 2 * mb / 1024:.1f} GB) | {r['samples']} samples in {r['seconds']:.1f} s | "
           f"peak RSS {r['base_mb']:.0f} MB at start + {r['peak_mb'] - r['base_mb']:.0f} MB while streaming "
           f"({(r['peak_mb'] - r['base_mb']) / mb:.1f} row groups), + {r['end_mb'] - r['base_mb']:.0f} MB at the end | "
           f"pyarrow: peak {r['arrow_peak_mb']:.0f} MB, "
-          f"{r['arrow_end_mb']:.0f} MB at the end")
+          f"{r['arrow_end_mb']:.0f} MB at the end | bytes read {r['read_x']:.2f}x the rows' bytes")
 
 
-def stream_rss(folder: str):
-    """(In a fresh process) one shard streams every record of `folder` once; prints JSON."""
+def stream_rss(folders: list[str]):
+    """(In a fresh process) one shard streams every record of `folders` (a mixture) once; prints JSON."""
     import pyarrow as pa
     from data import DataConfig, PackedDataset
 
     def mb(field):  # VmRSS: now; VmHWM: the peak since the reset below
         line = next(x for x in open("/proc/self/status") if x.startswith(field))
         return int(line.split()[1]) / 1024
-    ds = PackedDataset(DataConfig(data=(folder,), model=TOK_DIR, epochs=1, num_workers=0))
+    ds = PackedDataset(DataConfig(data=tuple(folders), model=TOK_DIR, epochs=1, num_workers=0))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak: the imports' transient peak is not the data's (Linux)
-    base, t, n, arrow = mb("VmRSS"), time.perf_counter(), 0, pa.total_allocated_bytes()
+    def read():  # bytes this process has read from files (page cache hits too: hard links share it)
+        return int(next(x for x in open("/proc/self/io") if x.startswith("rchar")).split()[1])
+    # the bytes of the rows used: every row is read once, so the stored bytes of the columns read
+    used = sum(c.total_compressed_size for s in ds.sources for f in s.files for i in range(f.meta.num_row_groups)
+               for c in (f.meta.row_group(i).column(j) for j in range(f.meta.num_columns))
+               if f.columns is None or c.path_in_schema.split(".")[0] in f.columns)
+    base, t, n, arrow, r0 = mb("VmRSS"), time.perf_counter(), 0, pa.total_allocated_bytes(), read()
     for pack, _, _ in ds.stream():
         n += len(pack)
     print(json.dumps({"samples": n, "seconds": time.perf_counter() - t, "base_mb": base, "peak_mb": mb("VmHWM"),
-                      "end_mb": mb("VmRSS"),
+                      "end_mb": mb("VmRSS"), "read_x": (read() - r0) / used,
                       "arrow_peak_mb": (pa.default_memory_pool().max_memory() - arrow) / 2**20,
                       "arrow_end_mb": (pa.total_allocated_bytes() - arrow) / 2**20}))
 
