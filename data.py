@@ -62,9 +62,6 @@ IMAGE_WARN_SHARE = 0.1  # a source with more than this share of such images gets
 # a parquet row group is decoded in record batches of about this many bytes: decoded as one batch,
 # a 64 MB row group took ~50 MB more peak RSS (allocator fragmentation; dev/bench_data.py)
 PARQUET_BATCH_BYTES = 1 << 20
-# a worker holds one read unit per source: the parquet units of a mixture's sources together hold about
-# this many of its largest row groups (a mixture of more than two parquet sources reads row groups in pieces)
-HELD_ROW_GROUPS = 2
 VAE_MAX_PIXELS = 14 * 14 * 9 * 1024  # upstream ImageTransform default (data/transforms.py)
 VIT_MAX_PIXELS = 2_007_040  # upstream data/configs/example.yaml, VLM SFT ViT transform
 # --data.skip-bad is for the odd broken record: a source that is mostly bad stops the run instead
@@ -92,6 +89,11 @@ class DataConfig:
     """stop after this many passes over every source (None: stream forever, for step-based training)"""
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)"""
+    held_row_groups: float = 2
+    """a data worker holds one read unit per source: the parquet ones of a mixture hold about this many
+    of its largest row groups in all. With more parquet sources than this, row groups are read in
+    pieces, each decoding its row group from the start, so about sources / this times the bytes are
+    read; raise it to trade memory for reads (e.g. from object storage)"""
     skip_bad: bool = False
     """skip bad records and count them per reason instead of stopping with an error"""
     skip_too_long: bool = True
@@ -1222,7 +1224,8 @@ def deal(ranges: list, shard: int, n_shards: int, base: int = 0) -> list[tuple[i
     return out
 
 
-def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0, skip_bad: bool = False) -> list[Source]:
+def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0, skip_bad: bool = False,
+                 held_row_groups: float = DataConfig.held_row_groups) -> list[Source]:
     """--data values → mixture sources. `x.yaml` is a mixture (`datasets: [{path, weight,
     data_folder, format}]`, paths relative to the yaml file, local or remote; `format` names a FORMS
     key, otherwise each record's form is detected from its fields); `path:weight` weights a plain path."""
@@ -1262,8 +1265,8 @@ def find_sources(paths: tuple[str, ...] | list[str], seed: int = 0, skip_bad: bo
             for i, (name, path, w, folder, form) in enumerate(entries)]
     parquet = [s for s in srcs if any(f.ext == ".parquet" for f in s.files)]
     big = max((b for s in parquet for f in s.files for b in f.unit_bytes), default=0)
-    for s in parquet:  # the units held, one per source, add up to about HELD_ROW_GROUPS row groups
-        s.cut(max(HELD_ROW_GROUPS * big / len(parquet), 1))
+    for s in parquet:  # the units held, one per source, add up to about held_row_groups row groups
+        s.cut(max(held_row_groups * big / len(parquet), 1))
     starts = np.cumsum([0] + [s.n_rows for s in srcs]).tolist()
     for s, before in zip(srcs, starts):  # the sources are dealt as one sequence, epoch after epoch
         s.dealt = (before, starts[-1])
@@ -1452,7 +1455,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.tok = load_tokenizer(cfg.model)
         self.specials = special_tokens(self.tok)
         self.geo = cfg.geometry()
-        self.sources = find_sources(cfg.data, cfg.seed, cfg.skip_bad)
+        self.sources = find_sources(cfg.data, cfg.seed, cfg.skip_bad, cfg.held_row_groups)
         self.rotate, self.resume = 0, {}
         n_shards = world_size * max(cfg.num_workers, 1)
         for src in self.sources:
@@ -1553,8 +1556,8 @@ def data_changes(old: list[dict], new: list[dict], names: list[str]) -> list[str
         if a["digest"] == b["digest"]:
             if a.get("units") != b.get("units"):  # the same files cut into other pieces: keys name other rows
                 units = [f"{x['units']:,} units" if "units" in x else "whole row groups" for x in (a, b)]
-                out.append(f"{name}: read in {units[0]} then, {units[1]} now (a mixture of more than two parquet "
-                           f"sources reads row groups in pieces, sized by its largest row group)")
+                out.append(f"{name}: read in {units[0]} then, {units[1]} now (a mixture of more parquet sources "
+                           f"than --data.held-row-groups reads row groups in pieces, sized by its largest row group)")
             continue
         fa, fb = ({f[0]: f[1:] for f in x["files"] or []} for x in (a, b))
         said = [f"{len(set(fb) - set(fa))} files added (e.g. {min(set(fb) - set(fa))})" if set(fb) - set(fa) else "",

@@ -3,6 +3,7 @@ this process, nothing spawned), and a 4-rank gloo run on data that used to leave
 
 Each test names the bug it catches."""
 import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -353,7 +354,7 @@ def test_resume_on_changed_data_stops_and_says_what_changed(tmp_path):
             f.unlink()
 
 
-def test_resume_with_row_groups_cut_into_other_pieces_stops(tmp_path, monkeypatch):
+def test_resume_with_row_groups_cut_into_other_pieces_stops(tmp_path):
     """Three parquet sources (row groups read in pieces): a state saved where the row groups were
     read whole (an older data.py: its fingerprint has no unit count) or cut into other pieces (the
     largest row group changed in another source, or the rule) stops with an error naming the change,
@@ -375,9 +376,10 @@ def test_resume_with_row_groups_cut_into_other_pieces_stops(tmp_path, monkeypatc
     with pytest.raises(data.DataError, match=r"the data changed since the checkpoint: .*a.parquet: read in whole "
                                              r"row groups then, 4 units now .*--data.fresh-pass"):
         data.PackLoader(cfg).load_state_dict(old)
-    monkeypatch.setattr(data, "HELD_ROW_GROUPS", 1)
     with pytest.raises(data.DataError, match=r"c.parquet: read in 8 units then, 12 units now"):
-        data.PackLoader(cfg).continue_from([state])
+        data.PackLoader(dataclasses.replace(cfg, held_row_groups=1)).continue_from([state])
+    whole = data.PackLoader(dataclasses.replace(cfg, held_row_groups=3))  # as many as the sources: no pieces
+    assert [len(s.units) for s in whole.dataset.sources] == [2, 3, 4]
 
 
 # --------------------------------------------------------------------------------------------------
