@@ -1405,7 +1405,7 @@ def too_long(where: str, n: int, items: list[dict], cfg: DataConfig) -> str:
 class PackedDataset(torch.utils.data.IterableDataset):
     """Packed batches of one rank; each DataLoader worker is its own shard."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, notes: bool = True):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
         cfg.check()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tok = load_tokenizer(cfg.model)
@@ -1417,12 +1417,32 @@ class PackedDataset(torch.utils.data.IterableDataset):
         for src in self.sources:
             for f, e in src.unreadable if rank == 0 else []:
                 print(f"data: skipped (--data.skip-bad), cannot be opened: {e}", file=sys.stderr)
-            if src.n_rows < n_shards and rank == 0 and notes:  # (train.check_args' copy stays quiet)
+            if src.n_rows < n_shards and rank == 0:
                 print(f"data: {src.name} has {src.n_rows} rows for {n_shards} shards (ranks x workers): "
                       f"each epoch {src.n_rows} of them read one row, in turn", file=sys.stderr)
 
     def stream(self, vshard: int = 0, n_workers: int = 1) -> ShardStream:
         return ShardStream(self, vshard, n_workers, self.resume.get(vshard))
+
+    def check_records(self):
+        """Start-up check (train.check_args): a record of each source's first unit parses and fits
+        --data.packing-length; a few long records are skipped under --data.skip-too-long, a budget that
+        none of them fits is an error. The units read are let go: the DataLoader workers would
+        otherwise each inherit (or be sent) one per source, and the trainer would keep them."""
+        stream = self.stream()
+        try:
+            for i, src in enumerate(self.sources):
+                n = min(16, src.units[0][2])
+                for k in range(n):
+                    try:
+                        stream.make((i, 0, 0, k))  # key (source, epoch, unit, place): see Source
+                        break
+                    except BadSample as e:
+                        if e.reason != "too_long" or not self.cfg.skip_too_long or k == n - 1:
+                            raise
+        finally:
+            for src in self.sources:
+                src._unit = (None, None)  # the one unit a source holds (Source.read)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -1522,9 +1542,13 @@ def data_changes(old: list[dict], new: list[dict], names: list[str]) -> list[str
 class PackLoader:
     """What the training loop uses: iterate for batches (Bagel.forward's keyword arguments)."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, dataset: PackedDataset | None = None):
+        """`dataset`: this rank's PackedDataset of `cfg` built already (train.check_args' on rank 0), so
+        that start-up reads each source's footers or line index, and the tokenizer, once."""
+        if dataset is not None and (dataset.cfg, dataset.rank, dataset.world_size) != (cfg, rank, world_size):
+            raise ValueError("PackLoader: the dataset given was built for another config, rank or world size")
         self.cfg = cfg
-        self.dataset = PackedDataset(cfg, rank, world_size)
+        self.dataset = dataset or PackedDataset(cfg, rank, world_size)
         self.shards: dict[int, dict] = {}  # state after the last consumed pack of each worker shard
         self.consumed = 0
         self.fingerprint = fingerprint(self.dataset.sources)
