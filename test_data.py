@@ -869,6 +869,22 @@ def test_parquet_memory_is_bounded(tmp_path):
         pa.set_memory_pool(base)
 
 
+def test_start_up_check_keeps_no_unit(tmp_path):
+    """train.check_args reads a record of each source's first unit (PackedDataset.check_records) and
+    rank 0's loader reuses its dataset: the units read (here 2 sources of one 1 MB parquet row group)
+    must not stay there, where each DataLoader worker would inherit one per source and the trainer
+    keep them for the run. Counted at pyarrow's memory pool."""
+    for f in range(2):
+        pq.write_table(pa.table({"messages": [json.dumps(good()["messages"])] * 16,
+                                 "images": [[os.urandom(2**16)] for _ in range(16)]}),
+                       tmp_path / f"{f}.parquet", compression="none")
+    cfg = small_cfg(data=(str(tmp_path / "0.parquet"), str(tmp_path / "1.parquet")))
+    start = pa.total_allocated_bytes()
+    ds = data.PackedDataset(cfg)
+    ds.check_records()
+    assert pa.total_allocated_bytes() - start < 2**16, "the checked units stay in the dataset"
+
+
 # --------------------------------------------------------------------------------------------------
 # Real sizes: a 1024x1024 edit fits the defaults; over-budget and mostly-bad sources are errors.
 
