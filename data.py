@@ -22,6 +22,7 @@ import os
 import random
 import re
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -908,47 +909,80 @@ def cut_steps(items: list[dict], cfg: DataConfig, rng: random.Random) -> tuple[l
 # (or raw lines), and only the rows taken are turned into Python objects. Arrow files are
 # memory-mapped.
 
+INDEX_CHUNK = 1 << 24  # bytes index_lines reads at a time
+INDEX_KEEP_DAYS = 7  # a line index no run used for this long is deleted when another is built (line_index)
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True  # the bytes bytes.strip() strips: a line of only these is blank
+
+
 def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Byte offsets of the non-blank lines of a .jsonl file and of its end, and the 1-based line number
-    of each (so that an error names the line an editor shows)."""
-    offsets, lines, pos = [], [], 0
+    of each (so that an error names the line an editor shows). Read in chunks, each scanned with numpy."""
+    offsets, lines, pos, no, rest = [], [], 0, 0, b""
     try:
         with open_file(path) as fh:
-            for no, line in enumerate(fh if not is_remote(path) else io.BufferedReader(fh, 1 << 20), 1):
-                if line.strip():
-                    offsets.append(pos)
-                    lines.append(no)
-                pos += len(line)
+            while True:
+                chunk = fh.read(INDEX_CHUNK)
+                block = rest + chunk if rest else chunk  # rest: a line begun in the chunk before
+                b = np.frombuffer(block, dtype=np.uint8)
+                ends = np.flatnonzero(b == ord("\n")) + 1  # where each line ends, after its newline
+                if not chunk and len(b) > (ends[-1] if len(ends) else 0):  # a last line without a newline
+                    ends = np.append(ends, len(b))
+                if len(ends):
+                    starts = np.concatenate([[0], ends[:-1]])
+                    full = ~_SPACE[b[starts]]  # a line is blank only if it starts with whitespace: those are checked whole
+                    for i in np.flatnonzero(~full).tolist():
+                        full[i] = bool(block[starts[i]:ends[i]].strip())
+                    offsets.append(pos + starts[full])
+                    lines.append(no + 1 + np.flatnonzero(full))
+                    pos, no, rest = pos + int(ends[-1]), no + len(ends), block[ends[-1]:]
+                else:
+                    rest = block
+                if not chunk:
+                    break
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
-    return np.array(offsets + [pos], dtype=np.int64), np.array(lines, dtype=np.uint32)
+    return np.concatenate(offsets + [[pos]]).astype(np.int64), np.concatenate(lines + [[]]).astype(np.uint32)
 
 
 def line_index(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """`index_lines` of a .jsonl file, computed once per node: kept in the temporary folder under a
-    name of the file's path, size and modification time, built by the first process that takes its
-    lock (the others wait and read it) and memory-mapped, so the ranks of a node share one copy."""
+    """`index_lines` of a .jsonl file, computed once per node and memory-mapped, so the ranks of a
+    node share one copy. It is kept in $TMPDIR/bagel-train-index, named by the file's path and its
+    size and modification time; a node-local folder because locks are reliable there, and the data
+    folder may be read-only and the output folder on a filesystem shared by nodes. Every step is
+    taken under the folder's lock: the first process builds the index (the others wait), and each
+    touches it when it uses it. Building one deletes the indexes of other versions of the file and
+    those no run used for INDEX_KEEP_DAYS (an index is ~12 bytes a line: the folder must not grow
+    forever); a run that has an index mapped keeps its copy."""
     import fcntl
     import hashlib
     import tempfile
     if is_remote(path):  # each process indexes a remote file itself (no shared local name for it)
         return index_lines(path)
     st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    name = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    version = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
     folder = os.path.join(tempfile.gettempdir(), "bagel-train-index")
-    base = os.path.join(folder, key)
+    base = os.path.join(folder, f"{name}-{version}")
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(base + ".lock", "w") as lock:
+        with open(os.path.join(folder, "lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.exists(base + ".npy"):
+                old = time.time() - INDEX_KEEP_DAYS * 86400
+                for f in os.scandir(folder):
+                    if f.name != "lock" and (f.name.startswith(name + "-") or f.stat().st_mtime < old):
+                        os.remove(f.path)
                 offsets, lines = index_lines(path)
-                for name, a in ((".lines.npy", lines), (".npy", offsets)):  # offsets last: the file is complete
+                for ext, a in ((".lines.npy", lines), (".npy", offsets)):  # offsets last: they mark a complete index
                     np.save(base + ".tmp.npy", a)
-                    os.replace(base + ".tmp.npy", base + name)
+                    os.replace(base + ".tmp.npy", base + ext)
+            for ext in (".npy", ".lines.npy"):
+                os.utime(base + ext)  # the last use, which pruning goes by
+            # mapped under the lock: once mapped, a prune of another process cannot take it away
+            return np.load(base + ".npy", mmap_mode="r"), np.load(base + ".lines.npy", mmap_mode="r")
     except OSError:  # no writable temporary folder: index in this process
         return index_lines(path)
-    return np.load(base + ".npy", mmap_mode="r"), np.load(base + ".lines.npy", mmap_mode="r")
 
 
 class DataFile:

@@ -832,6 +832,74 @@ def test_jsonl_is_indexed_once_per_process_tree(tmp_path, monkeypatch):
     assert log.read_text().split() == [str(os.getpid())]
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 24])
+def test_index_lines_matches_reading_line_by_line(tmp_path, monkeypatch, chunk):
+    """index_lines scans chunks with numpy; a line-by-line reading is the reference: blank and
+    whitespace-only lines (CRLF, tabs, form feeds) are skipped but counted, lines cross chunk
+    borders, the last line may lack its newline."""
+    monkeypatch.setattr(data, "INDEX_CHUNK", chunk)
+    for text in [b"", b"\n", b"{}", b"\n\n{}", b'{"a": "\xc3\xa9"}\r\n \t\r\n\x0c\n  {} \n\n{}\n\x0b']:
+        (tmp_path / "t.jsonl").write_bytes(text)
+        offsets, lines, pos = [], [], 0
+        for no, line in enumerate(io.BytesIO(text), 1):  # split at b"\n" only, as index_lines
+            if line.strip():
+                offsets.append(pos)
+                lines.append(no)
+            pos += len(line)
+        got = data.index_lines(str(tmp_path / "t.jsonl"))
+        assert got[0].tolist() == offsets + [len(text)] and got[1].tolist() == lines, text
+
+
+def test_line_index_is_shared_and_pruned(tmp_path, monkeypatch):
+    """The per-node index of a .jsonl file ($TMPDIR/bagel-train-index): while one process builds it,
+    another that asks for it waits and gets it whole, without building it too; building one deletes
+    the indexes no run used for INDEX_KEEP_DAYS and those of older versions of the file; an index
+    used since is kept."""
+    import tempfile
+    import threading
+    import time
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    folder = tmp_path / "tmp" / "bagel-train-index"
+    real, built, started, go = data.index_lines, [], threading.Event(), threading.Event()
+
+    def slow(path):
+        built.append(os.path.basename(path))
+        started.set()
+        go.wait(10)
+        return real(path)
+    monkeypatch.setattr(data, "index_lines", slow)
+    a, b, c = (text_data(tmp_path, 30, f"{x}.jsonl") for x in "abc")
+    got = {}
+    threads = [threading.Thread(target=lambda k=k: got.setdefault(k, data.line_index(a))) for k in range(2)]
+    threads[0].start()
+    started.wait(10)
+    threads[1].start()
+    time.sleep(0.3)
+    assert got == {}  # the second waits for the first's index
+    go.set()
+    for t in threads:
+        t.join()
+    assert built == ["a.jsonl"]
+    for offsets, lines in got.values():
+        assert np.array_equal(offsets, real(a)[0]) and np.array_equal(lines, real(a)[1])
+
+    files = lambda: {f.name for f in folder.iterdir() if f.name != "lock"}
+    of_a = files()
+    data.line_index(b)
+    of_b = files() - of_a
+    assert len(of_a) == len(of_b) == 2
+    aged = time.time() - (data.INDEX_KEEP_DAYS + 1) * 86400
+    for f in folder.iterdir():
+        os.utime(f, (aged, aged))
+    data.line_index(b)  # b is used: it stays
+    data.line_index(c)  # c is built: a's index, unused for too long, goes
+    of_c = files() - of_b
+    assert files() == of_b | of_c and len(of_c) == 2
+    with open(b, "a") as f:  # a new version of b: its index is built again, the old one goes
+        f.write(json.dumps(good()) + "\n")
+    assert len(data.line_index(b)[1]) == 31 and files() & of_b == set() and len(files()) == 4
+
+
 POOLS = []  # memory pools of test_parquet_memory_is_bounded: alive until exit (pyarrow frees into them)
 
 
