@@ -267,8 +267,8 @@ train.main(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.json
 def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
     """2 gloo ranks: rank 0 downloads (for longer than the process group's 3 s timeout: rank 1 waits on
     the store, not in a collective), both get its folder. Then train.main, where rank 1 cannot see that
-    folder: both exit with code 2, and rank 0 alone says why, in one line."""
-    jsonl(tmp_path / "d.jsonl", [GOOD])
+    folder: both exit with code 2, and rank 0 alone says why, in one line (2 rows: no note on a small source)."""
+    jsonl(tmp_path / "d.jsonl", [GOOD] * 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
