@@ -854,7 +854,7 @@ def test_line_index_is_shared_and_pruned(tmp_path, monkeypatch):
     """The per-node index of a .jsonl file ($TMPDIR/bagel-train-index): while one process builds it,
     another that asks for it waits and gets it whole, without building it too; building one deletes
     the indexes no run used for INDEX_KEEP_DAYS and those of older versions of the file; an index
-    used since is kept."""
+    used since is kept; a file changed (size or modification time) is indexed again."""
     import tempfile
     import threading
     import time
@@ -898,6 +898,13 @@ def test_line_index_is_shared_and_pruned(tmp_path, monkeypatch):
     with open(b, "a") as f:  # a new version of b: its index is built again, the old one goes
         f.write(json.dumps(good()) + "\n")
     assert len(data.line_index(b)[1]) == 31 and files() & of_b == set() and len(files()) == 4
+    with open(b, "rb") as f:  # the same size, two lines joined: only the modification time tells
+        text = f.read()
+    with open(b, "wb") as f:
+        f.write(text.replace(b"\n", b" ", 1))
+    st = os.stat(b)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later time, also where timestamps are coarse
+    assert os.stat(b).st_size == st.st_size and len(data.line_index(b)[1]) == 30
 
 
 POOLS = []  # memory pools of test_parquet_memory_is_bounded: alive until exit (pyarrow frees into them)

@@ -43,8 +43,11 @@ DEMO = dict(packing_length=384, vae_max_size=32, vae_min_size=16, vit_max_size=5
 
 
 def rank_main(a: Args, rank: int, tmp: str):
-    """One rank, in its own process as under torchrun; prints (start after imports, loader from, first pack)."""
+    """One rank, in its own process as under torchrun; prints (start after imports, loader from, first
+    pack, the jsonl index passes it made)."""
     import data
+    passes, index_lines = [], data.index_lines
+    data.index_lines = lambda path: passes.append(path) or index_lines(path)  # counted: line_index calls it
     from model import read_config
     cfg = data.match_model(data.DataConfig(data=(a.data,), model=a.model, num_workers=a.workers, **DEMO),
                            read_config(a.model))
@@ -57,7 +60,7 @@ def rank_main(a: Args, rank: int, tmp: str):
         time.sleep(0.01)
     t1 = time.time()
     next(iter(data.PackLoader(cfg, rank, a.ranks, ds)))
-    print(json.dumps([t0, t1, time.time()]))
+    print(json.dumps([t0, t1, time.time(), len(passes)]))
 
 
 def run(a: Args, tmp: str) -> str:
@@ -68,10 +71,10 @@ def run(a: Args, tmp: str) -> str:
                               env=dict(os.environ, TMPDIR=tmp, BENCH_RANK=str(r))) for r in range(a.ranks)]
     got = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     start = got[0][0]
-    firsts = ", ".join(f"{t - start:.1f}" for *_, t in got)
+    firsts = ", ".join(f"{t - start:.1f}" for _, _, t, _ in got)
     return (f"rank 0's check {got[0][1] - start:.1f}s | first pack of ranks 0-{a.ranks - 1} at {firsts}s | "
-            f"loader to first pack, slowest rank {max(t - b for _, b, t in got):.1f}s | "
-            f"(imports before: {start - t0:.1f}s)")
+            f"loader to first pack, slowest rank {max(t - b for _, b, t, _ in got):.1f}s | "
+            f"index passes {sum(n for *_, n in got)} | (imports before: {start - t0:.1f}s)")
 
 
 def main():
