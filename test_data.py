@@ -962,6 +962,16 @@ def test_start_up_check_keeps_no_unit(tmp_path):
     assert pa.total_allocated_bytes() - start < 2**16, "the checked units stay in the dataset"
 
 
+def test_a_loader_takes_only_a_dataset_of_its_own_config_and_rank(tmp_path):
+    """PackLoader reuses the dataset train.check_args built on rank 0 only where it is the one it would
+    build: the same config, rank and world size (else its shards would read another rank's rows)."""
+    cfg = small_cfg(data=(text_data(tmp_path, 8),))
+    assert data.PackLoader(cfg, 0, 2, ds := data.PackedDataset(cfg, 0, 2)).dataset is ds
+    for other in [(small_cfg(data=cfg.data, seed=1), 0, 2), (cfg, 1, 2), (cfg, 0, 1)]:
+        with pytest.raises(ValueError, match="another config, rank or world size"):
+            data.PackLoader(*other, ds)
+
+
 # --------------------------------------------------------------------------------------------------
 # Real sizes: a 1024x1024 edit fits the defaults; over-budget and mostly-bad sources are errors.
 
