@@ -23,6 +23,7 @@ import os
 import random
 import re
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -914,47 +915,80 @@ def cut_steps(items: list[dict], cfg: DataConfig, rng: random.Random) -> tuple[l
 # (or raw lines), and only the rows taken are turned into Python objects. Arrow files are
 # memory-mapped.
 
+INDEX_CHUNK = 1 << 24  # bytes index_lines reads at a time
+INDEX_KEEP_DAYS = 7  # a line index no run used for this long is deleted when another is built (line_index)
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True  # the bytes bytes.strip() strips: a line of only these is blank
+
+
 def index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Byte offsets of the non-blank lines of a .jsonl file and of its end, and the 1-based line number
-    of each (so that an error names the line an editor shows)."""
-    offsets, lines, pos = [], [], 0
+    of each (so that an error names the line an editor shows). Read in chunks, each scanned with numpy."""
+    offsets, lines, pos, no, rest = [], [], 0, 0, b""
     try:
         with open_file(path) as fh:
-            for no, line in enumerate(fh if not is_remote(path) else io.BufferedReader(fh, 1 << 20), 1):
-                if line.strip():
-                    offsets.append(pos)
-                    lines.append(no)
-                pos += len(line)
+            while True:
+                chunk = fh.read(INDEX_CHUNK)
+                block = rest + chunk if rest else chunk  # rest: a line begun in the chunk before
+                b = np.frombuffer(block, dtype=np.uint8)
+                ends = np.flatnonzero(b == ord("\n")) + 1  # where each line ends, after its newline
+                if not chunk and len(b) > (ends[-1] if len(ends) else 0):  # a last line without a newline
+                    ends = np.append(ends, len(b))
+                if len(ends):
+                    starts = np.concatenate([[0], ends[:-1]])
+                    full = ~_SPACE[b[starts]]  # a line is blank only if it starts with whitespace: those are checked whole
+                    for i in np.flatnonzero(~full).tolist():
+                        full[i] = bool(block[starts[i]:ends[i]].strip())
+                    offsets.append(pos + starts[full])
+                    lines.append(no + 1 + np.flatnonzero(full))
+                    pos, no, rest = pos + int(ends[-1]), no + len(ends), block[ends[-1]:]
+                else:
+                    rest = block
+                if not chunk:
+                    break
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
-    return np.array(offsets + [pos], dtype=np.int64), np.array(lines, dtype=np.uint32)
+    return np.concatenate(offsets + [[pos]]).astype(np.int64), np.concatenate(lines + [[]]).astype(np.uint32)
 
 
 def line_index(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """`index_lines` of a .jsonl file, computed once per node: kept in the temporary folder under a
-    name of the file's path, size and modification time, built by the first process that takes its
-    lock (the others wait and read it) and memory-mapped, so the ranks of a node share one copy."""
+    """`index_lines` of a .jsonl file, computed once per node and memory-mapped, so the ranks of a
+    node share one copy. It is kept in $TMPDIR/bagel-train-index, named by the file's path and its
+    size and modification time; a node-local folder because locks are reliable there, and the data
+    folder may be read-only and the output folder on a filesystem shared by nodes. Every step is
+    taken under the folder's lock: the first process builds the index (the others wait), and each
+    touches it when it uses it. Building one deletes the indexes of other versions of the file and
+    those no run used for INDEX_KEEP_DAYS (an index is ~12 bytes a line: the folder must not grow
+    forever); a run that has an index mapped keeps its copy."""
     import fcntl
     import hashlib
     import tempfile
     if is_remote(path):  # each process indexes a remote file itself (no shared local name for it)
         return index_lines(path)
     st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    name = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    version = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
     folder = os.path.join(tempfile.gettempdir(), "bagel-train-index")
-    base = os.path.join(folder, key)
+    base = os.path.join(folder, f"{name}-{version}")
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(base + ".lock", "w") as lock:
+        with open(os.path.join(folder, "lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.exists(base + ".npy"):
+                old = time.time() - INDEX_KEEP_DAYS * 86400
+                for f in os.scandir(folder):
+                    if f.name != "lock" and (f.name.startswith(name + "-") or f.stat().st_mtime < old):
+                        os.remove(f.path)
                 offsets, lines = index_lines(path)
-                for name, a in ((".lines.npy", lines), (".npy", offsets)):  # offsets last: the file is complete
+                for ext, a in ((".lines.npy", lines), (".npy", offsets)):  # offsets last: they mark a complete index
                     np.save(base + ".tmp.npy", a)
-                    os.replace(base + ".tmp.npy", base + name)
+                    os.replace(base + ".tmp.npy", base + ext)
+            for ext in (".npy", ".lines.npy"):
+                os.utime(base + ext)  # the last use, which pruning goes by
+            # mapped under the lock: once mapped, a prune of another process cannot take it away
+            return np.load(base + ".npy", mmap_mode="r"), np.load(base + ".lines.npy", mmap_mode="r")
     except OSError:  # no writable temporary folder: index in this process
         return index_lines(path)
-    return np.load(base + ".npy", mmap_mode="r"), np.load(base + ".lines.npy", mmap_mode="r")
 
 
 class DataFile:
@@ -1449,7 +1483,7 @@ def too_long(where: str, n: int, items: list[dict], cfg: DataConfig) -> str:
 class PackedDataset(torch.utils.data.IterableDataset):
     """Packed batches of one rank; each DataLoader worker is its own shard."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, notes: bool = True):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
         cfg.check()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tok = load_tokenizer(cfg.model)
@@ -1461,12 +1495,32 @@ class PackedDataset(torch.utils.data.IterableDataset):
         for src in self.sources:
             for f, e in src.unreadable if rank == 0 else []:
                 print(f"data: skipped (--data.skip-bad), cannot be opened: {e}", file=sys.stderr)
-            if src.n_rows < n_shards and rank == 0 and notes:  # (train.check_args' copy stays quiet)
+            if src.n_rows < n_shards and rank == 0:
                 print(f"data: {src.name} has {src.n_rows} rows for {n_shards} shards (ranks x workers): "
                       f"each epoch {src.n_rows} of them read one row, in turn", file=sys.stderr)
 
     def stream(self, vshard: int = 0, n_workers: int = 1) -> ShardStream:
         return ShardStream(self, vshard, n_workers, self.resume.get(vshard))
+
+    def check_records(self):
+        """Start-up check (train.check_args): a record of each source's first unit parses and fits
+        --data.packing-length; a few long records are skipped under --data.skip-too-long, a budget that
+        none of them fits is an error. The units read are let go: the DataLoader workers would
+        otherwise each inherit (or be sent) one per source, and the trainer would keep them."""
+        stream = self.stream()
+        try:
+            for i, src in enumerate(self.sources):
+                n = min(16, src.units[0][2])
+                for k in range(n):
+                    try:
+                        stream.make((i, 0, 0, k))  # key (source, epoch, unit, place): see Source
+                        break
+                    except BadSample as e:
+                        if e.reason != "too_long" or not self.cfg.skip_too_long or k == n - 1:
+                            raise
+        finally:
+            for src in self.sources:
+                src._unit = (None, None)  # the one unit a source holds (Source.read)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -1572,9 +1626,13 @@ def data_changes(old: list[dict], new: list[dict], names: list[str]) -> list[str
 class PackLoader:
     """What the training loop uses: iterate for batches (Bagel.forward's keyword arguments)."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, dataset: PackedDataset | None = None):
+        """`dataset`: this rank's PackedDataset of `cfg` built already (train.check_args' on rank 0), so
+        that start-up reads each source's footers or line index, and the tokenizer, once."""
+        if dataset is not None and (dataset.cfg, dataset.rank, dataset.world_size) != (cfg, rank, world_size):
+            raise ValueError("PackLoader: the dataset given was built for another config, rank or world size")
         self.cfg = cfg
-        self.dataset = PackedDataset(cfg, rank, world_size)
+        self.dataset = dataset or PackedDataset(cfg, rank, world_size)
         self.shards: dict[int, dict] = {}  # state after the last consumed pack of each worker shard
         self.consumed = 0
         self.fingerprint = fingerprint(self.dataset.sources)

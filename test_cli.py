@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import types
+from collections import Counter
 
 import pytest
 
@@ -251,7 +252,7 @@ sys.modules["huggingface_hub"] = types.SimpleNamespace(snapshot_download=downloa
 import torch.distributed as dist
 import fsdp, train
 d = fsdp.init_distributed("cpu", timeout_min=0.05)
-args = train.preflight(train.parse_args(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"),
+args, _ = train.preflight(train.parse_args(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.jsonl"),
                                          "--output-dir", out, *sys.argv[5:]]), d)
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(dict(model=args.model, files=sorted(os.listdir(args.model))), f)
@@ -266,8 +267,8 @@ train.main(["--model", "someorg/bagel-tiny", "--data", os.path.join(out, "d.json
 def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
     """2 gloo ranks: rank 0 downloads (for longer than the process group's 3 s timeout: rank 1 waits on
     the store, not in a collective), both get its folder. Then train.main, where rank 1 cannot see that
-    folder: both exit with code 2, and rank 0 alone says why, in one line."""
-    jsonl(tmp_path / "d.jsonl", [GOOD])
+    folder: both exit with code 2, and rank 0 alone says why, in one line (2 rows: no note on a small source)."""
+    jsonl(tmp_path / "d.jsonl", [GOOD] * 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -289,14 +290,34 @@ def test_hub_id_is_downloaded_once_by_rank_0_for_every_rank(ckpt, tmp_path):
 def test_each_note_prints_once(ckpt, tmp_path, capfd, world1):
     """The checkpoint's geometry line and the data's note on a small source (here: 1 row for 2 worker
     shards) each print once, with the shard count of the run: the start-up checks and then the run's loader."""
-    args = train.check_args(train.parse_args(["--model", ckpt, "--data", jsonl(tmp_path / "d.jsonl", [GOOD]),
+    args, checked = train.check_args(train.parse_args(["--model", ckpt, "--data", jsonl(tmp_path / "d.jsonl", [GOOD]),
                                               "--output-dir", str(tmp_path / "out"), *SMALL, "--data.num-workers", "2"]),
                             world1)
-    data.PackLoader(args.data, world1.rank, world1.world_size)  # what train() builds
+    data.PackLoader(args.data, world1.rank, world1.world_size, checked)  # what train() builds
     out, err = capfd.readouterr()
     assert (out + err).count("model geometry: ViT patch 14, 8 patches per side; latent stride 16, 8 latents") == 1
     notes = [line for line in (out + err).splitlines() if "rows for" in line]
     assert len(notes) == 1 and "d.jsonl has 1 rows for 2 shards (ranks x workers)" in notes[0], notes
+
+
+def test_start_up_opens_each_data_file_and_the_tokenizer_once(ckpt, tmp_path, monkeypatch):
+    """Rank 0 checks the data at start-up (train.check_args) and its loader reuses the checked dataset:
+    from the start to the first step each data file is opened (parquet footer, jsonl line index) once
+    and the tokenizer is loaded once. Catches a loader that builds its sources again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    calls = Counter()
+    real_init, real_tok = data.DataFile.__init__, data.load_tokenizer
+
+    def init(self, path):
+        calls[os.path.basename(path)] += 1
+        real_init(self, path)
+    monkeypatch.setattr(data.DataFile, "__init__", init)
+    monkeypatch.setattr(data, "load_tokenizer", lambda model: calls.update(["tokenizer"]) or real_tok(model))
+    pq.write_table(pa.table({"messages": [json.dumps(GOOD["messages"])] * 4}), tmp_path / "b.parquet")
+    train.main(["--model", ckpt, "--data", jsonl(tmp_path / "a.jsonl", [GOOD] * 4), str(tmp_path / "b.parquet"),
+                "--output-dir", str(tmp_path / "out"), "--ckpt.every", "0", *SMALL])
+    assert calls == {"a.jsonl": 1, "b.parquet": 1, "tokenizer": 1}, calls
 
 
 def test_nsa_options_on_an_nsa_checkpoint_are_refused(tmp_path, capsys, no_load):

@@ -832,6 +832,83 @@ def test_jsonl_is_indexed_once_per_process_tree(tmp_path, monkeypatch):
     assert log.read_text().split() == [str(os.getpid())]
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 24])
+def test_index_lines_matches_reading_line_by_line(tmp_path, monkeypatch, chunk):
+    """index_lines scans chunks with numpy; a line-by-line reading is the reference: blank and
+    whitespace-only lines (CRLF, tabs, form feeds) are skipped but counted, lines cross chunk
+    borders, the last line may lack its newline."""
+    monkeypatch.setattr(data, "INDEX_CHUNK", chunk)
+    for text in [b"", b"\n", b"{}", b"\n\n{}", b'{"a": "\xc3\xa9"}\r\n \t\r\n\x0c\n  {} \n\n{}\n\x0b']:
+        (tmp_path / "t.jsonl").write_bytes(text)
+        offsets, lines, pos = [], [], 0
+        for no, line in enumerate(io.BytesIO(text), 1):  # split at b"\n" only, as index_lines
+            if line.strip():
+                offsets.append(pos)
+                lines.append(no)
+            pos += len(line)
+        got = data.index_lines(str(tmp_path / "t.jsonl"))
+        assert got[0].tolist() == offsets + [len(text)] and got[1].tolist() == lines, text
+
+
+def test_line_index_is_shared_and_pruned(tmp_path, monkeypatch):
+    """The per-node index of a .jsonl file ($TMPDIR/bagel-train-index): while one process builds it,
+    another that asks for it waits and gets it whole, without building it too; building one deletes
+    the indexes no run used for INDEX_KEEP_DAYS and those of older versions of the file; an index
+    used since is kept; a file changed (size or modification time) is indexed again."""
+    import tempfile
+    import threading
+    import time
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    folder = tmp_path / "tmp" / "bagel-train-index"
+    real, built, started, go = data.index_lines, [], threading.Event(), threading.Event()
+
+    def slow(path):
+        built.append(os.path.basename(path))
+        started.set()
+        go.wait(10)
+        return real(path)
+    monkeypatch.setattr(data, "index_lines", slow)
+    a, b, c = (text_data(tmp_path, 30, f"{x}.jsonl") for x in "abc")
+    got = {}
+    threads = [threading.Thread(target=lambda k=k: got.setdefault(k, data.line_index(a))) for k in range(2)]
+    threads[0].start()
+    started.wait(10)
+    threads[1].start()
+    time.sleep(0.3)
+    assert got == {}  # the second waits for the first's index
+    go.set()
+    for t in threads:
+        t.join()
+    assert built == ["a.jsonl"]
+    for offsets, lines in got.values():
+        assert np.array_equal(offsets, real(a)[0]) and np.array_equal(lines, real(a)[1])
+
+    files = lambda: {f.name for f in folder.iterdir() if f.name != "lock"}
+    of_a = files()
+    data.line_index(b)
+    of_b = files() - of_a
+    assert len(of_a) == len(of_b) == 2
+    aged = time.time() - (data.INDEX_KEEP_DAYS + 1) * 86400
+    for f in folder.iterdir():
+        os.utime(f, (aged, aged))
+    data.line_index(b)  # b is used: it stays
+    data.line_index(c)  # c is built: a's index, unused for too long, goes
+    of_c = files() - of_b
+    assert files() == of_b | of_c and len(of_c) == 2
+    st = os.stat(b)
+    with open(b, "a") as f:  # a new version of b: its index is built again, the old one goes
+        f.write(json.dumps(good()) + "\n")
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))  # its time kept (as `cp -p` does): only the size tells
+    assert len(data.line_index(b)[1]) == 31 and files() & of_b == set() and len(files()) == 4
+    with open(b, "rb") as f:  # the same size, two lines joined: only the modification time tells
+        text = f.read()
+    with open(b, "wb") as f:
+        f.write(text.replace(b"\n", b" ", 1))
+    st = os.stat(b)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later time, also where timestamps are coarse
+    assert os.stat(b).st_size == st.st_size and len(data.line_index(b)[1]) == 30
+
+
 POOLS = []  # memory pools of test_parquet_memory_is_bounded: alive until exit (pyarrow frees into them)
 
 
@@ -896,6 +973,32 @@ def test_a_mixture_of_ten_parquet_sources_holds_about_two_row_groups(tmp_path):
         assert reader.max_memory() < 4.3 * unit, f"reading peaks at {reader.max_memory() / unit:.2f} row groups"
     finally:
         pa.set_memory_pool(base)
+
+
+def test_start_up_check_keeps_no_unit(tmp_path):
+    """train.check_args reads a record of each source's first unit (PackedDataset.check_records) and
+    rank 0's loader reuses its dataset: the units read (here 2 sources of one 1 MB parquet row group)
+    must not stay there, where each DataLoader worker would inherit one per source and the trainer
+    keep them for the run. Counted at pyarrow's memory pool."""
+    for f in range(2):
+        pq.write_table(pa.table({"messages": [json.dumps(good()["messages"])] * 16,
+                                 "images": [[os.urandom(2**16)] for _ in range(16)]}),
+                       tmp_path / f"{f}.parquet", compression="none")
+    cfg = small_cfg(data=(str(tmp_path / "0.parquet"), str(tmp_path / "1.parquet")))
+    start = pa.total_allocated_bytes()
+    ds = data.PackedDataset(cfg)
+    ds.check_records()
+    assert pa.total_allocated_bytes() - start < 2**16, "the checked units stay in the dataset"
+
+
+def test_a_loader_takes_only_a_dataset_of_its_own_config_and_rank(tmp_path):
+    """PackLoader reuses the dataset train.check_args built on rank 0 only where it is the one it would
+    build: the same config, rank and world size (else its shards would read another rank's rows)."""
+    cfg = small_cfg(data=(text_data(tmp_path, 8),))
+    assert data.PackLoader(cfg, 0, 2, ds := data.PackedDataset(cfg, 0, 2)).dataset is ds
+    for other in [(small_cfg(data=cfg.data, seed=1), 0, 2), (cfg, 1, 2), (cfg, 0, 1)]:
+        with pytest.raises(ValueError, match="another config, rank or world size"):
+            data.PackLoader(*other, ds)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -791,13 +791,15 @@ class Relay:
         os._exit(code)
 
 
-def preflight(args: Args, d: fsdp.Dist) -> Args:
+def preflight(args: Args, d: fsdp.Dist) -> tuple[Args, "data_lib.PackedDataset | None"]:
     """Rank 0 runs `check_args` and every rank gets the args it returns (an error of rank 0 reaches
-    the others through `Relay`). So a typo in a data path costs seconds, not the minutes of loading 29 GB.
-    The others wait on the launcher's store, not in a collective: a hub download on rank 0 may take
-    longer than the process group's timeout (--timeout-min)."""
+    the others through `Relay`); rank 0 also gets the dataset it checked (None on the others). So a
+    typo in a data path costs seconds, not the minutes of loading 29 GB. The others wait on the
+    launcher's store, not in a collective: a hub download on rank 0 may take longer than the process
+    group's timeout (--timeout-min)."""
+    dataset = None
     if d.rank == 0:
-        args = check_args(args, d)
+        args, dataset = check_args(args, d)
     if d.store is not None:  # several ranks
         if d.rank == 0:
             d.store.set("preflight", pickle.dumps(args))
@@ -818,7 +820,7 @@ def preflight(args: Args, d: fsdp.Dist) -> Args:
         if paths:
             raise UserError(f"{paths[0]}: rank {rank} cannot see it, rank 0 can: put it on a filesystem every node "
                             f"shares (for a hub id: HF_HOME)")
-    return args
+    return args, dataset
 
 
 SHARED_TOKEN = ".rank0-token"  # written into --output-dir at start-up by rank 0, read back by every rank
@@ -856,12 +858,12 @@ def check_output_dir(path: str, d: fsdp.Dist):
                         f"reads them back to resume, so --output-dir must be on a filesystem all nodes share")
 
 
-def check_args(args: Args, d: fsdp.Dist) -> Args:
+def check_args(args: Args, d: fsdp.Dist) -> tuple[Args, "data_lib.PackedDataset"]:
     """Everything that can be checked without reading a weight: options, the model folder
     (configs, weight files' headers, names and shapes against the config), every --data source and its
     first record under these options. Every option conflict is collected and reported in one error.
     Returns args with the model path resolved (hub id -> cache folder), the data geometry taken from
-    the model and the data seeded by --seed."""
+    the model and the data seeded by --seed, and the PackedDataset checked: rank 0's, for its loader."""
     bad = []
     if args.cpu_offload and d.device.type != "cuda":
         bad.append("--cpu-offload moves GPU shards to host memory: on CPU they are there already")
@@ -930,20 +932,11 @@ def check_args(args: Args, d: fsdp.Dist) -> Args:
                                 f"{len(bad)} problems:\n  " + "\n  ".join(bad))
 
     print(f"data: {data_lib.geometry_line(data)}, from {model}", flush=True)
-    # options, tokenizer, every source found, known and readable; its notes print once, from the loader
-    dataset = data_lib.PackedDataset(data, notes=False)
+    # options, tokenizer, every source found, known and readable: rank 0's dataset, which its loader reuses
+    dataset = data_lib.PackedDataset(data, 0, d.world_size)
     if not data.skip_bad:  # a record of each source's first unit parses and fits --data.packing-length
-        stream = dataset.stream()
-        for i, src in enumerate(dataset.sources):
-            n = min(16, src.units[0][2])  # a few long records are skipped, a budget that none fits is an error
-            for k in range(n):
-                try:
-                    stream.make((i, 0, 0, k))  # key (source, epoch, unit, place): see data.Source
-                    break
-                except data_lib.BadSample as e:
-                    if e.reason != "too_long" or not data.skip_too_long or k == n - 1:
-                        raise
-    return dataclasses.replace(args, model=model, data=data)
+        dataset.check_records()
+    return dataclasses.replace(args, model=model, data=data), dataset
 
 
 def seed_rng(seed: int, d: fsdp.Dist):
@@ -958,7 +951,7 @@ def train(args: Args, d: fsdp.Dist):
     check_output_dir(args.output_dir, d)  # before anything is written there
     if not args.model:  # the demo: rank 0 writes a base checkpoint and data, then it is a normal run
         args = demo.setup(args, d)
-    args = preflight(args, d)  # every user error that is cheap to find, before any weight is read
+    args, dataset = preflight(args, d)  # every user error that is cheap to find, before any weight is read
     args_json = dataclasses.asdict(args)
     if d.rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -981,7 +974,7 @@ def train(args: Args, d: fsdp.Dist):
     log(param_table(model, ae))
     opt, sched = make_optimizer(model, args.optim, args.max_steps)
     ema = fsdp.ema_init(model) if args.optim.ema_decay > 0 else None
-    loader = data_lib.PackLoader(args.data, d.rank, d.world_size)
+    loader = data_lib.PackLoader(args.data, d.rank, d.world_size, dataset)  # rank 0: the checked sources
     val_packs = build_val_packs(args, ae, d) if args.eval.data and args.eval.every else []
     step = resume_from(resume, args, d, model, opt, sched, ema, loader, log) if resume else 0
     if step >= args.max_steps:
