@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import fsdp
@@ -145,28 +144,6 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
             f"print(sum(s.read().numel() for s in dcp_sources({str(tmp_path)!r}, 'model').values()))")
     out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, cwd=os.path.dirname(fsdp.__file__))
     assert out.returncode == 0 and int(out.stdout) == sum(v.numel() for v in sd.values()), out.stderr[-500:]
-
-
-def test_gpu_check_table_runs_on_cpu(capsys):
-    """bench.py --what gpu's table at tiny shapes, the same code as on a GPU: one part (compile +
-    float8, emulated here), its warm-up line first, then a row with tokens/s/GPU, the FLOPs counted,
-    MFU and peak memory. aot_eager keeps it to seconds; the float8 and compile paths are the real ones."""
-    pytest.importorskip("torchao")
-    import json
-    import bench
-    a = bench.Args(what="gpu", device="cpu", tokens=(2400,), layers=1, width=64, heads=4, kv_heads=2, ffn=128,
-                   vocab=400, vit_width=64, vit_layers=1, backend="aot_eager")
-    try:
-        bench.gpu_part(a, "compile+float8,sdpa")
-    finally:
-        dist.destroy_process_group()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert "warm" in lines[0] and len(lines) == 2
-    what, text, ok = lines[1]["row"]
-    assert ok, text
-    assert what == "compile+float8 sdpa, 1 layer(s), 2400 tok"
-    for part in ("fwdbwd", "tok/s/GPU", "TFLOP (LLM + ViT + lm_head on CE tokens + attention; no VAE)", "mfu", "peak"):
-        assert part in text, (part, text)
 
 
 def test_compiled_flex_block_lowers_on_cpu_and_matches_sdpa(world1):
