@@ -344,7 +344,7 @@ def bench_gpu(a: Args, target=run_part):
             rows.append((part, "(the rows after the last above)", "cut" if killed else "FAIL", why))
         print(f"{part}: {time.time() - t:.0f} s" + (f" ({warm:.0f} s warm-up, {time.time() - t - warm:.0f} s of "
                                                     f"{budget} s timed)" if warm else ""), flush=True)
-    w = max(len(r[1]) for r in rows)
+    w = max((len(r[1]) for r in rows), default=0)
     print(f"\nsummary ({time.time() - t_all:.0f} s)")
     for part, what, status, text in rows:
         print(f"{part:19s} | {what:{w}s} | {status:4s} | {text}")

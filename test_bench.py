@@ -9,7 +9,7 @@ import bench
 from golden import CASES
 
 TINY = bench.Args(what="gpu", device="cpu", tokens=(1200,), layers=1, width=64, heads=4, kv_heads=2, ffn=128,
-                  vocab=400, vit_width=64, vit_layers=1, backend="aot_eager")
+                  vocab=400, vit_width=64, vit_layers=1, backend="eager")
 
 
 def planted(a: bench.Args, part: str, conn):

@@ -146,6 +146,28 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
     assert out.returncode == 0 and int(out.stdout) == sum(v.numel() for v in sd.values()), out.stderr[-500:]
 
 
+def test_flex_compiles_once_over_pack_lengths():
+    """The BlockMask's sizes are dynamic from the first compile: flex alone (what the eager model
+    calls) and flex traced into a compiled block compile once each over packs of 3 to 9 blocks."""
+    from model import any_rows, packed_attention, plan_attention
+    from torch._dynamo.utils import counters
+    qkv = lambda x: x.unflatten(1, (8, 16)).split([4, 2, 2], dim=1)  # [N, 128] -> q [N, 4, 16], k, v [N, 2, 16]
+    block = torch.compile(lambda plan, x: packed_attention(plan, *qkv(x)))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch.compiler.set_stance(force_backend="eager"):  # the guards are dynamo's
+        for n in (300, 700, 1100):
+            plan = plan_attention("flex", [n // 3, n - n // 3], [n // 3, n - n // 3], ["full", "causal"], "cpu")
+            x = torch.randn(n, 128)
+            q, k, v = qkv(x)
+            want = packed_attention(plan_attention("sdpa", [n // 3, n - n // 3], [n // 3, n - n // 3],
+                                                   ["full", "causal"], "cpu"), q, k, v)
+            torch.testing.assert_close(packed_attention(plan, q, k, v), want, rtol=1e-5, atol=1e-5)
+            any_rows(None, (x,))  # what a compiled block's pre-hook marks: its rows are any number
+            torch.testing.assert_close(block(plan, x), want, rtol=1e-5, atol=1e-5)
+    assert counters["frames"]["ok"] == 2, dict(counters["frames"])
+
+
 def test_compiled_flex_block_lowers_on_cpu_and_matches_sdpa(world1):
     """Inductor's CPU flex template reads q/k/v as 4-D buffers: a transposed view of a padded [N, H, D]
     tensor failed to lower ("expected 4, got 3"), so packed_attention pads after the transpose. No
