@@ -63,7 +63,7 @@ class Args:
     seed: int = 0
     backend: str = "inductor"
     """--what gpu: the torch.compile backend of all it compiles, the compiled blocks and flex outside them
-    (the suite's CPU run: aot_eager, seconds)"""
+    (the suite's CPU run: eager, dynamo's tracing without code generation)"""
     child: str = ""
     """internal: run one measurement (attn,mode) and print JSON"""
 
@@ -232,6 +232,7 @@ def gpu_part(a: Args, part: str, send):
 
 
 def one_line(e: Exception) -> str:
+    """An error as a summary row shows it: its type and the first line of its message."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
 
 
@@ -275,8 +276,8 @@ def table(a: Args, mode: str, attn: str, run, send):
 
 
 # What the forkserver imports once for all parts (torch, dynamo, the model, FSDP, the golden packs), so
-# that a part starts in a fork, not a fresh interpreter. Not bench itself: it imports train, whose import
-# asks torch.cuda.is_available(), which initialises CUDA, and a process forked after that cannot use CUDA.
+# that a part starts in a fork, not a fresh interpreter. Not bench itself: it imports train and so sample,
+# whose import asks torch.cuda.is_available(), which initialises CUDA, and a fork of that process cannot use CUDA.
 PRELOAD = ["fsdp", "golden"]
 
 
