@@ -1,5 +1,6 @@
 """bench.py --what gpu, the prepared GPU check, whole on CPU at tiny shapes: the code and orchestration a
-GPU runs (a process per part, warm-up and budgets, the summary), aot_eager in place of inductor."""
+GPU runs (a process per part, warm-up and budgets, the summary), with the eager backend in place of
+inductor: dynamo traces every compiled block, without code generation (AOT autograd is test_compile's)."""
 import time
 
 import pytest
@@ -26,6 +27,7 @@ def planted(a: bench.Args, part: str, conn):
 
 
 def summary(out: str) -> list[list[str]]:
+    """The summary table's rows as [part, what, status, result]."""
     lines = out.split("\nsummary (")[1].splitlines()[1:-1]
     return [[x.strip() for x in line.split(" | ", 3)] for line in lines]
 
