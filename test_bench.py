@@ -15,8 +15,12 @@ TINY = bench.Args(what="gpu", device="cpu", tokens=(1200,), layers=1, width=64, 
 
 def planted(a: bench.Args, part: str, conn):
     """A part's process as `bench.run_part`, on one thread (tiny ops: threads only wait on each other),
-    plus the planted parts that hang: `hangs` after its warm-up and a row, `hangs in warm-up` at once."""
+    plus planted parts: `hangs` after its warm-up and a row, `hangs in warm-up` at once, `rows fail`
+    is "one attention" with each row raising."""
     torch.set_num_threads(1)
+    if part == "rows fail":
+        bench.measure_nsa = lambda *args: 1 / 0  # in this part's process only
+        part = "one attention"
     if part.startswith("hangs"):
         if part == "hangs":
             conn.send({"warm": 0.0})
@@ -33,12 +37,13 @@ def summary(out: str) -> list[list[str]]:
 
 
 def test_gpu_check_runs_whole_on_cpu(monkeypatch, capsys):
-    """Every part in order, each with its rows; a part that raises outside a row is a FAIL row naming
-    the error, one that hangs past its budget is cut (its rows sent by then kept), and the run goes on."""
+    """Every part in order, each with its rows; a row that raises is a FAIL row and its part goes on; a
+    part that raises outside a row is a FAIL row naming the error, one that hangs past its budget is cut
+    (its rows sent by then kept); and the run goes on after each."""
     pytest.importorskip("torchao")  # compile+float8, emulated
     parts = list(bench.GPU_BUDGET)
     # "bad part" is no part name: gpu_part fails to read it, outside any row
-    monkeypatch.setattr(bench, "GPU_BUDGET", {parts[0]: 60, "bad part": 60, "hangs": 1,
+    monkeypatch.setattr(bench, "GPU_BUDGET", {parts[0]: 60, "bad part": 60, "hangs": 1, "rows fail": 60,
                                               **{p: 60 for p in parts[1:]}})
     bench.bench_gpu(TINY, target=planted)
     out = capsys.readouterr().out
@@ -59,7 +64,11 @@ def test_gpu_check_runs_whole_on_cpu(monkeypatch, capsys):
                        "ValueError: not enough values to unpack (expected 2, got 1)"]
     assert rows[2:4] == [["hangs", "before the hang", "ok", "fine"],
                          ["hangs", "(the rows after the last above)", "cut", "cut at its 1 s budget"]]
-    assert out.splitlines()[-1] == ("GPU check: FAILED: ['bad part: (the rows after the last above)']; "
+    failed = [["rows fail", f"Hq=7 Hkv=1 D=128, 1200 tok, {kind}", "FAIL", "ZeroDivisionError: division by zero"]
+              for kind in ("sdpa", "nsa")]
+    assert rows[4:6] == failed
+    assert out.splitlines()[-1] == ("GPU check: FAILED: ['bad part: (the rows after the last above)', "
+                                    f"'rows fail: {failed[0][1]}', 'rows fail: {failed[1][1]}']; "
                                     "cut by the budget: ['hangs']")
 
 
