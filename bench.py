@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,7 +62,8 @@ class Args:
     repeats: int = 3
     seed: int = 0
     backend: str = "inductor"
-    """--what gpu: torch.compile backend of the compiled rows (the suite's CPU run: aot_eager, seconds)"""
+    """--what gpu: the torch.compile backend of all it compiles, the compiled blocks and flex outside them
+    (the suite's CPU run: eager, dynamo's tracing without code generation)"""
     child: str = ""
     """internal: run one measurement (attn,mode) and print JSON"""
 
@@ -119,8 +121,6 @@ def mixed_pack(a: Args) -> dict:
 
 def child(a: Args):
     attn, mode = a.child.split(",", 1)
-    if attn == "gpu":
-        return gpu_part(a, mode)
     if a.what == "nsa":
         dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
         return print(json.dumps(measure_nsa(attn, int(mode), dtype, a.device)))
@@ -177,22 +177,23 @@ WARMUP_CAP = 100
 GPU_TOTAL = 570  # the whole check stops starting parts past this: under 10 minutes in all
 
 
-def gpu_part(a: Args, part: str):
-    """One part of the GPU check (a child process of `bench_gpu`): prints {"warm": seconds} once its
-    warm-up is done, then one JSON line per row, {"row": [what, result, ok]}, as each finishes. A row
-    that raises is a failed row, not a crash."""
+def gpu_part(a: Args, part: str, send):
+    """One part of the GPU check (a child process of `bench_gpu`): sends {"warm": seconds} once its
+    warm-up is done, then {"row": [what, result, ok]} as each row finishes. A row that raises is a
+    failed row, not a crash."""
     from golden import CASES, golden_batch, tiny_bagel  # the golden packs and the tiny BAGEL they fit
     dev = a.device
     cuda = dev.startswith("cuda")
+    torch.compiler.set_stance(force_backend=a.backend)  # also for the flex kernel the eager model compiles
 
     def run(what: str, fn):
         try:
             text, ok = fn()
         except Exception as e:  # noqa: BLE001  report and go on: the other rows still count
-            text, ok = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}", False
+            text, ok = one_line(e), False
         if cuda:
             torch.cuda.empty_cache()
-        print(json.dumps({"row": [what, text, ok]}), flush=True)
+        send({"row": [what, text, ok]})
 
     def parity(model, b, tol):
         got = {}
@@ -214,23 +215,28 @@ def gpu_part(a: Args, part: str):
         return f"fwd+bwd {r['seconds'] * 1e3:.1f} ms | peak {r['peak_gb']:.2f} GiB", True
 
     if part == "parity":  # bf16 first: its tolerance is the open question
-        print(json.dumps({"warm": 0.0}), flush=True)
+        send({"warm": 0.0})
         for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-3)):  # tol: of the largest |value|
             model = tiny_bagel().to(dev, dtype)
             for case in CASES:
                 b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in golden_batch(case).items()}
                 run(f"flex vs sdpa {str(dtype)[6:]} {case}", lambda: parity(model, b, tol))
     elif part == "one attention":
-        print(json.dumps({"warm": 0.0}), flush=True)
+        send({"warm": 0.0})
         for n in NSA_TOKENS if cuda else a.tokens:
             for kind in ("sdpa", "flex", "nsa", "nsa-torch") if cuda else ("sdpa", "nsa"):
                 run(f"Hq=7 Hkv=1 D=128, {n} tok, {kind}", lambda: one(kind, n))
     else:
         mode, attn = part.split(",")
-        table(a, mode, attn, run)
+        table(a, mode, attn, run, send)
 
 
-def table(a: Args, mode: str, attn: str, run):
+def one_line(e: Exception) -> str:
+    """An error as a summary row shows it: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
+
+
+def table(a: Args, mode: str, attn: str, run, send):
     """Rows of the 7B-shape table for one (mode, attention): mode eager, compile or compile+float8
     (tensorwise; emulated off CUDA), through fsdp.shard_model on one rank as train.py builds its
     model (FSDP, activation checkpointing, compiled blocks, float8 linears), forward + backward in
@@ -245,7 +251,7 @@ def table(a: Args, mode: str, attn: str, run):
 
     def make(layers: int, n: int):
         c = dataclasses.replace(shapes, layers=layers, tokens=(n,))
-        model = fsdp.shard_model(build(c), mesh, None, ac=True, compile=mode != "eager" and a.backend,
+        model = fsdp.shard_model(build(c), mesh, None, ac=True, compile=mode != "eager",
                                  float8="tensorwise" if "float8" in mode else "", float8_emulate=not cuda)
         model.attn = attn
         return model, mixed_pack(c)
@@ -254,7 +260,7 @@ def table(a: Args, mode: str, attn: str, run):
     model, batch = make(1, min(a.tokens))
     time_step(model, batch, how, 0, a.device)
     del model, batch
-    print(json.dumps({"warm": time.perf_counter() - t}), flush=True)
+    send({"warm": time.perf_counter() - t})
 
     def step(layers, n):
         model, batch = make(layers, n)
@@ -269,50 +275,77 @@ def table(a: Args, mode: str, attn: str, run):
             run(f"{mode} {attn}, {layers} layer(s), {n} tok", lambda: step(layers, n))
 
 
-def bench_gpu(a: Args):
+# What the forkserver imports once for all parts (torch, dynamo, the model, FSDP, the golden packs), so
+# that a part starts in a fork, not a fresh interpreter. Not bench itself: it imports train and so sample,
+# whose import asks torch.cuda.is_available(), which initialises CUDA, and a fork of that process cannot use CUDA.
+PRELOAD = ["fsdp", "golden"]
+
+
+def run_part(a: Args, part: str, conn):
+    """A part's process (forked by the forkserver): `gpu_part`, its messages sent to `bench_gpu`; an
+    error outside a row ends the part, its line sent first (the traceback goes to stderr)."""
+    warnings.simplefilter("ignore")
+    try:
+        gpu_part(a, part, conn.send)
+    except Exception as e:
+        conn.send({"error": one_line(e)})
+        raise
+
+
+def bench_gpu(a: Args, target=run_part):
     """The prepared GPU check: one command, < 10 minutes on one H100 (GPU_TOTAL), rows printed as
     they finish and a summary table at the end: (1) BAGEL-7B layer shapes on 1, 4 and 28 LLM layers at
     the --tokens sizes, eager vs --compile vs --compile --float8, sdpa vs flex: time, tokens/s/GPU,
     the FLOPs counted, MFU, peak memory, each part's compile warm-up reported apart; (2) sdpa vs flex
     on the golden packs, outputs and every gradient, bf16 and fp32; (3) one attention, sdpa / flex /
     NSA library / NSA PyTorch. `--device cpu` runs the same code with the command line's (small)
-    model sizes in place of the 7B shapes and NSA_TOKENS, float8 emulated, forward only for flex."""
-    import threading
+    model sizes in place of the 7B shapes and NSA_TOKENS, float8 emulated, forward only for flex.
+    `target`: what a part's process runs, `run_part` (tests plant parts that fail or hang)."""
+    import multiprocessing
     cuda = a.device.startswith("cuda")
     print(f"GPU check on {torch.cuda.get_device_name(a.device) if cuda else a.device}, torch {torch.__version__}, "
           f"timed budget per part (s) {GPU_BUDGET}, warm-up cap {WARMUP_CAP} s, total {GPU_TOTAL} s", flush=True)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     rows, t_all = [], time.time()
     for part, budget in GPU_BUDGET.items():
         t, left = time.time(), GPU_TOTAL - (time.time() - t_all)
         if left < 15:
             rows.append((part, "(all its rows)", "cut", f"not started: {GPU_TOTAL} s in all ran out"))
             continue
-        proc = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--child", f"gpu,{part}"],
-                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        timer = threading.Timer(min(WARMUP_CAP + budget, left), proc.kill)
-        timer.start()
-        warm = None
-        for line in proc.stdout:
-            if line.startswith('{"warm"'):  # the budget counts from here: it bounds the timed rows only
-                warm = json.loads(line)["warm"]
-                timer.cancel()
-                timer = threading.Timer(min(budget, GPU_TOTAL - (time.time() - t_all)), proc.kill)
-                timer.start()
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=target, args=(a, part, send), daemon=True)
+        proc.start()
+        send.close()  # the part holds the only writer now: its exit ends the reads below
+        end, warm, error, killed = time.time() + min(WARMUP_CAP + budget, left), None, None, False
+        while True:
+            if not recv.poll(max(0.0, end - time.time())):
+                proc.kill()  # a clean stop even inside a kernel; the rows it sent by now count
+                killed = True
+                break
+            try:
+                msg = recv.recv()
+            except EOFError:
+                break
+            if "warm" in msg:  # the budget counts from here: it bounds the timed rows only
+                warm = msg["warm"]
+                end = time.time() + min(budget, GPU_TOTAL - (time.time() - t_all))
                 print(f"{part} | warm-up (compiles) {warm:.1f} s", flush=True)
-            elif line.startswith('{"row"'):
-                what, text, ok = json.loads(line)["row"]
+            elif "error" in msg:
+                error = msg["error"]
+            else:
+                what, text, ok = msg["row"]
                 rows.append((part, what, "ok" if ok else "FAIL", text))
                 print(f"{part} | {what} | {rows[-1][2]} | {text}", flush=True)
-        proc.wait()
-        timer.cancel()
-        if proc.returncode:
-            cut = proc.returncode == -9
-            why = (f"exited with code {proc.returncode}" if not cut else "cut in its warm-up" if warm is None
-                   else f"cut at its {budget} s budget")
-            rows.append((part, "(the rows after the last above)", "cut" if cut else "FAIL", why))
+        proc.join()
+        recv.close()
+        if proc.exitcode:  # killed by us: cut; any other end (an error, the OOM killer): failed
+            why = ("cut in its warm-up" if killed and warm is None else f"cut at its {budget} s budget" if killed
+                   else error or f"exited with code {proc.exitcode}")
+            rows.append((part, "(the rows after the last above)", "cut" if killed else "FAIL", why))
         print(f"{part}: {time.time() - t:.0f} s" + (f" ({warm:.0f} s warm-up, {time.time() - t - warm:.0f} s of "
                                                     f"{budget} s timed)" if warm else ""), flush=True)
-    w = max(len(r[1]) for r in rows)
+    w = max((len(r[1]) for r in rows), default=0)
     print(f"\nsummary ({time.time() - t_all:.0f} s)")
     for part, what, status, text in rows:
         print(f"{part:19s} | {what:{w}s} | {status:4s} | {text}")

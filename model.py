@@ -260,6 +260,9 @@ def packed_attention(plan: AttnPlan, q, k, v, extra: "nsa.NSAInputs | None" = No
         # always compiled: eager flex materialises the [heads, N, N] scores (7 GiB at 8k tokens on CPU);
         # inside a compiled block flex_attention is traced into the block's graph
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+        if not torch.compiler.is_compiling():  # the padded length is any size, as the BlockMask's
+            for x in (qh, kh, vh):
+                torch._dynamo.maybe_mark_dynamic(x, 2)
         return flex(qh, kh, vh, block_mask=plan.block_mask, enable_gqa=True)[0].transpose(0, 1)[:n]
     if torch.compiler.is_compiling():  # an opaque op: the per-split loop is host work on the job table
         return torch.ops.bagel.packed_sdpa(q, k, v, plan.jobs, plan.keys)[0]

@@ -529,9 +529,18 @@ def flex_block_mask(layout: dict, device):
     """The FlexAttention BlockMask of an `attention_layout` on `device`: tables copied in, nothing
     computed (`BlockMask.from_kv_blocks` would transpose the kv tables on the device: 210 ms of
     host time at 32k tokens on CPU, a vmap and a dozen launches on a GPU)."""
+    from torch.fx.experimental.sym_node import DynamicInt
     from torch.nn.attention.flex_attention import BlockMask
     to = lambda k: layout[k].to(device, non_blocking=True)
     sample, split, mode = to("sample"), to("split"), to("mode")
     tables = [to(k + s)[None, None] for k in ("kv", "full_kv", "q", "full_q") for s in ("_num_blocks", "_indices")]
-    return BlockMask((len(sample), len(sample)), *tables, BLOCK_SIZE=(layout["block"], layout["block"]),
+    # every size dynamic from the first compile, flex in a compiled block or alone: one compile for all packs
+    # of two blocks or more (a size of 1 specialises)
+    for t in (sample, split, mode):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    for t in tables:
+        for dim in range(2, t.ndim):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+    n = DynamicInt(len(sample))
+    return BlockMask((n, n), *tables, BLOCK_SIZE=(layout["block"], layout["block"]),
                      mask_mod=lambda b, h, q, k: allowed(q, k, sample, split, mode))

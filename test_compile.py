@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import fsdp
@@ -161,26 +160,26 @@ def test_float8_emulated_tracks_bf16_and_saves_plain_weights(world1, tmp_path):
     assert all(f"'{k}'" in out.stdout for k in ("model", "optim", "ema")), out.stdout
 
 
-def test_gpu_check_table_runs_on_cpu(capsys):
-    """bench.py --what gpu's table at tiny shapes, the same code as on a GPU: one part (compile +
-    float8, emulated here), its warm-up line first, then a row with tokens/s/GPU, the FLOPs counted,
-    MFU and peak memory. aot_eager keeps it to seconds; the float8 and compile paths are the real ones."""
-    pytest.importorskip("torchao")
-    import json
-    import bench
-    a = bench.Args(what="gpu", device="cpu", tokens=(2400,), layers=1, width=64, heads=4, kv_heads=2, ffn=128,
-                   vocab=400, vit_width=64, vit_layers=1, backend="aot_eager")
-    try:
-        bench.gpu_part(a, "compile+float8,sdpa")
-    finally:
-        dist.destroy_process_group()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert "warm" in lines[0] and len(lines) == 2
-    what, text, ok = lines[1]["row"]
-    assert ok, text
-    assert what == "compile+float8 sdpa, 1 layer(s), 2400 tok"
-    for part in ("fwdbwd", "tok/s/GPU", "TFLOP (LLM + ViT + lm_head on CE tokens + attention; no VAE)", "mfu", "peak"):
-        assert part in text, (part, text)
+def test_flex_compiles_once_over_pack_lengths():
+    """The BlockMask's sizes are dynamic from the first compile: flex alone (what the eager model
+    calls) and flex traced into a compiled block compile once each over packs of 3 to 9 blocks."""
+    from model import any_rows, packed_attention, plan_attention
+    from torch._dynamo.utils import counters
+    qkv = lambda x: x.unflatten(1, (8, 16)).split([4, 2, 2], dim=1)  # [N, 128] -> q [N, 4, 16], k, v [N, 2, 16]
+    block = torch.compile(lambda plan, x: packed_attention(plan, *qkv(x)))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch.compiler.set_stance(force_backend="eager"):  # the guards are dynamo's
+        for n in (300, 700, 1100):
+            plan = plan_attention("flex", [n // 3, n - n // 3], [n // 3, n - n // 3], ["full", "causal"], "cpu")
+            x = torch.randn(n, 128)
+            q, k, v = qkv(x)
+            want = packed_attention(plan_attention("sdpa", [n // 3, n - n // 3], [n // 3, n - n // 3],
+                                                   ["full", "causal"], "cpu"), q, k, v)
+            torch.testing.assert_close(packed_attention(plan, q, k, v), want, rtol=1e-5, atol=1e-5)
+            any_rows(None, (x,))  # what a compiled block's pre-hook marks: its rows are any number
+            torch.testing.assert_close(block(plan, x), want, rtol=1e-5, atol=1e-5)
+    assert counters["frames"]["ok"] == 2, dict(counters["frames"])
 
 
 def test_compiled_flex_block_lowers_on_cpu_and_matches_sdpa(world1):
