@@ -909,70 +909,65 @@ def test_line_index_is_shared_and_pruned(tmp_path, monkeypatch):
     assert os.stat(b).st_size == st.st_size and len(data.line_index(b)[1]) == 30
 
 
-POOLS = []  # memory pools of test_parquet_memory_is_bounded: alive until exit (pyarrow frees into them)
+POOLS = []  # memory pools of the parquet memory tests: alive until exit (pyarrow frees into them)
+
+
+def read_counting_pyarrow(cfg) -> tuple[list[int], int, int]:
+    """Streams one shard of `cfg`, reading every record: (pyarrow's bytes held after each record, the
+    reader's peak, bytes still held once the dataset is gone), counted exactly at pyarrow's memory
+    pools (RSS is noisy). The reader allocates from the default pool set here, a proxy that counts its
+    peak; the read-ahead cache allocates from the process-wide pool below it (counted in `held`)."""
+    base = pa.default_memory_pool()
+    reader = pa.proxy_memory_pool(base)
+    POOLS.append(reader)
+    pa.set_memory_pool(reader)
+    try:
+        start = base.bytes_allocated()
+        ds = data.PackedDataset(cfg)
+        st, held = ds.stream(), []
+        for key in iter(st.next_key, None):
+            ds.sources[key[0]].read(key)
+            held.append(base.bytes_allocated() - start)
+        del ds, st
+        return held, reader.max_memory(), base.bytes_allocated() - start
+    finally:
+        pa.set_memory_pool(base)
 
 
 def test_parquet_memory_is_bounded(tmp_path):
     """One shard streams 8 parquet files of 2 row groups (units) of 16 rows, each row 64 kB of
-    incompressible bytes in the `images` column records use and 64 kB in a column they do not.
-    Counted exactly at pyarrow's memory pools (RSS is noisy): between two records pyarrow holds at
-    most one unit (no read-ahead cache per open file, no unit kept per file, no unused column), and
-    while it decodes one the reader peaks under 2.5 units. All of it is freed with the dataset."""
+    incompressible bytes in the `images` column records use and 64 kB in a column they do not:
+    between two records pyarrow holds at most one unit (no read-ahead cache per open file, no unit
+    kept per file, no unused column), and while it decodes one the reader peaks under 2.5 units. All
+    of it is freed with the dataset."""
     unit = 16 * 2**16  # bytes of the used column in one row group
     for f in range(8):
         msgs = [json.dumps(good()["messages"])] * 32
         pq.write_table(pa.table({"messages": msgs, "images": [[os.urandom(2**16)] for _ in range(32)],
                                  "unused": [os.urandom(2**16) for _ in range(32)]}),
                        tmp_path / f"{f}.parquet", row_group_size=16, compression="none")
-    # the reader allocates from the default pool set here: a proxy of our own counts its peak; the
-    # read-ahead cache allocates from the process-wide pool below it (counted in `held`)
-    base = pa.default_memory_pool()
-    reader = pa.proxy_memory_pool(base)
-    POOLS.append(reader)
-    pa.set_memory_pool(reader)
-    try:
-        start = base.bytes_allocated()
-        ds = data.PackedDataset(small_cfg(data=(str(tmp_path),), packing_length=4096))
-        st, held = ds.stream(), []
-        for key in iter(st.next_key, None):
-            ds.sources[0].read(key)
-            held.append(base.bytes_allocated() - start)
-        assert len(held) == 256
-        assert max(held) < 1.1 * unit, f"pyarrow holds {max(held) / unit:.2f} units between records"
-        assert reader.max_memory() < 2.5 * unit, f"decoding a unit peaks at {reader.max_memory() / unit:.2f} units"
-        del ds, st
-        assert base.bytes_allocated() == start
-    finally:
-        pa.set_memory_pool(base)
+    held, peak, left = read_counting_pyarrow(small_cfg(data=(str(tmp_path),), packing_length=4096))
+    assert len(held) == 256
+    assert max(held) < 1.1 * unit, f"pyarrow holds {max(held) / unit:.2f} units between records"
+    assert peak < 2.5 * unit, f"decoding a unit peaks at {peak / unit:.2f} units"
+    assert left == 0
 
 
 def test_a_mixture_of_ten_parquet_sources_holds_about_two_row_groups(tmp_path):
     """One shard draws from 10 parquet sources, each 2 row groups of 16 rows of 64 kB of
     incompressible bytes (one page per column chunk, as pyarrow writes rows this big): between two
-    records pyarrow holds about 2 row groups in all, not one per source (10), counted at pyarrow's
-    pool; while it decodes, a piece peaks under 2 row groups more (the column's page is read whole)."""
+    records pyarrow holds about 2 row groups in all, not one per source (10); while it decodes, a
+    piece peaks under 2 row groups more (the column's page is read whole)."""
     unit = 16 * 2**16  # in pieces of 3 or 4 rows: at most 10 x 4 / 16 held
     for f in range(10):
         pq.write_table(pa.table({"messages": [json.dumps(good()["messages"])] * 32,
                                  "images": [[os.urandom(2**16)] for _ in range(32)]}),
                        tmp_path / f"{f}.parquet", row_group_size=16, compression="none")
-    base = pa.default_memory_pool()
-    reader = pa.proxy_memory_pool(base)
-    POOLS.append(reader)
-    pa.set_memory_pool(reader)
-    try:
-        start = base.bytes_allocated()
-        ds = data.PackedDataset(small_cfg(data=tuple(str(tmp_path / f"{f}.parquet") for f in range(10)),
-                                          packing_length=4096))
-        st, held = ds.stream(), []
-        for key in iter(st.next_key, None):
-            ds.sources[key[0]].read(key)
-            held.append(base.bytes_allocated() - start)
-        assert len(held) == 320
-        assert max(held) < 2.6 * unit, f"pyarrow holds {max(held) / unit:.2f} row groups between records"
-        assert reader.max_memory() < 4.3 * unit, f"reading peaks at {reader.max_memory() / unit:.2f} row groups"
-    finally:
-        pa.set_memory_pool(base)
+    held, peak, _ = read_counting_pyarrow(small_cfg(data=tuple(str(tmp_path / f"{f}.parquet") for f in range(10)),
+                                                    packing_length=4096))
+    assert len(held) == 320
+    assert max(held) < 2.6 * unit, f"pyarrow holds {max(held) / unit:.2f} row groups between records"
+    assert peak < 4.3 * unit, f"reading peaks at {peak / unit:.2f} row groups"
 
 
 def test_start_up_check_keeps_no_unit(tmp_path):
