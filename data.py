@@ -1040,10 +1040,10 @@ class DataFile:
         self.unit_start = np.concatenate([[0], np.cumsum(self.unit_rows)]).astype(np.int64)
         self.unit_bytes = [0] * len(self.unit_rows)  # parquet: the read columns' uncompressed bytes per row group
         if self.ext == ".parquet":
-            for i, rg in enumerate(self.meta.row_group(i) for i in range(self.meta.num_row_groups)):
-                cs = [rg.column(j) for j in range(rg.num_columns)]
-                self.unit_bytes[i] = sum(c.total_uncompressed_size for c in cs
-                                         if self.columns is None or c.path_in_schema.split(".")[0] in self.columns)
+            groups = (self.meta.row_group(i) for i in range(self.meta.num_row_groups))
+            self.unit_bytes = [sum(c.total_uncompressed_size for c in map(rg.column, range(rg.num_columns))
+                                   if self.columns is None or c.path_in_schema.split(".")[0] in self.columns)
+                               for rg in groups]
 
     def open(self):
         """A new reader of a parquet file, or the file itself (callers close it)."""

@@ -542,6 +542,24 @@ def test_ranks_and_workers_are_disjoint_and_cover_the_epoch(tmp_path):
     assert len(seen) == len(set(seen)) == 70
 
 
+def stream_shards_partly(cfg, packs) -> tuple[list[str], list[dict], list[tuple]]:
+    """The 4 shards of 2 ranks x 2 workers (cfg.num_workers 2), shard i = 2 * rank + worker stopped
+    after packs(i) packs: the rows they read, each rank's data state as a checkpoint holds it, and
+    each shard's (dataset, i, last stream state)."""
+    before, states, ends = [], [], []
+    for rank in range(2):
+        ds, shards = data.PackedDataset(cfg, rank, 2), {}
+        for w in range(2):
+            for k, (pack, _, state) in enumerate(ds.stream(w, 2)):
+                before += [s.where for s in pack]
+                shards[w] = state
+                if k + 1 == packs(2 * rank + w):
+                    break
+            ends.append((ds, 2 * rank + w, state))
+        states.append(json.loads(json.dumps(dict(consumed=0, num_workers=2, world_size=2, seed=cfg.seed, shards=shards))))
+    return before, states, ends
+
+
 @pytest.mark.parametrize("lines,n_a,n_b,epochs", [(1024, 120, 60, 1), (8, 120, 60, 1), (4, 60, 30, 2)])
 def test_resume_at_another_world_size_skips_no_record(tmp_path, monkeypatch, lines, n_a, n_b, epochs):
     """A run saved by 2 ranks x 2 workers continues on 1 rank x 1 worker: together the packs before
@@ -550,16 +568,8 @@ def test_resume_at_another_world_size_skips_no_record(tmp_path, monkeypatch, lin
     monkeypatch.setattr(data, "LINES_PER_UNIT", lines)
     cfg = small_cfg(data=(text_data(tmp_path, n_a, "a.jsonl"), text_data(tmp_path, n_b, "b.jsonl")),
                     packing_length=128, num_workers=2, epochs=epochs)
-    before, states, n = [], [], n_a + n_b
-    for rank in range(2):
-        ds, shards = data.PackedDataset(cfg, rank, 2), {}
-        for w in range(2):
-            for k, (pack, _, state) in enumerate(ds.stream(w, 2)):
-                before += [s.where for s in pack]
-                shards[w] = state
-                if k == 1 + 2 * (2 * rank + w):  # uneven progress across shards
-                    break
-        states.append(json.loads(json.dumps(dict(consumed=0, num_workers=2, world_size=2, seed=cfg.seed, shards=shards))))
+    before, states, _ = stream_shards_partly(cfg, lambda i: 2 + 2 * i)  # uneven progress across shards
+    n = n_a + n_b
     loader = data.PackLoader(small_cfg(data=cfg.data, packing_length=128, num_workers=0, epochs=epochs))
     loader.continue_from(states)
     loader.dataset.resume = loader.shards

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 import data
-from test_data import small_cfg
+from test_data import small_cfg, stream_shards_partly
 from test_train import RECORDS, ckpt, data_config, print_to  # noqa: F401 (fixture)
 
 RANKS, WORKERS = 8, 4
@@ -157,19 +157,12 @@ def test_resume_mid_piece_at_another_worker_count(tmp_path):
                        tmp_path / f"{name}.parquet", row_group_size=20)
     paths = tuple(str(tmp_path / f"{n}.parquet") for n in "abc")
     cfg = small_cfg(data=paths, packing_length=128, num_workers=2, epochs=1)
-    before, states, inside = [], [], 0
-    for rank in range(2):
-        ds, shards = data.PackedDataset(cfg, rank, 2), {}
-        for w in range(2):
-            for k, (pack, _, state) in enumerate(ds.stream(w, 2)):
-                before += [s.where for s in pack]
-                shards[w] = state
-                if k == 1 + 2 * rank + w:
-                    break
-            for src, (e, j, place) in zip(ds.sources, state["pos"]):  # stopped inside a piece (of 10 rows)?
-                plan = src.plan(e, 2 * rank + w, 4)
-                inside += j < len(plan) and 0 < plan[j][1] + place < 10
-        states.append(json.loads(json.dumps(dict(consumed=0, num_workers=2, world_size=2, seed=cfg.seed, shards=shards))))
+    before, states, ends = stream_shards_partly(cfg, lambda i: 2 + i)
+    inside = 0
+    for ds, i, state in ends:
+        for src, (e, j, place) in zip(ds.sources, state["pos"]):  # stopped inside a piece (of 10 rows)?
+            plan = src.plan(e, i, 4)
+            inside += j < len(plan) and 0 < plan[j][1] + place < 10
     assert inside and all(len(s.units) == 2 * len(s.files[0].unit_rows) for s in ds.sources)
     loader = data.PackLoader(small_cfg(data=paths, packing_length=128, num_workers=3, epochs=1))
     loader.continue_from(states)
